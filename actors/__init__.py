@@ -1,0 +1,75 @@
+"""sleeptime-runtime's actors and its public face, the `Runtime`.
+
+Example:
+    >>> from actors import Runtime
+    >>> from messages import MessageCreate
+    >>> with Runtime.start("sqlite:///sleeptime.db") as rt:
+    ...     group = rt.create_group(primary={"kind": "scripted"},
+    ...                             sleeptime=[{"kind": "memory"}], frequency=2)
+    ...     result = rt.step(group.id, [MessageCreate(role="user", content="hello")])
+"""
+
+from actors._logging import configure_logging
+from actors._transcript import DEFAULT_PREAMBLE, render_transcript
+from actors._trigger import decide_fire
+from actors.group import GroupActor
+from actors.kinds._base import (
+    AgentBehaviour,
+    AgentContext,
+    AgentFactory,
+    AgentKinds,
+    Memory,
+    StepResult,
+    ToolResult,
+)
+from actors.runtime import DEFAULT_MEMORY_PERSONA, Runtime, TurnStream
+from actors.sleeptime_agent import SleeptimeAgentActor
+from actors.tracker import RunTrackerActor
+from messages import (
+    AgentConfigError,
+    AgentNotFound,
+    GroupFailed,
+    GroupNotFound,
+    NotFoundError,
+    PrimaryAgentError,
+    RunNotFound,
+    RunsTimeout,
+    RuntimeStopped,
+    SleeptimeError,
+    StoreUnavailable,
+    TransitionRefused,
+    UnknownAgentKind,
+)
+
+__all__ = [
+    "DEFAULT_MEMORY_PERSONA",
+    "DEFAULT_PREAMBLE",
+    "AgentBehaviour",
+    "AgentConfigError",
+    "AgentContext",
+    "AgentFactory",
+    "AgentKinds",
+    "AgentNotFound",
+    "GroupActor",
+    "GroupFailed",
+    "GroupNotFound",
+    "Memory",
+    "NotFoundError",
+    "PrimaryAgentError",
+    "RunNotFound",
+    "RunTrackerActor",
+    "RunsTimeout",
+    "Runtime",
+    "RuntimeStopped",
+    "SleeptimeAgentActor",
+    "SleeptimeError",
+    "StepResult",
+    "StoreUnavailable",
+    "ToolResult",
+    "TransitionRefused",
+    "TurnStream",
+    "UnknownAgentKind",
+    "configure_logging",
+    "decide_fire",
+    "render_transcript",
+]

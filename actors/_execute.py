@@ -1,0 +1,129 @@
+"""One sleeptime run, start to end, as it executes on a pool thread."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from actors._transcript import render_transcript
+from actors.kinds._base import AgentBehaviour, AgentContext, Memory, StepResult
+from messages import (
+    Group,
+    Message,
+    MessageCreate,
+    Run,
+    StepDone,
+    StopReason,
+    TextContent,
+    new_id,
+)
+from persistence import Store, utcnow
+
+
+def stamp(
+    create: MessageCreate,
+    *,
+    agent_id: str,
+    group_id: str,
+    sequence: int,
+    turn: int | None = None,
+    run_id: str | None = None,
+) -> Message:
+    """Give a message its id and place in one agent's history."""
+    return Message(
+        id=new_id("message"),
+        agent_id=agent_id,
+        group_id=group_id,
+        sequence=sequence,
+        role=create.role,
+        content=create.parts(),
+        name=create.name,
+        tool_calls=create.tool_calls,
+        tool_call_id=create.tool_call_id,
+        turn=turn,
+        run_id=run_id,
+        created_at=utcnow(),
+    )
+
+
+def as_output(
+    output: Sequence[MessageCreate | Mapping[str, Any]] | StepResult,
+) -> tuple[list[MessageCreate], StopReason]:
+    """An agent's return value as messages and a stop reason (dicts are validated)."""
+    if isinstance(output, StepResult):
+        return list(output.messages), output.stop_reason
+    if isinstance(output, (str, bytes)) or not isinstance(output, Sequence):
+        raise TypeError(
+            f"an agent's step must return a list of messages, not {type(output).__name__}"
+        )
+    return [
+        m if isinstance(m, MessageCreate) else MessageCreate.model_validate(m) for m in output
+    ], StopReason.END_TURN
+
+
+def execute_run(
+    *,
+    run: Run,
+    attempt: int,
+    group: Group,
+    behaviour: AgentBehaviour,
+    store: Store,
+    cancel: threading.Event,
+    started: Future[None],
+    first_seq: int,
+) -> StepDone:
+    """Build the transcript of the run's window, step the agent, and report the outcome.
+
+    Never raises: whatever goes wrong ends up as the run's error text.
+    """
+    try:
+        started.result()  # the run is durably `running` before any of its work
+    except Exception as error:
+        return StepDone(
+            run_id=run.id,
+            attempt=attempt,
+            messages=[],
+            stop_reason=StopReason.ERROR,
+            error=f"could not record the start: {error}",
+        )
+    messages: list[Message] = []
+    try:
+        window = store.list_messages(
+            group.primary_agent_id, run.window_first_seq, run.window_last_seq
+        )
+        text = render_transcript(window, group.preamble, group.transcript_max_messages)
+        transcript = stamp(
+            MessageCreate(role="user", content=[TextContent(text=text)]),
+            agent_id=run.agent_id,
+            group_id=group.id,
+            sequence=first_seq,
+            run_id=run.id,
+        )
+        messages.append(transcript)
+        memory = Memory(store.get_blocks(run.agent_id), store, cancel.is_set)
+        context = AgentContext(
+            agent_id=run.agent_id,
+            group_id=group.id,
+            run_id=run.id,
+            memory=memory,
+            history=lambda: store.list_messages(run.agent_id),
+            cancel_event=cancel,
+        )
+        produced, stop_reason = as_output(behaviour.step(context, [transcript]))
+        messages.extend(
+            stamp(
+                m, agent_id=run.agent_id, group_id=group.id, sequence=first_seq + i, run_id=run.id
+            )
+            for i, m in enumerate(produced, start=1)
+        )
+    except Exception as error:
+        return StepDone(
+            run_id=run.id,
+            attempt=attempt,
+            messages=messages,
+            stop_reason=StopReason.ERROR,
+            error=f"{type(error).__name__}: {error}",
+        )
+    return StepDone(run_id=run.id, attempt=attempt, messages=messages, stop_reason=stop_reason)

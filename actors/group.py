@@ -1,0 +1,225 @@
+"""The GroupActor: one per group, it serializes the group's turns and owns counter and cursor.
+
+A turn runs the primary agent (or takes recorded messages), decides whether sleeptime
+fires, and commits input, output, counter, cursor and runs in one transaction. Only then
+are the runs handed to the tracker and the sleeptime agents, so no work starts on a run
+that is not stored, and a crash leaves the whole turn stored or none of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pykka
+import structlog
+
+from actors._execute import as_output, stamp
+from actors._trigger import decide_fire
+from actors.kinds._base import AgentBehaviour, AgentContext, Memory, stream_of
+from messages import (
+    AssignRun,
+    ChangeSettings,
+    Group,
+    GroupChanged,
+    GroupFailed,
+    KindRegistered,
+    Message,
+    MessageCreate,
+    PrimaryAgentError,
+    Run,
+    RunsCreated,
+    RunStatus,
+    SleeptimeError,
+    TakeTurn,
+    TurnResult,
+    new_id,
+)
+from persistence import GroupState, StaleTurn, TurnWrite, utcnow
+
+if TYPE_CHECKING:
+    from actors._parts import RuntimeParts
+
+log = structlog.get_logger("sleeptime.group")
+
+
+class GroupActor(pykka.ThreadingActor):
+    """Runs the turns of one group, one at a time.
+
+    Asked: `TakeTurn` -> `TurnResult` (or `PrimaryAgentError` carrying it),
+    `ChangeSettings` -> `Group`.
+    """
+
+    use_daemon_thread = True
+
+    def __init__(self, state: GroupState, parts: RuntimeParts) -> None:
+        super().__init__()
+        self._parts = parts
+        self._adopt(state)
+        self._behaviour: AgentBehaviour | None = None
+        self._log = log.bind(group_id=state.group.id, agent_id=state.primary.id)
+
+    def _adopt(self, state: GroupState) -> None:
+        self._group = state.group
+        self._primary = state.primary
+        self._cursor_seq = state.cursor_seq
+        self._last_seq = state.last_seq
+
+    def on_failure(self, *exc_info: Any) -> None:
+        self._log.error("actor_crashed", actor="GroupActor", error=repr(exc_info[1]))
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case TakeTurn():
+                try:
+                    return self._turn(message)
+                finally:
+                    if message.sink is not None:
+                        message.sink.put(None)
+            case ChangeSettings(changes=changes):
+                return self._change(changes)
+            case KindRegistered(kind=kind):
+                if kind == self._primary.kind:
+                    self._behaviour = None  # a re-registered kind takes effect next turn
+                return None
+            case _:
+                return super().on_receive(message)
+
+    # -- turns ----------------------------------------------------------------------------
+
+    def _turn(self, command: TakeTurn) -> TurnResult:
+        group = self._group
+        if group.status == "failed":
+            raise GroupFailed(group.id, group.failure_reason or "stopped")
+        turn, now = group.turns + 1, utcnow()
+        seq = self._last_seq
+        stored = []
+        for create in command.input:
+            seq += 1
+            stored.append(self._stamp(create, seq, turn))
+        error: Exception | None = None
+        if command.mode == "record":
+            output = [m for m in stored if m.role != "user"]
+        else:
+            output = []
+            behaviour = self._primary_behaviour()  # an unknown kind stores nothing
+            try:
+                for create in self._produce(behaviour, stored, command.mode == "stream"):
+                    seq += 1
+                    message = self._stamp(create, seq, turn)
+                    output.append(message)
+                    if command.sink is not None:
+                        command.sink.put(message)
+            except Exception as failure:
+                error = failure
+        decision = decide_fire(group.frequency, group.counter)
+        recorded = stored if command.mode == "record" else stored + output
+        cursor, cursor_seq = group.cursor, self._cursor_seq
+        runs: list[Run] = []
+        if decision.fired and output:
+            last = recorded[-1]
+            runs = [
+                Run(
+                    id=new_id("run"),
+                    group_id=group.id,
+                    agent_id=agent_id,
+                    status=RunStatus.CREATED,
+                    attempt=1,
+                    turn=turn,
+                    window_first_seq=cursor_seq + 1,
+                    window_last_seq=last.sequence,
+                    created_at=now,
+                    metadata={"position": position},
+                )
+                for position, agent_id in enumerate(group.sleeptime_agent_ids)
+            ]
+            cursor, cursor_seq = last.id, last.sequence
+        write = TurnWrite(
+            group_id=group.id,
+            expected_turns=group.turns,
+            turns=turn,
+            counter=decision.counter,
+            cursor=cursor,
+            cursor_seq=cursor_seq,
+            messages=recorded,
+            runs=runs,
+        )
+        self._commit(write)
+        self._group = group.model_copy(
+            update={"turns": turn, "counter": decision.counter, "cursor": cursor}
+        )
+        self._cursor_seq, self._last_seq = cursor_seq, seq
+        self._dispatch(runs)
+        self._log.debug(
+            "turn_recorded",
+            turn=turn,
+            fired=decision.fired,
+            runs=len(runs),
+            error=None if error is None else repr(error),
+        )
+        result = TurnResult(
+            group_id=group.id,
+            turn=turn,
+            messages=recorded if command.mode == "record" else output,
+            fired=decision.fired,
+            run_ids=[r.id for r in runs],
+        )
+        if error is not None:
+            raise PrimaryAgentError(group.id, f"{type(error).__name__}: {error}", result) from error
+        return result
+
+    def _produce(
+        self, behaviour: AgentBehaviour, stored: list[Message], streaming: bool
+    ) -> Iterator[MessageCreate]:
+        context = AgentContext(
+            agent_id=self._primary.id,
+            group_id=self._group.id,
+            run_id=None,
+            memory=Memory(self._parts.store.get_blocks(self._primary.id), self._parts.store),
+            history=lambda: self._parts.store.list_messages(self._primary.id),
+        )
+        if streaming:
+            for item in stream_of(behaviour, context, stored):
+                yield (
+                    item if isinstance(item, MessageCreate) else MessageCreate.model_validate(item)
+                )
+            return
+        produced, _ = as_output(behaviour.step(context, stored))
+        yield from produced
+
+    def _stamp(self, create: MessageCreate, sequence: int, turn: int) -> Message:
+        return stamp(
+            create, agent_id=self._primary.id, group_id=self._group.id, sequence=sequence, turn=turn
+        )
+
+    def _primary_behaviour(self) -> AgentBehaviour:
+        if self._behaviour is None:
+            self._behaviour = self._parts.kinds.build(self._primary.kind, self._primary.config)
+        return self._behaviour
+
+    def _commit(self, write: TurnWrite) -> None:
+        try:
+            self._parts.store.record_turn(write).result()
+        except StaleTurn as stale:
+            # Someone else moved this group: take the stored state as the truth.
+            self._adopt(self._parts.store.group_state(self._group.id))
+            raise SleeptimeError(
+                f"turn not recorded: {stale}; the group was reloaded, retry the turn"
+            ) from stale
+
+    def _dispatch(self, runs: list[Run]) -> None:
+        if not runs:
+            return
+        # The tracker hears of the runs before any agent can ask to start one.
+        self._parts.tracker.tell(RunsCreated(runs=runs))
+        for run in runs:
+            self._parts.directory.agent(run.agent_id).tell(AssignRun(run=run))
+
+    # -- settings -------------------------------------------------------------------------
+
+    def _change(self, changes: dict[str, Any]) -> Group:
+        self._parts.store.update_group(self._group.id, changes).result()
+        self._group = self._group.model_copy(update=changes)
+        for agent_id in self._group.sleeptime_agent_ids:
+            self._parts.directory.tell_if_alive(agent_id, GroupChanged(group=self._group))
+        return self._group

@@ -1,0 +1,58 @@
+"""Agent kinds: what an agent is to the runtime, and the kinds that ship with it.
+
+Example:
+    >>> from actors.kinds import builtin_kinds
+    >>> agent = builtin_kinds()["simulated"]({"latency_ms": 20, "seed": 7})
+"""
+
+from actors.kinds._base import (
+    AgentBehaviour,
+    AgentContext,
+    AgentFactory,
+    AgentKinds,
+    BlockEditor,
+    Memory,
+    StepResult,
+    ToolResult,
+    parse_config,
+    stream_of,
+)
+from actors.kinds.memory import MemoryAgent, MemoryConfig, extract_facts
+from actors.kinds.scripted import ScriptedAgent, ScriptedConfig
+from actors.kinds.simulated import (
+    MAX_LATENCY_MS,
+    SimulatedAgent,
+    SimulatedConfig,
+    SimulatedFailure,
+    sample_latency_ms,
+)
+
+
+def builtin_kinds() -> dict[str, AgentFactory]:
+    """The kinds every runtime registers: name -> factory(config) -> agent."""
+    return {"scripted": ScriptedAgent, "memory": MemoryAgent, "simulated": SimulatedAgent}
+
+
+__all__ = [
+    "MAX_LATENCY_MS",
+    "AgentBehaviour",
+    "AgentContext",
+    "AgentFactory",
+    "AgentKinds",
+    "BlockEditor",
+    "Memory",
+    "MemoryAgent",
+    "MemoryConfig",
+    "ScriptedAgent",
+    "ScriptedConfig",
+    "SimulatedAgent",
+    "SimulatedConfig",
+    "SimulatedFailure",
+    "StepResult",
+    "ToolResult",
+    "builtin_kinds",
+    "extract_facts",
+    "parse_config",
+    "sample_latency_ms",
+    "stream_of",
+]

@@ -1,0 +1,534 @@
+"""The Runtime: the public face of sleeptime-runtime (SPEC 11).
+
+Example:
+    >>> with Runtime.start("sqlite:///sleeptime.db") as rt:
+    ...     group = rt.create_group(primary={"kind": "scripted"},
+    ...                             sleeptime=[{"kind": "memory"}], frequency=2)
+    ...     result = rt.step(group.id, [MessageCreate(role="user", content="hi")])
+    ...     rt.wait_for_runs(result.run_ids, timeout=30)
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+import weakref
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import wait
+from types import TracebackType
+from typing import Annotated, Any, Self
+
+import pykka
+import structlog
+from pydantic import Field, TypeAdapter
+
+from actors._logging import ensure_logging
+from actors._parts import ActorDirectory, RuntimeParts
+from actors._pool import StepPool
+from actors._scheduler import Scheduler
+from actors.kinds import builtin_kinds
+from actors.kinds._base import AgentFactory, AgentKinds
+from actors.tracker import RunTrackerActor
+from messages import (
+    MEMORY_PERSONA,
+    Agent,
+    AgentSpec,
+    Block,
+    BlockCreate,
+    Blocks,
+    CancelRun,
+    ChangeSettings,
+    Group,
+    GroupCreate,
+    GroupSettings,
+    KindRegistered,
+    Message,
+    MessageCreate,
+    Run,
+    RunEvent,
+    RunStatus,
+    RunsTimeout,
+    RuntimeStopped,
+    StopReason,
+    TakeTurn,
+    TurnMode,
+    TurnResult,
+    WatchRuns,
+    new_id,
+)
+from persistence import NewGroup, Store, Transition, utcnow
+
+log = structlog.get_logger("sleeptime.runtime")
+
+DEFAULT_URL = "sqlite:///sleeptime.db"
+DEFAULT_MEMORY_PERSONA = (
+    "You keep the primary agent's long-term memory. Record durable facts about the user "
+    "(name, preferences, plans, circumstances) in the human block, one fact per line, and "
+    "replace a fact when the user changes it. Keep blocks short; never record small talk."
+)
+_MESSAGES: TypeAdapter[list[MessageCreate]] = TypeAdapter(
+    Annotated[list[MessageCreate], Field(min_length=1)]
+)
+_STATUSES: TypeAdapter[list[RunStatus]] = TypeAdapter(list[RunStatus])
+_RUN_IDS: TypeAdapter[list[str]] = TypeAdapter(list[str])
+_UNSET: Any = object()
+_running: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+class TurnStream(Iterator[Message]):
+    """The primary agent's messages as it produces them; the turn runs to its end anyway.
+
+    Iterate it for the messages; `result` is the turn's `TurnResult` (it waits for the
+    end of the turn); `close()` stops listening without stopping the turn.
+    """
+
+    def __init__(self, sink: queue.SimpleQueue[Message | None], reply: pykka.Future[Any]) -> None:
+        self._sink = sink
+        self._reply = reply
+        self._ended = False
+        self._closed = False
+
+    def __next__(self) -> Message:
+        if self._closed or self._ended:
+            raise StopIteration
+        item = self._sink.get()
+        if item is None:
+            self._ended = True
+            self.result  # noqa: B018  # raises the turn's error, if any, to the consumer
+            raise StopIteration
+        return item
+
+    @property
+    def result(self) -> TurnResult:
+        """The whole turn's result, once it has ended (raises the turn's error)."""
+        outcome: TurnResult = self._reply.get()
+        return outcome
+
+    def close(self) -> None:
+        """Stop consuming; the turn still completes and is recorded."""
+        self._closed = True
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Runtime:
+    """A running sleeptime runtime over one database.
+
+    Start it with `Runtime.start(url)`, as a context manager or not; `stop()` ends it.
+    Every method is safe to call from many threads.
+    """
+
+    def __init__(self, store: Store, kinds: AgentKinds, workers: int) -> None:
+        self._store = store
+        self.agents = kinds
+        self._stopped = threading.Event()
+        self._parts = RuntimeParts(
+            store=store, kinds=kinds, pool=StepPool(workers), scheduler=Scheduler()
+        )
+        self._directory = ActorDirectory(self._parts)
+        self._parts.directory = self._directory
+
+    @classmethod
+    def start(
+        cls,
+        url: str = DEFAULT_URL,
+        *,
+        kinds: Mapping[str, AgentFactory] | None = None,
+        workers: int = 32,
+    ) -> Runtime:
+        """Open (or create) the database at `url`, recover its open runs, and start.
+
+        `kinds` are registered, next to the built-in ones, before recovery starts any run.
+        `workers` is the number of threads agents step on.
+        """
+        ensure_logging()
+        store = Store(url)
+        try:
+            registry = AgentKinds()
+            for name, factory in {**builtin_kinds(), **(kinds or {})}.items():
+                registry.register(name, factory)
+            runtime = cls(store, registry, workers)
+            runtime._recover()
+        except BaseException:
+            store.close()
+            raise
+        _running.add(runtime)
+        log.info("runtime_started", url=store.url)
+        return runtime
+
+    def _recover(self) -> None:
+        """Re-queue the runs an earlier process left open (at-least-once), then start."""
+        open_runs = self._store.open_runs()
+        groups: dict[str, Group] = {}
+        writes = []
+        for run in open_runs:
+            if run.status is not RunStatus.RUNNING:
+                continue
+            group = groups.get(run.group_id) or self._store.get_group(run.group_id)
+            groups[run.group_id] = group
+            if run.attempt >= group.max_attempts:
+                change = Transition(
+                    run_id=run.id,
+                    old=run.status,
+                    new=RunStatus.FAILED,
+                    at=utcnow(),
+                    attempt=run.attempt,
+                    reason="interrupted",
+                    stop_reason=StopReason.INTERRUPTED,
+                    error=f"interrupted {run.attempt} time(s), the group's max_attempts",
+                )
+            else:
+                change = Transition(
+                    run_id=run.id,
+                    old=run.status,
+                    new=RunStatus.CREATED,
+                    at=utcnow(),
+                    attempt=run.attempt + 1,
+                    reason="interrupted",
+                )
+            writes.append(self._store.apply_transition(change))
+        for write in writes:
+            write.result()
+        if writes:
+            log.warning("runs_recovered", runs=len(writes))
+        still_open = self._store.open_runs()
+        self._parts.tracker = RunTrackerActor.start(self._store, self._parts.scheduler, still_open)
+        self.agents.on_register(lambda kind: self._directory.broadcast(KindRegistered(kind=kind)))
+        for agent_id in dict.fromkeys(run.agent_id for run in still_open):
+            self._directory.agent(agent_id)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """Finish queued turns, wait up to `drain_timeout` s for open runs, then stop.
+
+        Runs still open after that stay stored and are re-queued by the next start.
+        """
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._directory.stop_groups(timeout=60.0)
+        if drain_timeout > 0:
+            self._drain(drain_timeout)
+        self._directory.stop_agents(timeout=5.0)
+        try:
+            self._parts.tracker.stop(timeout=10.0)
+        except (pykka.Timeout, pykka.ActorDeadError):
+            pass
+        self._parts.pool.close()
+        self._parts.scheduler.close()
+        self._store.close()
+        _running.discard(self)
+        log.info("runtime_stopped")
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            open_ids = [run.id for run in self._store.open_runs()]
+            futures = self._parts.tracker.ask(
+                WatchRuns(run_ids=open_ids), block=True, timeout=timeout
+            )
+        except Exception as error:
+            log.warning("drain_skipped", error=str(error))
+            return
+        _, not_done = wait(futures, timeout=timeout)
+        if not_done:
+            log.warning("drain_timed_out", open_runs=len(not_done))
+
+    def _check(self) -> None:
+        if self._stopped.is_set():
+            raise RuntimeStopped()
+
+    # -- groups ---------------------------------------------------------------------------
+
+    def create_group(
+        self,
+        primary: AgentSpec | Mapping[str, Any],
+        sleeptime: Sequence[AgentSpec | Mapping[str, Any]],
+        frequency: int | None = None,
+        blocks: Mapping[str, str | BlockCreate | Mapping[str, Any]] | None = None,
+        preamble: str | None = None,
+        transcript_max_messages: int | None = None,
+        run_timeout: float = 600.0,
+        max_attempts: int = 3,
+    ) -> Group:
+        """Create a group: a primary agent, its sleeptime agents, shared memory blocks.
+
+        Raises pydantic's ValidationError for malformed arguments (a negative frequency,
+        an unknown config key), UnknownAgentKind for a kind nobody registered.
+        """
+        self._check()
+        spec = GroupCreate.model_validate(
+            {
+                "primary": primary,
+                "sleeptime": list(sleeptime),
+                "frequency": frequency,
+                "blocks": None if blocks is None else dict(blocks),
+                "preamble": preamble,
+                "transcript_max_messages": transcript_max_messages,
+                "run_timeout": run_timeout,
+                "max_attempts": max_attempts,
+            }
+        )
+        group_id, now = new_id("group"), utcnow()
+        agents = [self._agent(spec.primary, group_id, "primary", now)]
+        personas = []
+        for index, sleeper in enumerate(spec.sleeptime):
+            persona = sleeper.config.get(MEMORY_PERSONA, DEFAULT_MEMORY_PERSONA)
+            if not isinstance(persona, str):
+                raise TypeError(f"sleeptime agent {index}: config 'memory_persona' must be text")
+            config = {k: v for k, v in sleeper.config.items() if k != MEMORY_PERSONA}
+            agents.append(
+                self._agent(
+                    sleeper.model_copy(update={"config": config}), group_id, "sleeptime", now, index
+                )
+            )
+            personas.append(persona)
+        stored_blocks = [
+            Block(
+                id=new_id("block"),
+                group_id=group_id,
+                label=label,
+                value=b.value,
+                limit=b.limit,
+                read_only=b.read_only,
+                description=b.description,
+            )
+            for label, b in spec.block_specs().items()
+        ]
+        stored_blocks += [
+            Block(
+                id=new_id("block"),
+                group_id=group_id,
+                agent_id=agent.id,
+                label=MEMORY_PERSONA,
+                value=persona,
+                limit=max(len(persona), BlockCreate().limit),
+            )
+            for agent, persona in zip(agents[1:], personas, strict=True)
+        ]
+        group = Group(
+            id=group_id,
+            primary_agent_id=agents[0].id,
+            sleeptime_agent_ids=[a.id for a in agents[1:]],
+            frequency=spec.frequency,
+            counter=-1,
+            cursor=None,
+            turns=0,
+            preamble=spec.preamble,
+            transcript_max_messages=spec.transcript_max_messages,
+            run_timeout=spec.run_timeout,
+            max_attempts=spec.max_attempts,
+            created_at=now,
+        )
+        self._store.create_group(
+            NewGroup(group=group, agents=agents, blocks=stored_blocks)
+        ).result()
+        log.info(
+            "group_created",
+            group_id=group_id,
+            sleeptime_agents=len(agents) - 1,
+            frequency=spec.frequency,
+        )
+        return group
+
+    def _agent(self, spec: AgentSpec, group_id: str, role: str, now: Any, index: int = 0) -> Agent:
+        self.agents.build(spec.kind, spec.config)  # a bad kind or config fails here, clearly
+        name = spec.name or (
+            f"{spec.kind} primary" if role == "primary" else f"{spec.kind} sleeptime {index + 1}"
+        )
+        return Agent(
+            id=new_id("agent"),
+            group_id=group_id,
+            role=role,
+            name=name,
+            kind=spec.kind,
+            config=spec.config,
+            created_at=now,
+        )
+
+    def get_group(self, group_id: str) -> Group:
+        """The group as stored: frequency, counter, cursor, turns, agent ids, settings."""
+        self._check()
+        return self._store.get_group(group_id)
+
+    def list_groups(self) -> list[Group]:
+        self._check()
+        return self._store.list_groups()
+
+    def update_group(
+        self,
+        group_id: str,
+        *,
+        frequency: int | None = _UNSET,
+        preamble: str | None = _UNSET,
+        transcript_max_messages: int | None = _UNSET,
+        run_timeout: float = _UNSET,
+        max_attempts: int = _UNSET,
+    ) -> Group:
+        """Change settings between turns; the counter is kept (as in Letta)."""
+        self._check()
+        changes = {
+            name: value
+            for name, value in {
+                "frequency": frequency,
+                "preamble": preamble,
+                "transcript_max_messages": transcript_max_messages,
+                "run_timeout": run_timeout,
+                "max_attempts": max_attempts,
+            }.items()
+            if value is not _UNSET
+        }
+        current = self._store.get_group(group_id)
+        settings = GroupSettings.model_validate({**current.settings().model_dump(), **changes})
+        if not changes:
+            return current
+        valid = {name: getattr(settings, name) for name in changes}
+        updated: Group = self._ask_group(group_id, ChangeSettings(changes=valid))
+        return updated
+
+    # -- turns ----------------------------------------------------------------------------
+
+    def step(
+        self, group_id: str, messages: Sequence[MessageCreate | Mapping[str, Any]]
+    ) -> TurnResult:
+        """Run the primary agent on `messages` and apply the sleeptime rules (SPEC 4-7).
+
+        Raises PrimaryAgentError (with the recorded turn as `.result`) if the agent failed.
+        """
+        return self._turn(group_id, messages, "step")
+
+    def record_turn(
+        self, group_id: str, messages: Sequence[MessageCreate | Mapping[str, Any]]
+    ) -> TurnResult:
+        """Store one already-produced turn (input and output) and apply the sleeptime rules."""
+        return self._turn(group_id, messages, "record")
+
+    def stream(
+        self, group_id: str, messages: Sequence[MessageCreate | Mapping[str, Any]]
+    ) -> TurnStream:
+        """Like `step`, yielding the output messages as the primary agent produces them."""
+        self._check()
+        sink: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        command = TakeTurn(
+            input=_MESSAGES.validate_python(list(messages)), mode="stream", sink=sink
+        )
+        reply = self._send_group(group_id, command)
+        return TurnStream(sink, reply)
+
+    def _turn(self, group_id: str, messages: Sequence[Any], mode: TurnMode) -> TurnResult:
+        self._check()
+        command = TakeTurn(input=_MESSAGES.validate_python(list(messages)), mode=mode)
+        result: TurnResult = self._ask_group(group_id, command)
+        return result
+
+    def _send_group(self, group_id: str, command: Any) -> pykka.Future[Any]:
+        for _ in range(2):
+            try:
+                return self._directory.group(group_id).ask(command, block=False)
+            except pykka.ActorDeadError:
+                self._check()  # the actor died or the runtime is stopping
+        raise RuntimeStopped()
+
+    def _ask_group(self, group_id: str, command: Any) -> Any:
+        try:
+            return self._send_group(group_id, command).get()
+        except pykka.ActorDeadError as error:
+            self._check()
+            raise RuntimeStopped() from error
+
+    # -- runs -----------------------------------------------------------------------------
+
+    def wait_for_runs(self, run_ids: Sequence[str], timeout: float | None = None) -> list[Run]:
+        """Wait until every run is terminal and return them, in the order asked.
+
+        Raises RunsTimeout naming the runs still open when `timeout` (seconds) passes.
+        """
+        self._check()
+        ids = _RUN_IDS.validate_python(list(run_ids))
+        if not ids:
+            return []
+        futures = self._parts.tracker.ask(WatchRuns(run_ids=ids), block=True)
+        _, not_done = wait(futures, timeout=timeout)
+        if not_done:
+            open_ids = [i for i, f in zip(ids, futures, strict=True) if f in not_done]
+            raise RunsTimeout(list(dict.fromkeys(open_ids)), timeout or 0.0)
+        runs = self._store.get_runs(ids)
+        return [runs[i] for i in ids]
+
+    def get_run(self, run_id: str) -> Run:
+        self._check()
+        return self._store.get_run(run_id)
+
+    def list_runs(
+        self,
+        agent_id: str | None = None,
+        group_id: str | None = None,
+        statuses: Sequence[RunStatus | str] | None = None,
+        limit: int | None = None,
+    ) -> list[Run]:
+        """Runs oldest first, filtered by agent, group and status."""
+        self._check()
+        wanted = None if statuses is None else _STATUSES.validate_python(list(statuses))
+        return self._store.list_runs(
+            agent_id=agent_id, group_id=group_id, statuses=wanted, limit=limit
+        )
+
+    def run_events(self, run_id: str) -> list[RunEvent]:
+        """Every status change of the run, oldest first."""
+        self._check()
+        return self._store.run_events(run_id)
+
+    def cancel_run(self, run_id: str) -> Run:
+        """Cancel a run (a terminal run is returned as it is)."""
+        self._check()
+        committed = self._parts.tracker.ask(CancelRun(run_id=run_id), block=True)
+        if committed is not None:
+            committed.result()
+        return self._store.get_run(run_id)
+
+    # -- memory and history ---------------------------------------------------------------
+
+    def get_blocks(self, agent_id: str) -> Blocks:
+        """The memory blocks as the agent sees them: the shared ones, then its own."""
+        self._check()
+        return self._store.get_blocks(agent_id)
+
+    def list_messages(self, agent_id: str) -> list[Message]:
+        """The agent's stored history, oldest first."""
+        self._check()
+        return self._store.list_messages(agent_id)
+
+    def stats(self) -> dict[str, int]:
+        """Live actors, step threads and write batches, for monitoring."""
+        return {
+            **self._directory.counts(),
+            "step_threads": self._parts.pool.threads,
+            "transactions": self._store.committer.transactions,
+            "writes": self._store.committer.ops,
+        }
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    for runtime in list(_running):
+        runtime.stop(drain_timeout=0)

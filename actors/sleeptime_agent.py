@@ -1,0 +1,247 @@
+"""The SleeptimeAgentActor: one per sleeptime agent id, running its runs one at a time.
+
+Runs start in creation order; the next starts only when the current one has ended
+(completed, failed, cancelled and returned, or timed out), so two runs of one agent
+never overlap. Steps execute on the shared step pool, so this actor stays free to take
+deadlines and new runs while its agent works.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import pydantic
+import pykka
+import structlog
+
+from actors._execute import execute_run
+from actors._scheduler import Timer
+from actors.kinds._base import AgentBehaviour
+from messages import (
+    Agent,
+    AgentConfigError,
+    AssignRun,
+    FinishRun,
+    Group,
+    GroupChanged,
+    KindRegistered,
+    Run,
+    RunDeadline,
+    RunStatus,
+    StartDecision,
+    StartRun,
+    StepDone,
+    StopReason,
+    UnknownAgentKind,
+)
+
+if TYPE_CHECKING:
+    from actors._parts import RuntimeParts
+
+log = structlog.get_logger("sleeptime.agent")
+
+
+@dataclass(slots=True)
+class _Current:
+    run_id: str
+    attempt: int
+    decision: StartDecision
+    future: Future[StepDone]
+    deadline: Timer
+
+
+class SleeptimeAgentActor(pykka.ThreadingActor):
+    """Executes the runs of one sleeptime agent, one at a time, in creation order.
+
+    Told: `AssignRun`, `StepDone`, `RunDeadline`, `GroupChanged`, `KindRegistered`.
+    """
+
+    use_daemon_thread = True
+
+    def __init__(
+        self, agent: Agent, group: Group, last_seq: int, queued: list[Run], parts: RuntimeParts
+    ) -> None:
+        super().__init__()
+        self._agent = agent
+        self._group = group
+        self._parts = parts
+        self._next_seq = last_seq + 1
+        self._queue: deque[Run] = deque()
+        self._queued: set[str] = set()
+        self._current: _Current | None = None
+        self._behaviour: AgentBehaviour | None = None
+        self._build_error: str | None = None
+        self._log = log.bind(agent_id=agent.id, group_id=agent.group_id)
+        for run in queued:
+            self._enqueue(run)
+
+    def on_start(self) -> None:
+        self._pump()
+
+    def on_stop(self) -> None:
+        if self._current is not None:
+            self._current.deadline.cancel()
+
+    def on_failure(self, *exc_info: Any) -> None:
+        self._log.error("actor_crashed", actor="SleeptimeAgentActor", error=repr(exc_info[1]))
+
+    def on_receive(self, message: Any) -> Any:
+        match message:
+            case AssignRun(run=run):
+                self._enqueue(run)
+            case StepDone():
+                self._step_done(message)
+            case RunDeadline(run_id=run_id, attempt=attempt):
+                self._deadline(run_id, attempt)
+            case GroupChanged(group=group):
+                self._group = group
+            case KindRegistered(kind=kind):
+                if kind == self._agent.kind:
+                    self._behaviour, self._build_error = None, None
+            case _:
+                return super().on_receive(message)
+        self._pump()
+        return None
+
+    @property
+    def busy(self) -> bool:
+        return self._current is not None or bool(self._queue)
+
+    def _enqueue(self, run: Run) -> None:
+        if run.id not in self._queued and (self._current is None or self._current.run_id != run.id):
+            self._queue.append(run)
+            self._queued.add(run.id)
+
+    def _pump(self) -> None:
+        while self._current is None and self._queue:
+            if not self._ready():
+                return
+            run = self._queue.popleft()
+            self._queued.discard(run.id)
+            decision: StartDecision = self._parts.tracker.ask(StartRun(run_id=run.id), block=True)
+            if decision.started:
+                self._begin(run, decision)
+
+    def _ready(self) -> bool:
+        """Build the agent if needed; False while its kind is not registered."""
+        if self._behaviour is not None or self._build_error is not None:
+            return True
+        try:
+            self._behaviour = self._parts.kinds.build(self._agent.kind, self._agent.config)
+        except UnknownAgentKind as error:
+            self._log.warning("waiting_for_kind", kind=self._agent.kind, detail=str(error))
+            return False
+        except (AgentConfigError, pydantic.ValidationError) as error:
+            self._build_error = str(error)
+        return True
+
+    def _begin(self, run: Run, decision: StartDecision) -> None:
+        assert decision.cancel is not None and decision.committed is not None
+        ref = self.actor_ref
+        if self._behaviour is None:
+            error = self._build_error or "agent could not be built"
+            self._parts.tracker.tell(
+                FinishRun(
+                    run_id=run.id,
+                    attempt=decision.attempt,
+                    status=RunStatus.FAILED,
+                    stop_reason=StopReason.ERROR,
+                    error=error,
+                )
+            )
+            return
+        job = partial(
+            execute_run,
+            run=run,
+            attempt=decision.attempt,
+            group=self._group,
+            behaviour=self._behaviour,
+            store=self._parts.store,
+            cancel=decision.cancel,
+            started=decision.committed,
+            first_seq=self._next_seq,
+        )
+        future = self._parts.pool.submit(job)
+        deadline = self._parts.scheduler.call_later(
+            self._group.run_timeout,
+            partial(_tell, ref, RunDeadline(run_id=run.id, attempt=decision.attempt)),
+        )
+        self._current = _Current(run.id, decision.attempt, decision, future, deadline)
+        future.add_done_callback(partial(_report, ref, run.id, decision.attempt))
+        self._log.debug("run_started", run_id=run.id, attempt=decision.attempt)
+
+    def _step_done(self, done: StepDone) -> None:
+        current = self._current
+        if current is None or (current.run_id, current.attempt) != (done.run_id, done.attempt):
+            self._log.info("late_result_ignored", run_id=done.run_id, error=done.error)
+            return
+        current.deadline.cancel()
+        self._current = None
+        if done.messages:
+            self._next_seq = max(self._next_seq, done.messages[-1].sequence + 1)
+        status = RunStatus.FAILED if done.error is not None else RunStatus.COMPLETED
+        self._parts.tracker.tell(
+            FinishRun(
+                run_id=done.run_id,
+                attempt=done.attempt,
+                status=status,
+                stop_reason=done.stop_reason,
+                error=done.error,
+                messages=done.messages,
+            )
+        )
+        self._log.debug(
+            "run_finished",
+            run_id=done.run_id,
+            status=status.value,
+            stop_reason=done.stop_reason.value,
+            error=done.error,
+        )
+
+    def _deadline(self, run_id: str, attempt: int) -> None:
+        current = self._current
+        if current is None or (current.run_id, current.attempt) != (run_id, attempt):
+            return
+        assert current.decision.cancel is not None
+        current.decision.cancel.set()
+        self._parts.pool.abandon(current.future)
+        self._current = None
+        self._next_seq += 1  # the transcript's sequence stays reserved for the late step
+        error = f"run exceeded the group's run_timeout of {self._group.run_timeout:g}s"
+        self._parts.tracker.tell(
+            FinishRun(
+                run_id=run_id,
+                attempt=attempt,
+                status=RunStatus.FAILED,
+                stop_reason=StopReason.TIMEOUT,
+                error=error,
+            )
+        )
+        self._log.warning("run_timed_out", run_id=run_id, timeout_s=self._group.run_timeout)
+
+
+def _tell(ref: pykka.ActorRef[Any], message: Any) -> None:
+    try:
+        ref.tell(message)
+    except pykka.ActorDeadError:
+        pass  # the actor stopped; its open runs are recovered from the store
+
+
+def _report(ref: pykka.ActorRef[Any], run_id: str, attempt: int, future: Future[StepDone]) -> None:
+    error = future.exception()
+    done = (
+        future.result()
+        if error is None
+        else StepDone(
+            run_id=run_id,
+            attempt=attempt,
+            messages=[],
+            stop_reason=StopReason.ERROR,
+            error=f"{type(error).__name__}: {error}",
+        )
+    )
+    _tell(ref, done)

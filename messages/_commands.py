@@ -1,0 +1,143 @@
+"""What the actors tell or ask each other. Each is frozen; none carries a reference to
+another actor's state, only values (and, where a caller waits, a queue or an event)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from messages._content import Message, MessageCreate
+from messages._groups import Group
+from messages._runs import Run, RunStatus, StopReason
+
+TurnMode = Literal["step", "stream", "record"]
+
+
+class _Command(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+
+# -- to a GroupActor ------------------------------------------------------------------
+
+
+class TakeTurn(_Command):
+    """Run one turn. For `stream`, produced messages go to `sink` as they come, then `None`."""
+
+    input: list[MessageCreate]
+    mode: TurnMode
+    sink: queue.SimpleQueue[Message | None] | None = None
+
+
+class ChangeSettings(_Command):
+    """Change a group's settings between two turns; replies with the updated Group."""
+
+    changes: dict[str, Any]
+
+
+# -- to a SleeptimeAgentActor ---------------------------------------------------------
+
+
+class AssignRun(_Command):
+    """A run of this agent was created and committed; queue it."""
+
+    run: Run
+
+
+class StepDone(_Command):
+    """The agent's step for a run returned (or raised)."""
+
+    run_id: str
+    attempt: int
+    messages: list[Message]
+    stop_reason: StopReason
+    error: str | None = None
+
+
+class RunDeadline(_Command):
+    """The run's `run_timeout` elapsed."""
+
+    run_id: str
+    attempt: int
+
+
+class GroupChanged(_Command):
+    """The group's settings changed (transcript preamble, limits, timeout)."""
+
+    group: Group
+
+
+class KindRegistered(_Command):
+    """An agent kind was registered; runs that waited for it can start."""
+
+    kind: str
+
+
+# -- to the RunTrackerActor -----------------------------------------------------------
+
+
+class RunsCreated(_Command):
+    """Runs committed by a turn; the tracker now follows them."""
+
+    runs: list[Run]
+
+
+class StartRun(_Command):
+    """Ask to move a run to `running`; the reply is a `StartDecision`."""
+
+    run_id: str
+
+
+class StartDecision(_Command):
+    """Whether the run may start, and if so its cancel flag and the start's commit."""
+
+    started: bool
+    attempt: int = 0
+    cancel: threading.Event | None = None
+    committed: Future[None] | None = None
+    reason: str | None = None
+
+
+class FinishRun(_Command):
+    """A run ended as its agent saw it; refused (and logged) if it is already terminal."""
+
+    run_id: str
+    attempt: int
+    status: RunStatus
+    stop_reason: StopReason
+    error: str | None = None
+    messages: list[Message] = []
+
+
+class CancelRun(_Command):
+    """Cancel a run; the reply is the commit future of the change, or None if none."""
+
+    run_id: str
+
+
+class WatchRuns(_Command):
+    """The reply is one future per run id, resolved once that run is terminal and committed."""
+
+    run_ids: list[str]
+
+
+class TerminalCommitted(_Command):
+    """A terminal status of this run is now durable (sent by the tracker to itself)."""
+
+    run_id: str
+
+
+class TransitionFailed(_Command):
+    """A status change could not be written (sent by the tracker to itself)."""
+
+    run_id: str
+    error: str
+
+
+class RetryTransition(_Command):
+    """Write a run's pending terminal status again after a failed write."""
+
+    run_id: str

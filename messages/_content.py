@@ -1,0 +1,138 @@
+"""Message content: what users send, what agents produce, and what is stored."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Role = Literal["user", "assistant", "tool", "system"]
+
+
+class TextContent(BaseModel):
+    """A plain text part of a message."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImageContent(BaseModel):
+    """An image part, by URL or inline data; transcripts show it as `[Image Here]`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    type: Literal["image"] = "image"
+    url: str | None = None
+    data: str | None = None
+    media_type: str | None = None
+
+
+class ReasoningContent(BaseModel):
+    """The agent's reasoning; transcripts show it inside `<thinking>` tags."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    type: Literal["reasoning"] = "reasoning"
+    text: str
+
+
+ContentPart = Annotated[TextContent | ImageContent | ReasoningContent, Field(discriminator="type")]
+
+
+class ToolCall(BaseModel):
+    """One tool call of an assistant message.
+
+    `arguments` is kept as the JSON text the model produced, as OpenAI does; the OpenAI
+    shape `{"id", "type": "function", "function": {"name", "arguments"}}` and a dict of
+    arguments are both accepted.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    arguments: str = "{}"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flatten_openai_shape(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "function" in data:
+            function = data["function"]
+            if not isinstance(function, dict):
+                raise ValueError("tool call 'function' must be an object with name and arguments")
+            return {"id": data.get("id"), **function}
+        return data
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _arguments_as_json(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return json.dumps(value)
+        return value
+
+    def parsed_arguments(self) -> dict[str, Any] | None:
+        """The arguments as a dict, or None when they are not a JSON object."""
+        try:
+            parsed = json.loads(self.arguments)
+        except (TypeError, ValueError):
+            return None
+        return parsed if isinstance(parsed, dict) else None
+
+
+class MessageCreate(BaseModel):
+    """A message as given to the runtime or produced by an agent, before it is stored.
+
+    Example:
+        >>> MessageCreate(role="user", content="my favorite color is orange")
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    role: Role
+    content: str | list[ContentPart] = Field(default_factory=list)
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _check_role_fields(self) -> MessageCreate:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls, not {self.role!r} ones")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
+
+    def parts(self) -> list[TextContent | ImageContent | ReasoningContent]:
+        """The content as a list of parts (a string is one text part)."""
+        if isinstance(self.content, str):
+            return [TextContent(text=self.content)]
+        return list(self.content)
+
+    def text(self) -> str:
+        """All text parts joined by newlines."""
+        return "\n".join(p.text for p in self.parts() if isinstance(p, TextContent))
+
+
+class Message(BaseModel):
+    """A stored message of one agent's history.
+
+    `sequence` increases by one per message of that agent; transcript windows and the
+    group's cursor are defined on it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    id: str
+    agent_id: str
+    group_id: str
+    sequence: int
+    role: Role
+    content: list[ContentPart]
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    turn: int | None = None
+    run_id: str | None = None
+    created_at: datetime
+
+    def text(self) -> str:
+        """All text parts joined by newlines."""
+        return "\n".join(p.text for p in self.content if isinstance(p, TextContent))

@@ -1,0 +1,112 @@
+"""The runtime's own exceptions; each message says what went wrong and what to do.
+
+Malformed input raises pydantic's `ValidationError`; everything else raises a subclass
+of `SleeptimeError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+
+class SleeptimeError(Exception):
+    """Base class of every error the runtime raises on purpose."""
+
+
+class NotFoundError(SleeptimeError, LookupError):
+    """An id that the database does not know."""
+
+    kind = "object"
+
+    def __init__(self, object_id: str) -> None:
+        self.object_id = object_id
+        super().__init__(f"no {self.kind} with id {object_id!r}: check the id, or list them first")
+
+
+class GroupNotFound(NotFoundError):
+    kind = "group"
+
+
+class RunNotFound(NotFoundError):
+    kind = "run"
+
+
+class AgentNotFound(NotFoundError):
+    kind = "agent"
+
+
+class RuntimeStopped(SleeptimeError):
+    """A call reached a runtime that was stopped (or is stopping)."""
+
+    def __init__(self) -> None:
+        super().__init__("the runtime is stopped: start a new one with Runtime.start(url)")
+
+
+class TransitionRefused(SleeptimeError):
+    """A run status change that the state machine does not allow."""
+
+    def __init__(self, run_id: str, current: str, new: str) -> None:
+        self.run_id, self.current, self.new = run_id, current, new
+        super().__init__(f"run {run_id} cannot go from {current!r} to {new!r}")
+
+
+class UnknownAgentKind(SleeptimeError):
+    """An agent spec names a kind that no one registered with this runtime."""
+
+    def __init__(self, kind: str, known: Sequence[str]) -> None:
+        self.kind = kind
+        super().__init__(
+            f"agent kind {kind!r} is not registered; known kinds: {', '.join(sorted(known))}. "
+            f"Register it with rt.agents.register({kind!r}, factory) or Runtime.start(url, "
+            f"kinds={{{kind!r}: factory}})"
+        )
+
+
+class AgentConfigError(SleeptimeError):
+    """An agent kind rejected its config."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        self.kind = kind
+        super().__init__(f"invalid config for agent kind {kind!r}: {detail}")
+
+
+class PrimaryAgentError(SleeptimeError):
+    """The primary agent failed during a turn.
+
+    The turn was still recorded (input, what the agent produced before failing, the
+    counter bump and any runs); `result` is that turn's `TurnResult`.
+    """
+
+    def __init__(self, group_id: str, detail: str, result: Any = None) -> None:
+        self.group_id = group_id
+        self.result = result
+        super().__init__(f"primary agent of group {group_id} failed: {detail}")
+
+
+class RunsTimeout(SleeptimeError, TimeoutError):
+    """`wait_for_runs` ran out of time; `open_run_ids` are the runs not yet terminal."""
+
+    def __init__(self, open_run_ids: Sequence[str], timeout: float) -> None:
+        self.open_run_ids = list(open_run_ids)
+        super().__init__(
+            f"{len(self.open_run_ids)} run(s) still open after {timeout:g}s: "
+            + ", ".join(self.open_run_ids)
+        )
+
+
+class StoreUnavailable(SleeptimeError):
+    """The database could not be reached or refused the operation."""
+
+    def __init__(self, url: str, detail: str) -> None:
+        self.url = url
+        super().__init__(f"database {url} is unavailable: {detail}")
+
+
+class GroupFailed(SleeptimeError):
+    """The group was stopped after repeated crashes; it takes no more turns."""
+
+    def __init__(self, group_id: str, reason: str) -> None:
+        self.group_id = group_id
+        self.reason = reason
+        super().__init__(f"group {group_id} has failed and takes no turns: {reason}")

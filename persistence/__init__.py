@@ -1,0 +1,23 @@
+"""Persistence: the only package that speaks SQL (SQLAlchemy 2, SQLite or PostgreSQL).
+
+Example:
+    >>> store = Store("sqlite:///sleeptime.db")
+"""
+
+from persistence._committer import Committer
+from persistence._engine import redact
+from persistence._models import utcnow
+from persistence._records import GroupState, NewGroup, Transition, TurnWrite
+from persistence._store import StaleTurn, Store
+
+__all__ = [
+    "Committer",
+    "GroupState",
+    "NewGroup",
+    "StaleTurn",
+    "Store",
+    "Transition",
+    "TurnWrite",
+    "redact",
+    "utcnow",
+]

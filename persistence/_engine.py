@@ -1,0 +1,80 @@
+"""Engines for one database URL: a single writer and a pool of readers.
+
+SQLite runs in WAL mode so readers never wait for the writer; the writer starts every
+transaction with BEGIN IMMEDIATE so a read-modify-write cannot be overtaken.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from messages import StoreUnavailable
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+def redact(url: str) -> str:
+    """The URL with any password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    # FULL: a commit that returned survives power loss, not only a process crash.
+    cursor.execute("PRAGMA synchronous = FULL")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+def _sqlite_manual_transactions(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    # Let SQLAlchemy, not the sqlite3 module, decide where a transaction begins.
+    dbapi_connection.isolation_level = None
+
+
+def make_engines(url: str) -> tuple[Engine, Engine]:
+    """Return (writer, reader) engines for `url`, or raise StoreUnavailable saying why."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as error:
+        raise StoreUnavailable(
+            url, f"not a database URL ({error}); use e.g. sqlite:///sleeptime.db"
+        ) from error
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:") or database.startswith("file::memory:"):
+            raise StoreUnavailable(
+                url,
+                "in-memory SQLite cannot be shared by the runtime's "
+                "threads; use a file such as sqlite:///sleeptime.db",
+            )
+    try:
+        writer = create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True)
+        reader = create_engine(url, pool_size=8, max_overflow=24, pool_pre_ping=True)
+    except (NoSuchModuleError, ImportError, ArgumentError) as error:
+        raise StoreUnavailable(redact(url), f"no driver for this URL: {error}") from error
+    if parsed.get_backend_name() == "sqlite":
+        for engine in (writer, reader):
+            event.listen(engine, "connect", _sqlite_manual_transactions)
+            event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(writer, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        event.listen(reader, "begin", lambda conn: conn.exec_driver_sql("BEGIN"))
+    try:
+        with writer.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except DBAPIError as error:
+        writer.dispose()
+        reader.dispose()
+        raise StoreUnavailable(
+            redact(url), str(error.orig).strip() or type(error.orig).__name__
+        ) from error
+    return writer, reader

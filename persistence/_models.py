@@ -1,0 +1,144 @@
+"""The tables, declared once as SQLAlchemy 2 typed models."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Stores naive UTC and returns aware UTC, the same on SQLite and PostgreSQL."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are ambiguous: pass an aware UTC datetime")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class GroupRow(Base):
+    __tablename__ = "groups"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    primary_agent_id: Mapped[str] = mapped_column(String(64))
+    frequency: Mapped[int | None]
+    counter: Mapped[int]
+    turns: Mapped[int]
+    cursor: Mapped[str | None] = mapped_column(String(64))
+    cursor_seq: Mapped[int]
+    preamble: Mapped[str | None] = mapped_column(Text)
+    transcript_max_messages: Mapped[int | None]
+    run_timeout: Mapped[float]
+    max_attempts: Mapped[int]
+    status: Mapped[str] = mapped_column(String(16))
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class AgentRow(Base):
+    __tablename__ = "agents"
+    __table_args__ = (Index("ix_agents_group", "group_id", "position"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    group_id: Mapped[str] = mapped_column(String(64), ForeignKey("groups.id"))
+    role: Mapped[str] = mapped_column(String(16))
+    position: Mapped[int]
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(100))
+    config: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+
+
+class BlockRow(Base):
+    __tablename__ = "blocks"
+    __table_args__ = (Index("ix_blocks_group", "group_id", "agent_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    group_id: Mapped[str] = mapped_column(String(64), ForeignKey("groups.id"))
+    agent_id: Mapped[str | None] = mapped_column(String(64))
+    position: Mapped[int]
+    label: Mapped[str] = mapped_column(String(64))
+    value: Mapped[str] = mapped_column(Text)
+    limit: Mapped[int]
+    read_only: Mapped[bool]
+    description: Mapped[str | None] = mapped_column(Text)
+    version: Mapped[int]
+    updated_at: Mapped[datetime]
+
+
+class MessageRow(Base):
+    __tablename__ = "messages"
+    __table_args__ = (
+        Index("ux_messages_agent_seq", "agent_id", "sequence", unique=True),
+        Index("ix_messages_run", "run_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(64))
+    group_id: Mapped[str] = mapped_column(String(64))
+    sequence: Mapped[int]
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[list[Any]]
+    name: Mapped[str | None] = mapped_column(String(200))
+    tool_calls: Mapped[list[Any] | None]
+    tool_call_id: Mapped[str | None] = mapped_column(String(200))
+    turn: Mapped[int | None]
+    run_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+    __table_args__ = (
+        Index("ix_runs_agent", "agent_id", "turn"),
+        Index("ix_runs_group", "group_id", "turn", "position"),
+        Index("ix_runs_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    group_id: Mapped[str] = mapped_column(String(64))
+    agent_id: Mapped[str] = mapped_column(String(64))
+    position: Mapped[int]
+    status: Mapped[str] = mapped_column(String(16))
+    stop_reason: Mapped[str | None] = mapped_column(String(16))
+    attempt: Mapped[int]
+    turn: Mapped[int]
+    window_first_seq: Mapped[int]
+    window_last_seq: Mapped[int]
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    run_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
+
+
+class RunEventRow(Base):
+    __tablename__ = "run_events"
+    __table_args__ = (Index("ix_run_events_run", "run_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    at: Mapped[datetime]
+    attempt: Mapped[int]
+    reason: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,61 @@
+"""What the actors hand the store to write: one record per transactional operation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from messages import Agent, Block, Group, Message, Run, RunStatus, StopReason
+
+
+@dataclass(frozen=True, slots=True)
+class NewGroup:
+    """A group with its agents and blocks, written in one transaction."""
+
+    group: Group
+    agents: list[Agent]
+    blocks: list[Block]
+
+
+@dataclass(frozen=True, slots=True)
+class TurnWrite:
+    """One turn: its messages, the counter bump, the cursor move and its runs, atomically.
+
+    `expected_turns` is the turn count the writer started from; the write is refused if
+    the stored count moved meanwhile, so two writers can never both count a turn.
+    """
+
+    group_id: str
+    expected_turns: int
+    turns: int
+    counter: int
+    cursor: str | None
+    cursor_seq: int
+    messages: list[Message]
+    runs: list[Run]
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One run status change, with the messages its agent produced (if any)."""
+
+    run_id: str
+    old: RunStatus
+    new: RunStatus
+    at: datetime
+    attempt: int
+    reason: str | None = None
+    stop_reason: StopReason | None = None
+    error: str | None = None
+    messages: list[Message] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupState:
+    """What a GroupActor needs to resume a group: the group and its primary history end."""
+
+    group: Group
+    cursor_seq: int
+    last_seq: int
+    primary: Agent
+    sleeptime: list[Agent]
