@@ -429,15 +429,13 @@ class Runtime:
         """Like `step`, yielding the output messages as the primary agent produces them."""
         self._check()
         sink: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
-        command = TakeTurn(
-            input=_MESSAGES.validate_python(list(messages)), mode="stream", sink=sink
-        )
+        command = TakeTurn(input=_MESSAGES.validate_python(messages), mode="stream", sink=sink)
         reply = self._send_group(group_id, command)
         return TurnStream(sink, reply)
 
     def _turn(self, group_id: str, messages: Sequence[Any], mode: TurnMode) -> TurnResult:
         self._check()
-        command = TakeTurn(input=_MESSAGES.validate_python(list(messages)), mode=mode)
+        command = TakeTurn(input=_MESSAGES.validate_python(messages), mode=mode)
         result: TurnResult = self._ask_group(group_id, command)
         return result
 
@@ -464,7 +462,7 @@ class Runtime:
         Raises RunsTimeout naming the runs still open when `timeout` (seconds) passes.
         """
         self._check()
-        ids = _RUN_IDS.validate_python(list(run_ids))
+        ids = _RUN_IDS.validate_python(run_ids)
         if not ids:
             return []
         futures = self._parts.tracker.ask(WatchRuns(run_ids=ids), block=True)

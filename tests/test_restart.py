@@ -1,0 +1,104 @@
+"""Restarts: state continues from the store, open runs are re-queued, kinds can wait."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from actors import AgentFactory, Runtime, UnknownAgentKind
+from messages import RunStatus, StopReason
+from tests.agents import Echo, Recorder, user
+from tests.invariants import check_group
+
+
+def test_counter_cursor_and_history_continue_after_a_restart(db_url: str) -> None:
+    with Runtime.start(db_url) as rt:
+        group = rt.create_group(
+            primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}], frequency=3
+        )
+        for n in range(4):
+            rt.wait_for_runs(rt.step(group.id, [user(f"my n is {n}")]).run_ids, timeout=30)
+        before = rt.get_group(group.id)
+    with Runtime.start(db_url) as rt:
+        assert rt.get_group(group.id) == before
+        fired = [rt.step(group.id, [user("again")]).fired for _ in range(3)]
+        assert fired == [False, False, True]  # turns 5, 6, 7: frequency 3 fires on 1, 4, 7
+        history = rt.list_messages(group.primary_agent_id)
+        assert [m.sequence for m in history] == list(range(1, 15))
+        rt.wait_for_runs([r.id for r in rt.list_runs(group_id=group.id)], timeout=30)
+        check_group(rt, group.id)
+
+
+def test_run_interrupted_by_a_stop_is_requeued_by_the_next_start(db_url: str) -> None:
+    gate = threading.Event()
+    hung = Recorder(gate=gate)
+    rt = Runtime.start(db_url, kinds={"echo": Echo, "worker": hung.factory})
+    group = rt.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "worker"}])
+    run_id = rt.step(group.id, [user("hello")]).run_ids[0]
+    queued = rt.step(group.id, [user("second")]).run_ids[0]
+    hung.wait_started()
+    rt.stop(drain_timeout=0.05)
+    assert rt.stopped
+    try:
+        finishing = Recorder()
+        with Runtime.start(db_url, kinds={"echo": Echo, "worker": finishing.factory}) as again:
+            first, second = again.wait_for_runs([run_id, queued], timeout=30)
+            assert (first.status, first.attempt) == (RunStatus.COMPLETED, 2)
+            assert (second.status, second.attempt) == (RunStatus.COMPLETED, 1)
+            events = again.run_events(run_id)
+            assert [(e.status, e.attempt, e.reason) for e in events] == [
+                ("created", 1, "created"),
+                ("running", 1, "started"),
+                ("created", 2, "interrupted"),
+                ("running", 2, "started"),
+                ("completed", 2, "end_turn"),
+            ]
+            assert finishing.run_ids == [run_id, queued]  # original order
+            check_group(again, group.id)
+    finally:
+        gate.set()
+
+
+def test_run_interrupted_max_attempts_times_fails_as_interrupted(db_url: str) -> None:
+    gate = threading.Event()
+    hung = Recorder(gate=gate)
+    kinds: dict[str, AgentFactory] = {"echo": Echo, "worker": hung.factory}
+    try:
+        rt = Runtime.start(db_url, kinds=kinds)
+        group = rt.create_group(
+            primary={"kind": "echo"}, sleeptime=[{"kind": "worker"}], max_attempts=2
+        )
+        run_id = rt.step(group.id, [user("hello")]).run_ids[0]
+        hung.wait_started()
+        rt.stop(drain_timeout=0)
+        rt = Runtime.start(db_url, kinds=kinds)  # attempt 2 starts and hangs too
+        hung.wait_started()
+        assert rt.get_run(run_id).attempt == 2
+        rt.stop(drain_timeout=0)
+        with Runtime.start(db_url, kinds=kinds) as last:
+            run = last.get_run(run_id)
+            assert (run.status, run.stop_reason) == (RunStatus.FAILED, StopReason.INTERRUPTED)
+            assert "interrupted 2 time(s)" in (run.error or "")
+    finally:
+        gate.set()
+
+
+def test_unregistered_kind_fails_turns_and_queued_runs_wait_for_it(db_url: str) -> None:
+    recorder = Recorder()
+    with Runtime.start(db_url, kinds={"echo": Echo, "custom": recorder.factory}) as rt:
+        group = rt.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "custom"}])
+        other = rt.create_group(primary={"kind": "custom"}, sleeptime=[{"kind": "memory"}])
+        rt.stop(drain_timeout=0)  # nothing queued yet
+    late = Recorder()
+    with Runtime.start(db_url, kinds={"echo": Echo}) as rt:
+        with pytest.raises(UnknownAgentKind, match="'custom'"):
+            rt.step(other.id, [user("hi")])
+        assert rt.get_group(other.id).turns == 0  # nothing stored
+        run_id = rt.step(group.id, [user("hi")]).run_ids[0]
+        with pytest.raises(TimeoutError):
+            rt.wait_for_runs([run_id], timeout=0.2)
+        assert rt.get_run(run_id).status is RunStatus.CREATED
+        rt.agents.register("custom", late.factory)
+        assert rt.wait_for_runs([run_id], timeout=30)[0].status is RunStatus.COMPLETED
+        assert late.run_ids == [run_id]

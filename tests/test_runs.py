@@ -1,0 +1,212 @@
+"""Runs (SPEC 6): lifecycle, events, failures, cancellation, timeouts, one at a time."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+
+from actors import AgentContext, RunsTimeout, Runtime
+from messages import MessageCreate, RunStatus, StopReason, is_legal_history
+from tests.agents import Echo, Recorder, StepLimited, user
+
+
+def _group(rt: Runtime, *recorders: Recorder, **settings: object) -> str:
+    rt.agents.register("echo", Echo)
+    kinds = []
+    for recorder in recorders:
+        kind = f"recorder-{id(recorder)}"
+        rt.agents.register(kind, recorder.factory)
+        kinds.append({"kind": kind})
+    return rt.create_group(primary={"kind": "echo"}, sleeptime=kinds, **settings).id  # type: ignore[arg-type]
+
+
+def test_run_is_created_before_work_and_every_change_is_an_event(rt: Runtime) -> None:
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    group_id = _group(rt, recorder)
+    result = rt.step(group_id, [user("hi")])
+    recorder.wait_started()
+    run = rt.get_run(result.run_ids[0])
+    assert run.status is RunStatus.RUNNING and run.started_at is not None
+    gate.set()
+    (run,) = rt.wait_for_runs(result.run_ids, timeout=30)
+    assert (run.status, run.stop_reason, run.attempt, run.error) == (
+        RunStatus.COMPLETED,
+        StopReason.END_TURN,
+        1,
+        None,
+    )
+    assert run.created_at <= run.started_at <= run.completed_at  # type: ignore[operator]
+    events = rt.run_events(run.id)
+    assert [e.status for e in events] == ["created", "running", "completed"]
+    assert all(e.attempt == 1 for e in events)
+    assert is_legal_history([e.status for e in events])
+
+
+def test_failing_agent_fails_its_run_and_the_next_run_works(rt: Runtime) -> None:
+    recorder = Recorder(fail_on={0})
+    group_id = _group(rt, recorder)
+    first = rt.step(group_id, [user("one")]).run_ids
+    second = rt.step(group_id, [user("two")]).run_ids
+    failed, completed = rt.wait_for_runs(first + second, timeout=30)
+    assert failed.status is RunStatus.FAILED and failed.stop_reason is StopReason.ERROR
+    assert failed.error == "RuntimeError: step 0 fails on purpose"
+    assert failed.attempt == 1  # an agent's exception is not retried
+    assert completed.status is RunStatus.COMPLETED
+    # What the failed run was given is still in the agent's history.
+    history = rt.list_messages(rt.get_run(failed.id).agent_id)
+    assert [m.run_id for m in history].count(failed.id) == 1
+
+
+def test_cancelled_running_run_stays_cancelled_when_its_agent_finishes(rt: Runtime) -> None:
+    gate = threading.Event()
+    recorder = Recorder(gate=gate, ignore_cancel=True)
+    group_id = _group(rt, recorder)
+    run_id = rt.step(group_id, [user("hi")]).run_ids[0]
+    recorder.wait_started()
+    cancelled = rt.cancel_run(run_id)
+    assert cancelled.status is RunStatus.CANCELLED
+    assert cancelled.stop_reason is StopReason.CANCELLED
+    gate.set()  # the agent now finishes as if nothing happened
+    rt.step(group_id, [user("next")])  # a later run proves the first one's step returned
+    later = rt.wait_for_runs([r.id for r in rt.list_runs(group_id=group_id)], timeout=30)
+    assert later[0].status is RunStatus.CANCELLED
+    assert later[1].status is RunStatus.COMPLETED
+    assert [e.status for e in rt.run_events(run_id)] == ["created", "running", "cancelled"]
+
+
+def test_cancel_flag_reaches_the_agent(rt: Runtime) -> None:
+    entered, seen = threading.Semaphore(0), threading.Event()
+
+    class Watcher:
+        def __init__(self, config: dict[str, object]) -> None:
+            pass
+
+        def step(self, context: AgentContext, messages: object) -> list[MessageCreate]:
+            entered.release()
+            if not seen.is_set() and context.wait(30):
+                seen.set()
+                return [MessageCreate(role="assistant", content="stopping as asked")]
+            return []
+
+    rt.agents.register("echo", Echo)
+    rt.agents.register("watcher", Watcher)
+    group = rt.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "watcher"}])
+    run_id = rt.step(group.id, [user("hi")]).run_ids[0]
+    assert entered.acquire(timeout=10)
+    assert rt.cancel_run(run_id).status is RunStatus.CANCELLED
+    assert seen.wait(10)
+    # The next run starts only after the cancelled step returned; what that step said is
+    # kept in the agent's history, and the cancelled status is not moved.
+    agent_id = group.sleeptime_agent_ids[0]
+    rt.wait_for_runs(rt.step(group.id, [user("again")]).run_ids, timeout=30)
+    said = [m.text() for m in rt.list_messages(agent_id) if m.run_id == run_id]
+    assert "stopping as asked" in said
+    assert rt.get_run(run_id).status is RunStatus.CANCELLED
+
+
+def test_cancel_created_run_at_once_and_terminal_run_unchanged(rt: Runtime) -> None:
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    group_id = _group(rt, recorder)
+    first = rt.step(group_id, [user("one")]).run_ids[0]
+    recorder.wait_started()
+    queued = rt.step(group_id, [user("two")]).run_ids[0]
+    assert rt.get_run(queued).status is RunStatus.CREATED
+    assert rt.cancel_run(queued).status is RunStatus.CANCELLED
+    gate.set()
+    done = rt.wait_for_runs([first], timeout=30)[0]
+    again = rt.cancel_run(first)
+    assert again == done and again.status is RunStatus.COMPLETED
+    assert len(recorder.transcripts) == 1  # the cancelled run never started
+    assert [e.status for e in rt.run_events(queued)] == ["created", "cancelled"]
+
+
+def test_runs_of_one_agent_never_overlap_and_run_in_creation_order(rt: Runtime) -> None:
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    group_id = _group(rt, recorder)
+    run_ids = []
+    for turn in range(5):
+        run_ids += rt.step(group_id, [user(f"turn {turn}")]).run_ids
+    recorder.wait_started()
+    gate.set()
+    runs = rt.wait_for_runs(run_ids, timeout=30)
+    assert all(r.status is RunStatus.COMPLETED for r in runs)
+    assert recorder.most_active == 1
+    assert recorder.run_ids == run_ids
+    for before, after in itertools.pairwise(runs):
+        assert before.completed_at <= after.started_at  # type: ignore[operator]
+
+
+def test_several_sleeptime_agents_get_one_run_each_in_group_order(rt: Runtime) -> None:
+    recorders = [Recorder(), Recorder(), Recorder()]
+    group_id = _group(rt, *recorders, frequency=2)
+    group = rt.get_group(group_id)
+    all_runs = []
+    for turn in range(5):
+        result = rt.step(group_id, [user(f"turn {turn}")])
+        assert len(result.run_ids) == (3 if result.fired else 0)
+        runs = rt.wait_for_runs(result.run_ids, timeout=30)
+        if result.fired:
+            assert [r.agent_id for r in runs] == group.sleeptime_agent_ids
+            assert len({(r.window_first_seq, r.window_last_seq) for r in runs}) == 1
+        all_runs += runs
+    assert len(all_runs) == 9
+    assert all(len(r.transcripts) == 3 for r in recorders)
+    assert recorders[0].transcripts == recorders[2].transcripts
+
+
+def test_run_timeout_fails_a_slow_run_and_the_next_one_starts(rt: Runtime) -> None:
+    gate = threading.Event()
+    recorder = Recorder(gate=gate, ignore_cancel=True)
+    group_id = _group(rt, recorder, run_timeout=0.3)
+    slow = rt.step(group_id, [user("slow")]).run_ids[0]
+    recorder.wait_started()
+    (timed_out,) = rt.wait_for_runs([slow], timeout=30)
+    assert timed_out.status is RunStatus.FAILED
+    assert timed_out.stop_reason is StopReason.TIMEOUT
+    assert "run_timeout of 0.3s" in (timed_out.error or "")
+    # The hung step still holds its thread; the next run starts anyway.
+    gate.clear()
+    nxt = rt.step(group_id, [user("next")]).run_ids[0]
+    recorder.wait_started()
+    gate.set()
+    assert rt.wait_for_runs([nxt], timeout=30)[0].status is RunStatus.COMPLETED
+    assert [e.status for e in rt.run_events(slow)] == ["created", "running", "failed"]
+
+
+def test_max_steps_completes_with_its_stop_reason(rt: Runtime) -> None:
+    rt.agents.register("echo", Echo)
+    rt.agents.register("limited", StepLimited)
+    group = rt.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "limited"}])
+    (run,) = rt.wait_for_runs(rt.step(group.id, [user("hi")]).run_ids, timeout=30)
+    assert (run.status, run.stop_reason) == (RunStatus.COMPLETED, StopReason.MAX_STEPS)
+
+
+def test_wait_for_runs_names_the_runs_still_open(rt: Runtime) -> None:
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    group_id = _group(rt, recorder)
+    run_id = rt.step(group_id, [user("hi")]).run_ids[0]
+    with pytest.raises(RunsTimeout) as caught:
+        rt.wait_for_runs([run_id], timeout=0.05)
+    assert caught.value.open_run_ids == [run_id]
+    assert run_id in str(caught.value)
+    gate.set()
+    assert rt.wait_for_runs([run_id, run_id], timeout=30)[1].id == run_id
+
+
+def test_list_runs_filters_by_agent_group_and_status(rt: Runtime) -> None:
+    recorder = Recorder(fail_on={1})
+    group_id = _group(rt, recorder)
+    other = _group(rt, Recorder())
+    ids = [rt.step(group_id, [user(f"t{i}")]).run_ids[0] for i in range(3)]
+    rt.wait_for_runs(ids + rt.step(other, [user("x")]).run_ids, timeout=30)
+    agent_id = rt.get_group(group_id).sleeptime_agent_ids[0]
+    assert [r.id for r in rt.list_runs(agent_id=agent_id)] == ids
+    assert [r.id for r in rt.list_runs(group_id=group_id, statuses=["failed"])] == [ids[1]]
+    assert len(rt.list_runs(statuses=[RunStatus.COMPLETED])) == 3
+    assert len(rt.list_runs()) == 4
