@@ -90,9 +90,7 @@ def execute_run(
         )
     messages: list[Message] = []
     try:
-        window = store.list_messages(
-            group.primary_agent_id, run.window_first_seq, run.window_last_seq
-        )
+        window = store.window(group.primary_agent_id, run.window_first_seq, run.window_last_seq)
         text = render_transcript(window, group.preamble, group.transcript_max_messages)
         transcript = stamp(
             MessageCreate(role="user", content=[TextContent(text=text)]),
@@ -102,7 +100,7 @@ def execute_run(
             run_id=run.id,
         )
         messages.append(transcript)
-        memory = Memory(store.get_blocks(run.agent_id), store, cancel.is_set)
+        memory = Memory(lambda: store.get_blocks(run.agent_id), store, cancel.is_set)
         context = AgentContext(
             agent_id=run.agent_id,
             group_id=group.id,

@@ -9,6 +9,7 @@ that is not stored, and a crash leaves the whole turn stored or none of it.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pykka
@@ -20,6 +21,7 @@ from actors.kinds._base import AgentBehaviour, AgentContext, Memory, stream_of
 from messages import (
     AssignRun,
     ChangeSettings,
+    DispatchRuns,
     Group,
     GroupChanged,
     GroupFailed,
@@ -78,6 +80,9 @@ class GroupActor(pykka.ThreadingActor):
                         message.sink.put(None)
             case ChangeSettings(changes=changes):
                 return self._change(changes)
+            case DispatchRuns(runs=runs, attempt=attempt):
+                self._dispatch(runs, attempt)
+                return None
             case KindRegistered(kind=kind):
                 if kind == self._primary.kind:
                     self._behaviour = None  # a re-registered kind takes effect next turn
@@ -175,7 +180,9 @@ class GroupActor(pykka.ThreadingActor):
             agent_id=self._primary.id,
             group_id=self._group.id,
             run_id=None,
-            memory=Memory(self._parts.store.get_blocks(self._primary.id), self._parts.store),
+            memory=Memory(
+                partial(self._parts.store.get_blocks, self._primary.id), self._parts.store
+            ),
             history=lambda: self._parts.store.list_messages(self._primary.id),
         )
         if streaming:
@@ -207,13 +214,28 @@ class GroupActor(pykka.ThreadingActor):
                 f"turn not recorded: {stale}; the group was reloaded, retry the turn"
             ) from stale
 
-    def _dispatch(self, runs: list[Run]) -> None:
+    def _dispatch(self, runs: list[Run], attempt: int = 0) -> None:
+        """Hand committed runs to the tracker, then to their agents.
+
+        The turn is already committed, so a failure here must not reach its caller: the
+        runs are handed over again a little later instead.
+        """
         if not runs:
             return
-        # The tracker hears of the runs before any agent can ask to start one.
-        self._parts.tracker.tell(RunsCreated(runs=runs))
+        if attempt == 0:
+            # The tracker hears of the runs before any agent can ask to start one.
+            self._parts.tracker.tell(RunsCreated(runs=runs))
+        undelivered = []
         for run in runs:
-            self._parts.directory.agent(run.agent_id).tell(AssignRun(run=run))
+            try:
+                self._parts.directory.agent(run.agent_id).tell(AssignRun(run=run))
+            except Exception as error:
+                self._log.error("dispatch_failed", run_id=run.id, error=str(error))
+                undelivered.append(run)
+        if undelivered:
+            delay = min(30.0, 0.5 * 2**attempt)
+            command = DispatchRuns(runs=undelivered, attempt=attempt + 1)
+            self._parts.scheduler.call_later(delay, partial(_tell, self.actor_ref, command))
 
     # -- settings -------------------------------------------------------------------------
 
@@ -223,3 +245,10 @@ class GroupActor(pykka.ThreadingActor):
         for agent_id in self._group.sleeptime_agent_ids:
             self._parts.directory.tell_if_alive(agent_id, GroupChanged(group=self._group))
         return self._group
+
+
+def _tell(ref: pykka.ActorRef[Any], message: Any) -> None:
+    try:
+        ref.tell(message)
+    except pykka.ActorDeadError:
+        pass  # the group stopped; its created runs are loaded by their agents on start

@@ -38,6 +38,13 @@ class ChangeSettings(_Command):
     changes: dict[str, Any]
 
 
+class DispatchRuns(_Command):
+    """Hand committed runs to their agents again, after a failed attempt."""
+
+    runs: list[Run]
+    attempt: int
+
+
 # -- to a SleeptimeAgentActor ---------------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """Group commit: one writer thread runs queued write operations, many per transaction.
 
-A caller submits `op(session)` and gets a future that resolves only after the
+A caller submits `op(connection)` and gets a future that resolves only after the
 transaction holding that op committed, so a call that returns has committed what it
 reports. When an op fails, the batch is rolled back and its ops are run again one per
 transaction, so one bad op never takes others down with it.
@@ -15,13 +15,12 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Engine
 
 from messages import RuntimeStopped
 
 T = TypeVar("T")
-Op = Callable[[Session], T]
+Op = Callable[[Connection], T]
 
 log = structlog.get_logger("sleeptime.committer")
 
@@ -38,7 +37,7 @@ class Committer:
     """The single writer of one database.
 
     Example:
-        >>> committer.submit(lambda s: s.execute(update(...))).result()
+        >>> committer.submit(lambda connection: connection.execute(...)).result()
     """
 
     def __init__(
@@ -127,8 +126,8 @@ class Committer:
             job.future.set_result(result)
 
     def _transaction(self, jobs: list[_Job]) -> list[Any]:
-        with Session(self._engine, expire_on_commit=False) as session, session.begin():
-            results = [job.op(session) for job in jobs]
+        with self._engine.begin() as connection:
+            results = [job.op(connection) for job in jobs]
         self.transactions += 1
         self.ops += len(jobs)
         return results

@@ -2,17 +2,27 @@
 
 Reads run on a pool of reader connections in the caller's thread. Writes are functions
 run by the single `Committer`, one function per transactional operation of the spec.
+Statements are SQLAlchemy Core, built once at import: the hot path pays for neither ORM
+bookkeeping nor statement compilation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import (
+    Connection,
+    RowMapping,
+    Table,
+    bindparam,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
 
 from messages import (
     Agent,
@@ -46,6 +56,67 @@ from persistence._records import GroupState, NewGroup, Transition, TurnWrite
 T = TypeVar("T")
 OPEN_STATUSES = (RunStatus.CREATED.value, RunStatus.RUNNING.value)
 
+groups = cast(Table, GroupRow.__table__)
+agents = cast(Table, AgentRow.__table__)
+blocks = cast(Table, BlockRow.__table__)
+messages = cast(Table, MessageRow.__table__)
+runs = cast(Table, RunRow.__table__)
+run_events = cast(Table, RunEventRow.__table__)
+
+_MOVE_GROUP = (
+    update(groups)
+    .where(groups.c.id == bindparam("group_id"), groups.c.turns == bindparam("expected_turns"))
+    .values(
+        turns=bindparam("turns"),
+        counter=bindparam("counter"),
+        cursor=bindparam("cursor"),
+        cursor_seq=bindparam("cursor_seq"),
+        updated_at=bindparam("at"),
+    )
+)
+_INSERT_MESSAGES = insert(messages)
+_INSERT_RUNS = insert(runs)
+_INSERT_EVENTS = insert(run_events)
+_SELECT_WINDOW = (
+    select(messages)
+    .where(
+        messages.c.agent_id == bindparam("agent_id"),
+        messages.c.sequence.between(bindparam("first"), bindparam("last")),
+    )
+    .order_by(messages.c.sequence)
+)
+_SELECT_HISTORY = (
+    select(messages)
+    .where(messages.c.agent_id == bindparam("agent_id"))
+    .order_by(messages.c.sequence)
+)
+_LAST_SEQUENCE = select(func.max(messages.c.sequence)).where(
+    messages.c.agent_id == bindparam("agent_id")
+)
+_SELECT_AGENT = select(agents).where(agents.c.id == bindparam("agent_id"))
+_SELECT_GROUP = select(groups).where(groups.c.id == bindparam("group_id"))
+_SELECT_GROUP_AGENTS = (
+    select(agents).where(agents.c.group_id == bindparam("group_id")).order_by(agents.c.position)
+)
+_SELECT_AGENT_BLOCKS = (
+    select(blocks)
+    .where(
+        blocks.c.group_id == bindparam("group_id"),
+        blocks.c.agent_id.is_(None) | (blocks.c.agent_id == bindparam("agent_id")),
+    )
+    .order_by(blocks.c.agent_id.is_not(None), blocks.c.position)
+)
+_LOCK_BLOCK = select(blocks).where(blocks.c.id == bindparam("block_id")).with_for_update()
+_WRITE_BLOCK = (
+    update(blocks)
+    .where(blocks.c.id == bindparam("block_id"))
+    .values(value=bindparam("value"), version=bindparam("version"), updated_at=bindparam("at"))
+)
+_SELECT_RUN = select(runs).where(runs.c.id == bindparam("run_id"))
+_SELECT_EVENTS = (
+    select(run_events).where(run_events.c.run_id == bindparam("run_id")).order_by(run_events.c.id)
+)
+
 
 class StaleTurn(Exception):
     """The stored turn count moved under a writer: someone else drove this group."""
@@ -71,7 +142,7 @@ class Store:
         self._writer.dispose()
         self._reader.dispose()
 
-    # -- errors ---------------------------------------------------------------------------
+    # -- errors and reads -----------------------------------------------------------------
 
     def _translate(self, error: Exception) -> Exception:
         if isinstance(error, DBAPIError):
@@ -79,86 +150,72 @@ class Store:
             return StoreUnavailable(self.url, detail)
         return error
 
-    def _guard(self, read: Callable[[], T]) -> T:
+    def _guard(self, action: Callable[[], T]) -> T:
         try:
-            return read()
+            return action()
         except DBAPIError as error:
             raise self._translate(error) from error
 
-    def _read(self, query: Callable[[Session], T]) -> T:
+    def _read(self, query: Callable[[Connection], T]) -> T:
         def run() -> T:
-            with Session(self._reader) as session:
-                return query(session)
+            with self._reader.connect() as connection:
+                return query(connection)
 
         return self._guard(run)
 
     # -- groups and agents ----------------------------------------------------------------
 
     def create_group(self, new: NewGroup) -> Future[None]:
-        def op(session: Session) -> None:
-            session.execute(insert(GroupRow), [_group_values(new.group)])
-            session.execute(
-                insert(AgentRow), [_agent_values(a, i) for i, a in enumerate(_ordered_agents(new))]
-            )
-            session.execute(
-                insert(BlockRow), [_block_values(b, i) for i, b in enumerate(new.blocks)]
+        ordered = sorted(new.agents, key=lambda a: a.role != "primary")
+
+        def op(connection: Connection) -> None:
+            connection.execute(insert(groups), [_group_values(new.group)])
+            connection.execute(insert(agents), [_agent_values(a, i) for i, a in enumerate(ordered)])
+            connection.execute(
+                insert(blocks), [_block_values(b, i) for i, b in enumerate(new.blocks)]
             )
 
         return self.committer.submit(op)
 
     def get_group(self, group_id: str) -> Group:
-        return self._read(lambda s: _load_group(s, group_id))
+        return self._read(lambda c: _load_group(c, group_id)[0])
 
     def group_state(self, group_id: str) -> GroupState:
         """The group with its agents and the end of its primary history."""
 
-        def query(session: Session) -> GroupState:
-            group = _load_group(session, group_id)
-            row = session.get(GroupRow, group_id)
-            assert row is not None
-            agents = _group_agents(session, group_id)
-            last = session.scalar(
-                select(func.max(MessageRow.sequence)).where(
-                    MessageRow.agent_id == group.primary_agent_id
-                )
-            )
+        def query(connection: Connection) -> GroupState:
+            group, cursor_seq, members = _load_group(connection, group_id)
+            last = connection.execute(_LAST_SEQUENCE, {"agent_id": group.primary_agent_id})
             return GroupState(
                 group=group,
-                cursor_seq=row.cursor_seq,
-                last_seq=last or 0,
-                primary=agents[0],
-                sleeptime=agents[1:],
+                cursor_seq=cursor_seq,
+                last_seq=last.scalar() or 0,
+                primary=members[0],
+                sleeptime=members[1:],
             )
 
         return self._read(query)
-
-    def group_ids(self) -> list[str]:
-        return self._read(
-            lambda s: list(s.scalars(select(GroupRow.id).order_by(GroupRow.created_at)))
-        )
 
     def list_groups(self) -> list[Group]:
-        def query(session: Session) -> list[Group]:
-            ids = session.scalars(select(GroupRow.id).order_by(GroupRow.created_at))
-            return [_load_group(session, group_id) for group_id in ids]
+        def query(connection: Connection) -> list[Group]:
+            ids = connection.execute(select(groups.c.id).order_by(groups.c.created_at)).scalars()
+            return [_load_group(connection, group_id)[0] for group_id in ids]
 
         return self._read(query)
 
-    def update_group(self, group_id: str, values: dict[str, Any]) -> Future[None]:
-        def op(session: Session) -> None:
-            result = session.execute(
-                update(GroupRow)
-                .where(GroupRow.id == group_id)
-                .values(**values, updated_at=utcnow())
+    def update_group(self, group_id: str, values: Mapping[str, Any]) -> Future[None]:
+        def op(connection: Connection) -> None:
+            result = connection.execute(
+                update(groups).where(groups.c.id == group_id).values(**values, updated_at=utcnow())
             )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
+            if result.rowcount != 1:
                 raise GroupNotFound(group_id)
 
         return self.committer.submit(op)
 
     def get_agent(self, agent_id: str) -> Agent:
-        def query(session: Session) -> Agent:
-            row = session.get(AgentRow, agent_id)
+        def query(connection: Connection) -> Agent:
+            row = connection.execute(_SELECT_AGENT, {"agent_id": agent_id}).mappings().first()
             if row is None:
                 raise AgentNotFound(agent_id)
             return _agent(row)
@@ -170,19 +227,14 @@ class Store:
     def get_blocks(self, agent_id: str) -> Blocks:
         """The group's shared blocks then the agent's own, in creation order."""
 
-        def query(session: Session) -> Blocks:
-            agent = session.get(AgentRow, agent_id)
+        def query(connection: Connection) -> Blocks:
+            agent = connection.execute(_SELECT_AGENT, {"agent_id": agent_id}).mappings().first()
             if agent is None:
                 raise AgentNotFound(agent_id)
-            rows = session.scalars(
-                select(BlockRow)
-                .where(
-                    BlockRow.group_id == agent.group_id,
-                    (BlockRow.agent_id.is_(None)) | (BlockRow.agent_id == agent_id),
-                )
-                .order_by(BlockRow.agent_id.is_not(None), BlockRow.position)
+            rows = connection.execute(
+                _SELECT_AGENT_BLOCKS, {"group_id": agent["group_id"], "agent_id": agent_id}
             )
-            return Blocks(_block(r) for r in rows)
+            return Blocks(_block(r) for r in rows.mappings())
 
         return self._read(query)
 
@@ -193,17 +245,24 @@ class Store:
         caller and nothing is written.
         """
 
-        def op(session: Session) -> Block | Exception:
-            row = session.scalars(
-                select(BlockRow).where(BlockRow.id == block_id).with_for_update()
-            ).one()
+        def op(connection: Connection) -> Block | Exception:
+            current = _block(
+                connection.execute(_LOCK_BLOCK, {"block_id": block_id}).mappings().one()
+            )
             try:
-                value = change(_block(row))
+                value = change(current)
             except Exception as refused:  # returned, not raised: the batch must not roll back
                 return refused
-            row.value, row.version, row.updated_at = value, row.version + 1, utcnow()
-            session.flush()
-            return _block(row)
+            connection.execute(
+                _WRITE_BLOCK,
+                {
+                    "block_id": block_id,
+                    "value": value,
+                    "version": current.version + 1,
+                    "at": utcnow(),
+                },
+            )
+            return current.model_copy(update={"value": value, "version": current.version + 1})
 
         outcome = self.committer.run(op)
         if isinstance(outcome, Exception):
@@ -212,70 +271,68 @@ class Store:
 
     # -- messages -------------------------------------------------------------------------
 
-    def list_messages(
-        self, agent_id: str, first_seq: int | None = None, last_seq: int | None = None
-    ) -> list[Message]:
-        """An agent's history, oldest first, optionally one window of sequences."""
+    def list_messages(self, agent_id: str) -> list[Message]:
+        """An agent's whole history, oldest first."""
 
-        def query(session: Session) -> list[Message]:
-            statement = select(MessageRow).where(MessageRow.agent_id == agent_id)
-            if first_seq is not None:
-                statement = statement.where(MessageRow.sequence >= first_seq)
-            if last_seq is not None:
-                statement = statement.where(MessageRow.sequence <= last_seq)
-            rows = list(session.scalars(statement.order_by(MessageRow.sequence)))
-            if not rows and first_seq is None and session.get(AgentRow, agent_id) is None:
+        def query(connection: Connection) -> list[Message]:
+            rows = connection.execute(_SELECT_HISTORY, {"agent_id": agent_id}).mappings().all()
+            if (
+                not rows
+                and connection.execute(_SELECT_AGENT, {"agent_id": agent_id}).first() is None
+            ):
                 raise AgentNotFound(agent_id)
             return [_message(r) for r in rows]
 
         return self._read(query)
 
-    def last_sequence(self, agent_id: str) -> int:
+    def window(self, agent_id: str, first_seq: int, last_seq: int) -> list[Message]:
+        """The messages of one agent with sequence in [first_seq, last_seq], oldest first."""
         return self._read(
-            lambda s: (
-                s.scalar(
-                    select(func.max(MessageRow.sequence)).where(MessageRow.agent_id == agent_id)
-                )
-                or 0
-            )
+            lambda c: [
+                _message(r)
+                for r in c.execute(
+                    _SELECT_WINDOW, {"agent_id": agent_id, "first": first_seq, "last": last_seq}
+                ).mappings()
+            ]
         )
+
+    def last_sequence(self, agent_id: str) -> int:
+        return self._read(lambda c: c.execute(_LAST_SEQUENCE, {"agent_id": agent_id}).scalar() or 0)
 
     # -- turns ----------------------------------------------------------------------------
 
     def record_turn(self, turn: TurnWrite) -> Future[None]:
         """Store a turn's messages, counter, cursor and runs in one transaction."""
+        moved = {
+            "group_id": turn.group_id,
+            "expected_turns": turn.expected_turns,
+            "turns": turn.turns,
+            "counter": turn.counter,
+            "cursor": turn.cursor,
+            "cursor_seq": turn.cursor_seq,
+            "at": utcnow(),
+        }
+        rows = [_message_values(m) for m in turn.messages]
+        run_rows = [_run_values(r) for r in turn.runs]
+        event_rows = [
+            {
+                "run_id": r.id,
+                "status": r.status.value,
+                "at": r.created_at,
+                "attempt": r.attempt,
+                "reason": "created",
+            }
+            for r in turn.runs
+        ]
 
-        def op(session: Session) -> None:
-            moved = session.execute(
-                update(GroupRow)
-                .where(GroupRow.id == turn.group_id, GroupRow.turns == turn.expected_turns)
-                .values(
-                    turns=turn.turns,
-                    counter=turn.counter,
-                    cursor=turn.cursor,
-                    cursor_seq=turn.cursor_seq,
-                    updated_at=utcnow(),
-                )
-            )
-            if moved.rowcount != 1:  # type: ignore[attr-defined]
+        def op(connection: Connection) -> None:
+            if connection.execute(_MOVE_GROUP, moved).rowcount != 1:
                 raise StaleTurn(f"group {turn.group_id} is no longer at turn {turn.expected_turns}")
-            if turn.messages:
-                session.execute(insert(MessageRow), [_message_values(m) for m in turn.messages])
-            if turn.runs:
-                session.execute(insert(RunRow), [_run_values(r) for r in turn.runs])
-                session.execute(
-                    insert(RunEventRow),
-                    [
-                        {
-                            "run_id": r.id,
-                            "status": r.status.value,
-                            "at": r.created_at,
-                            "attempt": r.attempt,
-                            "reason": "created",
-                        }
-                        for r in turn.runs
-                    ],
-                )
+            if rows:
+                connection.execute(_INSERT_MESSAGES, rows)
+            if run_rows:
+                connection.execute(_INSERT_RUNS, run_rows)
+                connection.execute(_INSERT_EVENTS, event_rows)
 
         return self.committer.submit(op)
 
@@ -283,52 +340,50 @@ class Store:
 
     def apply_transition(self, change: Transition) -> Future[None]:
         """Write one status change (refused if the stored status moved meanwhile)."""
+        values: dict[str, Any] = {"status": change.new.value, "attempt": change.attempt}
+        if change.new is RunStatus.RUNNING:
+            values["started_at"] = change.at
+        if change.new.terminal:
+            values["completed_at"] = change.at
+        if change.stop_reason is not None:
+            values["stop_reason"] = change.stop_reason.value
+        if change.error is not None:
+            values["error"] = change.error
+        statement = (
+            update(runs)
+            .where(runs.c.id == change.run_id, runs.c.status == change.old.value)
+            .values(**values)
+        )
+        event = {
+            "run_id": change.run_id,
+            "status": change.new.value,
+            "at": change.at,
+            "attempt": change.attempt,
+            "reason": change.reason,
+        }
+        rows = [_message_values(m) for m in change.messages]
 
-        def op(session: Session) -> None:
-            values: dict[str, Any] = {"status": change.new.value, "attempt": change.attempt}
-            if change.new is RunStatus.RUNNING:
-                values["started_at"] = change.at
-            if change.new.terminal:
-                values["completed_at"] = change.at
-            if change.stop_reason is not None:
-                values["stop_reason"] = change.stop_reason.value
-            if change.error is not None:
-                values["error"] = change.error
-            moved = session.execute(
-                update(RunRow)
-                .where(RunRow.id == change.run_id, RunRow.status == change.old.value)
-                .values(**values)
-            )
-            if moved.rowcount != 1:  # type: ignore[attr-defined]
+        def op(connection: Connection) -> None:
+            if connection.execute(statement).rowcount != 1:
                 raise TransitionRefused(change.run_id, change.old.value, change.new.value)
-            session.execute(
-                insert(RunEventRow),
-                [
-                    {
-                        "run_id": change.run_id,
-                        "status": change.new.value,
-                        "at": change.at,
-                        "attempt": change.attempt,
-                        "reason": change.reason,
-                    }
-                ],
-            )
-            if change.messages:
-                session.execute(insert(MessageRow), [_message_values(m) for m in change.messages])
+            connection.execute(_INSERT_EVENTS, [event])
+            if rows:
+                connection.execute(_INSERT_MESSAGES, rows)
 
         return self.committer.submit(op)
 
-    def store_messages(self, messages: Sequence[Message]) -> Future[None]:
+    def store_messages(self, stored: Sequence[Message]) -> Future[None]:
         """Append messages to agents' histories (e.g. those of a run refused late)."""
+        rows = [_message_values(m) for m in stored]
 
-        def op(session: Session) -> None:
-            session.execute(insert(MessageRow), [_message_values(m) for m in messages])
+        def op(connection: Connection) -> None:
+            connection.execute(_INSERT_MESSAGES, rows)
 
         return self.committer.submit(op)
 
     def get_run(self, run_id: str) -> Run:
-        def query(session: Session) -> Run:
-            row = session.get(RunRow, run_id)
+        def query(connection: Connection) -> Run:
+            row = connection.execute(_SELECT_RUN, {"run_id": run_id}).mappings().first()
             if row is None:
                 raise RunNotFound(run_id)
             return _run(row)
@@ -338,13 +393,12 @@ class Store:
     def get_runs(self, run_ids: Iterable[str]) -> dict[str, Run]:
         wanted = list(dict.fromkeys(run_ids))
 
-        def query(session: Session) -> dict[str, Run]:
+        def query(connection: Connection) -> dict[str, Run]:
             found: dict[str, Run] = {}
             for start in range(0, len(wanted), 500):
-                rows = session.scalars(
-                    select(RunRow).where(RunRow.id.in_(wanted[start : start + 500]))
-                )
-                found.update((r.id, _run(r)) for r in rows)
+                chunk = wanted[start : start + 500]
+                rows = connection.execute(select(runs).where(runs.c.id.in_(chunk))).mappings()
+                found.update((r["id"], _run(r)) for r in rows)
             return found
 
         return self._read(query)
@@ -356,50 +410,40 @@ class Store:
         statuses: Sequence[RunStatus | str] | None = None,
         limit: int | None = None,
     ) -> list[Run]:
-        def query(session: Session) -> list[Run]:
-            statement = select(RunRow)
-            if agent_id is not None:
-                statement = statement.where(RunRow.agent_id == agent_id)
-            if group_id is not None:
-                statement = statement.where(RunRow.group_id == group_id)
-            if statuses is not None:
-                statement = statement.where(
-                    RunRow.status.in_([RunStatus(s).value for s in statuses])
-                )
-            statement = statement.order_by(RunRow.created_at, RunRow.turn, RunRow.position)
-            if limit is not None:
-                statement = statement.limit(limit)
-            return [_run(r) for r in session.scalars(statement)]
-
-        return self._read(query)
+        """Runs oldest first, filtered by agent, group and status."""
+        statement = select(runs)
+        if agent_id is not None:
+            statement = statement.where(runs.c.agent_id == agent_id)
+        if group_id is not None:
+            statement = statement.where(runs.c.group_id == group_id)
+        if statuses is not None:
+            statement = statement.where(runs.c.status.in_([RunStatus(s).value for s in statuses]))
+        statement = statement.order_by(runs.c.created_at, runs.c.turn, runs.c.position)
+        if limit is not None:
+            statement = statement.limit(limit)
+        return self._read(lambda c: [_run(r) for r in c.execute(statement).mappings()])
 
     def open_runs(self) -> list[Run]:
         """Every run not yet terminal, per agent in creation order."""
-        return self._read(
-            lambda s: [
-                _run(r)
-                for r in s.scalars(
-                    select(RunRow)
-                    .where(RunRow.status.in_(OPEN_STATUSES))
-                    .order_by(RunRow.agent_id, RunRow.turn)
-                )
-            ]
+        statement = (
+            select(runs)
+            .where(runs.c.status.in_(OPEN_STATUSES))
+            .order_by(runs.c.agent_id, runs.c.turn)
         )
+        return self._read(lambda c: [_run(r) for r in c.execute(statement).mappings()])
 
     def run_events(self, run_id: str) -> list[RunEvent]:
-        def query(session: Session) -> list[RunEvent]:
-            if session.get(RunRow, run_id) is None:
+        def query(connection: Connection) -> list[RunEvent]:
+            if connection.execute(_SELECT_RUN, {"run_id": run_id}).first() is None:
                 raise RunNotFound(run_id)
-            rows = session.scalars(
-                select(RunEventRow).where(RunEventRow.run_id == run_id).order_by(RunEventRow.id)
-            )
+            rows = connection.execute(_SELECT_EVENTS, {"run_id": run_id}).mappings()
             return [
                 RunEvent(
-                    run_id=r.run_id,
-                    status=RunStatus(r.status),
-                    at=r.at,
-                    attempt=r.attempt,
-                    reason=r.reason,
+                    run_id=r["run_id"],
+                    status=RunStatus(r["status"]),
+                    at=r["at"],
+                    attempt=r["attempt"],
+                    reason=r["reason"],
                 )
                 for r in rows
             ]
@@ -410,131 +454,99 @@ class Store:
 # -- rows <-> models ----------------------------------------------------------------------
 
 
-def _load_group(session: Session, group_id: str) -> Group:
-    row = session.get(GroupRow, group_id)
+def _load_group(connection: Connection, group_id: str) -> tuple[Group, int, list[Agent]]:
+    row = connection.execute(_SELECT_GROUP, {"group_id": group_id}).mappings().first()
     if row is None:
         raise GroupNotFound(group_id)
-    agents = _group_agents(session, group_id)
-    return Group(
-        id=row.id,
-        primary_agent_id=row.primary_agent_id,
-        sleeptime_agent_ids=[a.id for a in agents if a.role == "sleeptime"],
-        frequency=row.frequency,
-        counter=row.counter,
-        cursor=row.cursor,
-        turns=row.turns,
-        preamble=row.preamble,
-        transcript_max_messages=row.transcript_max_messages,
-        run_timeout=row.run_timeout,
-        max_attempts=row.max_attempts,
-        status=row.status,
-        failure_reason=row.failure_reason,
-        created_at=row.created_at,
+    members = [
+        _agent(r)
+        for r in connection.execute(_SELECT_GROUP_AGENTS, {"group_id": group_id}).mappings()
+    ]
+    group = Group.model_validate(
+        {
+            **{
+                key: row[key]
+                for key in (
+                    "id",
+                    "primary_agent_id",
+                    "frequency",
+                    "counter",
+                    "cursor",
+                    "turns",
+                    "preamble",
+                    "transcript_max_messages",
+                    "run_timeout",
+                    "max_attempts",
+                    "status",
+                    "failure_reason",
+                    "created_at",
+                )
+            },
+            "sleeptime_agent_ids": [a.id for a in members if a.role == "sleeptime"],
+        }
     )
-
-
-def _group_agents(session: Session, group_id: str) -> list[Agent]:
-    """The primary agent first, then the sleeptime agents in the group's order."""
-    rows = session.scalars(
-        select(AgentRow).where(AgentRow.group_id == group_id).order_by(AgentRow.position)
-    )
-    return [_agent(r) for r in rows]
-
-
-def _ordered_agents(new: NewGroup) -> list[Agent]:
-    return sorted(new.agents, key=lambda a: a.role != "primary")
+    return group, row["cursor_seq"], members
 
 
 def _group_values(group: Group) -> dict[str, Any]:
-    return {
-        "id": group.id,
-        "primary_agent_id": group.primary_agent_id,
-        "frequency": group.frequency,
-        "counter": group.counter,
-        "turns": group.turns,
-        "cursor": group.cursor,
-        "cursor_seq": 0,
-        "preamble": group.preamble,
-        "transcript_max_messages": group.transcript_max_messages,
-        "run_timeout": group.run_timeout,
-        "max_attempts": group.max_attempts,
-        "status": group.status,
-        "failure_reason": group.failure_reason,
-        "created_at": group.created_at,
-        "updated_at": group.created_at,
-    }
+    values = group.model_dump(exclude={"sleeptime_agent_ids"})
+    return {**values, "cursor_seq": 0, "updated_at": group.created_at}
 
 
-def _agent(row: AgentRow) -> Agent:
-    return Agent(
-        id=row.id,
-        group_id=row.group_id,
-        role=row.role,
-        name=row.name,
-        kind=row.kind,
-        config=row.config,
-        created_at=row.created_at,
+def _agent(row: RowMapping) -> Agent:
+    return Agent.model_validate(
+        {
+            key: row[key]
+            for key in ("id", "group_id", "role", "name", "kind", "config", "created_at")
+        }
     )
 
 
 def _agent_values(agent: Agent, position: int) -> dict[str, Any]:
-    return {
-        "id": agent.id,
-        "group_id": agent.group_id,
-        "role": agent.role,
-        "position": position,
-        "name": agent.name,
-        "kind": agent.kind,
-        "config": agent.config,
-        "created_at": agent.created_at,
-    }
+    return {**agent.model_dump(), "position": position}
 
 
-def _block(row: BlockRow) -> Block:
-    return Block(
-        id=row.id,
-        group_id=row.group_id,
-        agent_id=row.agent_id,
-        label=row.label,
-        value=row.value,
-        limit=row.limit,
-        read_only=row.read_only,
-        description=row.description,
-        version=row.version,
+def _block(row: RowMapping) -> Block:
+    return Block.model_validate(
+        {
+            key: row[key]
+            for key in (
+                "id",
+                "group_id",
+                "agent_id",
+                "label",
+                "value",
+                "limit",
+                "read_only",
+                "description",
+                "version",
+            )
+        }
     )
 
 
 def _block_values(block: Block, position: int) -> dict[str, Any]:
-    return {
-        "id": block.id,
-        "group_id": block.group_id,
-        "agent_id": block.agent_id,
-        "position": position,
-        "label": block.label,
-        "value": block.value,
-        "limit": block.limit,
-        "read_only": block.read_only,
-        "description": block.description,
-        "version": block.version,
-        "updated_at": utcnow(),
-    }
+    return {**block.model_dump(), "position": position, "updated_at": utcnow()}
 
 
-def _message(row: MessageRow) -> Message:
+def _message(row: RowMapping) -> Message:
     return Message.model_validate(
         {
-            "id": row.id,
-            "agent_id": row.agent_id,
-            "group_id": row.group_id,
-            "sequence": row.sequence,
-            "role": row.role,
-            "content": row.content,
-            "name": row.name,
-            "tool_calls": row.tool_calls,
-            "tool_call_id": row.tool_call_id,
-            "turn": row.turn,
-            "run_id": row.run_id,
-            "created_at": row.created_at,
+            key: row[key]
+            for key in (
+                "id",
+                "agent_id",
+                "group_id",
+                "sequence",
+                "role",
+                "content",
+                "name",
+                "tool_calls",
+                "tool_call_id",
+                "turn",
+                "run_id",
+                "created_at",
+            )
         }
     )
 
@@ -558,42 +570,32 @@ def _message_values(message: Message) -> dict[str, Any]:
     }
 
 
-def _run(row: RunRow) -> Run:
+def _run(row: RowMapping) -> Run:
     return Run.model_validate(
         {
-            "id": row.id,
-            "group_id": row.group_id,
-            "agent_id": row.agent_id,
-            "status": row.status,
-            "stop_reason": row.stop_reason,
-            "attempt": row.attempt,
-            "turn": row.turn,
-            "window_first_seq": row.window_first_seq,
-            "window_last_seq": row.window_last_seq,
-            "created_at": row.created_at,
-            "started_at": row.started_at,
-            "completed_at": row.completed_at,
-            "error": row.error,
-            "metadata": row.run_metadata,
+            **{
+                key: row[key]
+                for key in (
+                    "id",
+                    "group_id",
+                    "agent_id",
+                    "status",
+                    "stop_reason",
+                    "attempt",
+                    "turn",
+                    "window_first_seq",
+                    "window_last_seq",
+                    "created_at",
+                    "started_at",
+                    "completed_at",
+                    "error",
+                )
+            },
+            "metadata": row["metadata"],
         }
     )
 
 
 def _run_values(run: Run) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "group_id": run.group_id,
-        "agent_id": run.agent_id,
-        "position": run.metadata.get("position", 0),
-        "status": run.status.value,
-        "stop_reason": None if run.stop_reason is None else run.stop_reason.value,
-        "attempt": run.attempt,
-        "turn": run.turn,
-        "window_first_seq": run.window_first_seq,
-        "window_last_seq": run.window_last_seq,
-        "created_at": run.created_at,
-        "started_at": run.started_at,
-        "completed_at": run.completed_at,
-        "error": run.error,
-        "run_metadata": run.metadata,
-    }
+    values = run.model_dump(exclude={"metadata"})
+    return {**values, "position": run.metadata.get("position", 0), "metadata": run.metadata}

@@ -57,12 +57,17 @@ class Memory:
         >>> context.memory.memory_replace("human", "color: orange", "color: coral")
     """
 
-    __slots__ = ("_blocks", "_cancelled", "_editor", "_lock", "finished")
+    __slots__ = ("_blocks", "_cancelled", "_editor", "_load", "_lock", "finished")
 
     def __init__(
-        self, blocks: Blocks, editor: BlockEditor, cancelled: Callable[[], bool] = lambda: False
+        self,
+        blocks: Blocks | Callable[[], Blocks],
+        editor: BlockEditor,
+        cancelled: Callable[[], bool] = lambda: False,
     ) -> None:
-        self._blocks = blocks
+        # Blocks may be given as a loader: an agent that never looks at memory costs no read.
+        self._load = blocks if callable(blocks) else None
+        self._blocks: Blocks | None = None if callable(blocks) else blocks
         self._editor = editor
         self._cancelled = cancelled
         self._lock = threading.Lock()
@@ -71,11 +76,15 @@ class Memory:
     @property
     def blocks(self) -> Blocks:
         """The blocks as of the latest edit made through this memory."""
-        return self._blocks
+        with self._lock:
+            if self._blocks is None:
+                assert self._load is not None
+                self._blocks = self._load()
+            return self._blocks
 
     def value(self, label: str) -> str:
         """The text of the block with this label (KeyError if there is none)."""
-        block: Block = self._blocks[label]
+        block: Block = self.blocks[label]
         return block.value
 
     def memory_replace(self, label: str, old: str, new: str) -> ToolResult:
@@ -98,18 +107,19 @@ class Memory:
     def _apply(self, label: str, change: Callable[[Block], str], verb: str) -> ToolResult:
         if self._cancelled():
             return ToolResult(ok=False, message="the run was cancelled: no more memory edits")
-        current = self._blocks.get(label)
+        current = self.blocks.get(label)
         if current is None:
             return ToolResult(
                 ok=False,
-                message=f"no block labelled {label!r}; blocks: {', '.join(self._blocks.labels())}",
+                message=f"no block labelled {label!r}; blocks: {', '.join(self.blocks.labels())}",
             )
         try:
             updated = self._editor.edit_block(current.id, change)
         except tools.MemoryToolError as error:
             return ToolResult(ok=False, message=str(error))
+        seen = self.blocks
         with self._lock:
-            self._blocks = Blocks(updated if b.id == updated.id else b for b in self._blocks)
+            self._blocks = Blocks(updated if b.id == updated.id else b for b in seen)
         return ToolResult(ok=True, message=f"{verb} block {label!r}")
 
 

@@ -1,0 +1,633 @@
+"""The `sleeptime` command line: a demo, and tables of what a database holds.
+
+It is a thin layer over the public runtime API (`actors.Runtime`); it never reaches into
+the runtime's internals or the database directly.
+
+Example:
+    $ python run.py                                  # the demo, on a fresh sleeptime-demo.db
+    $ python run.py runs --db sqlite:///sleeptime-demo.db
+    $ python run.py runs --db sqlite:///sleeptime-demo.db --events run-5c1e...
+    $ python run.py groups --db sqlite:///sleeptime-demo.db
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+import re
+import sys
+import textwrap
+from collections.abc import Callable, Collection, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TextIO
+
+from pydantic import ValidationError
+
+from actors import Runtime, configure_logging
+from messages import (
+    AgentNotFound,
+    Group,
+    GroupNotFound,
+    MessageCreate,
+    Run,
+    RunStatus,
+    SleeptimeError,
+)
+
+DEMO_URL = "sqlite:///sleeptime-demo.db"
+INSPECT_URL = "sqlite:///sleeptime.db"
+DEMO_WAIT_SECONDS = 30.0
+EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
+
+# The demo's user turns. With frequency 2 the sleeptime agent reads turns 1, 2-3 and 4-5
+# after turns 1, 3 and 5, so the answers go "don't know" (3), "orange" (5, out of date:
+# turn 4 is not read yet), "coral" (6). tests/test_cli.py checks that this really happens.
+DEMO_TURNS = (
+    "Hi! My name is Ada and I live in Lisbon.",
+    "My favorite color is orange.",
+    "What is my favorite color?",
+    "Actually, my favorite color is coral.",
+    "What is my favorite color?",
+    "Do you remember my favorite color?",
+)
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_SQLITE_FILE = re.compile(r"^sqlite(?:\+\w+)?:///(?P<path>[^?]+)")
+
+
+class CommandError(Exception):
+    """A mistake in the command's arguments, found by the command itself."""
+
+
+# -- pure formatting ------------------------------------------------------------------------
+
+
+def format_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], right: Collection[int] = ()
+) -> str:
+    """Lay out rows under headers in aligned columns; columns in `right` align right.
+
+    >>> print(format_table(["id", "n"], [["a", "1"], ["bcd", "22"]], right={1}))
+    id    n
+    ---  --
+    a     1
+    bcd  22
+    """
+    widths = [len(h) for h in headers]
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row has {len(row)} cells, the table has {len(headers)} columns")
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+
+    def line(cells: Sequence[str]) -> str:
+        laid = [
+            cell.rjust(width) if index in right else cell.ljust(width)
+            for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(laid).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def short_id(object_id: str | None) -> str:
+    """The kind prefix and first 8 characters of an id; still a usable prefix for filters.
+
+    >>> short_id("group-ce60df3f-6986-40c7-96fc-0b676aed11ff")
+    'group-ce60df3f'
+    """
+    if object_id is None:
+        return "-"
+    prefix, dash, rest = object_id.partition("-")
+    return f"{prefix}-{rest[:8]}" if dash and len(rest) > 8 else object_id
+
+
+def format_duration(span: timedelta | None) -> str:
+    """A duration for people: `8 ms`, `1.25 s`, `3m05s`; `-` when unknown."""
+    if span is None:
+        return "-"
+    seconds = span.total_seconds()
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.2f} s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m{rest:02d}s"
+
+
+def format_time(moment: datetime | None) -> str:
+    """A timestamp to the second, as stored (UTC); `-` when unset."""
+    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def truncate(text: str | None, width: int = 40) -> str:
+    """One line of at most `width` characters; `-` for nothing."""
+    if not text:
+        return "-"
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def fire_reason(frequency: int | None, counter: int, fired: bool, turn: int) -> str:
+    """Why a turn fired or not, in a few words, from the counter the turn stored (SPEC 4).
+
+    >>> fire_reason(2, 1, False, 2)
+    'counter 1 of 2; fires next on turn 3'
+    """
+    if frequency is None:
+        return "no frequency: every turn"
+    if frequency == 0:
+        return "frequency 0: sleeptime is paused"
+    if fired:
+        return f"counter {counter} of {frequency}"
+    return f"counter {counter} of {frequency}; fires next on turn {turn + frequency - counter}"
+
+
+def firing_turns(frequency: int | None, turns: int) -> list[int]:
+    """The turns, of `turns`, on which a new group with this frequency fires (SPEC 4)."""
+    if frequency is None:
+        return list(range(1, turns + 1))
+    if frequency == 0:
+        return []
+    return list(range(1, turns + 1, frequency))
+
+
+def block_diff(before: str, after: str) -> list[str]:
+    """The lines that changed: removed ones marked `-`, new ones `+`, in block order.
+
+    >>> block_diff("name: Ada\\ncolor: orange", "name: Ada\\ncolor: coral")
+    ['- color: orange', '+ color: coral']
+    """
+    marked = difflib.ndiff(before.splitlines(), after.splitlines())
+    # Kept lines ("  ") are the bulk of a block and "? " hints point at single characters.
+    return [line for line in marked if line.startswith(("- ", "+ "))]
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL, or None for any other database (or in-memory SQLite)."""
+    found = _SQLITE_FILE.match(url)
+    if found is None or found["path"] == ":memory:":
+        return None
+    return Path(found["path"])
+
+
+def error_line(error: Exception) -> str:
+    """One line saying what went wrong; pydantic's errors are folded to `field: problem`."""
+    if isinstance(error, ValidationError):
+        problems = [
+            f"{'.'.join(str(part) for part in problem['loc']) or 'input'}: {problem['msg']}"
+            for problem in error.errors()
+        ]
+        return "invalid input: " + "; ".join(problems)
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# -- the demo ------------------------------------------------------------------------------
+
+
+class Demo:
+    """Plays `DEMO_TURNS` on a new group and prints what each agent did, for newcomers."""
+
+    def __init__(self, rt: Runtime, out: TextIO, show_transcripts: bool) -> None:
+        self.rt = rt
+        self.out = out
+        self.show_transcripts = show_transcripts
+        self.preamble_shown = False
+        self.turns_read = 0  # the last turn handed to the sleeptime agent
+        self.answers: list[tuple[int, str, str]] = []  # (turn, question, reply)
+
+    def say(self, text: str = "") -> None:
+        """Print one line of the demo."""
+        print(text, file=self.out)
+
+    def play(self, frequency: int | None, db_label: str, inspect_url: str) -> int:
+        """Run the whole demo; the exit code is 0 when every sleeptime run completed."""
+        group = self.rt.create_group(
+            primary={"kind": "scripted", "name": "primary"},
+            sleeptime=[{"kind": "memory", "name": "memory agent"}],
+            frequency=frequency,
+        )
+        sleeper = group.sleeptime_agent_ids[0]
+        self.introduce(frequency, db_label)
+        for said in DEMO_TURNS:
+            self.turn(group, sleeper, said)
+        return self.summarize(group, sleeper, inspect_url)
+
+    def introduce(self, frequency: int | None, db_label: str) -> None:
+        """Say what is about to happen and when sleeptime will fire."""
+        fires = firing_turns(frequency, len(DEMO_TURNS))
+        lag = " So memory runs a little behind the conversation: watch the color questions."
+        if frequency is None:
+            when = "With no frequency set it fires after every turn." + lag
+        elif not fires:
+            when = "With frequency 0 sleeptime is paused: it never fires, so memory stays empty."
+        else:
+            listed = ", ".join(map(str, fires))
+            when = f"With frequency {frequency} it fires after turns {listed}." + lag
+        self.say("sleeptime-runtime demo")
+        intro = (
+            "The primary agent answers from its memory, the 'human' block (shown as 'memory'"
+            " at each turn), but never writes it. The sleeptime agent does: after a turn, in"
+            f" the background, it reads what was said since its last run and records facts. {when}"
+        )
+        for line in textwrap.wrap(intro, width=96):
+            self.say(line)
+        self.say(f"Database: {db_label}")
+
+    def turn(self, group: Group, sleeper: str, said: str) -> None:
+        """Take one user turn, show the reply, and, if sleeptime fired, wait for its run."""
+        memory_before = self.human(sleeper)
+        result = self.rt.step(group.id, [MessageCreate(role="user", content=said)])
+        counter = self.rt.get_group(group.id).counter
+        reply = " ".join(m.text() for m in result.messages if m.role == "assistant")
+        if said.rstrip().endswith("?"):
+            self.answers.append((result.turn, said, reply))
+        self.say()
+        self.say(f"Turn {result.turn}")
+        self.say(f"  user:      {said}")
+        self.say(f"  memory:    {_one_line(memory_before)}")
+        self.say(f"  assistant: {reply}")
+        why = fire_reason(group.frequency, counter, result.fired, result.turn)
+        if not result.fired:
+            self.say(f"  sleeptime: waits ({why})")
+            return
+        if not result.run_ids:
+            self.say(f"  sleeptime: fires ({why}), but nothing new was said: no run")
+            return
+        first, self.turns_read = self.turns_read + 1, result.turn
+        turns = f"turn {first}" if first == result.turn else f"turns {first}-{result.turn}"
+        listen = ", from this transcript:" if self.show_transcripts else ""
+        self.say(f"  sleeptime: fires ({why}): the memory agent reads {turns}{listen}")
+        for run in self.rt.wait_for_runs(result.run_ids, timeout=DEMO_WAIT_SECONDS):
+            self.show_run(run, memory_before)
+
+    def show_run(self, run: Run, memory_before: str) -> None:
+        """Show a finished run: the transcript it was given, its status, its edits."""
+        if self.show_transcripts:
+            transcript = next(
+                (m.text() for m in self.rt.list_messages(run.agent_id) if m.run_id == run.id),
+                "(not stored)",
+            )
+            for line in self.abridge(transcript):
+                self.say(f"    | {line}" if line else "    |")
+        took = format_duration(_run_time(run))
+        outcome = f"{run.status.value} ({run.stop_reason or 'no stop reason'}) in {took}"
+        if run.error:
+            outcome += f": {truncate(run.error, 60)}"
+        self.say(f"  run:       {outcome}")
+        memory_after = self.human(run.agent_id)
+        if memory_after == memory_before:
+            self.say("  edits:     none")
+            return
+        changes = block_diff(memory_before, memory_after)
+        self.say(f"  edits:     {changes[0]}")
+        for line in changes[1:]:
+            self.say(f"             {line}")
+
+    def abridge(self, transcript: str) -> list[str]:
+        """The transcript's lines; the preamble only the first time, then one line for it."""
+        lines = transcript.splitlines()
+        if not self.preamble_shown:
+            self.preamble_shown = True
+            return lines
+        if "</system-reminder>" not in lines:
+            return lines
+        end = lines.index("</system-reminder>")
+        rest = lines[end + 1 :]
+        # The blank line after the preamble goes too: the marker line stands in for both.
+        if rest and not rest[0]:
+            rest = rest[1:]
+        return ["<system-reminder> (the same preamble as above) </system-reminder>", *rest]
+
+    def summarize(self, group: Group, sleeper: str, inspect_url: str) -> int:
+        """Recap the answers, runs and final memory; 1 if a run did not complete."""
+        runs = self.rt.list_runs(group_id=group.id)
+        self.say()
+        turns = self.rt.get_group(group.id).turns
+        self.say(f"Summary: {turns} turns; the questions were answered:")
+        for turn, question, reply in self.answers:
+            self.say(f"  turn {turn}: {question} -> {reply}")
+        self.say(f"{len(runs)} sleeptime run(s)" + (":" if runs else "."))
+        for run in runs:
+            stop = run.stop_reason.value if run.stop_reason else "no stop reason"
+            self.say(f"  after turn {run.turn}: {run.id} {run.status.value} ({stop})")
+        self.say("The human block now reads:")
+        for line in self.human(sleeper).splitlines() or ["(empty)"]:
+            self.say(f"  {line}")
+        self.say("Look inside the database with:")
+        command = _command_name()
+        self.say(f"  {command} runs --db {inspect_url}")
+        self.say(f"  {command} groups --db {inspect_url}")
+        if runs:
+            self.say(f"  {command} runs --db {inspect_url} --events {runs[0].id}")
+        incomplete = [run for run in runs if run.status is not RunStatus.COMPLETED]
+        if incomplete:
+            self.say(f"{len(incomplete)} run(s) did not complete: see the runs above.")
+            return EXIT_FAILED
+        return EXIT_OK
+
+    def human(self, agent_id: str) -> str:
+        """The `human` block's text as this agent sees it ("" when there is none)."""
+        block = self.rt.get_blocks(agent_id).get("human")
+        return "" if block is None else block.value
+
+
+def _one_line(block: str) -> str:
+    return " | ".join(block.splitlines()) or "(empty)"
+
+
+def _window(run: Run) -> str:
+    return f"{run.window_first_seq}-{run.window_last_seq}"
+
+
+def _run_time(run: Run) -> timedelta | None:
+    if run.started_at is None or run.completed_at is None:
+        return None
+    return run.completed_at - run.started_at
+
+
+def _command_name() -> str:
+    """How the user started us: `sleeptime` when installed, else `python run.py`."""
+    return "sleeptime" if Path(sys.argv[0]).name == "sleeptime" else "python run.py"
+
+
+def demo(args: argparse.Namespace) -> int:
+    """The `demo` command: a fresh default database unless --db names one."""
+    url: str = args.db or DEMO_URL
+    path = sqlite_path(url)
+    if args.db is None and path is not None:
+        # Only the default demo database is ours to throw away; a given --db is the user's.
+        for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            stale.unlink(missing_ok=True)
+    db_label = str(path.resolve()) if path is not None else url
+    with Runtime.start(url) as rt:
+        return Demo(rt, sys.stdout, not args.quiet_transcript).play(args.frequency, db_label, url)
+
+
+# -- inspection ----------------------------------------------------------------------------
+
+
+def open_existing(url: str) -> Runtime:
+    """Start a runtime over a database that must already exist (inspecting makes none)."""
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        raise CommandError(
+            f"no database at {path}: run '{_command_name()} demo' first, or pass --db URL"
+        )
+    return Runtime.start(url)
+
+
+def resolve_id(wanted: str, known: Sequence[str], missing: Callable[[str], Exception]) -> str:
+    """The one id in `known` equal to `wanted` or starting with it (as the short ids shown)."""
+    if wanted in known:
+        return wanted
+    matches = [object_id for object_id in known if object_id.startswith(wanted)]
+    if not matches:
+        raise missing(wanted)
+    if len(matches) > 1:
+        raise CommandError(f"{wanted!r} matches {len(matches)} ids: give more of the id")
+    return matches[0]
+
+
+def show_runs(args: argparse.Namespace) -> int:
+    """The `runs` command: a table of runs, or one run's event history with --events."""
+    rt = open_existing(args.db)
+    try:
+        if args.events is not None:
+            print_events(rt, args.events)
+            return EXIT_OK
+        groups = rt.list_groups()
+        group_id = agent_id = None
+        if args.group is not None:
+            group_id = resolve_id(args.group, [g.id for g in groups], GroupNotFound)
+        if args.agent is not None:
+            agents = [a for g in groups for a in (g.primary_agent_id, *g.sleeptime_agent_ids)]
+            agent_id = resolve_id(args.agent, agents, AgentNotFound)
+        runs = rt.list_runs(
+            agent_id=agent_id, group_id=group_id, statuses=args.status, limit=args.limit
+        )
+    finally:
+        rt.stop(drain_timeout=0)
+    if not runs:
+        print("No runs match.")
+        return EXIT_OK
+    headers = ["run", "group", "agent", "status", "stop reason", "attempt", "turn", "window"]
+    headers += ["created (UTC)", "duration", "error"]
+    rows = [
+        [
+            run.id,
+            short_id(run.group_id),
+            short_id(run.agent_id),
+            run.status.value,
+            run.stop_reason.value if run.stop_reason else "-",
+            str(run.attempt),
+            str(run.turn),
+            _window(run),
+            format_time(run.created_at),
+            format_duration(_run_time(run)),
+            truncate(run.error),
+        ]
+        for run in runs
+    ]
+    print(format_table(headers, rows, right={5, 6, 9}))
+    if len(runs) == args.limit:
+        # list_runs returns the oldest first, so a full page means newer ones may be left out.
+        print(f"{len(runs)} run(s), oldest first; there may be more: raise --limit to see them")
+    else:
+        print(f"{len(runs)} run(s), oldest first")
+    return EXIT_OK
+
+
+def print_events(rt: Runtime, run_id: str) -> None:
+    """One run's status changes, oldest first, with the time since it was created."""
+    run = rt.get_run(run_id)
+    events = rt.run_events(run_id)
+    print(f"run {run.id}")
+    print(f"  group {run.group_id}, agent {run.agent_id}")
+    print(f"  turn {run.turn}, window {_window(run)} (primary messages), now {run.status.value}")
+    if run.error:
+        print(f"  error: {run.error}")
+    rows = [
+        [
+            event.status.value,
+            event.at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3],
+            "+" + format_duration(event.at - run.created_at),
+            str(event.attempt),
+            event.reason or "-",
+        ]
+        for event in events
+    ]
+    print(format_table(["status", "at (UTC)", "since created", "attempt", "reason"], rows, {2, 3}))
+
+
+def show_groups(args: argparse.Namespace) -> int:
+    """The `groups` command: a table of every group and where its counter and cursor are."""
+    rt = open_existing(args.db)
+    try:
+        groups = rt.list_groups()
+    finally:
+        rt.stop(drain_timeout=0)
+    if not groups:
+        print("No groups yet.")
+        return EXIT_OK
+    headers = ["group", "frequency", "counter", "turns", "cursor", "sleeptime agents", "status"]
+    rows = [
+        [
+            group.id,
+            "none" if group.frequency is None else str(group.frequency),
+            str(group.counter),
+            str(group.turns),
+            short_id(group.cursor),
+            str(len(group.sleeptime_agent_ids)),
+            group.status + (f": {truncate(group.failure_reason)}" if group.failure_reason else ""),
+        ]
+        for group in groups
+    ]
+    print(format_table(headers, rows, right={1, 2, 3, 5}))
+    print(f"{len(groups)} group(s)")
+    return EXIT_OK
+
+
+# -- the command line ----------------------------------------------------------------------
+
+
+def frequency_option(text: str) -> int | None:
+    """`--frequency`: a whole number of 0 or more, or `none` for every turn."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    # Checked here, not only by the runtime, so a typo fails before the demo database is reset.
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 0, a positive whole number, or 'none'")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """`--limit`: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return value
+
+
+def add_logging_options(parser: argparse.ArgumentParser, default: object) -> None:
+    """The logging options, accepted before and after the command name."""
+    parser.add_argument(
+        "--log-level",
+        choices=_LOG_LEVELS,
+        default=default,
+        help="how much the runtime logs to stderr (default: warning, or $SLEEPTIME_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-json", action="store_true", default=default, help="log JSON lines instead of text"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command and option."""
+    parser = argparse.ArgumentParser(
+        prog=_command_name(),
+        description="sleeptime-runtime: a demo, and a look inside its databases.",
+        epilog="Without a command it runs the demo.",
+    )
+    add_logging_options(parser, None)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # Defaults are suppressed after the command so they do not hide ones given before it.
+    logging_after = argparse.SUPPRESS
+
+    demo_parser = commands.add_parser(
+        "demo", help="a short conversation that shows memory improving"
+    )
+    demo_parser.add_argument(
+        "--db",
+        metavar="URL",
+        default=None,
+        help=f"database URL (default: {DEMO_URL}, recreated each time)",
+    )
+    demo_parser.add_argument(
+        "--frequency",
+        metavar="N",
+        type=frequency_option,
+        default=2,
+        help="fire sleeptime every N turns; 'none' for every turn, 0 for never (default: 2)",
+    )
+    demo_parser.add_argument(
+        "--quiet-transcript", action="store_true", help="do not print the transcripts"
+    )
+    add_logging_options(demo_parser, logging_after)
+    demo_parser.set_defaults(handler=demo)
+
+    runs_parser = commands.add_parser("runs", help="a table of sleeptime runs")
+    runs_parser.add_argument(
+        "--db", metavar="URL", default=INSPECT_URL, help=f"database URL (default: {INSPECT_URL})"
+    )
+    runs_parser.add_argument(
+        "--group", metavar="ID", help="only this group's runs (its id or the short id shown)"
+    )
+    runs_parser.add_argument(
+        "--agent", metavar="ID", help="only this agent's runs (its id or the short id shown)"
+    )
+    runs_parser.add_argument(
+        "--status",
+        action="append",
+        metavar="STATUS",
+        choices=[status.value for status in RunStatus],
+        help="only runs with this status: created, running, completed, failed or cancelled"
+        " (repeatable)",
+    )
+    runs_parser.add_argument(
+        "--limit",
+        metavar="N",
+        type=positive_int,
+        default=50,
+        help="at most this many runs (default: 50)",
+    )
+    runs_parser.add_argument("--events", metavar="RUN_ID", help="show this run's event history")
+    add_logging_options(runs_parser, logging_after)
+    runs_parser.set_defaults(handler=show_runs)
+
+    groups_parser = commands.add_parser("groups", help="a table of groups")
+    groups_parser.add_argument(
+        "--db", metavar="URL", default=INSPECT_URL, help=f"database URL (default: {INSPECT_URL})"
+    )
+    add_logging_options(groups_parser, logging_after)
+    groups_parser.set_defaults(handler=show_groups)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; the exit code is 0 on success, 2 (with one line on stderr) on error."""
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(arguments)
+        if args.command is None:
+            args = parser.parse_args([*arguments, "demo"])
+    except SystemExit as exit_:
+        # argparse has printed its usage and message already; return instead of exiting.
+        return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
+    configure_logging(level=args.log_level, json=args.log_json)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except (SleeptimeError, ValidationError, CommandError) as error:
+        print(f"error: {error_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) left; point stdout at /dev/null so the final flush is quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,442 @@
+"""The command line (`run.py`): the demo tells its story, `runs`/`groups` show the database."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import run
+from actors import Runtime, configure_logging, decide_fire
+from messages import Group, Run, RunStatus
+
+REPO = Path(run.__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def _logs_to_process_stderr(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Make `main` point the runtime's logs at the process's stderr, not capsys's.
+
+    configure_logging binds the current sys.stderr and structlog caches loggers on first
+    use, so a stream that capsys closes after the test would break every later log line.
+    """
+    stderr = sys.__stderr__ or sys.stderr
+
+    def configure(level: str | None = None, json: bool | None = None) -> None:
+        with contextlib.redirect_stderr(stderr):
+            configure_logging(level=level, json=json)
+
+    monkeypatch.setattr(run, "configure_logging", configure)
+    yield
+    configure()  # back to the defaults, in case a test asked for debug or JSON logs
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def turns_that_fired(out: str) -> list[int]:
+    """The turn numbers whose `sleeptime:` line in the demo's output says it fired."""
+    fired, turn = [], 0
+    for line in out.splitlines():
+        if line.startswith("Turn "):
+            turn = int(line.split()[1])
+        elif line.startswith("  sleeptime: fires"):
+            fired.append(turn)
+    return fired
+
+
+def turn_block(out: str, turn: int) -> str:
+    """The demo's lines for one turn."""
+    start = out.index(f"\nTurn {turn}\n")
+    end = out.find("\n\n", start + 1)
+    return out[start : end if end != -1 else None]
+
+
+def final_human_block(out: str) -> str:
+    """The lines under "The human block now reads:", without their indent."""
+    lines = out.splitlines()
+    start = lines.index("The human block now reads:") + 1
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("  "):
+            break
+        block.append(line.strip())
+    return "\n".join(block)
+
+
+@pytest.fixture
+def demo_db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """The URL of a database the demo has just filled."""
+    url = sqlite_url(tmp_path / "demo.db")
+    assert run.main(["demo", "--db", url, "--quiet-transcript"]) == 0
+    capsys.readouterr()
+    return url
+
+
+def stored(url: str) -> tuple[Group, list[Run]]:
+    """The one group in the database and its runs, read through the public API."""
+    rt = Runtime.start(url)
+    try:
+        (group,) = rt.list_groups()
+        return group, rt.list_runs(group_id=group.id)
+    finally:
+        rt.stop(drain_timeout=0)
+
+
+# -- the demo -------------------------------------------------------------------------------
+
+
+def test_demo_shows_memory_catching_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = sqlite_url(tmp_path / "demo.db")
+
+    assert run.main(["demo", "--db", url]) == 0
+
+    out = capsys.readouterr().out
+    assert turns_that_fired(out) == [1, 3, 5]
+    assert "counter 1 of 2" in turn_block(out, 2)
+    assert "<system-reminder>" in out
+    assert "Messages:" in out
+    assert "user: Actually, my favorite color is coral." in turn_block(out, 5)
+    # The point of the demo: the answer is out of date first, and right after the next fire.
+    assert "I don't know your favorite color yet." in turn_block(out, 3)
+    assert "assistant: Your favorite color is orange." in turn_block(out, 5)
+    assert "assistant: Your favorite color is coral." in turn_block(out, 6)
+    assert "- favorite color: orange" in turn_block(out, 5)
+    assert "+ favorite color: coral" in turn_block(out, 5)
+    assert final_human_block(out).endswith("favorite color: coral")
+    assert f"python run.py runs --db {url}" in out
+    assert len(out.splitlines()) <= 100  # short enough to read in one screenful or two
+
+
+def test_demo_leaves_what_it_says_in_the_database(demo_db: str) -> None:
+    group, runs = stored(demo_db)
+
+    assert (group.frequency, group.turns) == (2, 6)
+    assert [run.turn for run in runs] == [1, 3, 5]
+    assert {run.status for run in runs} == {RunStatus.COMPLETED}
+    assert [(r.window_first_seq, r.window_last_seq) for r in runs] == [(1, 2), (3, 6), (7, 10)]
+
+
+def test_quiet_transcript_leaves_the_transcripts_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run.main(["demo", "--db", sqlite_url(tmp_path / "q.db"), "--quiet-transcript"]) == 0
+
+    out = capsys.readouterr().out
+    assert "<system-reminder>" not in out
+    assert turns_that_fired(out) == [1, 3, 5]
+
+
+@pytest.mark.parametrize(
+    ("frequency", "fired"), [("1", [1, 2, 3, 4, 5, 6]), ("0", []), ("3", [1, 4])]
+)
+def test_demo_frequency_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], frequency: str, fired: list[int]
+) -> None:
+    url = sqlite_url(tmp_path / "f.db")
+
+    assert run.main(["demo", "--db", url, "--frequency", frequency, "--quiet-transcript"]) == 0
+
+    assert turns_that_fired(capsys.readouterr().out) == fired
+
+
+def test_demo_with_db_deletes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    # Files named like the default demo database, in the working directory, must survive.
+    keep = {name: f"keep {name}" for name in ["sleeptime-demo.db", "sleeptime-demo.db-wal"]}
+    keep["notes.txt"] = "keep me"
+    for name, text in keep.items():
+        (tmp_path / name).write_text(text)
+    given = tmp_path / "given.db"
+
+    assert run.main(["demo", "--db", sqlite_url(given), "--quiet-transcript"]) == 0
+    assert run.main(["demo", "--db", sqlite_url(given), "--quiet-transcript"]) == 0
+
+    for name, text in keep.items():
+        assert (tmp_path / name).read_text() == text
+    rt = Runtime.start(sqlite_url(given))
+    try:
+        assert len(rt.list_groups()) == 2  # the second demo added to the given database
+    finally:
+        rt.stop(drain_timeout=0)
+
+
+def test_no_arguments_runs_the_demo_on_a_fresh_default_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    # Garbage where an earlier demo's files were: the demo must throw them away, not open them.
+    for name in ["sleeptime-demo.db", "sleeptime-demo.db-wal", "sleeptime-demo.db-shm"]:
+        (tmp_path / name).write_bytes(b"not a database")
+
+    assert run.main([]) == 0
+
+    assert turns_that_fired(capsys.readouterr().out) == [1, 3, 5]
+    group, runs = stored(sqlite_url(tmp_path / "sleeptime-demo.db"))
+    assert group.turns == 6
+    assert len(runs) == 3
+
+
+def test_demo_as_a_subprocess(tmp_path: Path) -> None:
+    default_db = REPO / "sleeptime-demo.db"
+    existed = default_db.exists()
+
+    finished = subprocess.run(
+        [sys.executable, "run.py", "demo", "--db", sqlite_url(tmp_path / "sub.db")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert finished.returncode == 0, finished.stderr
+    assert final_human_block(finished.stdout).endswith("favorite color: coral")
+    assert "Traceback" not in finished.stderr
+    assert default_db.exists() == existed
+
+
+# -- runs and groups ------------------------------------------------------------------------
+
+
+def test_groups_lists_the_demo_group(demo_db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    group, _ = stored(demo_db)
+
+    assert run.main(["groups", "--db", demo_db]) == 0
+
+    out = capsys.readouterr().out
+    header, _, row, footer = out.splitlines()
+    assert header.split()[:4] == ["group", "frequency", "counter", "turns"]
+    assert row.split() == [group.id, "2", "1", "6", run.short_id(group.cursor), "1", "active"]
+    assert footer == "1 group(s)"
+
+
+def test_runs_lists_the_demo_runs(demo_db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _, runs = stored(demo_db)
+
+    assert run.main(["runs", "--db", demo_db]) == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["run", "group", "agent", "status"]
+    rows = [line.split() for line in lines[2:-1]]
+    assert [row[0] for row in rows] == [r.id for r in runs]
+    assert [row[3:5] for row in rows] == [["completed", "end_turn"]] * 3
+    assert [row[7] for row in rows] == ["1-2", "3-6", "7-10"]
+    assert lines[-1] == "3 run(s), oldest first"
+
+
+@pytest.mark.parametrize(
+    ("statuses", "expected"),
+    [(["completed"], 3), (["failed"], 0), (["failed", "completed"], 3), (["cancelled"], 0)],
+)
+def test_runs_status_filter(
+    demo_db: str, capsys: pytest.CaptureFixture[str], statuses: list[str], expected: int
+) -> None:
+    options = [option for status in statuses for option in ("--status", status)]
+
+    assert run.main(["runs", "--db", demo_db, *options]) == 0
+
+    out = capsys.readouterr().out
+    assert out.count(" completed ") == expected
+    if expected == 0:
+        assert out == "No runs match.\n"
+
+
+def test_runs_filters_take_the_short_ids_shown(
+    demo_db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    group, runs = stored(demo_db)
+
+    assert run.main(["runs", "--db", demo_db, "--group", run.short_id(group.id)]) == 0
+    assert capsys.readouterr().out.count(" completed ") == 3
+    sleeper = run.short_id(group.sleeptime_agent_ids[0])
+    assert run.main(["runs", "--db", demo_db, "--agent", sleeper, "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert runs[0].id in out and runs[2].id not in out
+    assert "there may be more" in out
+    assert run.main(["runs", "--db", demo_db, "--agent", group.primary_agent_id]) == 0
+    assert capsys.readouterr().out == "No runs match.\n"
+
+
+def test_runs_events_shows_the_history(demo_db: str, capsys: pytest.CaptureFixture[str]) -> None:
+    _, runs = stored(demo_db)
+
+    assert run.main(["runs", "--db", demo_db, "--events", runs[1].id]) == 0
+
+    out = capsys.readouterr().out
+    assert out.startswith(f"run {runs[1].id}\n")
+    statuses = [line.split()[0] for line in out.splitlines()[5:]]
+    assert statuses == ["created", "running", "completed"]
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def assert_one_error_line(capsys: pytest.CaptureFixture[str], *fragments: str) -> None:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+@pytest.mark.parametrize("command", ["demo", "runs", "groups"])
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("sqlite:////nonexistent-dir/x.db", "/nonexistent-dir/x.db"),
+        ("notaurl", "not a database URL"),
+        ("nodriver://x/y", "no driver"),
+    ],
+)
+def test_bad_database_url_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], command: str, url: str, says: str
+) -> None:
+    assert run.main([command, "--db", url]) == 2
+
+    assert_one_error_line(capsys, says)
+    assert not Path("/nonexistent-dir").exists()
+
+
+def test_inspecting_a_missing_sqlite_file_does_not_create_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "typo.db"
+
+    assert run.main(["runs", "--db", sqlite_url(missing)]) == 2
+
+    assert_one_error_line(capsys, "no database at", "demo")
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--events", "run-does-not-exist"], "no run with id 'run-does-not-exist'"),
+        (["--group", "group-nope"], "no group with id 'group-nope'"),
+        (["--agent", "agent-nope"], "no agent with id 'agent-nope'"),
+        (["--agent", "agent-"], "matches 2 ids"),
+    ],
+)
+def test_unknown_ids_are_one_line_and_exit_2(
+    demo_db: str, capsys: pytest.CaptureFixture[str], options: list[str], says: str
+) -> None:
+    assert run.main(["runs", "--db", demo_db, *options]) == 2
+
+    assert_one_error_line(capsys, says)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["runs", "--status", "bogus"],
+        ["runs", "--limit", "0"],
+        ["demo", "--frequency", "-1"],
+        ["demo", "--frequency", "often"],
+        ["frobnicate"],
+        ["--log-level", "loud", "groups"],
+    ],
+)
+def test_bad_arguments_exit_2_with_usage(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run.main(argv) == 2
+
+    err = capsys.readouterr().err
+    assert "usage:" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--log-level", "debug", "groups"],
+        ["groups", "--log-level", "info", "--log-json"],
+        ["--log-json", "runs", "--log-level", "error"],
+    ],
+)
+def test_logging_options_before_or_after_the_command(
+    demo_db: str, argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run.main([*argv, "--db", demo_db]) == 0
+
+    assert capsys.readouterr().out.strip()
+
+
+# -- pure helpers ---------------------------------------------------------------------------
+
+
+def test_format_table_aligns_columns() -> None:
+    table = run.format_table(["id", "n", "note"], [["a", "1", "x"], ["bcd", "22", ""]], {1})
+
+    assert table.splitlines() == [
+        "id    n  note",
+        "---  --  ----",
+        "a     1  x",
+        "bcd  22",
+    ]
+
+
+def test_format_table_refuses_a_ragged_row() -> None:
+    with pytest.raises(ValueError, match="2 cells"):
+        run.format_table(["a", "b", "c"], [["1", "2"]])
+
+
+def test_firing_turns_agrees_with_the_runtime() -> None:
+    for frequency in [None, 0, 1, 2, 3, 5]:
+        counter, fired = -1, []
+        for turn in range(1, 13):
+            decision = decide_fire(frequency, counter)
+            counter = decision.counter
+            if decision.fired:
+                fired.append(turn)
+        assert run.firing_turns(frequency, 12) == fired, frequency
+
+
+@pytest.mark.parametrize(
+    ("frequency", "counter", "fired", "turn", "expected"),
+    [
+        (2, 0, True, 1, "counter 0 of 2"),
+        (2, 1, False, 2, "counter 1 of 2; fires next on turn 3"),
+        (5, 2, False, 3, "counter 2 of 5; fires next on turn 6"),
+        (None, -1, True, 4, "no frequency: every turn"),
+        (0, -1, False, 4, "frequency 0: sleeptime is paused"),
+    ],
+)
+def test_fire_reason(
+    frequency: int | None, counter: int, fired: bool, turn: int, expected: str
+) -> None:
+    assert run.fire_reason(frequency, counter, fired, turn) == expected
+
+
+def test_block_diff_shows_only_changed_lines() -> None:
+    before = "name: Ada\nfavorite color: orange"
+    after = "name: Ada\nfavorite color: coral\nlives in: Lisbon"
+
+    assert run.block_diff(before, after) == [
+        "- favorite color: orange",
+        "+ favorite color: coral",
+        "+ lives in: Lisbon",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///demo.db", Path("demo.db")),
+        ("sqlite:////tmp/x.db?timeout=5", Path("/tmp/x.db")),
+        ("sqlite+pysqlite:///a/b.db", Path("a/b.db")),
+        ("sqlite:///:memory:", None),
+        ("postgresql://localhost/db", None),
+    ],
+)
+def test_sqlite_path(url: str, path: Path | None) -> None:
+    assert run.sqlite_path(url) == path
