@@ -374,7 +374,7 @@ def open_existing(url: str) -> Runtime:
         raise CommandError(
             f"no database at {path}: run '{_command_name()} demo' first, or pass --db URL"
         )
-    return Runtime.start(url)
+    return Runtime.start(url, read_only=True)
 
 
 def resolve_id(wanted: str, known: Sequence[str], missing: Callable[[str], Exception]) -> str:
@@ -404,7 +404,11 @@ def show_runs(args: argparse.Namespace) -> int:
             agents = [a for g in groups for a in (g.primary_agent_id, *g.sleeptime_agent_ids)]
             agent_id = resolve_id(args.agent, agents, AgentNotFound)
         runs = rt.list_runs(
-            agent_id=agent_id, group_id=group_id, statuses=args.status, limit=args.limit
+            agent_id=agent_id,
+            group_id=group_id,
+            statuses=args.status,
+            limit=args.limit,
+            newest_first=True,
         )
     finally:
         rt.stop(drain_timeout=0)
@@ -431,10 +435,9 @@ def show_runs(args: argparse.Namespace) -> int:
     ]
     print(format_table(headers, rows, right={5, 6, 9}))
     if len(runs) == args.limit:
-        # list_runs returns the oldest first, so a full page means newer ones may be left out.
-        print(f"{len(runs)} run(s), oldest first; there may be more: raise --limit to see them")
+        print(f"{len(runs)} run(s), newest first; older ones may be left out: raise --limit")
     else:
-        print(f"{len(runs)} run(s), oldest first")
+        print(f"{len(runs)} run(s), newest first")
     return EXIT_OK
 
 

@@ -45,6 +45,7 @@ from messages import (
     KindRegistered,
     Message,
     MessageCreate,
+    ReadOnlyRuntime,
     Run,
     RunEvent,
     RunStatus,
@@ -123,8 +124,11 @@ class Runtime:
     Every method is safe to call from many threads.
     """
 
-    def __init__(self, store: Store, kinds: AgentKinds, workers: int) -> None:
+    def __init__(
+        self, store: Store, kinds: AgentKinds, workers: int, read_only: bool = False
+    ) -> None:
         self._store = store
+        self.read_only = read_only
         self.agents = kinds
         self._stopped = threading.Event()
         self._parts = RuntimeParts(
@@ -140,20 +144,26 @@ class Runtime:
         *,
         kinds: Mapping[str, AgentFactory] | None = None,
         workers: int = 32,
+        read_only: bool = False,
     ) -> Runtime:
         """Open (or create) the database at `url`, recover its open runs, and start.
 
         `kinds` are registered, next to the built-in ones, before recovery starts any run.
-        `workers` is the number of threads agents step on.
+        `workers` is the number of threads agents step on. With `read_only=True` the
+        database is only read (for inspection): no recovery, no run executes, and every
+        call that would change something raises ReadOnlyRuntime.
         """
         ensure_logging()
-        store = Store(url)
+        store = Store(url, create=not read_only)
         try:
             registry = AgentKinds()
             for name, factory in {**builtin_kinds(), **(kinds or {})}.items():
                 registry.register(name, factory)
-            runtime = cls(store, registry, workers)
-            runtime._recover()
+            runtime = cls(store, registry, workers, read_only)
+            if read_only:
+                runtime._parts.tracker = RunTrackerActor.start(store, runtime._parts.scheduler, [])
+            else:
+                runtime._recover()
         except BaseException:
             store.close()
             raise
@@ -228,7 +238,7 @@ class Runtime:
             return
         self._stopped.set()
         self._directory.stop_groups(timeout=60.0)
-        if drain_timeout > 0:
+        if drain_timeout > 0 and not self.read_only:  # a read-only runtime runs nothing
             self._drain(drain_timeout)
         self._directory.stop_agents(timeout=5.0)
         try:
@@ -254,9 +264,11 @@ class Runtime:
         if not_done:
             log.warning("drain_timed_out", open_runs=len(not_done))
 
-    def _check(self) -> None:
+    def _check(self, action: str | None = None) -> None:
         if self._stopped.is_set():
             raise RuntimeStopped()
+        if action is not None and self.read_only:
+            raise ReadOnlyRuntime(action)
 
     # -- groups ---------------------------------------------------------------------------
 
@@ -276,7 +288,7 @@ class Runtime:
         Raises pydantic's ValidationError for malformed arguments (a negative frequency,
         an unknown config key), UnknownAgentKind for a kind nobody registered.
         """
-        self._check()
+        self._check("create a group")
         spec = GroupCreate.model_validate(
             {
                 "primary": primary,
@@ -386,7 +398,7 @@ class Runtime:
         max_attempts: int = _UNSET,
     ) -> Group:
         """Change settings between turns; the counter is kept (as in Letta)."""
-        self._check()
+        self._check("update a group")
         changes = {
             name: value
             for name, value in {
@@ -427,14 +439,14 @@ class Runtime:
         self, group_id: str, messages: Sequence[MessageCreate | Mapping[str, Any]]
     ) -> TurnStream:
         """Like `step`, yielding the output messages as the primary agent produces them."""
-        self._check()
+        self._check("take a turn")
         sink: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
         command = TakeTurn(input=_MESSAGES.validate_python(messages), mode="stream", sink=sink)
         reply = self._send_group(group_id, command)
         return TurnStream(sink, reply)
 
     def _turn(self, group_id: str, messages: Sequence[Any], mode: TurnMode) -> TurnResult:
-        self._check()
+        self._check("take a turn")
         command = TakeTurn(input=_MESSAGES.validate_python(messages), mode=mode)
         result: TurnResult = self._ask_group(group_id, command)
         return result
@@ -483,12 +495,17 @@ class Runtime:
         group_id: str | None = None,
         statuses: Sequence[RunStatus | str] | None = None,
         limit: int | None = None,
+        newest_first: bool = False,
     ) -> list[Run]:
-        """Runs oldest first, filtered by agent, group and status."""
+        """Runs oldest first (or newest first), filtered by agent, group and status."""
         self._check()
         wanted = None if statuses is None else _STATUSES.validate_python(list(statuses))
         return self._store.list_runs(
-            agent_id=agent_id, group_id=group_id, statuses=wanted, limit=limit
+            agent_id=agent_id,
+            group_id=group_id,
+            statuses=wanted,
+            limit=limit,
+            newest_first=newest_first,
         )
 
     def run_events(self, run_id: str) -> list[RunEvent]:
@@ -498,13 +515,18 @@ class Runtime:
 
     def cancel_run(self, run_id: str) -> Run:
         """Cancel a run (a terminal run is returned as it is)."""
-        self._check()
+        self._check("cancel a run")
         committed = self._parts.tracker.ask(CancelRun(run_id=run_id), block=True)
         if committed is not None:
             committed.result()
         return self._store.get_run(run_id)
 
     # -- memory and history ---------------------------------------------------------------
+
+    def get_agent(self, agent_id: str) -> Agent:
+        """The stored agent: id, group, role, name, kind and config."""
+        self._check()
+        return self._store.get_agent(agent_id)
 
     def get_blocks(self, agent_id: str) -> Blocks:
         """The memory blocks as the agent sees them: the shared ones, then its own."""

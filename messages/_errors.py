@@ -43,6 +43,16 @@ class RuntimeStopped(SleeptimeError):
         super().__init__("the runtime is stopped: start a new one with Runtime.start(url)")
 
 
+class ReadOnlyRuntime(SleeptimeError):
+    """A call that would change the database reached a runtime opened read-only."""
+
+    def __init__(self, action: str) -> None:
+        super().__init__(
+            f"cannot {action}: this runtime was opened with read_only=True (for inspection); "
+            "start one with Runtime.start(url) to change anything"
+        )
+
+
 class TransitionRefused(SleeptimeError):
     """A run status change that the state machine does not allow."""
 

@@ -130,10 +130,11 @@ class Store:
         >>> store.get_group(group_id).counter
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
         self.url = redact(url)
         self._writer, self._reader = make_engines(url)
-        self._guard(lambda: Base.metadata.create_all(self._writer))
+        if create:
+            self._guard(lambda: Base.metadata.create_all(self._writer))
         self.committer = Committer(self._writer, translate=self._translate)
 
     def close(self) -> None:
@@ -409,8 +410,9 @@ class Store:
         group_id: str | None = None,
         statuses: Sequence[RunStatus | str] | None = None,
         limit: int | None = None,
+        newest_first: bool = False,
     ) -> list[Run]:
-        """Runs oldest first, filtered by agent, group and status."""
+        """Runs oldest first (or newest first), filtered by agent, group and status."""
         statement = select(runs)
         if agent_id is not None:
             statement = statement.where(runs.c.agent_id == agent_id)
@@ -418,7 +420,8 @@ class Store:
             statement = statement.where(runs.c.group_id == group_id)
         if statuses is not None:
             statement = statement.where(runs.c.status.in_([RunStatus(s).value for s in statuses]))
-        statement = statement.order_by(runs.c.created_at, runs.c.turn, runs.c.position)
+        order = [runs.c.created_at, runs.c.turn, runs.c.position]
+        statement = statement.order_by(*(c.desc() for c in order) if newest_first else order)
         if limit is not None:
             statement = statement.limit(limit)
         return self._read(lambda c: [_run(r) for r in c.execute(statement).mappings()])

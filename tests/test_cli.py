@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,21 +17,10 @@ REPO = Path(run.__file__).resolve().parent
 
 
 @pytest.fixture(autouse=True)
-def _logs_to_process_stderr(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Make `main` point the runtime's logs at the process's stderr, not capsys's.
-
-    configure_logging binds the current sys.stderr and structlog caches loggers on first
-    use, so a stream that capsys closes after the test would break every later log line.
-    """
-    stderr = sys.__stderr__ or sys.stderr
-
-    def configure(level: str | None = None, json: bool | None = None) -> None:
-        with contextlib.redirect_stderr(stderr):
-            configure_logging(level=level, json=json)
-
-    monkeypatch.setattr(run, "configure_logging", configure)
+def _default_logging() -> Iterator[None]:
+    """Put logging back to its defaults after a test that asked for debug or JSON logs."""
     yield
-    configure()  # back to the defaults, in case a test asked for debug or JSON logs
+    configure_logging()
 
 
 def sqlite_url(path: Path) -> str:
@@ -226,10 +214,10 @@ def test_runs_lists_the_demo_runs(demo_db: str, capsys: pytest.CaptureFixture[st
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["run", "group", "agent", "status"]
     rows = [line.split() for line in lines[2:-1]]
-    assert [row[0] for row in rows] == [r.id for r in runs]
+    assert [row[0] for row in rows] == [r.id for r in reversed(runs)]
     assert [row[3:5] for row in rows] == [["completed", "end_turn"]] * 3
-    assert [row[7] for row in rows] == ["1-2", "3-6", "7-10"]
-    assert lines[-1] == "3 run(s), oldest first"
+    assert [row[7] for row in rows] == ["7-10", "3-6", "1-2"]
+    assert lines[-1] == "3 run(s), newest first"
 
 
 @pytest.mark.parametrize(
@@ -259,8 +247,8 @@ def test_runs_filters_take_the_short_ids_shown(
     sleeper = run.short_id(group.sleeptime_agent_ids[0])
     assert run.main(["runs", "--db", demo_db, "--agent", sleeper, "--limit", "2"]) == 0
     out = capsys.readouterr().out
-    assert runs[0].id in out and runs[2].id not in out
-    assert "there may be more" in out
+    assert runs[2].id in out and runs[0].id not in out  # the newest two
+    assert "older ones may be left out" in out
     assert run.main(["runs", "--db", demo_db, "--agent", group.primary_agent_id]) == 0
     assert capsys.readouterr().out == "No runs match.\n"
 

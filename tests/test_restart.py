@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from actors import AgentFactory, Runtime, UnknownAgentKind
+from actors import AgentFactory, ReadOnlyRuntime, Runtime, UnknownAgentKind
 from messages import RunStatus, StopReason
 from tests.agents import Echo, Recorder, user
 from tests.invariants import check_group
@@ -102,3 +102,33 @@ def test_unregistered_kind_fails_turns_and_queued_runs_wait_for_it(db_url: str) 
         rt.agents.register("custom", late.factory)
         assert rt.wait_for_runs([run_id], timeout=30)[0].status is RunStatus.COMPLETED
         assert late.run_ids == [run_id]
+
+
+def test_read_only_runtime_inspects_without_recovering_or_changing(db_url: str) -> None:
+    gate = threading.Event()
+    hung = Recorder(gate=gate)
+    try:
+        rt = Runtime.start(db_url, kinds={"echo": Echo, "worker": hung.factory})
+        group = rt.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "worker"}])
+        run_id = rt.step(group.id, [user("hello")]).run_ids[0]
+        hung.wait_started()
+        rt.stop(drain_timeout=0)
+        with Runtime.start(db_url, read_only=True) as viewer:
+            run = viewer.get_run(run_id)
+            assert (run.status, run.attempt) == (RunStatus.RUNNING, 1)  # not re-queued
+            assert viewer.list_runs(newest_first=True)[0].id == run_id
+            assert viewer.get_agent(group.primary_agent_id).kind == "echo"
+            for call in (
+                lambda: viewer.step(group.id, [user("x")]),
+                lambda: viewer.cancel_run(run_id),
+                lambda: viewer.update_group(group.id, frequency=3),
+                lambda: viewer.create_group(
+                    primary={"kind": "echo"}, sleeptime=[{"kind": "memory"}]
+                ),
+            ):
+                with pytest.raises(ReadOnlyRuntime, match="read_only=True"):
+                    call()
+        with Runtime.start(db_url, read_only=True) as viewer:
+            assert viewer.get_run(run_id).attempt == 1
+    finally:
+        gate.set()
