@@ -74,6 +74,7 @@ _MESSAGES: TypeAdapter[list[MessageCreate]] = TypeAdapter(
 _STATUSES: TypeAdapter[list[RunStatus]] = TypeAdapter(list[RunStatus])
 _RUN_IDS: TypeAdapter[list[str]] = TypeAdapter(list[str])
 _UNSET: Any = object()
+_STREAM_POLL_S = 0.25
 _running: weakref.WeakSet[Runtime] = weakref.WeakSet()
 
 
@@ -93,17 +94,38 @@ class TurnStream(Iterator[Message]):
     def __next__(self) -> Message:
         if self._closed or self._ended:
             raise StopIteration
-        item = self._sink.get()
+        while True:
+            try:
+                item = self._sink.get(timeout=_STREAM_POLL_S)
+                break
+            except queue.Empty:
+                # The group always ends the sink; if its actor died before taking the turn,
+                # only the reply tells, so look at it now and then.
+                if self._reply_ready():
+                    item = None
+                    break
         if item is None:
             self._ended = True
             self.result  # noqa: B018  # raises the turn's error, if any, to the consumer
             raise StopIteration
         return item
 
+    def _reply_ready(self) -> bool:
+        try:
+            self._reply.get(timeout=0)
+        except pykka.Timeout:
+            return False
+        except Exception:
+            return True
+        return True
+
     @property
     def result(self) -> TurnResult:
         """The whole turn's result, once it has ended (raises the turn's error)."""
-        outcome: TurnResult = self._reply.get()
+        try:
+            outcome: TurnResult = self._reply.get()
+        except pykka.ActorDeadError as error:
+            raise RuntimeStopped() from error
         return outcome
 
     def close(self) -> None:

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from actors import PrimaryAgentError, Runtime
+from actors import PrimaryAgentError, Runtime, RuntimeStopped
 from messages import MessageCreate, RunStatus
 from tests.agents import Echo, Recorder, Silent, Streamer, user
 
@@ -258,3 +258,31 @@ def test_turns_of_different_groups_run_concurrently(rt: Runtime) -> None:
     gate.set()
     waiting.join(10)
     assert rt.get_group(slow.id).turns == 1
+
+
+def test_stop_finishes_the_streams_already_queued(db_url: str) -> None:
+    gate, entered = threading.Event(), threading.Semaphore(0)
+
+    class Blocking:
+        def __init__(self, config: dict[str, object]) -> None:
+            pass
+
+        def step(self, context: object, messages: object) -> list[MessageCreate]:
+            entered.release()
+            gate.wait(30)
+            return [MessageCreate(role="assistant", content="late")]
+
+    rt = Runtime.start(db_url, kinds={"blocking": Blocking})
+    group = rt.create_group(primary={"kind": "blocking"}, sleeptime=[{"kind": "memory"}])
+    first = rt.stream(group.id, [user("one")])
+    assert entered.acquire(timeout=10)
+    second = rt.stream(group.id, [user("two")])  # queued behind the first
+    stopper = threading.Thread(target=rt.stop, kwargs={"drain_timeout": 0})
+    stopper.start()
+    gate.set()
+    assert [m.text() for m in first] == ["late"]
+    assert [m.text() for m in second] == ["late"]
+    assert second.result.turn == 2
+    stopper.join(30)
+    with pytest.raises(RuntimeStopped):
+        rt.stream(group.id, [user("three")])
