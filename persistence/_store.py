@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar, cast
 
+from pydantic import BaseModel
 from sqlalchemy import (
     Connection,
     RowMapping,
@@ -456,6 +457,13 @@ class Store:
 
 # -- rows <-> models ----------------------------------------------------------------------
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def _from_row(model: type[M], row: RowMapping, **extra: Any) -> M:
+    """The model whose fields are the row's columns of the same names (plus `extra`)."""
+    return model.model_validate({**{k: row[k] for k in model.model_fields if k in row}, **extra})
+
 
 def _load_group(connection: Connection, group_id: str) -> tuple[Group, int, list[Agent]]:
     row = connection.execute(_SELECT_GROUP, {"group_id": group_id}).mappings().first()
@@ -465,30 +473,8 @@ def _load_group(connection: Connection, group_id: str) -> tuple[Group, int, list
         _agent(r)
         for r in connection.execute(_SELECT_GROUP_AGENTS, {"group_id": group_id}).mappings()
     ]
-    group = Group.model_validate(
-        {
-            **{
-                key: row[key]
-                for key in (
-                    "id",
-                    "primary_agent_id",
-                    "frequency",
-                    "counter",
-                    "cursor",
-                    "turns",
-                    "preamble",
-                    "transcript_max_messages",
-                    "run_timeout",
-                    "max_attempts",
-                    "status",
-                    "failure_reason",
-                    "created_at",
-                )
-            },
-            "sleeptime_agent_ids": [a.id for a in members if a.role == "sleeptime"],
-        }
-    )
-    return group, row["cursor_seq"], members
+    sleeptime_ids = [a.id for a in members if a.role == "sleeptime"]
+    return _from_row(Group, row, sleeptime_agent_ids=sleeptime_ids), row["cursor_seq"], members
 
 
 def _group_values(group: Group) -> dict[str, Any]:
@@ -497,12 +483,7 @@ def _group_values(group: Group) -> dict[str, Any]:
 
 
 def _agent(row: RowMapping) -> Agent:
-    return Agent.model_validate(
-        {
-            key: row[key]
-            for key in ("id", "group_id", "role", "name", "kind", "config", "created_at")
-        }
-    )
+    return _from_row(Agent, row)
 
 
 def _agent_values(agent: Agent, position: int) -> dict[str, Any]:
@@ -510,22 +491,7 @@ def _agent_values(agent: Agent, position: int) -> dict[str, Any]:
 
 
 def _block(row: RowMapping) -> Block:
-    return Block.model_validate(
-        {
-            key: row[key]
-            for key in (
-                "id",
-                "group_id",
-                "agent_id",
-                "label",
-                "value",
-                "limit",
-                "read_only",
-                "description",
-                "version",
-            )
-        }
-    )
+    return _from_row(Block, row)
 
 
 def _block_values(block: Block, position: int) -> dict[str, Any]:
@@ -533,70 +499,17 @@ def _block_values(block: Block, position: int) -> dict[str, Any]:
 
 
 def _message(row: RowMapping) -> Message:
-    return Message.model_validate(
-        {
-            key: row[key]
-            for key in (
-                "id",
-                "agent_id",
-                "group_id",
-                "sequence",
-                "role",
-                "content",
-                "name",
-                "tool_calls",
-                "tool_call_id",
-                "turn",
-                "run_id",
-                "created_at",
-            )
-        }
-    )
+    return _from_row(Message, row)
 
 
 def _message_values(message: Message) -> dict[str, Any]:
-    return {
-        "id": message.id,
-        "agent_id": message.agent_id,
-        "group_id": message.group_id,
-        "sequence": message.sequence,
-        "role": message.role,
-        "content": [p.model_dump(mode="json", exclude_none=True) for p in message.content],
-        "name": message.name,
-        "tool_calls": None
-        if message.tool_calls is None
-        else [c.model_dump(mode="json") for c in message.tool_calls],
-        "tool_call_id": message.tool_call_id,
-        "turn": message.turn,
-        "run_id": message.run_id,
-        "created_at": message.created_at,
-    }
+    values = message.model_dump(mode="json", exclude={"created_at"})
+    values["content"] = [p.model_dump(mode="json", exclude_none=True) for p in message.content]
+    return {**values, "created_at": message.created_at}
 
 
 def _run(row: RowMapping) -> Run:
-    return Run.model_validate(
-        {
-            **{
-                key: row[key]
-                for key in (
-                    "id",
-                    "group_id",
-                    "agent_id",
-                    "status",
-                    "stop_reason",
-                    "attempt",
-                    "turn",
-                    "window_first_seq",
-                    "window_last_seq",
-                    "created_at",
-                    "started_at",
-                    "completed_at",
-                    "error",
-                )
-            },
-            "metadata": row["metadata"],
-        }
-    )
+    return _from_row(Run, row)
 
 
 def _run_values(run: Run) -> dict[str, Any]:
