@@ -57,9 +57,11 @@ def make_engines(url: str) -> tuple[Engine, Engine]:
                 "in-memory SQLite cannot be shared by the runtime's "
                 "threads; use a file such as sqlite:///sleeptime.db",
             )
+    # A SQLite file connection never goes stale; a server connection can, so ping it.
+    ping = parsed.get_backend_name() != "sqlite"
     try:
-        writer = create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True)
-        reader = create_engine(url, pool_size=8, max_overflow=24, pool_pre_ping=True)
+        writer = create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=ping)
+        reader = create_engine(url, pool_size=8, max_overflow=24, pool_pre_ping=ping)
     except (NoSuchModuleError, ImportError, ArgumentError) as error:
         raise StoreUnavailable(redact(url), f"no driver for this URL: {error}") from error
     if parsed.get_backend_name() == "sqlite":

@@ -113,6 +113,18 @@ _WRITE_BLOCK = (
     .where(blocks.c.id == bindparam("block_id"))
     .values(value=bindparam("value"), version=bindparam("version"), updated_at=bindparam("at"))
 )
+_MOVE_RUN = update(runs).where(runs.c.id == bindparam("run_id"), runs.c.status == bindparam("old"))
+_START_RUN = _MOVE_RUN.values(
+    status=bindparam("status"), attempt=bindparam("attempt"), started_at=bindparam("at")
+)
+_END_RUN = _MOVE_RUN.values(
+    status=bindparam("status"),
+    attempt=bindparam("attempt"),
+    completed_at=bindparam("at"),
+    stop_reason=bindparam("stop_reason"),
+    error=bindparam("error"),
+)
+_REQUEUE_RUN = _MOVE_RUN.values(status=bindparam("status"), attempt=bindparam("attempt"))
 _SELECT_RUN = select(runs).where(runs.c.id == bindparam("run_id"))
 _SELECT_EVENTS = (
     select(run_events).where(run_events.c.run_id == bindparam("run_id")).order_by(run_events.c.id)
@@ -342,20 +354,21 @@ class Store:
 
     def apply_transition(self, change: Transition) -> Future[None]:
         """Write one status change (refused if the stored status moved meanwhile)."""
-        values: dict[str, Any] = {"status": change.new.value, "attempt": change.attempt}
+        params = {
+            "run_id": change.run_id,
+            "old": change.old.value,
+            "status": change.new.value,
+            "attempt": change.attempt,
+            "at": change.at,
+            "stop_reason": None if change.stop_reason is None else change.stop_reason.value,
+            "error": change.error,
+        }
         if change.new is RunStatus.RUNNING:
-            values["started_at"] = change.at
-        if change.new.terminal:
-            values["completed_at"] = change.at
-        if change.stop_reason is not None:
-            values["stop_reason"] = change.stop_reason.value
-        if change.error is not None:
-            values["error"] = change.error
-        statement = (
-            update(runs)
-            .where(runs.c.id == change.run_id, runs.c.status == change.old.value)
-            .values(**values)
-        )
+            statement = _START_RUN
+        elif change.new.terminal:
+            statement = _END_RUN
+        else:
+            statement = _REQUEUE_RUN
         event = {
             "run_id": change.run_id,
             "status": change.new.value,
@@ -366,7 +379,7 @@ class Store:
         rows = [_message_values(m) for m in change.messages]
 
         def op(connection: Connection) -> None:
-            if connection.execute(statement).rowcount != 1:
+            if connection.execute(statement, params).rowcount != 1:
                 raise TransitionRefused(change.run_id, change.old.value, change.new.value)
             connection.execute(_INSERT_EVENTS, [event])
             if rows:
