@@ -167,6 +167,7 @@ class Runtime:
         kinds: Mapping[str, AgentFactory] | None = None,
         workers: int = 32,
         read_only: bool = False,
+        auto_upgrade: bool = True,
     ) -> Runtime:
         """Open (or create) the database at `url`, recover its open runs, and start.
 
@@ -174,9 +175,14 @@ class Runtime:
         `workers` is the number of threads agents step on. With `read_only=True` the
         database is only read (for inspection): no recovery, no run executes, and every
         call that would change something raises ReadOnlyRuntime.
+
+        One runtime owns a database at a time: a second start raises DatabaseInUse. The
+        schema is migrated to this code's revision on start; with `auto_upgrade=False` an
+        older database is refused (SchemaMismatch) instead, and `Runtime.migrate(url)`
+        upgrades it.
         """
         ensure_logging()
-        store = Store(url, create=not read_only)
+        store = Store(url, read_only=read_only, auto_upgrade=auto_upgrade)
         try:
             registry = AgentKinds()
             for name, factory in {**builtin_kinds(), **(kinds or {})}.items():
@@ -192,6 +198,12 @@ class Runtime:
         _running.add(runtime)
         log.info("runtime_started", url=store.url)
         return runtime
+
+    @staticmethod
+    def migrate(url: str) -> tuple[str | None, str]:
+        """Upgrade the database at `url` to this code's schema; return (from, to) revisions."""
+        ensure_logging()
+        return Store.migrate(url)
 
     def _recover(self) -> None:
         """Re-queue the runs an earlier process left open (at-least-once), then start."""

@@ -113,6 +113,21 @@ class StoreUnavailable(SleeptimeError):
         super().__init__(f"database {url} is unavailable: {detail}")
 
 
+class DatabaseInUse(SleeptimeError):
+    """Another runtime owns this database; two runtimes never drive the same groups."""
+
+    def __init__(self, url: str, holder: str) -> None:
+        self.url, self.holder = url, holder
+        super().__init__(
+            f"database {url} is in use by another runtime ({holder}): stop that runtime "
+            "first, or open this one with read_only=True to inspect"
+        )
+
+
+class SchemaMismatch(SleeptimeError):
+    """The database's schema is not the one this code uses."""
+
+
 class GroupFailed(SleeptimeError):
     """The group was stopped after repeated crashes; it takes no more turns."""
 

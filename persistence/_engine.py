@@ -1,14 +1,16 @@
 """Engines for one database URL: a single writer and a pool of readers.
 
 SQLite runs in WAL mode so readers never wait for the writer; the writer starts every
-transaction with BEGIN IMMEDIATE so a read-modify-write cannot be overtaken.
+transaction with BEGIN IMMEDIATE so a read-modify-write cannot be overtaken. PostgreSQL
+goes through psycopg 3; connections are checked before use, so a restarted server is
+reconnected to on the next call.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import URL, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -16,14 +18,37 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from messages import StoreUnavailable
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+CONNECT_TIMEOUT_S = 5
 
 
-def redact(url: str) -> str:
+def redact(url: str | URL) -> str:
     """The URL with any password hidden, for messages and logs."""
     try:
         return make_url(url).render_as_string(hide_password=True)
     except ArgumentError:
-        return url
+        return str(url)
+
+
+def parse_url(url: str) -> URL:
+    """The URL, with plain `postgresql://` meaning the psycopg 3 driver; or StoreUnavailable."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as error:
+        raise StoreUnavailable(
+            url, f"not a database URL ({error}); use e.g. sqlite:///sleeptime.db"
+        ) from error
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def is_sqlite(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite"
+
+
+def sqlite_file(url: URL) -> str | None:
+    """The database file of a SQLite URL (None for any other database)."""
+    return url.database if is_sqlite(url) and url.database else None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -43,28 +68,33 @@ def _sqlite_manual_transactions(dbapi_connection: Any, _record: ConnectionPoolEn
 
 def make_engines(url: str) -> tuple[Engine, Engine]:
     """Return (writer, reader) engines for `url`, or raise StoreUnavailable saying why."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError as error:
-        raise StoreUnavailable(
-            url, f"not a database URL ({error}); use e.g. sqlite:///sleeptime.db"
-        ) from error
-    if parsed.get_backend_name() == "sqlite":
+    parsed = parse_url(url)
+    shown = redact(parsed)
+    if is_sqlite(parsed):
         database = parsed.database or ""
         if database in ("", ":memory:") or database.startswith("file::memory:"):
             raise StoreUnavailable(
                 url,
-                "in-memory SQLite cannot be shared by the runtime's "
-                "threads; use a file such as sqlite:///sleeptime.db",
+                "in-memory SQLite cannot be shared by the runtime's threads; use a file "
+                "such as sqlite:///sleeptime.db",
             )
-    # A SQLite file connection never goes stale; a server connection can, so ping it.
-    ping = parsed.get_backend_name() != "sqlite"
+        options: dict[str, Any] = {}
+    else:
+        # A server connection can go stale (a restart): check it before each use.
+        options = {
+            "pool_pre_ping": True,
+            "connect_args": {
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "application_name": "sleeptime-runtime",
+            },
+        }
     try:
-        writer = create_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=ping)
-        reader = create_engine(url, pool_size=8, max_overflow=24, pool_pre_ping=ping)
+        writer = create_engine(parsed, pool_size=1, max_overflow=0, **options)
+        reader = create_engine(parsed, pool_size=8, max_overflow=24, **options)
     except (NoSuchModuleError, ImportError, ArgumentError) as error:
-        raise StoreUnavailable(redact(url), f"no driver for this URL: {error}") from error
-    if parsed.get_backend_name() == "sqlite":
+        hint = " (pip install 'sleeptime-runtime[postgres]')" if "postgres" in shown else ""
+        raise StoreUnavailable(shown, f"no driver for this URL: {error}{hint}") from error
+    if is_sqlite(parsed):
         for engine in (writer, reader):
             event.listen(engine, "connect", _sqlite_manual_transactions)
             event.listen(engine, "connect", _sqlite_pragmas)
@@ -76,7 +106,6 @@ def make_engines(url: str) -> tuple[Engine, Engine]:
     except DBAPIError as error:
         writer.dispose()
         reader.dispose()
-        raise StoreUnavailable(
-            redact(url), str(error.orig).strip() or type(error.orig).__name__
-        ) from error
+        detail = str(error.orig).strip() or type(error.orig).__name__
+        raise StoreUnavailable(shown, detail) from error
     return writer, reader

@@ -40,11 +40,11 @@ from messages import (
     StoreUnavailable,
     TransitionRefused,
 )
+from persistence import _schema as schema
 from persistence._committer import Committer
-from persistence._engine import make_engines, redact
+from persistence._engine import make_engines, parse_url, redact
 from persistence._models import (
     AgentRow,
-    Base,
     BlockRow,
     GroupRow,
     MessageRow,
@@ -52,6 +52,7 @@ from persistence._models import (
     RunRow,
     utcnow,
 )
+from persistence._ownership import Ownership
 from persistence._records import GroupState, NewGroup, Transition, TurnWrite
 
 T = TypeVar("T")
@@ -73,6 +74,7 @@ _MOVE_GROUP = (
         cursor=bindparam("cursor"),
         cursor_seq=bindparam("cursor_seq"),
         updated_at=bindparam("at"),
+        last_turn_at=bindparam("at"),
     )
 )
 _INSERT_MESSAGES = insert(messages)
@@ -143,18 +145,59 @@ class Store:
         >>> store.get_group(group_id).counter
     """
 
-    def __init__(self, url: str, *, create: bool = True) -> None:
-        self.url = redact(url)
+    def __init__(self, url: str, *, read_only: bool = False, auto_upgrade: bool = True) -> None:
+        """Connect, take ownership of the database (unless read-only) and ready its schema.
+
+        Raises StoreUnavailable (cannot connect), DatabaseInUse (another runtime owns it)
+        or SchemaMismatch (a schema this code cannot use as it is).
+        """
+        parsed = parse_url(url)
+        self.url = redact(parsed)
         self._writer, self._reader = make_engines(url)
-        if create:
-            self._guard(lambda: Base.metadata.create_all(self._writer))
+        self._ownership: Ownership | None = None
+        try:
+            if read_only:
+                self._guard(lambda: schema.require_current(self._writer))
+            else:
+                self._ownership = Ownership(parsed)
+                self._guard(lambda: schema.prepare(self._writer, auto_upgrade=auto_upgrade))
+        except BaseException:
+            self._release()
+            raise
         self.committer = Committer(self._writer, translate=self._translate)
 
     def close(self) -> None:
-        """Commit what is queued, then release every connection."""
+        """Commit what is queued, then release every connection and the ownership."""
         self.committer.close()
+        self._release()
+
+    def _release(self) -> None:
         self._writer.dispose()
         self._reader.dispose()
+        if self._ownership is not None:
+            self._ownership.release()
+            self._ownership = None
+
+    @staticmethod
+    def migrate(url: str) -> tuple[str | None, str]:
+        """Upgrade the database at `url` to this code's schema; return (from, to) revisions.
+
+        It takes the database's ownership for the time it runs, so never under a live
+        runtime.
+        """
+        parsed = parse_url(url)
+        writer, reader = make_engines(url)
+        reader.dispose()
+        ownership = Ownership(parsed)
+        try:
+            schema.check(writer, auto_upgrade=True)
+            try:
+                return schema.upgrade(writer)
+            except DBAPIError as error:
+                raise StoreUnavailable(redact(parsed), str(error.orig).strip()) from error
+        finally:
+            ownership.release()
+            writer.dispose()
 
     # -- errors and reads -----------------------------------------------------------------
 
