@@ -491,6 +491,16 @@ def show_groups(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def migrate(args: argparse.Namespace) -> int:
+    """The `migrate` command: upgrade a database's schema to this version's."""
+    before, after = Runtime.migrate(args.db)
+    if before == after:
+        print(f"The database is already at schema revision {after}.")
+    else:
+        print(f"Migrated the database from revision {before or '(empty)'} to {after}.")
+    return EXIT_OK
+
+
 # -- the command line ----------------------------------------------------------------------
 
 
@@ -601,6 +611,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_logging_options(groups_parser, logging_after)
     groups_parser.set_defaults(handler=show_groups)
+
+    migrate_parser = commands.add_parser(
+        "migrate", help="upgrade a database's schema (a runtime does it on start by default)"
+    )
+    migrate_parser.add_argument("--db", metavar="URL", required=True, help="database URL")
+    add_logging_options(migrate_parser, logging_after)
+    migrate_parser.set_defaults(handler=migrate)
     return parser
 
 

@@ -33,6 +33,7 @@ from messages import (
     RunsCreated,
     RunStatus,
     SleeptimeError,
+    StoreUnavailable,
     TakeTurn,
     TurnResult,
     new_id,
@@ -59,6 +60,7 @@ class GroupActor(pykka.ThreadingActor):
         self._parts = parts
         self._adopt(state)
         self._behaviour: AgentBehaviour | None = None
+        self._stale = False
         self._log = log.bind(group_id=state.group.id, agent_id=state.primary.id)
 
     def _adopt(self, state: GroupState) -> None:
@@ -93,6 +95,8 @@ class GroupActor(pykka.ThreadingActor):
     # -- turns ----------------------------------------------------------------------------
 
     def _turn(self, command: TakeTurn) -> TurnResult:
+        if self._stale:
+            self._reload()  # raises StoreUnavailable while the store is still away
         group = self._group
         if group.status == "failed":
             raise GroupFailed(group.id, group.failure_reason or "stopped")
@@ -209,10 +213,23 @@ class GroupActor(pykka.ThreadingActor):
             self._parts.store.record_turn(write).result()
         except StaleTurn as stale:
             # Someone else moved this group: take the stored state as the truth.
-            self._adopt(self._parts.store.group_state(self._group.id))
+            self._reload()
             raise SleeptimeError(
                 f"turn not recorded: {stale}; the group was reloaded, retry the turn"
             ) from stale
+        except StoreUnavailable:
+            # The commit may or may not have happened (a connection lost mid-commit):
+            # before the next turn, read back what the store holds.
+            self._stale = True
+            raise
+
+    def _reload(self) -> None:
+        """Take the group's state from the store, and hand over runs not yet started."""
+        self._adopt(self._parts.store.group_state(self._group.id))
+        waiting = self._parts.store.list_runs(group_id=self._group.id, statuses=[RunStatus.CREATED])
+        self._dispatch(waiting)
+        self._stale = False
+        self._log.info("group_reloaded", turns=self._group.turns, runs_handed_over=len(waiting))
 
     def _dispatch(self, runs: list[Run], attempt: int = 0) -> None:
         """Hand committed runs to the tracker, then to their agents.

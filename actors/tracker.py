@@ -38,7 +38,7 @@ from persistence import Store, Transition, utcnow
 
 log = structlog.get_logger("sleeptime.tracker")
 
-RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # then every 30 s, while the runtime lives
 
 
 @dataclass(slots=True)
@@ -90,8 +90,8 @@ class RunTrackerActor(pykka.ThreadingActor):
                 return self._watch(run_ids)
             case TerminalCommitted(run_id=run_id):
                 self._settle(run_id)
-            case TransitionFailed(run_id=run_id, error=error):
-                self._retry(run_id, error)
+            case TransitionFailed(run_id=run_id, error=error, retryable=retryable):
+                self._retry(run_id, error, retryable)
             case RetryTransition(run_id=run_id):
                 pending = self._open.get(run_id)
                 if pending is not None and pending.pending is not None:
@@ -192,7 +192,8 @@ class RunTrackerActor(pykka.ThreadingActor):
             error = done.exception()
             try:
                 if error is not None:
-                    ref.tell(TransitionFailed(run_id=run_id, error=str(error)))
+                    retryable = isinstance(error, StoreUnavailable)
+                    ref.tell(TransitionFailed(run_id=run_id, error=str(error), retryable=retryable))
                 elif change.new.terminal:
                     ref.tell(TerminalCommitted(run_id=run_id))
             except pykka.ActorDeadError:
@@ -207,19 +208,24 @@ class RunTrackerActor(pykka.ThreadingActor):
             for waiter in run.waiters:
                 waiter.set_result(None)
 
-    def _retry(self, run_id: str, error: str) -> None:
-        """A write failed: retry a terminal one (a run must end), resync anything else."""
+    def _retry(self, run_id: str, error: str, retryable: bool) -> None:
+        """A write failed: a terminal one is written again until it lands (a run must
+        end); a start or re-queue that failed is left to the terminal write that follows,
+        whose guard accepts any open status."""
         run = self._open.get(run_id)
         if run is None:
             return
-        if run.pending is not None and "unavailable" in error and run.retries < len(RETRY_DELAYS):
-            delay = RETRY_DELAYS[run.retries]
+        if run.pending is None:
+            log.warning("transition_not_recorded", run_id=run_id, error=error)
+            return
+        if retryable:
+            delay = RETRY_DELAYS[min(run.retries, len(RETRY_DELAYS) - 1)]
             run.retries += 1
             log.warning("transition_retry", run_id=run_id, error=error, delay_s=delay)
             ref = self.actor_ref
             self._scheduler.call_later(delay, lambda: _tell(ref, RetryTransition(run_id=run_id)))
             return
-        log.error("transition_write_failed", run_id=run_id, error=error)
+        log.warning("transition_refused_by_store", run_id=run_id, error=error)
         self._resync(run_id, run)
 
     def _resync(self, run_id: str, run: _Open) -> None:

@@ -138,10 +138,14 @@ class TerminalCommitted(_Command):
 
 
 class TransitionFailed(_Command):
-    """A status change could not be written (sent by the tracker to itself)."""
+    """A status change could not be written (sent by the tracker to itself).
+
+    `retryable` when the database was unavailable: the same write may succeed later.
+    """
 
     run_id: str
     error: str
+    retryable: bool
 
 
 class RetryTransition(_Command):

@@ -110,7 +110,7 @@ class Committer:
                 for job in live:
                     self._retry_alone(job)
                 return
-            log.warning("write_failed", error=str(error), error_type=type(error).__name__)
+            log.debug("write_failed", error=str(error), error_type=type(error).__name__)
             live[0].future.set_exception(self._translate(error))
             return
         for job, result in zip(live, results, strict=True):
@@ -120,7 +120,7 @@ class Committer:
         try:
             (result,) = self._transaction([job])
         except Exception as error:
-            log.warning("write_failed", error=str(error), error_type=type(error).__name__)
+            log.debug("write_failed", error=str(error), error_type=type(error).__name__)
             job.future.set_exception(self._translate(error))
         else:
             job.future.set_result(result)

@@ -115,18 +115,29 @@ _WRITE_BLOCK = (
     .where(blocks.c.id == bindparam("block_id"))
     .values(value=bindparam("value"), version=bindparam("version"), updated_at=bindparam("at"))
 )
-_MOVE_RUN = update(runs).where(runs.c.id == bindparam("run_id"), runs.c.status == bindparam("old"))
-_START_RUN = _MOVE_RUN.values(
-    status=bindparam("status"), attempt=bindparam("attempt"), started_at=bindparam("at")
+# Each status change is guarded by the statuses it may leave, so the database itself
+# refuses a second start or any change after a terminal status, whoever asks.
+_START_RUN = (
+    update(runs)
+    .where(runs.c.id == bindparam("run_id"), runs.c.status == RunStatus.CREATED.value)
+    .values(status=bindparam("status"), attempt=bindparam("attempt"), started_at=bindparam("at"))
 )
-_END_RUN = _MOVE_RUN.values(
-    status=bindparam("status"),
-    attempt=bindparam("attempt"),
-    completed_at=bindparam("at"),
-    stop_reason=bindparam("stop_reason"),
-    error=bindparam("error"),
+_END_RUN = (
+    update(runs)
+    .where(runs.c.id == bindparam("run_id"), runs.c.status.in_(OPEN_STATUSES))
+    .values(
+        status=bindparam("status"),
+        attempt=bindparam("attempt"),
+        completed_at=bindparam("at"),
+        stop_reason=bindparam("stop_reason"),
+        error=bindparam("error"),
+    )
 )
-_REQUEUE_RUN = _MOVE_RUN.values(status=bindparam("status"), attempt=bindparam("attempt"))
+_REQUEUE_RUN = (
+    update(runs)
+    .where(runs.c.id == bindparam("run_id"), runs.c.status == RunStatus.RUNNING.value)
+    .values(status=bindparam("status"), attempt=bindparam("attempt"))
+)
 _SELECT_RUN = select(runs).where(runs.c.id == bindparam("run_id"))
 _SELECT_EVENTS = (
     select(run_events).where(run_events.c.run_id == bindparam("run_id")).order_by(run_events.c.id)
@@ -399,7 +410,6 @@ class Store:
         """Write one status change (refused if the stored status moved meanwhile)."""
         params = {
             "run_id": change.run_id,
-            "old": change.old.value,
             "status": change.new.value,
             "attempt": change.attempt,
             "at": change.at,

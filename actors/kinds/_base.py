@@ -18,6 +18,7 @@ from messages import (
     Message,
     MessageCreate,
     StopReason,
+    StoreUnavailable,
     UnknownAgentKind,
 )
 
@@ -117,6 +118,8 @@ class Memory:
             updated = self._editor.edit_block(current.id, change)
         except tools.MemoryToolError as error:
             return ToolResult(ok=False, message=str(error))
+        except StoreUnavailable as error:
+            return ToolResult(ok=False, message=f"memory is unavailable right now: {error}")
         seen = self.blocks
         with self._lock:
             self._blocks = Blocks(updated if b.id == updated.id else b for b in seen)
