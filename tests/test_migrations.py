@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, MetaData, create_engine, text
@@ -41,7 +42,7 @@ def _fill_first_revision(engine: Engine) -> dict[str, str]:
         "sleeper": "agent-old-s",
         "run": "run-old",
     }
-    rows = {
+    rows: dict[str, list[dict[str, Any]]] = {
         "groups": [
             {
                 "id": ids["group"],
