@@ -4,8 +4,9 @@ Every turn fires sleeptime (frequency 1) on zero-latency simulated agents over a
 file; a turn counts when `step` returned (its input, output, counter, cursor and run are
 committed), and "all runs done" is when the last run of the measurement is terminal.
 
-    python bench/turns.py            # 1 group and 100 groups
+    python bench/turns.py            # 1 group and 100 groups, on a SQLite file
     python bench/turns.py --quick    # a shorter run
+    python bench/turns.py --db postgresql://user@127.0.0.1:5432/bench   # on PostgreSQL
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ from messages import MessageCreate, RunStatus
 SIMULATED = {"kind": "simulated", "config": {"latency_ms": 0, "seed": 1}}
 
 
-def measure(groups: int, turns_per_group: int, workdir: Path) -> dict[str, float]:
+def measure(groups: int, turns_per_group: int, url: str) -> dict[str, float]:
     """Drive `groups` groups from one caller thread each; return the figures."""
-    url = f"sqlite:///{workdir / f'bench-{groups}.db'}"
     with Runtime.start(url) as rt:
         ids = [
             rt.create_group(primary=SIMULATED, sleeptime=[SIMULATED], frequency=1).id
@@ -77,10 +77,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer turns")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--db", metavar="URL", help="database URL (default: a new SQLite file)")
     args = parser.parse_args()
     single, many = (300, 10) if args.quick else (2000, 40)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [measure(1, single, Path(tmp)), measure(100, many, Path(tmp))]
+        url = args.db or f"sqlite:///{Path(tmp) / 'bench.db'}"
+        rows = [measure(1, single, url), measure(100, many, url)]
     header = ["groups", "turns", "turns/s", "turns/s (runs done)", "p50 ms", "p99 ms", "writes/txn"]
     print(" | ".join(f"{h:>19}" for h in header))
     for row in rows:

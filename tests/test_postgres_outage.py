@@ -17,10 +17,11 @@ SLOW = {"kind": "simulated", "config": {"latency_ms": 30, "seed": 3}}
 
 
 def test_server_restart_fails_calls_clearly_and_loses_nothing(
-    backend: str, rt: Runtime, postgres_cluster: PostgresCluster
+    backend: str, rt: Runtime, request: pytest.FixtureRequest
 ) -> None:
     if backend != "postgresql":
         pytest.skip("a server restart is a PostgreSQL matter")
+    postgres_cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
     group = rt.create_group(
         primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}, SLOW], frequency=1
     )
