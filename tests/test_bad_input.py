@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -257,3 +258,29 @@ def test_database_file_is_left_usable_after_bad_input(db_url: str, tmp_path: Pat
     with Runtime.start(db_url) as rt:
         assert rt.get_group(group.id).turns == 1
         assert rt.get_blocks(group.primary_agent_id)["human"].value == "name: Bo"
+
+
+@pytest.mark.parametrize(
+    ("database", "user", "says"),
+    [("nosuchdb", "postgres", "nosuchdb"), ("postgres", "nobody", "nobody")],
+    ids=["unknown database", "unknown user"],
+)
+def test_wrong_postgresql_url_fails_fast_and_clearly(
+    request: pytest.FixtureRequest, database: str, user: str, says: str
+) -> None:
+    cluster = request.getfixturevalue("postgres_cluster")
+    url = f"postgresql://{user}@{cluster.host}:{cluster.port}/{database}"
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=says):
+        Runtime.start(url)
+    assert time.monotonic() - started < 5
+
+
+def test_unreachable_postgresql_server_fails_fast_and_clearly() -> None:
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=r"Connection refused|failed"):
+        Runtime.start(f"postgresql://postgres@127.0.0.1:{port}/sleeptime")
+    assert time.monotonic() - started < 5

@@ -428,3 +428,16 @@ def test_block_diff_shows_only_changed_lines() -> None:
 )
 def test_sqlite_path(url: str, path: Path | None) -> None:
     assert run.sqlite_path(url) == path
+
+
+def test_demo_and_inspection_on_any_backend(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run.main(["demo", "--db", db_url, "--quiet-transcript"]) == 0
+    assert "favorite color: coral" in capsys.readouterr().out
+    assert run.main(["groups", "--db", db_url]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "1 group(s)"
+    assert run.main(["runs", "--db", db_url, "--status", "completed"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "3 run(s), newest first"
+    assert run.main(["migrate", "--db", db_url]) == 0
+    assert "already at schema revision" in capsys.readouterr().out
