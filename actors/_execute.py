@@ -22,6 +22,10 @@ from messages import (
 from persistence import Store, utcnow
 
 
+class InjectedFailure(Exception):  # the name says what it is
+    """An agent step failed on purpose by the chaos setting."""
+
+
 def stamp(
     create: MessageCreate,
     *,
@@ -73,6 +77,7 @@ def execute_run(
     cancel: threading.Event,
     started: Future[None],
     first_seq: int,
+    injected_failure: bool = False,
 ) -> StepDone:
     """Build the transcript of the run's window, step the agent, and report the outcome.
 
@@ -109,6 +114,8 @@ def execute_run(
             history=lambda: store.list_messages(run.agent_id),
             cancel_event=cancel,
         )
+        if injected_failure:
+            raise InjectedFailure("chaos: this step fails on purpose (failure_rate)")
         produced, stop_reason = as_output(behaviour.step(context, [transcript]))
         messages.extend(
             stamp(

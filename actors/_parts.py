@@ -1,14 +1,15 @@
 """The parts of one runtime that its actors share, and the directory of live actors.
 
-The directory finds the live actor of a group or sleeptime agent and starts one from
-the store when there is none (first use, or after the previous one died), so the
-actors' state always comes from the store and an actor never needs to know how it was
-(re)started.
+The directory finds the address of a group's or sleeptime agent's actor and has the
+supervisor start one from the store when there is none (first use). Each child spec
+says how to start a fresh incarnation and what escalation means: the group is marked
+failed, its open runs fail, and its actors stop; the rest of the runtime goes on.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,13 +18,25 @@ import structlog
 
 from actors._pool import StepPool
 from actors._scheduler import Scheduler
+from actors._supervision import (
+    Address,
+    Chaos,
+    ChildSpec,
+    CrashReporter,
+    RestartPolicy,
+    Supervisor,
+)
 from actors.group import GroupActor
 from actors.kinds._base import AgentKinds
 from actors.sleeptime_agent import SleeptimeAgentActor
-from messages import AgentNotFound, RunStatus
+from actors.tracker import CancelFlags, RunTrackerActor, RunWaiters
+from messages import AgentNotFound, FailGroupRuns, GroupFailed, RuntimeStopped
 from persistence import Store
 
 log = structlog.get_logger("sleeptime.directory")
+
+# The tracker is the heart of the runtime: it is restarted however often it crashes.
+TRACKER_POLICY = RestartPolicy(max_restarts=1_000_000, within_seconds=1.0)
 
 
 @dataclass
@@ -34,109 +47,143 @@ class RuntimeParts:
     kinds: AgentKinds
     pool: StepPool
     scheduler: Scheduler
-    tracker: pykka.ActorRef[Any] = field(init=False)
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    chaos: Chaos | None = None
+    waiters: RunWaiters = field(default_factory=RunWaiters)
+    flags: CancelFlags = field(default_factory=CancelFlags)
+    supervisor: Supervisor = field(init=False)
+    tracker: Address = field(init=False)
     directory: ActorDirectory = field(init=False)
 
 
+def _once(first: Any, load: Callable[[], Any]) -> Callable[[], tuple[Any, bool]]:
+    """The preloaded state for the first start, fresh state (and `True`) for restarts."""
+    pending = [first]
+
+    def state() -> tuple[Any, bool]:
+        if pending:
+            return pending.pop(), False
+        return load(), True
+
+    return state
+
+
 class ActorDirectory:
-    """Live GroupActors and SleeptimeAgentActors by id, started on demand."""
+    """Addresses of GroupActors and SleeptimeAgentActors by id, started on demand."""
 
     def __init__(self, parts: RuntimeParts) -> None:
         self._parts = parts
         self._lock = threading.RLock()
-        self._groups: dict[str, pykka.ActorRef[Any]] = {}
-        self._agents: dict[str, pykka.ActorRef[Any]] = {}
 
-    def group(self, group_id: str) -> pykka.ActorRef[Any]:
-        """The group's actor (GroupNotFound if the store has no such group)."""
-        with self._lock:
-            ref = self._groups.get(group_id)
-            if ref is not None and ref.is_alive():
-                return ref
-            state = self._parts.store.group_state(group_id)
-            if ref is not None:
-                log.warning("actor_restarted", actor="GroupActor", group_id=group_id)
-            ref = GroupActor.start(state, self._parts)
-            self._groups[group_id] = ref
-            return ref
+    def start_tracker(self) -> None:
+        parts = self._parts
 
-    def agent(self, agent_id: str) -> pykka.ActorRef[Any]:
-        """The sleeptime agent's actor, holding its queued runs from the store."""
+        def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
+            return RunTrackerActor.start(
+                reporter, parts.store, parts.scheduler, parts.waiters, parts.flags, reporter.address
+            )
+
+        parts.tracker = parts.supervisor.supervise(
+            ChildSpec(
+                "tracker",
+                start,
+                escalate=lambda reason: log.critical("tracker_escalated", reason=reason),
+                policy=TRACKER_POLICY,
+                refuse=RuntimeStopped,
+            )
+        )
+
+    def group(self, group_id: str) -> Address:
+        """The group's address (GroupNotFound if the store has no such group)."""
+        identity = f"group:{group_id}"
         with self._lock:
-            ref = self._agents.get(agent_id)
-            if ref is not None and ref.is_alive():
-                return ref
-            store = self._parts.store
+            address = self._parts.supervisor.child(identity)
+            if address is not None:
+                return address
+            store, parts = self._parts.store, self._parts
+            state = _once(store.group_state(group_id), lambda: store.group_state(group_id))
+
+            def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
+                loaded, again = state()
+                return GroupActor.start(reporter, loaded, parts, hand_over=again)
+
+            return parts.supervisor.supervise(
+                ChildSpec(
+                    identity,
+                    start,
+                    escalate=lambda reason: self._escalate(group_id, reason),
+                    policy=parts.policy,
+                    refuse=lambda: GroupFailed(group_id, "it was stopped after repeated crashes"),
+                )
+            )
+
+    def agent(self, agent_id: str) -> Address:
+        """The sleeptime agent's address; its actor takes its queue from the tracker."""
+        identity = f"agent:{agent_id}"
+        with self._lock:
+            address = self._parts.supervisor.child(identity)
+            if address is not None:
+                return address
+            store, parts = self._parts.store, self._parts
             agent = store.get_agent(agent_id)
             if agent.role != "sleeptime":
                 raise AgentNotFound(agent_id)
-            queued = store.list_runs(agent_id=agent_id, statuses=[RunStatus.CREATED])
-            if ref is not None:
-                log.warning("actor_restarted", actor="SleeptimeAgentActor", agent_id=agent_id)
-            ref = SleeptimeAgentActor.start(
-                agent,
-                store.get_group(agent.group_id),
-                store.last_sequence(agent_id),
-                queued,
-                self._parts,
+            group = _once(store.get_group(agent.group_id), lambda: store.get_group(agent.group_id))
+
+            def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
+                loaded, _ = group()
+                return SleeptimeAgentActor.start(reporter, agent, loaded, parts)
+
+            return parts.supervisor.supervise(
+                ChildSpec(
+                    identity,
+                    start,
+                    escalate=lambda reason: self._escalate(agent.group_id, reason),
+                    policy=parts.policy,
+                    refuse=lambda: GroupFailed(
+                        agent.group_id, "it was stopped after repeated crashes"
+                    ),
+                )
             )
-            self._agents[agent_id] = ref
-            return ref
 
     def tell_if_alive(self, agent_id: str, message: Any) -> None:
-        with self._lock:
-            ref = self._agents.get(agent_id)
-        if ref is not None:
-            try:
-                ref.tell(message)
-            except pykka.ActorDeadError:
-                pass
+        address = self._parts.supervisor.child(f"agent:{agent_id}")
+        if address is not None:
+            address.tell(message)
 
     def broadcast(self, message: Any) -> None:
-        """Tell every live actor (e.g. that a kind was registered)."""
-        with self._lock:
-            refs = [*self._groups.values(), *self._agents.values()]
-        for ref in refs:
-            try:
-                ref.tell(message)
-            except pykka.ActorDeadError:
-                pass
+        """Tell every group and agent actor (e.g. that a kind was registered)."""
+        for identity in self._parts.supervisor.identities():
+            address = self._parts.supervisor.child(identity)
+            if address is not None and identity != "tracker":
+                address.tell(message)
 
-    def agents_busy(self) -> bool:
-        with self._lock:
-            refs = list(self._agents.values())
-        return any(ref.is_alive() and ref.proxy().busy.get() for ref in refs)
+    def _escalate(self, group_id: str, reason: str) -> None:
+        """Too many crashes: the group fails with the reason, the rest goes on."""
+        parts = self._parts
+        try:
+            parts.store.fail_group(group_id, reason).result()
+        except Exception as error:
+            log.error("group_not_marked_failed", group_id=group_id, error=repr(error))
+        parts.tracker.tell(FailGroupRuns(group_id=group_id, reason=reason))
+        refusal = GroupFailed(group_id, reason)
+        try:
+            members = [f"agent:{a}" for a in parts.store.get_group(group_id).sleeptime_agent_ids]
+        except Exception:
+            members = []
+        for identity in [f"group:{group_id}", *members]:
+            parts.supervisor.stop(identity, refusal, wait=False)
+        log.error("group_failed", group_id=group_id, reason=reason)
 
-    def stop_groups(self, timeout: float) -> None:
-        """Stop every GroupActor after the turns already queued to it."""
-        with self._lock:
-            refs = list(self._groups.values())
-            self._groups.clear()
-        _stop_all(refs, timeout)
-
-    def stop_agents(self, timeout: float) -> None:
-        with self._lock:
-            refs = list(self._agents.values())
-            self._agents.clear()
-        _stop_all(refs, timeout)
+    def stop(self, prefix: str, timeout: float) -> None:
+        """Stop every child whose identity starts with `prefix`, after what it queued."""
+        for identity in self._parts.supervisor.identities():
+            if identity.startswith(prefix):
+                self._parts.supervisor.stop(identity, RuntimeStopped(), timeout=timeout)
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            return {
-                "groups": sum(r.is_alive() for r in self._groups.values()),
-                "agents": sum(r.is_alive() for r in self._agents.values()),
-            }
-
-
-def _stop_all(refs: list[pykka.ActorRef[Any]], timeout: float) -> None:
-    futures = []
-    for ref in refs:
-        try:
-            futures.append(ref.stop(block=False))
-        except pykka.ActorDeadError:
-            pass
-    for future in futures:
-        try:
-            future.get(timeout=timeout)
-        except (pykka.Timeout, pykka.ActorDeadError):
-            pass
+        identities = self._parts.supervisor.identities()
+        return {
+            "groups": sum(i.startswith("group:") for i in identities),
+            "agents": sum(i.startswith("agent:") for i in identities),
+        }

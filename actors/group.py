@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-import pykka
 import structlog
 
 from actors._execute import as_output, stamp
+from actors._supervision import CrashReporter, SupervisedActor
 from actors._trigger import decide_fire
 from actors.kinds._base import AgentBehaviour, AgentContext, Memory, stream_of
 from messages import (
@@ -46,17 +46,23 @@ if TYPE_CHECKING:
 log = structlog.get_logger("sleeptime.group")
 
 
-class GroupActor(pykka.ThreadingActor):
+class GroupActor(SupervisedActor):
     """Runs the turns of one group, one at a time.
 
-    Asked: `TakeTurn` -> `TurnResult` (or `PrimaryAgentError` carrying it),
-    `ChangeSettings` -> `Group`.
+    With a reply: `TakeTurn` -> `TurnResult` (or `PrimaryAgentError` carrying it),
+    `ChangeSettings` -> `Group`. Told: `DispatchRuns`, `KindRegistered`.
     """
 
-    use_daemon_thread = True
-
-    def __init__(self, state: GroupState, parts: RuntimeParts) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        reporter: CrashReporter,
+        state: GroupState,
+        parts: RuntimeParts,
+        hand_over: bool = False,
+    ) -> None:
+        super().__init__(reporter)
+        self._address = reporter.address
+        self._hand_over = hand_over
         self._parts = parts
         self._adopt(state)
         self._behaviour: AgentBehaviour | None = None
@@ -69,10 +75,11 @@ class GroupActor(pykka.ThreadingActor):
         self._cursor_seq = state.cursor_seq
         self._last_seq = state.last_seq
 
-    def on_failure(self, *exc_info: Any) -> None:
-        self._log.error("actor_crashed", actor="GroupActor", error=repr(exc_info[1]))
+    def started(self) -> None:
+        if self._hand_over:  # a new incarnation: runs committed but not handed over yet
+            self._reload()
 
-    def on_receive(self, message: Any) -> Any:
+    def receive(self, message: Any) -> Any:
         match message:
             case TakeTurn():
                 try:
@@ -90,7 +97,7 @@ class GroupActor(pykka.ThreadingActor):
                     self._behaviour = None  # a re-registered kind takes effect next turn
                 return None
             case _:
-                return super().on_receive(message)
+                raise TypeError(f"a group does not handle {type(message).__name__}")
 
     # -- turns ----------------------------------------------------------------------------
 
@@ -252,7 +259,7 @@ class GroupActor(pykka.ThreadingActor):
         if undelivered:
             delay = min(30.0, 0.5 * 2**attempt)
             command = DispatchRuns(runs=undelivered, attempt=attempt + 1)
-            self._parts.scheduler.call_later(delay, partial(_tell, self.actor_ref, command))
+            self._parts.scheduler.call_later(delay, partial(self._address.tell, command))
 
     # -- settings -------------------------------------------------------------------------
 
@@ -262,10 +269,3 @@ class GroupActor(pykka.ThreadingActor):
         for agent_id in self._group.sleeptime_agent_ids:
             self._parts.directory.tell_if_alive(agent_id, GroupChanged(group=self._group))
         return self._group
-
-
-def _tell(ref: pykka.ActorRef[Any], message: Any) -> None:
-    try:
-        ref.tell(message)
-    except pykka.ActorDeadError:
-        pass  # the group stopped; its created runs are loaded by their agents on start

@@ -15,11 +15,10 @@ import queue
 import threading
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import wait
+from concurrent.futures import Future, wait
 from types import TracebackType
 from typing import Annotated, Any, Self
 
-import pykka
 import structlog
 from pydantic import Field, TypeAdapter
 
@@ -27,9 +26,9 @@ from actors._logging import ensure_logging
 from actors._parts import ActorDirectory, RuntimeParts
 from actors._pool import StepPool
 from actors._scheduler import Scheduler
+from actors._supervision import Chaos, RestartPolicy, Supervisor
 from actors.kinds import builtin_kinds
 from actors.kinds._base import AgentFactory, AgentKinds
-from actors.tracker import RunTrackerActor
 from messages import (
     MEMORY_PERSONA,
     Agent,
@@ -85,7 +84,7 @@ class TurnStream(Iterator[Message]):
     end of the turn); `close()` stops listening without stopping the turn.
     """
 
-    def __init__(self, sink: queue.SimpleQueue[Message | None], reply: pykka.Future[Any]) -> None:
+    def __init__(self, sink: queue.SimpleQueue[Message | None], reply: Future[Any]) -> None:
         self._sink = sink
         self._reply = reply
         self._ended = False
@@ -111,21 +110,12 @@ class TurnStream(Iterator[Message]):
         return item
 
     def _reply_ready(self) -> bool:
-        try:
-            self._reply.get(timeout=0)
-        except pykka.Timeout:
-            return False
-        except Exception:
-            return True
-        return True
+        return self._reply.done()
 
     @property
     def result(self) -> TurnResult:
         """The whole turn's result, once it has ended (raises the turn's error)."""
-        try:
-            outcome: TurnResult = self._reply.get()
-        except pykka.ActorDeadError as error:
-            raise RuntimeStopped() from error
+        outcome: TurnResult = self._reply.result()
         return outcome
 
     def close(self) -> None:
@@ -147,15 +137,28 @@ class Runtime:
     """
 
     def __init__(
-        self, store: Store, kinds: AgentKinds, workers: int, read_only: bool = False
+        self,
+        store: Store,
+        kinds: AgentKinds,
+        workers: int,
+        read_only: bool = False,
+        chaos: Chaos | None = None,
+        restart_policy: RestartPolicy | None = None,
     ) -> None:
         self._store = store
         self.read_only = read_only
         self.agents = kinds
         self._stopped = threading.Event()
+        scheduler = Scheduler()
         self._parts = RuntimeParts(
-            store=store, kinds=kinds, pool=StepPool(workers), scheduler=Scheduler()
+            store=store,
+            kinds=kinds,
+            pool=StepPool(workers),
+            scheduler=scheduler,
+            policy=restart_policy or RestartPolicy(),
+            chaos=chaos,
         )
+        self._parts.supervisor = Supervisor(scheduler, chaos)
         self._directory = ActorDirectory(self._parts)
         self._parts.directory = self._directory
 
@@ -168,6 +171,8 @@ class Runtime:
         workers: int = 32,
         read_only: bool = False,
         auto_upgrade: bool = True,
+        chaos: Chaos | None = None,
+        restart_policy: RestartPolicy | None = None,
     ) -> Runtime:
         """Open (or create) the database at `url`, recover its open runs, and start.
 
@@ -180,6 +185,10 @@ class Runtime:
         schema is migrated to this code's revision on start; with `auto_upgrade=False` an
         older database is refused (SchemaMismatch) instead, and `Runtime.migrate(url)`
         upgrades it.
+
+        Crashed actors are restarted by their supervisor under `restart_policy` (more
+        crashes than it allows fail the group). `chaos` injects crashes and agent
+        failures, for tests and simulations.
         """
         ensure_logging()
         store = Store(url, read_only=read_only, auto_upgrade=auto_upgrade)
@@ -187,9 +196,9 @@ class Runtime:
             registry = AgentKinds()
             for name, factory in {**builtin_kinds(), **(kinds or {})}.items():
                 registry.register(name, factory)
-            runtime = cls(store, registry, workers, read_only)
+            runtime = cls(store, registry, workers, read_only, chaos, restart_policy)
             if read_only:
-                runtime._parts.tracker = RunTrackerActor.start(store, runtime._parts.scheduler, [])
+                runtime._directory.start_tracker()
             else:
                 runtime._recover()
         except BaseException:
@@ -241,7 +250,7 @@ class Runtime:
         if writes:
             log.warning("runs_recovered", runs=len(writes))
         still_open = self._store.open_runs()
-        self._parts.tracker = RunTrackerActor.start(self._store, self._parts.scheduler, still_open)
+        self._directory.start_tracker()
         self.agents.on_register(lambda kind: self._directory.broadcast(KindRegistered(kind=kind)))
         for agent_id in dict.fromkeys(run.agent_id for run in still_open):
             self._directory.agent(agent_id)
@@ -271,14 +280,11 @@ class Runtime:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self._directory.stop_groups(timeout=60.0)
+        self._directory.stop("group:", timeout=60.0)
         if drain_timeout > 0 and not self.read_only:  # a read-only runtime runs nothing
             self._drain(drain_timeout)
-        self._directory.stop_agents(timeout=5.0)
-        try:
-            self._parts.tracker.stop(timeout=10.0)
-        except (pykka.Timeout, pykka.ActorDeadError):
-            pass
+        self._directory.stop("agent:", timeout=5.0)
+        self._parts.supervisor.stop("tracker", RuntimeStopped(), timeout=10.0)
         self._parts.pool.close()
         self._parts.scheduler.close()
         self._store.close()
@@ -288,9 +294,7 @@ class Runtime:
     def _drain(self, timeout: float) -> None:
         try:
             open_ids = [run.id for run in self._store.open_runs()]
-            futures = self._parts.tracker.ask(
-                WatchRuns(run_ids=open_ids), block=True, timeout=timeout
-            )
+            futures = self._parts.tracker.ask(WatchRuns(run_ids=open_ids), timeout=timeout)
         except Exception as error:
             log.warning("drain_skipped", error=str(error))
             return
@@ -485,20 +489,14 @@ class Runtime:
         result: TurnResult = self._ask_group(group_id, command)
         return result
 
-    def _send_group(self, group_id: str, command: Any) -> pykka.Future[Any]:
-        for _ in range(2):
-            try:
-                return self._directory.group(group_id).ask(command, block=False)
-            except pykka.ActorDeadError:
-                self._check()  # the actor died or the runtime is stopping
-        raise RuntimeStopped()
+    def _send_group(self, group_id: str, command: Any) -> Future[Any]:
+        """Tell the group's actor; its reply future resolves when the command is done."""
+        reply: Future[Any] = command.reply
+        self._directory.group(group_id).tell(command)
+        return reply
 
     def _ask_group(self, group_id: str, command: Any) -> Any:
-        try:
-            return self._send_group(group_id, command).get()
-        except pykka.ActorDeadError as error:
-            self._check()
-            raise RuntimeStopped() from error
+        return self._send_group(group_id, command).result()
 
     # -- runs -----------------------------------------------------------------------------
 
@@ -511,7 +509,7 @@ class Runtime:
         ids = _RUN_IDS.validate_python(run_ids)
         if not ids:
             return []
-        futures = self._parts.tracker.ask(WatchRuns(run_ids=ids), block=True)
+        futures = self._parts.tracker.ask(WatchRuns(run_ids=ids))
         _, not_done = wait(futures, timeout=timeout)
         if not_done:
             open_ids = [i for i, f in zip(ids, futures, strict=True) if f in not_done]
@@ -550,7 +548,7 @@ class Runtime:
     def cancel_run(self, run_id: str) -> Run:
         """Cancel a run (a terminal run is returned as it is)."""
         self._check("cancel a run")
-        committed = self._parts.tracker.ask(CancelRun(run_id=run_id), block=True)
+        committed = self._parts.tracker.ask(CancelRun(run_id=run_id))
         if committed is not None:
             committed.result()
         return self._store.get_run(run_id)
@@ -573,9 +571,11 @@ class Runtime:
         return self._store.list_messages(agent_id)
 
     def stats(self) -> dict[str, int]:
-        """Live actors, step threads and write batches, for monitoring."""
+        """Live actors, step threads, restarts and write batches, for monitoring."""
         return {
             **self._directory.counts(),
+            "restarts": self._parts.supervisor.restarts,
+            "escalations": self._parts.supervisor.escalations,
             "step_threads": self._parts.pool.threads,
             "transactions": self._store.committer.transactions,
             "writes": self._store.committer.ops,

@@ -3,7 +3,8 @@
 Runs start in creation order; the next starts only when the current one has ended
 (completed, failed, cancelled and returned, or timed out), so two runs of one agent
 never overlap. Steps execute on the shared step pool, so this actor stays free to take
-deadlines and new runs while its agent works.
+deadlines and new runs while its agent works. A new incarnation takes its queue from the
+tracker, which re-queues the run the previous one was running.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pydantic
-import pykka
 import structlog
 
 from actors._execute import execute_run
 from actors._scheduler import Timer
+from actors._supervision import Address, CrashReporter, SupervisedActor
 from actors.kinds._base import AgentBehaviour
 from messages import (
+    AdoptRuns,
     Agent,
     AgentConfigError,
     AssignRun,
@@ -54,42 +56,50 @@ class _Current:
     deadline: Timer
 
 
-class SleeptimeAgentActor(pykka.ThreadingActor):
+class SleeptimeAgentActor(SupervisedActor):
     """Executes the runs of one sleeptime agent, one at a time, in creation order.
 
     Told: `AssignRun`, `StepDone`, `RunDeadline`, `GroupChanged`, `KindRegistered`.
     """
 
-    use_daemon_thread = True
-
     def __init__(
-        self, agent: Agent, group: Group, last_seq: int, queued: list[Run], parts: RuntimeParts
+        self, reporter: CrashReporter, agent: Agent, group: Group, parts: RuntimeParts
     ) -> None:
-        super().__init__()
+        super().__init__(reporter)
+        self._address = reporter.address
         self._agent = agent
         self._group = group
         self._parts = parts
-        self._next_seq = last_seq + 1
+        self._next_seq = 1
         self._queue: deque[Run] = deque()
         self._queued: set[str] = set()
         self._current: _Current | None = None
         self._behaviour: AgentBehaviour | None = None
         self._build_error: str | None = None
+        chaos = parts.chaos
+        self._step_dice = (
+            chaos.dice(f"steps/{agent.id}", reporter.address.incarnation)
+            if (chaos is not None and chaos.failure_rate > 0)
+            else None
+        )
         self._log = log.bind(agent_id=agent.id, group_id=agent.group_id)
-        for run in queued:
-            self._enqueue(run)
 
-    def on_start(self) -> None:
+    def started(self) -> None:
+        self._next_seq = self._parts.store.last_sequence(self._agent.id) + 1
+        for run in self._parts.tracker.ask(AdoptRuns(agent_id=self._agent.id)):
+            self._enqueue(run)
         self._pump()
 
     def on_stop(self) -> None:
         if self._current is not None:
             self._current.deadline.cancel()
 
-    def on_failure(self, *exc_info: Any) -> None:
-        self._log.error("actor_crashed", actor="SleeptimeAgentActor", error=repr(exc_info[1]))
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        if self._current is not None:
+            self._current.deadline.cancel()
+        super().on_failure(exception_type, exception_value, traceback)
 
-    def on_receive(self, message: Any) -> Any:
+    def receive(self, message: Any) -> Any:
         match message:
             case AssignRun(run=run):
                 self._enqueue(run)
@@ -103,7 +113,7 @@ class SleeptimeAgentActor(pykka.ThreadingActor):
                 if kind == self._agent.kind:
                     self._behaviour, self._build_error = None, None
             case _:
-                return super().on_receive(message)
+                raise TypeError(f"a sleeptime agent does not handle {type(message).__name__}")
         self._pump()
         return None
 
@@ -122,7 +132,7 @@ class SleeptimeAgentActor(pykka.ThreadingActor):
                 return
             run = self._queue.popleft()
             self._queued.discard(run.id)
-            decision: StartDecision = self._parts.tracker.ask(StartRun(run_id=run.id), block=True)
+            decision: StartDecision = self._parts.tracker.ask(StartRun(run_id=run.id))
             if decision.started:
                 self._begin(run, decision)
 
@@ -141,7 +151,7 @@ class SleeptimeAgentActor(pykka.ThreadingActor):
 
     def _begin(self, run: Run, decision: StartDecision) -> None:
         assert decision.cancel is not None and decision.committed is not None
-        ref = self.actor_ref
+        address = self._address
         if self._behaviour is None:
             error = self._build_error or "agent could not be built"
             self._parts.tracker.tell(
@@ -164,14 +174,17 @@ class SleeptimeAgentActor(pykka.ThreadingActor):
             cancel=decision.cancel,
             started=decision.committed,
             first_seq=self._next_seq,
+            injected_failure=self._step_dice is not None
+            and self._step_dice.random()
+            < (self._parts.chaos.failure_rate if self._parts.chaos else 0.0),
         )
         future = self._parts.pool.submit(job)
         deadline = self._parts.scheduler.call_later(
             self._group.run_timeout,
-            partial(_tell, ref, RunDeadline(run_id=run.id, attempt=decision.attempt)),
+            partial(address.tell, RunDeadline(run_id=run.id, attempt=decision.attempt)),
         )
         self._current = _Current(run.id, decision.attempt, decision, future, deadline)
-        future.add_done_callback(partial(_report, ref, run.id, decision.attempt))
+        future.add_done_callback(partial(_report, address, run.id, decision.attempt))
         self._log.debug("run_started", run_id=run.id, attempt=decision.attempt)
 
     def _step_done(self, done: StepDone) -> None:
@@ -224,14 +237,7 @@ class SleeptimeAgentActor(pykka.ThreadingActor):
         self._log.warning("run_timed_out", run_id=run_id, timeout_s=self._group.run_timeout)
 
 
-def _tell(ref: pykka.ActorRef[Any], message: Any) -> None:
-    try:
-        ref.tell(message)
-    except pykka.ActorDeadError:
-        pass  # the actor stopped; its open runs are recovered from the store
-
-
-def _report(ref: pykka.ActorRef[Any], run_id: str, attempt: int, future: Future[StepDone]) -> None:
+def _report(address: Address, run_id: str, attempt: int, future: Future[StepDone]) -> None:
     error = future.exception()
     done = (
         future.result()
@@ -244,4 +250,4 @@ def _report(ref: pykka.ActorRef[Any], run_id: str, attempt: int, future: Future[
             error=f"{type(error).__name__}: {error}",
         )
     )
-    _tell(ref, done)
+    address.tell(done)

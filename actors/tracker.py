@@ -1,24 +1,29 @@
 """The RunTrackerActor: every run status change goes through it, in one place.
 
-It keeps the status of every open run in memory, refuses transitions the state machine
-does not allow (and logs them), writes the allowed ones through the committer without
-waiting, and resolves `wait_for_runs` only once a terminal status is committed.
+It keeps every open run in memory, refuses transitions the state machine does not allow
+(and logs them), writes the allowed ones through the committer without waiting, and
+resolves `wait_for_runs` only once a terminal status is committed. Its state comes from
+the store: a restarted tracker first lets every write already queued commit, then loads
+the open runs. Waiters and cancel flags live outside it and survive its restarts.
 """
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import pykka
 import structlog
 
 from actors._scheduler import Scheduler
+from actors._supervision import Address, CrashReporter, SupervisedActor
 from messages import (
+    AdoptRuns,
     CancelRun,
+    FailGroupRuns,
     FinishRun,
+    GroupNotFound,
     RetryTransition,
     Run,
     RunNotFound,
@@ -41,45 +46,109 @@ log = structlog.get_logger("sleeptime.tracker")
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # then every 30 s, while the runtime lives
 
 
+class RunWaiters:
+    """Futures of callers waiting for runs to end, kept across tracker restarts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[str, list[Future[None]]] = {}
+
+    def add(self, run_id: str) -> Future[None]:
+        future: Future[None] = Future()
+        with self._lock:
+            self._waiting.setdefault(run_id, []).append(future)
+        return future
+
+    def resolve(self, run_id: str) -> None:
+        with self._lock:
+            futures = self._waiting.pop(run_id, [])
+        for future in futures:
+            if not future.done():
+                future.set_result(None)
+
+    def run_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._waiting)
+
+
+class CancelFlags:
+    """The cancel flag of each run's current attempt, seen by its agent's context.
+
+    Every attempt gets a fresh flag, so re-queuing never un-cancels an earlier attempt
+    that is still stepping.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flags: dict[str, threading.Event] = {}
+
+    def new_attempt(self, run_id: str) -> threading.Event:
+        flag = threading.Event()
+        with self._lock:
+            self._flags[run_id] = flag
+        return flag
+
+    def raise_flag(self, run_id: str) -> None:
+        with self._lock:
+            flag = self._flags.get(run_id)
+        if flag is not None:
+            flag.set()
+
+    def forget(self, run_id: str) -> None:
+        with self._lock:
+            self._flags.pop(run_id, None)
+
+
 @dataclass(slots=True)
 class _Open:
     """A run the tracker follows until its terminal status is committed."""
 
-    agent_id: str
-    group_id: str
+    run: Run
     status: RunStatus
     attempt: int
-    cancel: threading.Event | None = None
-    settled: Future[None] | None = None
     pending: Transition | None = None
+    settled: Future[None] | None = None
     retries: int = 0
-    waiters: list[Future[None]] = field(default_factory=list)
 
 
-class RunTrackerActor(pykka.ThreadingActor):
+class RunTrackerActor(SupervisedActor):
     """Records run status changes, durably and in a legal order.
 
-    Told: `RunsCreated`, `FinishRun`. Asked: `StartRun` -> `StartDecision`,
-    `CancelRun` -> commit future or None, `WatchRuns` -> one future per run.
+    Told: `RunsCreated`, `FinishRun`, `FailGroupRuns`. With a reply: `StartRun` ->
+    `StartDecision`, `CancelRun` -> commit future or None, `WatchRuns` -> futures,
+    `AdoptRuns` -> runs.
     """
 
-    use_daemon_thread = True
-
-    def __init__(self, store: Store, scheduler: Scheduler, open_runs: list[Run]) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        reporter: CrashReporter | None,
+        store: Store,
+        scheduler: Scheduler,
+        waiters: RunWaiters,
+        flags: CancelFlags,
+        address: Address,
+    ) -> None:
+        super().__init__(reporter)
         self._store = store
         self._scheduler = scheduler
-        self._open: dict[str, _Open] = {
-            run.id: _Open(run.agent_id, run.group_id, run.status, run.attempt) for run in open_runs
-        }
+        self._waiters = waiters
+        self._flags = flags
+        self._address = address
+        self._open: dict[str, _Open] = {}
 
-    def on_receive(self, message: Any) -> Any:
+    def started(self) -> None:
+        self._store.committer.run(lambda connection: None)  # what was queued is settled
+        for run in self._store.open_runs():
+            self._open[run.id] = _Open(run, run.status, run.attempt)
+        for run_id in self._waiters.run_ids():
+            if run_id not in self._open:
+                self._waiters.resolve(run_id)  # ended while no tracker was listening
+
+    def receive(self, message: Any) -> Any:
         match message:
             case RunsCreated(runs=runs):
                 for run in runs:
-                    self._open.setdefault(
-                        run.id, _Open(run.agent_id, run.group_id, run.status, run.attempt)
-                    )
+                    self._open.setdefault(run.id, _Open(run, run.status, run.attempt))
             case StartRun(run_id=run_id):
                 return self._start(run_id)
             case FinishRun():
@@ -88,21 +157,21 @@ class RunTrackerActor(pykka.ThreadingActor):
                 return self._cancel(run_id)
             case WatchRuns(run_ids=run_ids):
                 return self._watch(run_ids)
+            case AdoptRuns(agent_id=agent_id):
+                return self._adopt(agent_id)
+            case FailGroupRuns(group_id=group_id, reason=reason):
+                self._fail_group(group_id, reason)
             case TerminalCommitted(run_id=run_id):
                 self._settle(run_id)
             case TransitionFailed(run_id=run_id, error=error, retryable=retryable):
                 self._retry(run_id, error, retryable)
             case RetryTransition(run_id=run_id):
-                pending = self._open.get(run_id)
-                if pending is not None and pending.pending is not None:
-                    self._submit(run_id, pending, pending.pending)
+                found = self._open.get(run_id)
+                if found is not None and found.pending is not None:
+                    self._submit(run_id, found, found.pending)
             case _:
-                return super().on_receive(message)
+                raise TypeError(f"the run tracker does not handle {type(message).__name__}")
         return None
-
-    @property
-    def open_count(self) -> int:
-        return sum(1 for run in self._open.values() if not run.status.terminal)
 
     # -- transitions ----------------------------------------------------------------------
 
@@ -112,11 +181,9 @@ class RunTrackerActor(pykka.ThreadingActor):
             status = "unknown" if run is None else run.status.value
             log.debug("start_refused", run_id=run_id, status=status)
             return StartDecision(started=False, reason=f"run is {status}")
-        run.cancel = threading.Event()
+        flag = self._flags.new_attempt(run_id)
         committed = self._write(run_id, run, RunStatus.RUNNING, reason="started")
-        return StartDecision(
-            started=True, attempt=run.attempt, cancel=run.cancel, committed=committed
-        )
+        return StartDecision(started=True, attempt=run.attempt, cancel=flag, committed=committed)
 
     def _finish(self, finish: FinishRun) -> None:
         run = self._open.get(finish.run_id)
@@ -133,14 +200,9 @@ class RunTrackerActor(pykka.ThreadingActor):
                 messages=finish.messages,
             )
         except TransitionRefused as refused:
-            # A late finish (after cancel or timeout) changes nothing, but what the agent
-            # did is kept in its history.
-            log.info(
-                "transition_refused",
-                run_id=finish.run_id,
-                agent_id=finish.messages[0].agent_id if finish.messages else None,
-                detail=str(refused),
-            )
+            # A late finish (after a cancel, a timeout or a re-queue) changes nothing, but
+            # what the agent did is kept in its history.
+            log.info("transition_refused", run_id=finish.run_id, detail=str(refused))
             if finish.messages:
                 self._store.store_messages(finish.messages)
 
@@ -150,11 +212,58 @@ class RunTrackerActor(pykka.ThreadingActor):
             return None
         if run.status.terminal:
             return run.settled
-        if run.cancel is not None:
-            run.cancel.set()
+        self._flags.raise_flag(run_id)
         return self._write(
             run_id, run, RunStatus.CANCELLED, reason="cancelled", stop_reason=StopReason.CANCELLED
         )
+
+    def _adopt(self, agent_id: str) -> list[Run]:
+        """Hand a (re)started agent its runs; one it was running is re-queued first."""
+        mine = sorted(
+            (r for r in self._open.values() if r.run.agent_id == agent_id), key=lambda r: r.run.turn
+        )
+        for found in mine:
+            if found.status is RunStatus.RUNNING:
+                self._interrupt(found)
+        return [
+            found.run.model_copy(update={"attempt": found.attempt, "status": RunStatus.CREATED})
+            for found in mine
+            if found.status is RunStatus.CREATED
+        ]
+
+    def _interrupt(self, found: _Open) -> None:
+        run_id = found.run.id
+        self._flags.raise_flag(run_id)  # whatever still runs of that attempt, stop it
+        try:
+            max_attempts = self._store.get_group(found.run.group_id).max_attempts
+        except (GroupNotFound, StoreUnavailable):
+            max_attempts = found.attempt + 1
+        if found.attempt >= max_attempts:
+            self._write(
+                run_id,
+                found,
+                RunStatus.FAILED,
+                reason="interrupted",
+                stop_reason=StopReason.INTERRUPTED,
+                error=f"interrupted {found.attempt} time(s), the group's max_attempts",
+            )
+            return
+        found.attempt += 1
+        self._write(run_id, found, RunStatus.CREATED, reason="interrupted")
+        log.info("run_requeued", run_id=run_id, attempt=found.attempt)
+
+    def _fail_group(self, group_id: str, reason: str) -> None:
+        for run_id, found in list(self._open.items()):
+            if found.run.group_id == group_id and not found.status.terminal:
+                self._flags.raise_flag(run_id)
+                self._write(
+                    run_id,
+                    found,
+                    RunStatus.FAILED,
+                    reason="group_failed",
+                    stop_reason=StopReason.ERROR,
+                    error=f"the group failed: {reason}",
+                )
 
     def _write(
         self,
@@ -184,29 +293,25 @@ class RunTrackerActor(pykka.ThreadingActor):
 
     def _submit(self, run_id: str, run: _Open, change: Transition) -> Future[None]:
         future = self._store.apply_transition(change)
-        ref = self.actor_ref
+        address = self._address
         if change.new.terminal:
             run.settled, run.pending = future, change
 
         def committed(done: Future[None]) -> None:
             error = done.exception()
-            try:
-                if error is not None:
-                    retryable = isinstance(error, StoreUnavailable)
-                    ref.tell(TransitionFailed(run_id=run_id, error=str(error), retryable=retryable))
-                elif change.new.terminal:
-                    ref.tell(TerminalCommitted(run_id=run_id))
-            except pykka.ActorDeadError:
-                pass  # stopping: what is not committed is recovered on the next start
+            if error is not None:
+                retryable = isinstance(error, StoreUnavailable)
+                address.tell(TransitionFailed(run_id=run_id, error=str(error), retryable=retryable))
+            elif change.new.terminal:
+                address.tell(TerminalCommitted(run_id=run_id))
 
         future.add_done_callback(committed)
         return future
 
     def _settle(self, run_id: str) -> None:
-        run = self._open.pop(run_id, None)
-        if run is not None:
-            for waiter in run.waiters:
-                waiter.set_result(None)
+        if self._open.pop(run_id, None) is not None:
+            self._flags.forget(run_id)
+            self._waiters.resolve(run_id)
 
     def _retry(self, run_id: str, error: str, retryable: bool) -> None:
         """A write failed: a terminal one is written again until it lands (a run must
@@ -222,8 +327,8 @@ class RunTrackerActor(pykka.ThreadingActor):
             delay = RETRY_DELAYS[min(run.retries, len(RETRY_DELAYS) - 1)]
             run.retries += 1
             log.warning("transition_retry", run_id=run_id, error=error, delay_s=delay)
-            ref = self.actor_ref
-            self._scheduler.call_later(delay, lambda: _tell(ref, RetryTransition(run_id=run_id)))
+            address = self._address
+            self._scheduler.call_later(delay, lambda: address.tell(RetryTransition(run_id=run_id)))
             return
         log.warning("transition_refused_by_store", run_id=run_id, error=error)
         self._resync(run_id, run)
@@ -238,35 +343,22 @@ class RunTrackerActor(pykka.ThreadingActor):
         if stored.status.terminal:
             self._settle(run_id)
 
-    def on_failure(self, *exc_info: Any) -> None:
-        log.error("actor_crashed", actor="RunTrackerActor", error=repr(exc_info[1]))
-
     # -- waiting --------------------------------------------------------------------------
 
     def _watch(self, run_ids: list[str]) -> list[Future[None]]:
-        futures: dict[str, Future[None]] = {}
         unknown = [i for i in dict.fromkeys(run_ids) if i not in self._open]
         stored = self._store.get_runs(unknown) if unknown else {}
+        futures: dict[str, Future[None]] = {}
         for run_id in dict.fromkeys(run_ids):
-            future: Future[None] = Future()
-            run = self._open.get(run_id)
-            if run is not None:
-                run.waiters.append(future)
-            elif run_id not in stored:
+            if run_id not in self._open and run_id not in stored:
                 raise RunNotFound(run_id)
-            elif stored[run_id].status.terminal:
-                future.set_result(None)
-            else:  # open in the store but not followed: follow it from now on
+            if run_id not in self._open and stored[run_id].status.terminal:
+                done: Future[None] = Future()
+                done.set_result(None)
+                futures[run_id] = done
+                continue
+            if run_id not in self._open:  # open in the store but not followed: follow it
                 found = stored[run_id]
-                self._open[run_id] = _Open(
-                    found.agent_id, found.group_id, found.status, found.attempt, waiters=[future]
-                )
-            futures[run_id] = future
+                self._open[run_id] = _Open(found, found.status, found.attempt)
+            futures[run_id] = self._waiters.add(run_id)
         return [futures[run_id] for run_id in run_ids]
-
-
-def _tell(ref: pykka.ActorRef[Any], message: Any) -> None:
-    try:
-        ref.tell(message)
-    except pykka.ActorDeadError:
-        pass

@@ -8,10 +8,12 @@ Example:
 """
 
 from messages._commands import (
+    AdoptRuns,
     AssignRun,
     CancelRun,
     ChangeSettings,
     DispatchRuns,
+    FailGroupRuns,
     FinishRun,
     GroupChanged,
     KindRegistered,
@@ -90,6 +92,7 @@ __all__ = [
     "DEFAULT_RUN_TIMEOUT",
     "MEMORY_PERSONA",
     "TERMINAL_STATUSES",
+    "AdoptRuns",
     "Agent",
     "AgentConfigError",
     "AgentNotFound",
@@ -103,6 +106,7 @@ __all__ = [
     "ContentPart",
     "DatabaseInUse",
     "DispatchRuns",
+    "FailGroupRuns",
     "FinishRun",
     "Group",
     "GroupChanged",

@@ -8,7 +8,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from messages._content import Message, MessageCreate
 from messages._groups import Group
@@ -21,6 +21,10 @@ class _Command(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
 
+def _reply() -> Future[Any]:
+    return Future()
+
+
 # -- to a GroupActor ------------------------------------------------------------------
 
 
@@ -30,12 +34,14 @@ class TakeTurn(_Command):
     input: list[MessageCreate]
     mode: TurnMode
     sink: queue.SimpleQueue[Message | None] | None = None
+    reply: Future[Any] = Field(default_factory=_reply)
 
 
 class ChangeSettings(_Command):
     """Change a group's settings between two turns; replies with the updated Group."""
 
     changes: dict[str, Any]
+    reply: Future[Any] = Field(default_factory=_reply)
 
 
 class DispatchRuns(_Command):
@@ -96,6 +102,7 @@ class StartRun(_Command):
     """Ask to move a run to `running`; the reply is a `StartDecision`."""
 
     run_id: str
+    reply: Future[Any] = Field(default_factory=_reply)
 
 
 class StartDecision(_Command):
@@ -123,12 +130,32 @@ class CancelRun(_Command):
     """Cancel a run; the reply is the commit future of the change, or None if none."""
 
     run_id: str
+    reply: Future[Any] = Field(default_factory=_reply)
 
 
 class WatchRuns(_Command):
     """The reply is one future per run id, resolved once that run is terminal and committed."""
 
     run_ids: list[str]
+    reply: Future[Any] = Field(default_factory=_reply)
+
+
+class AdoptRuns(_Command):
+    """A sleeptime agent's actor (re)started: the reply is its queued runs, oldest first.
+
+    A run it was running when its previous incarnation died is re-queued first
+    (attempt + 1), or failed as `interrupted` past the group's `max_attempts`.
+    """
+
+    agent_id: str
+    reply: Future[Any] = Field(default_factory=_reply)
+
+
+class FailGroupRuns(_Command):
+    """The group escalated: fail its open runs with the reason."""
+
+    group_id: str
+    reason: str
 
 
 class TerminalCommitted(_Command):

@@ -281,6 +281,10 @@ class Store:
 
         return self.committer.submit(op)
 
+    def fail_group(self, group_id: str, reason: str) -> Future[None]:
+        """Mark the group failed: it takes no more turns."""
+        return self.update_group(group_id, {"status": "failed", "failure_reason": reason})
+
     def get_agent(self, agent_id: str) -> Agent:
         def query(connection: Connection) -> Agent:
             row = connection.execute(_SELECT_AGENT, {"agent_id": agent_id}).mappings().first()

@@ -1,0 +1,409 @@
+"""Supervision, in the style of Erlang/OTP and Akka typed: restarts are data, not code.
+
+A `ChildSpec` says how to start a fresh instance of an actor (its state comes from the
+store), its `RestartPolicy` (OTP's intensity: `max_restarts` within `within_seconds`, and
+an exponential backoff with jitter between restarts) and what escalation means for it.
+The `Supervisor` is the one piece of code that restarts; actors only report that they
+crashed, through the `SupervisedActor` base class, and never know how they come back.
+
+Callers reach a supervised actor through its `Address`, which outlives incarnations:
+messages told while the actor restarts are buffered and delivered to the new instance,
+after the ones the dead instance had not handled yet, so nothing is silently dropped.
+An address whose child was stopped or escalated refuses messages with a clear error.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import pykka
+import structlog
+from pykka.messages import _ActorStop
+
+from actors._scheduler import Scheduler
+from messages import SleeptimeError
+
+log = structlog.get_logger("sleeptime.supervisor")
+
+
+class InjectedCrash(Exception):  # the name says what it is
+    """A crash injected by the chaos setting, to prove recovery works."""
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """How often a child may crash before it escalates, and how long to wait between.
+
+    More than `max_restarts` crashes within `within_seconds` escalates. The n-th restart
+    in that window waits `backoff_base * 2**(n-1)` seconds, at most `backoff_max`, moved
+    by up to `jitter` of itself either way.
+    """
+
+    max_restarts: int = 5
+    within_seconds: float = 10.0
+    backoff_base: float = 0.01
+    backoff_max: float = 1.0
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.max_restarts < 0 or self.within_seconds <= 0:
+            raise ValueError("max_restarts must be >= 0 and within_seconds > 0")
+        if not 0 <= self.jitter < 1 or self.backoff_base < 0 or self.backoff_max < 0:
+            raise ValueError("backoff_base, backoff_max >= 0 and 0 <= jitter < 1")
+
+    def backoff(self, restarts_in_window: int, rng: random.Random) -> float:
+        """Seconds to wait before the given restart (1 = the first in the window)."""
+        delay = min(self.backoff_max, self.backoff_base * 2.0 ** max(0, restarts_in_window - 1))
+        return float(delay * (1 + rng.uniform(-self.jitter, self.jitter)))
+
+
+@dataclass(frozen=True, slots=True)
+class Chaos:
+    """Fault injection for tests and simulations, seeded so a run can be replayed.
+
+    Each actor crashes on a `crash_rate` fraction of the messages it receives; each agent
+    step fails on a `failure_rate` fraction. With the same seed, an actor (by identity and
+    incarnation) makes the same decisions for the same sequence of messages.
+    """
+
+    crash_rate: float = 0.0
+    failure_rate: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.crash_rate <= 1 and 0 <= self.failure_rate <= 1):
+            raise ValueError("crash_rate and failure_rate are fractions between 0 and 1")
+
+    def dice(self, identity: str, incarnation: int = 0) -> random.Random:
+        return random.Random(f"{self.seed}/{identity}/{incarnation}")
+
+
+@dataclass
+class ChildSpec:
+    """How to (re)start one supervised actor and what its escalation means.
+
+    `start(reporter)` builds a fresh instance whose state comes from the store and returns
+    its ref; `escalate(reason)` runs once when the child crashes too often.
+    """
+
+    identity: str
+    start: Callable[[CrashReporter], pykka.ActorRef[Any]]
+    escalate: Callable[[str], None]
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    refuse: Callable[[], Exception] = lambda: SleeptimeError("the actor was stopped")
+
+
+class Address:
+    """The stable handle of a supervised actor, valid across its restarts."""
+
+    __slots__ = ("_buffer", "_lock", "_ref", "_refusal", "identity", "incarnation")
+
+    def __init__(self, identity: str) -> None:
+        self.identity = identity
+        self.incarnation = 0
+        self._lock = threading.Lock()
+        self._ref: pykka.ActorRef[Any] | None = None
+        self._buffer: deque[Any] = deque()
+        self._refusal: Exception | None = None
+
+    def tell(self, message: Any) -> None:
+        """Deliver now, or after the restart under way; refuse if the child is gone."""
+        with self._lock:
+            if self._refusal is not None:
+                _refuse(message, self._refusal)
+                return
+            if self._ref is not None and not self._buffer:
+                try:
+                    self._ref.tell(message)
+                    return
+                except pykka.ActorDeadError:
+                    pass  # it just crashed: its report will restart it
+            self._buffer.append(message)
+
+    def ask(self, message: Any, timeout: float | None = None) -> Any:
+        """Tell a message that carries a `reply` future, and wait for that reply."""
+        reply: Future[Any] = message.reply
+        self.tell(message)
+        return reply.result(timeout)
+
+    @property
+    def alive(self) -> bool:
+        with self._lock:
+            return self._ref is not None and self._ref.is_alive()
+
+    @property
+    def refused(self) -> bool:
+        with self._lock:
+            return self._refusal is not None
+
+    def _attach(self, ref: pykka.ActorRef[Any]) -> None:
+        """The new incarnation is up: hand it everything that waited, in order."""
+        with self._lock:
+            self._ref = ref
+            while self._buffer:
+                message = self._buffer.popleft()
+                try:
+                    ref.tell(message)
+                except pykka.ActorDeadError:
+                    self._buffer.appendleft(message)  # crashed already; the next one gets it
+                    return
+
+    def _detach(self, inbox: Any, first: list[Any]) -> None:
+        """The current incarnation died: keep what it had not handled, ahead of the rest."""
+        with self._lock:
+            self._ref = None
+            pending = list(first)
+            while not inbox.empty():
+                envelope = inbox.get()
+                if isinstance(envelope.message, _ActorStop):
+                    if envelope.reply_to is not None:
+                        envelope.reply_to.set(None)
+                    continue
+                pending.append(envelope.message)
+            self._buffer.extendleft(reversed(pending))
+
+    def _close(self, refusal: Exception) -> list[Any]:
+        """No incarnation will come: refuse what waits and what comes."""
+        with self._lock:
+            self._refusal = refusal
+            waiting = list(self._buffer)
+            self._buffer.clear()
+            ref, self._ref = self._ref, None
+        for message in waiting:
+            _refuse(message, refusal)
+        return [ref] if ref is not None else []
+
+
+def _refuse(message: Any, refusal: Exception) -> None:
+    reply = getattr(message, "reply", None)
+    if isinstance(reply, Future) and not reply.done():
+        reply.set_exception(refusal)
+
+
+class CrashReporter:
+    """What a supervised actor holds: where to report a crash, and the chaos dice."""
+
+    __slots__ = ("_supervisor", "address", "crash_rate", "dice")
+
+    def __init__(self, supervisor: Supervisor, address: Address, chaos: Chaos | None) -> None:
+        self._supervisor = supervisor
+        self.address = address
+        self.crash_rate = chaos.crash_rate if chaos is not None else 0.0
+        self.dice = chaos.dice(address.identity, address.incarnation) if chaos else None
+
+    def strikes(self) -> bool:
+        """Whether chaos crashes the actor on this message."""
+        return self.dice is not None and self.dice.random() < self.crash_rate
+
+    def crashed(self, error: BaseException, inbox: Any, unhandled: list[Any]) -> None:
+        self._supervisor._crashed(self.address, error, inbox, unhandled)
+
+
+@dataclass
+class _Child:
+    spec: ChildSpec
+    address: Address
+    crashes: deque[float] = field(default_factory=deque)
+    escalated: bool = False
+
+
+class Supervisor:
+    """Starts children, restarts them when they crash, escalates when they crash too often.
+
+    Example:
+        >>> address = supervisor.supervise(ChildSpec("group:g1", start, escalate))
+        >>> address.tell(message)
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        chaos: Chaos | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int = 0,
+    ) -> None:
+        self._scheduler = scheduler
+        self._chaos = chaos
+        self._clock = clock
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._children: dict[str, _Child] = {}
+        self.restarts = 0
+        self.escalations = 0
+
+    def supervise(self, spec: ChildSpec) -> Address:
+        """Start the child now (a failed start counts as a crash) and return its address."""
+        address = Address(spec.identity)
+        child = _Child(spec, address)
+        with self._lock:
+            self._children[spec.identity] = child
+        self._start(child)
+        return address
+
+    def child(self, identity: str) -> Address | None:
+        with self._lock:
+            found = self._children.get(identity)
+            return None if found is None else found.address
+
+    def stop(
+        self, identity: str, refusal: Exception, timeout: float = 10.0, wait: bool = True
+    ) -> None:
+        """Stop a child on purpose: what it had queued is handled first, later messages
+        are refused with `refusal`. With `wait`, return once it has stopped."""
+        with self._lock:
+            child = self._children.pop(identity, None)
+        if child is not None:
+            for ref in child.address._close(refusal):
+                if wait:
+                    _stop(ref, timeout)
+                else:
+                    try:
+                        ref.stop(block=False)
+                    except pykka.ActorDeadError:
+                        pass
+
+    def identities(self) -> list[str]:
+        with self._lock:
+            return list(self._children)
+
+    def _start(self, child: _Child) -> None:
+        reporter = CrashReporter(self, child.address, self._chaos)
+        try:
+            ref = child.spec.start(reporter)
+        except Exception as error:
+            self._crashed(child.address, error, None, [])
+            return
+        child.address._attach(ref)
+
+    def _crashed(
+        self, address: Address, error: BaseException, inbox: Any, unhandled: list[Any]
+    ) -> None:
+        with self._lock:
+            child = self._children.get(address.identity)
+        if child is None or child.address is not address:
+            return  # stopped on purpose meanwhile
+        if inbox is not None:
+            address._detach(inbox, unhandled)
+        else:
+            address._detach(_EmptyInbox(), unhandled)
+        now = self._clock()
+        with self._lock:
+            child.crashes.append(now)
+            while child.crashes and now - child.crashes[0] > child.spec.policy.within_seconds:
+                child.crashes.popleft()
+            in_window = len(child.crashes)
+            escalate = in_window > child.spec.policy.max_restarts and not child.escalated
+            child.escalated = child.escalated or escalate
+            delay = child.spec.policy.backoff(in_window, self._rng)
+        log.warning(
+            "actor_crashed", actor=address.identity, error=repr(error), crashes_in_window=in_window
+        )
+        if escalate:
+            self._escalate(
+                child,
+                f"{in_window} crashes within "
+                f"{child.spec.policy.within_seconds:g}s, last: {error!r}",
+            )
+            return
+        if child.escalated:
+            return
+        self._scheduler.call_later(delay, lambda: self._restart(child))
+
+    def _restart(self, child: _Child) -> None:
+        with self._lock:
+            if self._children.get(child.spec.identity) is not child or child.escalated:
+                return
+            self.restarts += 1
+        child.address.incarnation += 1
+        self._start(child)
+        log.info(
+            "actor_restarted", actor=child.spec.identity, incarnation=child.address.incarnation
+        )
+
+    def _escalate(self, child: _Child, reason: str) -> None:
+        with self._lock:
+            self.escalations += 1
+            self._children.pop(child.spec.identity, None)
+        child.address._close(child.spec.refuse())  # its last incarnation is dead already
+        log.error("group_escalated", actor=child.spec.identity, reason=reason)
+        try:
+            child.spec.escalate(reason)
+        except Exception as error:
+            log.error("escalation_failed", actor=child.spec.identity, error=repr(error))
+
+
+class _EmptyInbox:
+    def empty(self) -> bool:
+        return True
+
+    def get(self) -> Any:  # pragma: no cover - never called on an empty inbox
+        raise LookupError
+
+
+def _stop(ref: pykka.ActorRef[Any], timeout: float) -> None:
+    try:
+        ref.stop(block=True, timeout=timeout)
+    except (pykka.ActorDeadError, pykka.Timeout):
+        pass
+
+
+class SupervisedActor(pykka.ThreadingActor):
+    """Base of the runtime's actors: messages in, replies through futures, crashes reported.
+
+    A subclass implements `receive(message)` (and may implement `started()`). A message
+    with a `reply` future gets the return value, or the exception, as its reply; an
+    exception from a message without one is a crash, reported to the supervisor, which
+    redelivers the messages this incarnation had not handled to the next one.
+    """
+
+    use_daemon_thread = True
+
+    def __init__(self, reporter: CrashReporter | None = None) -> None:
+        super().__init__()
+        self._reporter = reporter
+        self._unhandled: list[Any] = []
+
+    def started(self) -> None:
+        """Load what the actor needs; runs in its own thread before any message."""
+
+    def receive(self, message: Any) -> Any:
+        raise NotImplementedError
+
+    def on_start(self) -> None:
+        try:
+            self.started()
+        except Exception as error:
+            self._report(error)
+            raise
+
+    def on_receive(self, message: Any) -> Any:
+        if self._reporter is not None and self._reporter.strikes():
+            self._unhandled = [message]  # nothing of it ran: the next incarnation takes it
+            raise InjectedCrash(f"chaos crashed {self._reporter.address.identity}")
+        reply = getattr(message, "reply", None)
+        if not isinstance(reply, Future):
+            return self.receive(message)
+        try:
+            outcome = self.receive(message)
+        except Exception as error:
+            if not reply.done():
+                reply.set_exception(error)
+        else:
+            if not reply.done():
+                reply.set_result(outcome)
+        return None
+
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        self._report(exception_value)
+
+    def _report(self, error: BaseException) -> None:
+        if self._reporter is not None:
+            self._reporter.crashed(error, self.actor_inbox, self._unhandled)
+            self._unhandled = []
