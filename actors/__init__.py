@@ -9,7 +9,9 @@ Example:
     ...     result = rt.step(group.id, [MessageCreate(role="user", content="hello")])
 """
 
+from actors._invariants import INVARIANTS, InvariantReport
 from actors._logging import configure_logging
+from actors._supervision import Chaos, RestartPolicy
 from actors._transcript import DEFAULT_PREAMBLE, render_transcript
 from actors._trigger import decide_fire
 from actors.group import GroupActor
@@ -47,20 +49,24 @@ from messages import (
 __all__ = [
     "DEFAULT_MEMORY_PERSONA",
     "DEFAULT_PREAMBLE",
+    "INVARIANTS",
     "AgentBehaviour",
     "AgentConfigError",
     "AgentContext",
     "AgentFactory",
     "AgentKinds",
     "AgentNotFound",
+    "Chaos",
     "DatabaseInUse",
     "GroupActor",
     "GroupFailed",
     "GroupNotFound",
+    "InvariantReport",
     "Memory",
     "NotFoundError",
     "PrimaryAgentError",
     "ReadOnlyRuntime",
+    "RestartPolicy",
     "RunNotFound",
     "RunTrackerActor",
     "RunsTimeout",

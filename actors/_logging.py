@@ -18,6 +18,7 @@ _LEVELS = {
     "info": logging.INFO,
     "warning": logging.WARNING,
     "error": logging.ERROR,
+    "critical": logging.CRITICAL,
 }
 
 
@@ -31,6 +32,9 @@ def configure_logging(level: str | None = None, json: bool | None = None) -> Non
     if name not in _LEVELS:
         raise ValueError(f"log level {name!r} is not one of {', '.join(_LEVELS)}")
     as_json = json if json is not None else os.environ.get("SLEEPTIME_LOG_JSON") == "1"
+    # pykka prints a traceback for every actor that dies; the supervisor reports each crash
+    # (actor_crashed, actor_restarted) as a structured event instead.
+    logging.getLogger("pykka").setLevel(logging.CRITICAL)
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if as_json

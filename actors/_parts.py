@@ -89,7 +89,7 @@ class ActorDirectory:
                 start,
                 escalate=lambda reason: log.critical("tracker_escalated", reason=reason),
                 policy=TRACKER_POLICY,
-                refuse=RuntimeStopped,
+                refuse=lambda reason: RuntimeStopped(),
             )
         )
 
@@ -113,7 +113,7 @@ class ActorDirectory:
                     start,
                     escalate=lambda reason: self._escalate(group_id, reason),
                     policy=parts.policy,
-                    refuse=lambda: GroupFailed(group_id, "it was stopped after repeated crashes"),
+                    refuse=lambda reason: GroupFailed(group_id, reason),
                 )
             )
 
@@ -140,9 +140,7 @@ class ActorDirectory:
                     start,
                     escalate=lambda reason: self._escalate(agent.group_id, reason),
                     policy=parts.policy,
-                    refuse=lambda: GroupFailed(
-                        agent.group_id, "it was stopped after repeated crashes"
-                    ),
+                    refuse=lambda reason: GroupFailed(agent.group_id, reason),
                 )
             )
 
@@ -172,7 +170,7 @@ class ActorDirectory:
         except Exception:
             members = []
         for identity in [f"group:{group_id}", *members]:
-            parts.supervisor.stop(identity, refusal, wait=False)
+            parts.supervisor.close(identity, refusal)
         log.error("group_failed", group_id=group_id, reason=reason)
 
     def stop(self, prefix: str, timeout: float) -> None:

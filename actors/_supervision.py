@@ -70,12 +70,18 @@ class Chaos:
 
     Each actor crashes on a `crash_rate` fraction of the messages it receives; each agent
     step fails on a `failure_rate` fraction. With the same seed, an actor (by identity and
-    incarnation) makes the same decisions for the same sequence of messages.
+    incarnation) makes the same decisions for the same sequence of messages. `only`
+    limits crashes to actors whose identity starts with it (`"tracker"`, `"group:"`,
+    `"agent:<id>"`); `crash_limit` caps the crashes injected into one actor; `after`
+    spares the first messages of each incarnation.
     """
 
     crash_rate: float = 0.0
     failure_rate: float = 0.0
     seed: int = 0
+    only: str | None = None
+    crash_limit: int | None = None
+    after: int = 0
 
     def __post_init__(self) -> None:
         if not (0 <= self.crash_rate <= 1 and 0 <= self.failure_rate <= 1):
@@ -97,7 +103,9 @@ class ChildSpec:
     start: Callable[[CrashReporter], pykka.ActorRef[Any]]
     escalate: Callable[[str], None]
     policy: RestartPolicy = field(default_factory=RestartPolicy)
-    refuse: Callable[[], Exception] = lambda: SleeptimeError("the actor was stopped")
+    refuse: Callable[[str], Exception] = lambda reason: SleeptimeError(
+        f"the actor was stopped: {reason}"
+    )
 
 
 class Address:
@@ -190,17 +198,32 @@ def _refuse(message: Any, refusal: Exception) -> None:
 class CrashReporter:
     """What a supervised actor holds: where to report a crash, and the chaos dice."""
 
-    __slots__ = ("_supervisor", "address", "crash_rate", "dice")
+    __slots__ = ("_supervisor", "address", "chaos", "dice", "seen")
 
     def __init__(self, supervisor: Supervisor, address: Address, chaos: Chaos | None) -> None:
         self._supervisor = supervisor
         self.address = address
-        self.crash_rate = chaos.crash_rate if chaos is not None else 0.0
-        self.dice = chaos.dice(address.identity, address.incarnation) if chaos else None
+        targeted = (
+            chaos is not None
+            and chaos.crash_rate > 0
+            and (chaos.only is None or address.identity.startswith(chaos.only))
+        )
+        self.chaos = chaos if targeted else None
+        self.dice = (
+            chaos.dice(address.identity, address.incarnation)
+            if targeted and chaos is not None
+            else None
+        )
+        self.seen = 0
 
     def strikes(self) -> bool:
         """Whether chaos crashes the actor on this message."""
-        return self.dice is not None and self.dice.random() < self.crash_rate
+        if self.chaos is None or self.dice is None:
+            return False
+        self.seen += 1
+        if self.seen <= self.chaos.after or self.dice.random() >= self.chaos.crash_rate:
+            return False
+        return self._supervisor._inject(self.address.identity, self.chaos.crash_limit)
 
     def crashed(self, error: BaseException, inbox: Any, unhandled: list[Any]) -> None:
         self._supervisor._crashed(self.address, error, inbox, unhandled)
@@ -237,6 +260,8 @@ class Supervisor:
         self._children: dict[str, _Child] = {}
         self.restarts = 0
         self.escalations = 0
+        self.injected = 0
+        self._injected_by: dict[str, int] = {}
 
     def supervise(self, spec: ChildSpec) -> Address:
         """Start the child now (a failed start counts as a crash) and return its address."""
@@ -269,9 +294,32 @@ class Supervisor:
                     except pykka.ActorDeadError:
                         pass
 
+    def close(self, identity: str, refusal: Exception) -> None:
+        """Stop a child for good but keep its address, which refuses every message."""
+        with self._lock:
+            child = self._children.get(identity)
+            if child is not None:
+                child.escalated = True
+        if child is not None:
+            for ref in child.address._close(refusal):
+                try:
+                    ref.stop(block=False)
+                except pykka.ActorDeadError:
+                    pass
+
     def identities(self) -> list[str]:
         with self._lock:
             return list(self._children)
+
+    def _inject(self, identity: str, limit: int | None) -> bool:
+        """Count an injected crash, unless this actor had its share already."""
+        with self._lock:
+            done = self._injected_by.get(identity, 0)
+            if limit is not None and done >= limit:
+                return False
+            self._injected_by[identity] = done + 1
+            self.injected += 1
+            return True
 
     def _start(self, child: _Child) -> None:
         reporter = CrashReporter(self, child.address, self._chaos)
@@ -330,13 +378,12 @@ class Supervisor:
     def _escalate(self, child: _Child, reason: str) -> None:
         with self._lock:
             self.escalations += 1
-            self._children.pop(child.spec.identity, None)
-        child.address._close(child.spec.refuse())  # its last incarnation is dead already
         log.error("group_escalated", actor=child.spec.identity, reason=reason)
         try:
-            child.spec.escalate(reason)
+            child.spec.escalate(reason)  # stored first: whoever is refused then sees it
         except Exception as error:
             log.error("escalation_failed", actor=child.spec.identity, error=repr(error))
+        child.address._close(child.spec.refuse(reason))  # its last incarnation is dead already
 
 
 class _EmptyInbox:

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Self
 import structlog
 from pydantic import Field, TypeAdapter
 
+from actors._invariants import InvariantReport, check_invariants
 from actors._logging import ensure_logging
 from actors._parts import ActorDirectory, RuntimeParts
 from actors._pool import StepPool
@@ -570,11 +571,19 @@ class Runtime:
         self._check()
         return self._store.list_messages(agent_id)
 
+    def check_invariants(self, group_ids: Sequence[str] | None = None) -> InvariantReport:
+        """Check SPEC 4-6 over what is stored (after the runs finished): every run
+        terminal, legal histories, turns and counters, and per agent windows contiguous,
+        disjoint and covering every primary message up to the cursor exactly once."""
+        self._check()
+        return check_invariants(self._store, group_ids)
+
     def stats(self) -> dict[str, int]:
         """Live actors, step threads, restarts and write batches, for monitoring."""
         return {
             **self._directory.counts(),
             "restarts": self._parts.supervisor.restarts,
+            "injected_crashes": self._parts.supervisor.injected,
             "escalations": self._parts.supervisor.escalations,
             "step_threads": self._parts.pool.threads,
             "transactions": self._store.committer.transactions,

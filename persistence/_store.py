@@ -506,6 +506,28 @@ class Store:
         )
         return self._read(lambda c: [_run(r) for r in c.execute(statement).mappings()])
 
+    def event_paths(self, group_id: str) -> dict[str, list[str]]:
+        """Every run of the group with its recorded statuses, oldest first."""
+        statement = (
+            select(run_events.c.run_id, run_events.c.status)
+            .join(runs, runs.c.id == run_events.c.run_id)
+            .where(runs.c.group_id == group_id)
+            .order_by(run_events.c.run_id, run_events.c.id)
+        )
+        paths: dict[str, list[str]] = {}
+        for run_id, status in self._read(lambda c: c.execute(statement).all()):
+            paths.setdefault(run_id, []).append(status)
+        return paths
+
+    def turn_numbers(self, agent_id: str) -> list[tuple[int, int | None, str]]:
+        """(sequence, turn, id) of each message of an agent, oldest first."""
+        statement = (
+            select(messages.c.sequence, messages.c.turn, messages.c.id)
+            .where(messages.c.agent_id == agent_id)
+            .order_by(messages.c.sequence)
+        )
+        return self._read(lambda c: [(r[0], r[1], r[2]) for r in c.execute(statement).all()])
+
     def run_events(self, run_id: str) -> list[RunEvent]:
         def query(connection: Connection) -> list[RunEvent]:
             if connection.execute(_SELECT_RUN, {"run_id": run_id}).first() is None:

@@ -1,0 +1,111 @@
+"""The invariants of SPEC 4-6, checked over what a runtime stored.
+
+Call it once the runs have finished (`Runtime.stop` drains them, or `wait_for_runs`):
+an open run is itself a violation.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+from pydantic import BaseModel, ConfigDict
+
+from messages import Group, Run, is_legal_history
+from persistence import Store
+
+INVARIANTS = (
+    "runs_terminal",
+    "histories_legal",
+    "turns_counted",
+    "counters_consistent",
+    "one_run_per_agent_per_fire",
+    "windows_contiguous_disjoint_covering",
+)
+
+
+class InvariantReport(BaseModel):
+    """Which invariants hold (`checks`), and what broke them (`violations`)."""
+
+    model_config = ConfigDict(frozen=True)
+    groups: int
+    runs: int
+    checks: dict[str, bool]
+    violations: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return all(self.checks.values())
+
+
+def check_invariants(
+    store: Store, group_ids: Iterable[str] | None = None, max_violations: int = 50
+) -> InvariantReport:
+    """Check every group (or the given ones); see INVARIANTS for the names."""
+    found: dict[str, list[str]] = {name: [] for name in INVARIANTS}
+    groups = store.list_groups() if group_ids is None else [store.get_group(g) for g in group_ids]
+    run_count = 0
+    for group in groups:
+        runs = store.list_runs(group_id=group.id)
+        run_count += len(runs)
+        _check_group(store, group, runs, found)
+    violations = [f"{name}: {detail}" for name, details in found.items() for detail in details][
+        :max_violations
+    ]
+    return InvariantReport(
+        groups=len(groups),
+        runs=run_count,
+        checks={name: not details for name, details in found.items()},
+        violations=violations,
+    )
+
+
+def _check_group(store: Store, group: Group, runs: list[Run], found: dict[str, list[str]]) -> None:
+    paths = store.event_paths(group.id)
+    for run in runs:
+        if not run.status.terminal:
+            found["runs_terminal"].append(f"run {run.id} is {run.status.value}")
+        path = paths.get(run.id, [])
+        if not is_legal_history(path) or path[-1] != run.status.value:
+            found["histories_legal"].append(f"run {run.id}: {' -> '.join(path)}")
+
+    history = store.turn_numbers(group.primary_agent_id)
+    sequences = [seq for seq, _, _ in history]
+    if sequences != list(range(1, len(sequences) + 1)):
+        found["turns_counted"].append(f"group {group.id}: message sequences have gaps")
+    turns = sorted({turn for _, turn, _ in history if turn is not None})
+    if turns != list(range(1, group.turns + 1)):
+        found["turns_counted"].append(
+            f"group {group.id}: {group.turns} turns counted, turns stored: "
+            f"{len(turns)} (last {turns[-1] if turns else None})"
+        )
+    if group.frequency and not (-1 <= group.counter < max(group.frequency, group.counter + 1)):
+        found["counters_consistent"].append(f"group {group.id}: counter {group.counter}")
+    if group.turns == 0 and group.counter != -1:
+        found["counters_consistent"].append(f"group {group.id}: counter moved without a turn")
+
+    by_turn: dict[int, list[Run]] = defaultdict(list)
+    for run in runs:
+        by_turn[run.turn].append(run)
+    for turn, fired in by_turn.items():
+        agents = sorted(r.agent_id for r in fired)
+        windows = {(r.window_first_seq, r.window_last_seq) for r in fired}
+        if agents != sorted(group.sleeptime_agent_ids) or len(windows) != 1:
+            found["one_run_per_agent_per_fire"].append(
+                f"group {group.id} turn {turn}: {len(fired)} run(s), windows {sorted(windows)}"
+            )
+
+    cursor_seq = next((seq for seq, _, mid in history if mid == group.cursor), 0)
+    for agent_id in group.sleeptime_agent_ids:
+        covered = 0
+        for run in sorted((r for r in runs if r.agent_id == agent_id), key=lambda r: r.turn):
+            if run.window_first_seq != covered + 1 or run.window_last_seq < run.window_first_seq:
+                found["windows_contiguous_disjoint_covering"].append(
+                    f"agent {agent_id}: window {run.window_first_seq}-{run.window_last_seq} "
+                    f"after {covered}"
+                )
+            covered = max(covered, run.window_last_seq)
+        if covered != cursor_seq:
+            found["windows_contiguous_disjoint_covering"].append(
+                f"agent {agent_id}: windows end at {covered}, the cursor is at {cursor_seq}"
+            )
