@@ -79,8 +79,20 @@ def _check_group(store: Store, group: Group, runs: list[Run], found: dict[str, l
             f"group {group.id}: {group.turns} turns counted, turns stored: "
             f"{len(turns)} (last {turns[-1] if turns else None})"
         )
-    if group.frequency and not (-1 <= group.counter < max(group.frequency, group.counter + 1)):
-        found["counters_consistent"].append(f"group {group.id}: counter {group.counter}")
+    # update_group keeps the counter, so it may exceed a lowered frequency until the next
+    # turn; once a turn was the group's last change, it is within [0, frequency).
+    last_change_was_a_turn = (
+        group.last_turn_at is not None and group.last_turn_at == group.updated_at
+    )
+    if (
+        group.frequency
+        and group.turns
+        and last_change_was_a_turn
+        and not (0 <= group.counter < group.frequency)
+    ):
+        found["counters_consistent"].append(
+            f"group {group.id}: counter {group.counter} with frequency {group.frequency}"
+        )
     if group.turns == 0 and group.counter != -1:
         found["counters_consistent"].append(f"group {group.id}: counter moved without a turn")
 

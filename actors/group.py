@@ -159,10 +159,17 @@ class GroupActor(SupervisedActor):
             cursor_seq=cursor_seq,
             messages=recorded,
             runs=runs,
+            at=now,
         )
         self._commit(write)
         self._group = group.model_copy(
-            update={"turns": turn, "counter": decision.counter, "cursor": cursor}
+            update={
+                "turns": turn,
+                "counter": decision.counter,
+                "cursor": cursor,
+                "updated_at": write.at,
+                "last_turn_at": write.at,
+            }
         )
         self._cursor_seq, self._last_seq = cursor_seq, seq
         self._dispatch(runs)
@@ -264,6 +271,7 @@ class GroupActor(SupervisedActor):
     # -- settings -------------------------------------------------------------------------
 
     def _change(self, changes: dict[str, Any]) -> Group:
+        changes = {**changes, "updated_at": utcnow()}
         self._parts.store.update_group(self._group.id, changes).result()
         self._group = self._group.model_copy(update=changes)
         for agent_id in self._group.sleeptime_agent_ids:

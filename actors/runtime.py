@@ -390,6 +390,7 @@ class Runtime:
             run_timeout=spec.run_timeout,
             max_attempts=spec.max_attempts,
             created_at=now,
+            updated_at=now,
         )
         self._store.create_group(
             NewGroup(group=group, agents=agents, blocks=stored_blocks)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -329,6 +329,16 @@ class RunTrackerActor(SupervisedActor):
             log.warning("transition_retry", run_id=run_id, error=error, delay_s=delay)
             address = self._address
             self._scheduler.call_later(delay, lambda: address.tell(RetryTransition(run_id=run_id)))
+            return
+        if run.pending.messages:
+            # The run must end even if its history cannot be written: end it without.
+            log.error(
+                "run_history_dropped",
+                run_id=run_id,
+                error=error,
+                messages=len(run.pending.messages),
+            )
+            self._submit(run_id, run, replace(run.pending, messages=[]))
             return
         log.warning("transition_refused_by_store", run_id=run_id, error=error)
         self._resync(run_id, run)

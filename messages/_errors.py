@@ -128,6 +128,14 @@ class SchemaMismatch(SleeptimeError):
     """The database's schema is not the one this code uses."""
 
 
+class StoreRejected(SleeptimeError):
+    """The database refused a statement (a constraint, a bad value): retrying won't help."""
+
+    def __init__(self, url: str, detail: str) -> None:
+        self.url = url
+        super().__init__(f"database {url} refused the write: {detail}")
+
+
 class GroupFailed(SleeptimeError):
     """The group was stopped after repeated crashes; it takes no more turns."""
 

@@ -182,6 +182,7 @@ class Group(BaseModel):
     status: Literal["active", "failed"] = "active"
     failure_reason: str | None = None
     created_at: datetime
+    updated_at: datetime | None = None
     last_turn_at: datetime | None = None
 
     @property

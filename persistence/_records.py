@@ -33,6 +33,7 @@ class TurnWrite:
     cursor_seq: int
     messages: list[Message]
     runs: list[Run]
+    at: datetime
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from messages import (
     Agent,
@@ -37,6 +37,7 @@ from messages import (
     RunEvent,
     RunNotFound,
     RunStatus,
+    StoreRejected,
     StoreUnavailable,
     TransitionRefused,
 )
@@ -213,9 +214,13 @@ class Store:
     # -- errors and reads -----------------------------------------------------------------
 
     def _translate(self, error: Exception) -> Exception:
+        """Connection trouble is StoreUnavailable (try again later); a statement the
+        database refuses is StoreRejected (trying again would not help)."""
         if isinstance(error, DBAPIError):
             detail = str(error.orig).strip() or type(error.orig).__name__
-            return StoreUnavailable(self.url, detail)
+            if isinstance(error, OperationalError | InterfaceError) or error.connection_invalidated:
+                return StoreUnavailable(self.url, detail)
+            return StoreRejected(self.url, detail)
         return error
 
     def _guard(self, action: Callable[[], T]) -> T:
@@ -274,7 +279,9 @@ class Store:
     def update_group(self, group_id: str, values: Mapping[str, Any]) -> Future[None]:
         def op(connection: Connection) -> None:
             result = connection.execute(
-                update(groups).where(groups.c.id == group_id).values(**values, updated_at=utcnow())
+                update(groups)
+                .where(groups.c.id == group_id)
+                .values({"updated_at": utcnow(), **values})
             )
             if result.rowcount != 1:
                 raise GroupNotFound(group_id)
@@ -382,7 +389,7 @@ class Store:
             "counter": turn.counter,
             "cursor": turn.cursor,
             "cursor_seq": turn.cursor_seq,
-            "at": utcnow(),
+            "at": turn.at,
         }
         rows = [_message_values(m) for m in turn.messages]
         run_rows = [_run_values(r) for r in turn.runs]
@@ -440,7 +447,7 @@ class Store:
                 raise TransitionRefused(change.run_id, change.old.value, change.new.value)
             connection.execute(_INSERT_EVENTS, [event])
             if rows:
-                connection.execute(_INSERT_MESSAGES, rows)
+                connection.execute(_INSERT_MESSAGES, _append(connection, rows))
 
         return self.committer.submit(op)
 
@@ -449,7 +456,7 @@ class Store:
         rows = [_message_values(m) for m in stored]
 
         def op(connection: Connection) -> None:
-            connection.execute(_INSERT_MESSAGES, rows)
+            connection.execute(_INSERT_MESSAGES, _append(connection, rows))
 
         return self.committer.submit(op)
 
@@ -555,6 +562,22 @@ M = TypeVar("M", bound=BaseModel)
 def _from_row(model: type[M], row: RowMapping, **extra: Any) -> M:
     """The model whose fields are the row's columns of the same names (plus `extra`)."""
     return model.model_validate({**{k: row[k] for k in model.model_fields if k in row}, **extra})
+
+
+def _append(connection: Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Number a run's messages after the agent's stored history, inside the writing
+    transaction: the single writer makes that the truth, whatever an actor guessed (a
+    restarted incarnation may not see the previous one's last messages yet)."""
+    next_by_agent: dict[str, int] = {}
+    numbered = []
+    for row in rows:
+        agent_id = row["agent_id"]
+        if agent_id not in next_by_agent:
+            last = connection.execute(_LAST_SEQUENCE, {"agent_id": agent_id}).scalar()
+            next_by_agent[agent_id] = (last or 0) + 1
+        numbered.append({**row, "sequence": next_by_agent[agent_id]})
+        next_by_agent[agent_id] += 1
+    return numbered
 
 
 def _load_group(connection: Connection, group_id: str) -> tuple[Group, int, list[Agent]]:

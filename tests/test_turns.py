@@ -286,3 +286,14 @@ def test_stop_finishes_the_streams_already_queued(db_url: str) -> None:
     stopper.join(30)
     with pytest.raises(RuntimeStopped):
         rt.stream(group.id, [user("three")])
+
+
+def test_returned_groups_equal_what_get_group_reads(rt: Runtime) -> None:
+    created = rt.create_group(
+        primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}], frequency=3
+    )
+    assert created == rt.get_group(created.id)
+    rt.step(created.id, [user("hello")])
+    updated = rt.update_group(created.id, frequency=4, preamble="Keep notes.")
+    assert updated == rt.get_group(created.id)
+    assert (updated.frequency, updated.counter, updated.turns) == (4, 0, 1)
