@@ -75,9 +75,8 @@ def main() -> int:
             recovered = time.perf_counter() - started
             report = rt.check_invariants()
         print(f"open runs after kill -9        {len(open_runs)}")
-        print(
-            f"  of which were running        {sum(r.status is RunStatus.RUNNING for r in open_runs)}"
-        )
+        requeued = sum(r.attempt > 1 for r in runs)
+        print(f"  interrupted mid-run          {requeued} (re-queued, attempt 2)")
         print(f"seconds to all runs terminal   {recovered:.2f}")
         print(
             f"completed / failed             {sum(r.status is RunStatus.COMPLETED for r in runs)}"
