@@ -350,8 +350,8 @@ class Supervisor:
             escalate = in_window > child.spec.policy.max_restarts and not child.escalated
             child.escalated = child.escalated or escalate
             delay = child.spec.policy.backoff(in_window, self._rng)
-        log.warning(
-            "actor_crashed", actor=address.identity, error=repr(error), crashes_in_window=in_window
+        _log(address.identity).warning(
+            "actor_crashed", error=repr(error), crashes_in_window=in_window
         )
         if escalate:
             self._escalate(
@@ -371,19 +371,28 @@ class Supervisor:
             self.restarts += 1
         child.address.incarnation += 1
         self._start(child)
-        log.info(
-            "actor_restarted", actor=child.spec.identity, incarnation=child.address.incarnation
-        )
+        _log(child.spec.identity).info("actor_restarted", incarnation=child.address.incarnation)
 
     def _escalate(self, child: _Child, reason: str) -> None:
         with self._lock:
             self.escalations += 1
-        log.error("group_escalated", actor=child.spec.identity, reason=reason)
+        _log(child.spec.identity).error("group_escalated", reason=reason)
         try:
             child.spec.escalate(reason)  # stored first: whoever is refused then sees it
         except Exception as error:
-            log.error("escalation_failed", actor=child.spec.identity, error=repr(error))
+            _log(child.spec.identity).error("escalation_failed", error=repr(error))
         child.address._close(child.spec.refuse(reason))  # its last incarnation is dead already
+
+
+def _log(identity: str) -> Any:
+    """The logger bound to a child's context: `group_id` or `agent_id` from its identity."""
+    kind, _, object_id = identity.partition(":")
+    context = (
+        {"group_id": object_id}
+        if kind == "group"
+        else ({"agent_id": object_id} if kind == "agent" else {})
+    )
+    return log.bind(actor=kind, **context)
 
 
 class _EmptyInbox:
