@@ -16,6 +16,7 @@ from messages._commands import (
     FailGroupRuns,
     FinishRun,
     GroupChanged,
+    IsIdle,
     KindRegistered,
     RetryTransition,
     RunDeadline,
@@ -40,6 +41,7 @@ from messages._content import (
     ToolCall,
 )
 from messages._errors import (
+    ActorPassivated,
     AgentConfigError,
     AgentNotFound,
     DatabaseInUse,
@@ -93,6 +95,7 @@ __all__ = [
     "DEFAULT_RUN_TIMEOUT",
     "MEMORY_PERSONA",
     "TERMINAL_STATUSES",
+    "ActorPassivated",
     "AdoptRuns",
     "Agent",
     "AgentConfigError",
@@ -116,6 +119,7 @@ __all__ = [
     "GroupNotFound",
     "GroupSettings",
     "ImageContent",
+    "IsIdle",
     "KindRegistered",
     "Message",
     "MessageCreate",
