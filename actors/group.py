@@ -25,7 +25,6 @@ from messages import (
     Group,
     GroupChanged,
     GroupFailed,
-    IsIdle,
     KindRegistered,
     Message,
     MessageCreate,
@@ -93,8 +92,6 @@ class GroupActor(SupervisedActor):
             case DispatchRuns(runs=runs, attempt=attempt):
                 self._dispatch(runs, attempt)
                 return None
-            case IsIdle():
-                return True  # a turn in progress would have kept this message waiting
             case KindRegistered(kind=kind):
                 if kind == self._primary.kind:
                     self._behaviour = None  # a re-registered kind takes effect next turn
@@ -262,7 +259,7 @@ class GroupActor(SupervisedActor):
         undelivered = []
         for run in runs:
             try:
-                self._parts.directory.tell_agent(run.agent_id, AssignRun(run=run))
+                self._parts.directory.agent(run.agent_id).tell(AssignRun(run=run))
             except Exception as error:
                 self._log.error("dispatch_failed", run_id=run.id, error=str(error))
                 undelivered.append(run)

@@ -32,7 +32,6 @@ from actors.kinds import builtin_kinds
 from actors.kinds._base import AgentFactory, AgentKinds
 from messages import (
     MEMORY_PERSONA,
-    ActorPassivated,
     Agent,
     AgentSpec,
     Block,
@@ -175,8 +174,6 @@ class Runtime:
         auto_upgrade: bool = True,
         chaos: Chaos | None = None,
         restart_policy: RestartPolicy | None = None,
-        passivate_after: float | None = 60.0,
-        max_active_groups: int = 400,
     ) -> Runtime:
         """Open (or create) the database at `url`, recover its open runs, and start.
 
@@ -193,11 +190,6 @@ class Runtime:
         Crashed actors are restarted by their supervisor under `restart_policy` (more
         crashes than it allows fail the group). `chaos` injects crashes and agent
         failures, for tests and simulations.
-
-        Passivation: a group idle for `passivate_after` seconds (None: never) gives its
-        actors' threads back, and at most `max_active_groups` groups keep theirs (the
-        least recently used idle ones give way); a passivated group wakes from the
-        store on its next message, so the number of groups is bounded by the database.
         """
         ensure_logging()
         store = Store(url, read_only=read_only, auto_upgrade=auto_upgrade)
@@ -205,16 +197,11 @@ class Runtime:
             registry = AgentKinds()
             for name, factory in {**builtin_kinds(), **(kinds or {})}.items():
                 registry.register(name, factory)
-            if max_active_groups < 1:
-                raise ValueError("max_active_groups must be at least 1")
             runtime = cls(store, registry, workers, read_only, chaos, restart_policy)
-            runtime._parts.passivate_after = passivate_after
-            runtime._parts.max_active_groups = max_active_groups
             if read_only:
                 runtime._directory.start_tracker()
             else:
                 runtime._recover()
-                runtime._schedule_passivation()
         except BaseException:
             store.close()
             raise
@@ -268,28 +255,6 @@ class Runtime:
         self.agents.on_register(lambda kind: self._directory.broadcast(KindRegistered(kind=kind)))
         for agent_id in dict.fromkeys(run.agent_id for run in still_open):
             self._directory.agent(agent_id)
-
-    def _schedule_passivation(self) -> None:
-        """Look for idle groups now and then (on the step pool: it may wait on actors)."""
-        every = self._parts.passivate_after
-        if every is None:
-            return
-        interval = min(max(every / 2, 0.05), 5.0)
-
-        def tick() -> None:
-            if self._stopped.is_set():
-                return
-            self._parts.pool.submit(self._passivate_now)
-            self._parts.scheduler.call_later(interval, tick)
-
-        self._parts.scheduler.call_later(interval, tick)
-
-    def _passivate_now(self) -> None:
-        try:
-            if not self._stopped.is_set():
-                self._directory.passivate_idle()
-        except Exception as error:  # never let the reaper take the pool thread down
-            log.warning("passivation_failed", error=repr(error))
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -529,15 +494,10 @@ class Runtime:
     def _send_group(self, group_id: str, command: Any) -> Future[Any]:
         """Tell the group's actor; its reply future resolves when the command is done."""
         reply: Future[Any] = command.reply
-        self._directory.send_group(group_id, command)
+        self._directory.group(group_id).tell(command)
         return reply
 
     def _ask_group(self, group_id: str, command: Any) -> Any:
-        for _ in range(3):
-            try:
-                return self._send_group(group_id, command).result()
-            except ActorPassivated:  # raced a passivation: the next send reactivates it
-                command = command.model_copy(update={"reply": Future()})
         return self._send_group(group_id, command).result()
 
     # -- runs -----------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from messages import (
     FinishRun,
     Group,
     GroupChanged,
-    IsIdle,
     KindRegistered,
     Run,
     RunDeadline,
@@ -110,8 +109,6 @@ class SleeptimeAgentActor(SupervisedActor):
                 self._deadline(run_id, attempt)
             case GroupChanged(group=group):
                 self._group = group
-            case IsIdle():
-                return not self.busy
             case KindRegistered(kind=kind):
                 if kind == self._agent.kind:
                     self._behaviour, self._build_error = None, None

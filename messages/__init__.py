@@ -16,7 +16,6 @@ from messages._commands import (
     FailGroupRuns,
     FinishRun,
     GroupChanged,
-    IsIdle,
     KindRegistered,
     RetryTransition,
     RunDeadline,
@@ -41,7 +40,6 @@ from messages._content import (
     ToolCall,
 )
 from messages._errors import (
-    ActorPassivated,
     AgentConfigError,
     AgentNotFound,
     DatabaseInUse,
@@ -95,7 +93,6 @@ __all__ = [
     "DEFAULT_RUN_TIMEOUT",
     "MEMORY_PERSONA",
     "TERMINAL_STATUSES",
-    "ActorPassivated",
     "AdoptRuns",
     "Agent",
     "AgentConfigError",
@@ -119,7 +116,6 @@ __all__ = [
     "GroupNotFound",
     "GroupSettings",
     "ImageContent",
-    "IsIdle",
     "KindRegistered",
     "Message",
     "MessageCreate",

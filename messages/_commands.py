@@ -140,12 +140,6 @@ class WatchRuns(_Command):
     reply: Future[Any] = Field(default_factory=_reply)
 
 
-class IsIdle(_Command):
-    """Whether the actor has nothing to do (no turn, no run); asked before passivating."""
-
-    reply: Future[Any] = Field(default_factory=_reply)
-
-
 class AdoptRuns(_Command):
     """A sleeptime agent's actor (re)started: the reply is its queued runs, oldest first.
 

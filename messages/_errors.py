@@ -136,13 +136,6 @@ class StoreRejected(SleeptimeError):
         super().__init__(f"database {url} refused the write: {detail}")
 
 
-class ActorPassivated(SleeptimeError):
-    """The actor was passivated (stopped while idle); the runtime retries on a new one."""
-
-    def __init__(self) -> None:
-        super().__init__("the actor was passivated while idle; send again to reactivate it")
-
-
 class GroupFailed(SleeptimeError):
     """The group was stopped after repeated crashes; it takes no more turns."""
 
