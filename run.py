@@ -1,31 +1,39 @@
 """The `sleeptime` command line: a demo, and tables of what a database holds.
 
 It is a thin layer over the public runtime API (`actors.Runtime`); it never reaches into
-the runtime's internals or the database directly.
+the runtime's internals or the database directly. It also drives simulations and load tests
+(`simulate`, `loadtest`: the measuring is in `loadsim.py`) and checks a database's invariants
+(`check`).
 
 Example:
     $ python run.py                                  # the demo, on a fresh sleeptime-demo.db
     $ python run.py runs --db sqlite:///sleeptime-demo.db
     $ python run.py runs --db sqlite:///sleeptime-demo.db --events run-5c1e...
     $ python run.py groups --db sqlite:///sleeptime-demo.db
+    $ python run.py simulate --groups 100 --agents 2 --turns 20 --report sim.json
+    $ python run.py loadtest --rate 200 --duration 10 --plot load.png
+    $ python run.py check --db sqlite:///sleeptime-demo.db
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
 import re
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from pydantic import ValidationError
 
-from actors import Runtime, configure_logging
+import loadsim
+from actors import InvariantReport, Runtime, configure_logging
 from messages import (
     AgentNotFound,
     Group,
@@ -501,6 +509,213 @@ def migrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- simulate, loadtest, check -------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password hidden, fit to print and to keep in a report.
+
+    >>> redact_url("postgresql://ada:secret@db:5432/sim")
+    'postgresql://ada:***@db:5432/sim'
+    """
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def simulation_database(args: argparse.Namespace) -> str:
+    """The `--db` URL, or a fresh SQLite file in a new temporary directory (kept, to inspect)."""
+    if args.db is not None:
+        url: str = args.db
+        return url
+    folder = Path(tempfile.mkdtemp(prefix=f"sleeptime-{args.command}-"))
+    return f"sqlite:///{folder / 'sleeptime.db'}"
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse unwritable --report/--plot paths and a missing matplotlib before any work."""
+    for option, path in (("--report", args.report), ("--plot", args.plot)):
+        if path is not None and not path.parent.is_dir():
+            raise CommandError(f"{option} {path}: the directory {path.parent} does not exist")
+    if args.plot is not None and not loadsim.plotting_available():
+        raise CommandError(f"--plot needs matplotlib: {loadsim.PLOT_INSTALL_HINT}")
+
+
+def quiet_expected_warnings(args: argparse.Namespace) -> None:
+    """Log only errors unless asked otherwise: injected crashes would bury the summary."""
+    if args.log_level is None and "SLEEPTIME_LOG_LEVEL" not in os.environ:
+        configure_logging(level="error", json=args.log_json)
+
+
+def group_shape(args: argparse.Namespace) -> loadsim.GroupShape:
+    """The simulated groups the workload options describe."""
+    return loadsim.GroupShape(
+        agents=args.agents,
+        frequency=args.frequency,
+        latency_ms=args.latency_ms,
+        distribution=args.latency_distribution,
+        jitter_ms=args.jitter_ms,
+        failure_rate=args.failure_rate,
+        crash_rate=args.crash_rate,
+        seed=args.seed,
+    )
+
+
+def parameters(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    """Every option of the command, as the report keeps them."""
+    given = {name: value for name, value in vars(args).items() if name != "handler"}
+    given["db"] = redact_url(url)
+    return {name: str(v) if isinstance(v, Path) else v for name, v in given.items()}
+
+
+def simulate(args: argparse.Namespace) -> int:
+    """The `simulate` command: G groups x A sleeptime agents x T turns, closed loop."""
+    check_outputs(args)
+    quiet_expected_warnings(args)
+    url = simulation_database(args)
+    shape = group_shape(args)
+    args.concurrency = concurrency = args.concurrency or min(args.groups, 32)  # as reported
+    title = (
+        f"simulate: {args.groups} groups x {args.agents} sleeptime agent(s) x {args.turns} "
+        f"turns, frequency {_frequency_text(args.frequency)}, concurrency {concurrency}, "
+        f"seed {args.seed}"
+    )
+    print(title)
+    print(f"Database: {redact_url(url)}", flush=True)
+    with Runtime.start(url, workers=args.workers, **shape.runtime_options()) as rt:
+        outcome = loadsim.simulate(
+            rt,
+            shape,
+            groups=args.groups,
+            turns=args.turns,
+            concurrency=concurrency,
+            wait_timeout=args.wait_timeout,
+            progress=not args.no_progress,
+        )
+    return conclude(args, url, outcome, title)
+
+
+def loadtest(args: argparse.Namespace) -> int:
+    """The `loadtest` command: turns arrive at a rate for a duration, open loop."""
+    check_outputs(args)
+    quiet_expected_warnings(args)
+    url = simulation_database(args)
+    shape = group_shape(args)
+    title = (
+        f"loadtest: {args.rate:g} turns/s ({args.arrivals}) for {args.duration:g} s over "
+        f"{args.groups} groups x {args.agents} sleeptime agent(s), frequency "
+        f"{_frequency_text(args.frequency)}, seed {args.seed}"
+    )
+    print(title)
+    print(f"Database: {redact_url(url)}", flush=True)
+    with Runtime.start(url, workers=args.workers, **shape.runtime_options()) as rt:
+        outcome = loadsim.loadtest(
+            rt,
+            shape,
+            groups=args.groups,
+            rate=args.rate,
+            duration=args.duration,
+            arrivals=args.arrivals,
+            max_in_flight=args.max_in_flight,
+            wait_timeout=args.wait_timeout,
+            progress=not args.no_progress,
+        )
+    return conclude(args, url, outcome, title)
+
+
+def conclude(args: argparse.Namespace, url: str, outcome: loadsim.Outcome, title: str) -> int:
+    """Print the summary, write the report and the plot; 0 only if the outcome is ok."""
+    report = loadsim.build_report(outcome, parameters(args, url))
+    print()
+    print_summary(report)
+    if args.report is not None:
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"Report: {args.report}")
+    if args.plot is not None:
+        loadsim.plot(outcome, args.plot, title)
+        print(f"Plot: {args.plot}")
+    return EXIT_OK if outcome.ok else EXIT_FAILED
+
+
+def _frequency_text(frequency: int | None) -> str:
+    return "none (every turn)" if frequency is None else str(frequency)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """The figures, the latency percentiles and the invariants of a simulation's report."""
+    runs: dict[str, int] = report["runs"]
+    figures = [
+        ("turns", str(report["turns"])),
+        ("turns/s", f"{report['turns_per_second']:.1f}"),
+    ]
+    if "offered_rate" in report:
+        figures += [
+            ("offered rate (turns/s)", f"{report['offered_rate']:g}"),
+            ("achieved rate (turns/s)", f"{report['achieved_rate']:.1f}"),
+            ("arrivals", str(report["arrivals"])),
+            ("late starts (all callers busy)", str(report["late_starts"])),
+        ]
+    figures += [
+        ("time taking turns", f"{report['turns_elapsed_s']:.2f} s"),
+        ("time until every run ended", f"{report['elapsed_s']:.2f} s"),
+        *((f"runs {status}", str(count)) for status, count in runs.items()),
+        ("turn errors", str(report["errors"]["count"])),
+        ("peak RSS", f"{report['peak_rss_mb']:.1f} MB"),
+        ("peak threads", str(report["peak_threads"])),
+        ("actor restarts", str(report["restarts"])),
+        ("injected crashes", str(report["injected_crashes"])),
+        ("escalated groups", str(report["escalations"])),
+    ]
+    print(format_table(["figure", "value"], [list(row) for row in figures], right={1}))
+    print()
+    latency = dict(report["latency_ms"])
+    if "start_delay_ms" in report:
+        latency["start_delay"] = report["start_delay_ms"]
+    labels = {
+        "turn": "turn" + (" (from scheduled arrival)" if "offered_rate" in report else ""),
+        "created_to_running": "run created -> running",
+        "created_to_terminal": "run created -> terminal",
+        "start_delay": "turn start delay",
+    }
+    rows = [
+        [labels[name], *(_ms(figures_ms[q]) for q in ("p50", "p95", "p99", "max"))]
+        for name, figures_ms in latency.items()
+    ]
+    headers = ["latency (ms)", "p50", "p95", "p99", "max"]
+    print(format_table(headers, rows, right={1, 2, 3, 4}))
+    for message in report["errors"]["first"]:
+        print(f"error: {message}")
+    print()
+    print_invariants(report["invariants"], report["violations"])
+
+
+def print_invariants(checks: dict[str, bool], violations: Sequence[str]) -> None:
+    """A table of invariant -> pass/FAIL, then the violations found."""
+    rows = [[name, "pass" if held else "FAIL"] for name, held in checks.items()]
+    print(format_table(["invariant", "result"], rows))
+    broken = [name for name, held in checks.items() if not held]
+    if broken:
+        print(f"{len(broken)} invariant(s) FAILED: {', '.join(broken)}")
+    else:
+        print(f"All {len(checks)} invariants hold.")
+    for violation in violations:
+        print(f"violation: {violation}")
+
+
+def check(args: argparse.Namespace) -> int:
+    """The `check` command: the invariants of an existing database; 1 if one is broken."""
+    rt = open_existing(args.db)
+    try:
+        report: InvariantReport = rt.check_invariants()
+    finally:
+        rt.stop(drain_timeout=0)
+    print(f"Checked {report.groups} group(s) and {report.runs} run(s) in {redact_url(args.db)}")
+    print_invariants(report.checks, report.violations)
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
 # -- the command line ----------------------------------------------------------------------
 
 
@@ -529,6 +744,50 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """`--seed`: a whole number of 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """`--latency-ms`, `--jitter-ms`: a finite number of 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of 0 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """`--rate`, `--duration`, `--wait-timeout`: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """`--failure-rate`, `--crash-rate`: a number from 0 to 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction from 0 to 1")
+    return value
+
+
 def add_logging_options(parser: argparse.ArgumentParser, default: object) -> None:
     """The logging options, accepted before and after the command name."""
     parser.add_argument(
@@ -539,6 +798,98 @@ def add_logging_options(parser: argparse.ArgumentParser, default: object) -> Non
     )
     parser.add_argument(
         "--log-json", action="store_true", default=default, help="log JSON lines instead of text"
+    )
+
+
+def add_workload_options(parser: argparse.ArgumentParser) -> None:
+    """The options `simulate` and `loadtest` share: the agents, faults, database and outputs."""
+    agents = parser.add_argument_group("agents (all of the built-in 'simulated' kind)")
+    agents.add_argument(
+        "--agents", metavar="A", type=positive_int, default=1, help="sleeptime agents per group"
+    )
+    agents.add_argument(
+        "--frequency",
+        metavar="N",
+        type=frequency_option,
+        default=1,
+        help="fire sleeptime every N turns; 'none' for every turn, 0 for never (default: 1)",
+    )
+    agents.add_argument(
+        "--latency-ms",
+        metavar="MS",
+        type=non_negative_float,
+        default=0.0,
+        help="each agent step's latency (default: 0)",
+    )
+    agents.add_argument(
+        "--latency-distribution",
+        choices=loadsim.DISTRIBUTIONS,
+        default="constant",
+        help="how step latencies spread around --latency-ms (default: constant)",
+    )
+    agents.add_argument(
+        "--jitter-ms",
+        metavar="MS",
+        type=non_negative_float,
+        default=0.0,
+        help="the latency's spread: +- for constant and uniform, sigma*latency for lognormal",
+    )
+    agents.add_argument(
+        "--failure-rate",
+        metavar="P",
+        type=fraction,
+        default=0.0,
+        help="fraction of sleeptime steps that fail (their runs end failed); the primary"
+        " agent never fails (default: 0)",
+    )
+    agents.add_argument(
+        "--crash-rate",
+        metavar="P",
+        type=fraction,
+        default=0.0,
+        help="fault injection: fraction of messages on which an actor crashes and is"
+        " restarted by its supervisor (default: 0)",
+    )
+    agents.add_argument(
+        "--seed",
+        metavar="S",
+        type=non_negative_int,
+        default=0,
+        help="seeds every agent (each its own), the arrivals and the crashes (default: 0)",
+    )
+    runtime = parser.add_argument_group("runtime and outputs")
+    runtime.add_argument(
+        "--db",
+        metavar="URL",
+        default=None,
+        help="database URL (default: a new SQLite file in a temporary directory, printed)",
+    )
+    runtime.add_argument(
+        "--workers",
+        metavar="N",
+        type=positive_int,
+        default=32,
+        help="the runtime's agent step threads (default: 32)",
+    )
+    runtime.add_argument(
+        "--wait-timeout",
+        metavar="SECONDS",
+        type=positive_float,
+        default=600.0,
+        help="how long to wait for the runs after the last turn (default: 600)",
+    )
+    runtime.add_argument(
+        "--report", metavar="FILE.json", type=Path, help="also write the figures as JSON"
+    )
+    runtime.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        type=Path,
+        help="also draw throughput, runs pending and latency histograms"
+        f" (needs matplotlib: {loadsim.PLOT_INSTALL_HINT})",
+    )
+    runtime.add_argument(
+        "--no-progress", action="store_true", help="no progress bar on standard error"
     )
 
 
@@ -618,6 +969,76 @@ def build_parser() -> argparse.ArgumentParser:
     migrate_parser.add_argument("--db", metavar="URL", required=True, help="database URL")
     add_logging_options(migrate_parser, logging_after)
     migrate_parser.set_defaults(handler=migrate)
+
+    simulate_parser = commands.add_parser(
+        "simulate",
+        help="G groups x A sleeptime agents x T turns; checks the invariants",
+        description="Drive new groups of simulated agents, CONCURRENCY groups at a time, each"
+        " for T turns; wait for every sleeptime run, check the invariants and print a summary."
+        " Exit code 0 only if every invariant holds and every turn was taken. Logs only"
+        " errors unless --log-level or $SLEEPTIME_LOG_LEVEL says otherwise.",
+    )
+    simulate_parser.add_argument(
+        "--groups", metavar="G", type=positive_int, default=20, help="groups (default: 20)"
+    )
+    simulate_parser.add_argument(
+        "--turns", metavar="T", type=positive_int, default=20, help="turns per group (default: 20)"
+    )
+    simulate_parser.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="groups driven at once, one caller thread each (default: min(groups, 32))",
+    )
+    add_workload_options(simulate_parser)
+    add_logging_options(simulate_parser, logging_after)
+    simulate_parser.set_defaults(handler=simulate)
+
+    loadtest_parser = commands.add_parser(
+        "loadtest",
+        help="an open-loop arrival rate of turns for a duration; latency percentiles",
+        description="Offer turns at --rate per second for --duration seconds, at times fixed in"
+        " advance whatever the runtime does (open loop), to --groups groups round-robin. A"
+        " turn's latency counts from its scheduled arrival, so queueing shows. Exit code 0"
+        " only if no turn raised and every invariant holds.",
+    )
+    loadtest_parser.add_argument(
+        "--rate", metavar="PER_S", type=positive_float, default=50.0, help="turns/s (default: 50)"
+    )
+    loadtest_parser.add_argument(
+        "--duration", metavar="SECONDS", type=positive_float, default=10.0, help="(default: 10)"
+    )
+    loadtest_parser.add_argument(
+        "--groups", metavar="G", type=positive_int, default=20, help="groups (default: 20)"
+    )
+    loadtest_parser.add_argument(
+        "--arrivals",
+        choices=loadsim.ARRIVALS,
+        default="poisson",
+        help="Poisson arrivals (exponential gaps from --seed) or evenly spaced (default: poisson)",
+    )
+    loadtest_parser.add_argument(
+        "--max-in-flight",
+        metavar="N",
+        type=positive_int,
+        default=512,
+        help="caller threads; an arrival finding all busy waits and counts as a late start"
+        " (default: 512)",
+    )
+    add_workload_options(loadtest_parser)
+    add_logging_options(loadtest_parser, logging_after)
+    loadtest_parser.set_defaults(handler=loadtest)
+
+    check_parser = commands.add_parser(
+        "check",
+        help="only check the invariants of an existing database (exit code 1 if one fails)",
+    )
+    check_parser.add_argument(
+        "--db", metavar="URL", default=INSPECT_URL, help=f"database URL (default: {INSPECT_URL})"
+    )
+    add_logging_options(check_parser, logging_after)
+    check_parser.set_defaults(handler=check)
     return parser
 
 
