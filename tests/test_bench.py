@@ -1,0 +1,111 @@
+"""The benchmark's pure pieces write what they claim: the limit writer, the naive baseline.
+
+The full benchmark (`python bench/run.py`) takes minutes; these take well under a second,
+so a change that breaks a baseline's rows shows up in the test suite, not in a figure.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from bench.cases import CaseResult
+from bench.drive import drive
+from bench.limit import count_rows, write_turns
+from bench.naive import NaiveSleeptime
+from bench.report import table, targets
+
+
+def test_limit_writes_the_rows_of_every_turn(tmp_path: Path) -> None:
+    result = write_turns(tmp_path / "limit.db", groups=3, turns=10, batch=4)
+
+    assert result.transactions == 3  # 4 + 4 + 2 turns
+    assert result.rows == {
+        "groups": 3,
+        "messages": 20,
+        "runs": 10,
+        "run_events": 30,
+        "group_turns": 10,
+        "completed_runs": 10,
+    }
+    assert result.turns_per_s > 0
+
+
+def test_limit_with_history_adds_two_sleeptime_messages_per_turn(tmp_path: Path) -> None:
+    result = write_turns(tmp_path / "limit.db", groups=2, turns=6, history=True)
+
+    assert result.rows["messages"] == 6 * 4
+    assert result.rows["run_events"] == 6 * 3
+
+
+def test_limit_uses_the_runtime_sqlite_settings(tmp_path: Path) -> None:
+    path = tmp_path / "limit.db"
+    write_turns(path, groups=1, turns=1)
+
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert count_rows(connection)["runs"] == 1
+
+
+def test_naive_stores_messages_counter_cursor_and_runs(tmp_path: Path) -> None:
+    baseline = NaiveSleeptime.open(tmp_path / "naive.db", threads=2, background_workers=2)
+    try:
+        groups = [baseline.create_group(frequency=1, sleeptime_agents=1) for _ in range(2)]
+        done = drive(groups, 3, 2, baseline.step)
+        assert baseline.wait_for_runs(timeout=10) == 0
+        counts = baseline.counts()
+    finally:
+        baseline.close()
+
+    assert done.errors == 0
+    assert all(len(run_ids) == 1 for run_ids in done.results)
+    assert (counts.groups, counts.messages, counts.runs) == (2, 12, 6)
+    assert counts.completed_runs == 6
+    assert counts.lost_updates(done.calls) == 0  # one caller per group: nothing races
+    assert (counts.fires, counts.repeated_cursors) == (6, 0)
+
+
+def test_naive_fires_on_the_frequency(tmp_path: Path) -> None:
+    baseline = NaiveSleeptime.open(tmp_path / "naive.db", threads=1, background_workers=1)
+    try:
+        group = baseline.create_group(frequency=2, sleeptime_agents=2)
+        fired = [baseline.step(group) for _ in range(4)]
+        baseline.wait_for_runs(timeout=10)
+        counts = baseline.counts()
+    finally:
+        baseline.close()
+
+    assert [len(run_ids) for run_ids in fired] == [2, 0, 2, 0]  # turns 1 and 3
+    assert (counts.runs, counts.completed_runs, counts.stored_turns) == (4, 4, 4)
+
+
+def test_drive_keeps_every_key_busy_and_counts_errors() -> None:
+    seen: list[int] = []
+
+    def call(key: int) -> int:
+        if key == 3:
+            raise ValueError("three")
+        seen.append(key)
+        return key
+
+    done = drive([1, 2, 3, 4], rounds=2, threads=3, call=call)
+
+    assert sorted(seen) == [1, 1, 2, 2, 4, 4]
+    assert done.errors == 2 and done.first_errors == ["ValueError: three"] * 2
+    assert done.calls == 6 and done.percentile_ms(99) is not None
+
+
+def test_report_marks_targets_met_and_missed() -> None:
+    cases = {
+        "runtime_100": CaseResult("runtime", 100, 1000, 1.0),
+        "limit": CaseResult("limit", 100, 2000, 1.0),
+        "naive_100": CaseResult("naive", 100, 500, 1.0),
+    }
+    scale: dict[str, Any] = {"groups": 10_000, "peak_rss_mb": 500.0, "peak_os_threads": 1200}
+    scale["invariants_ok"] = True
+
+    verdicts = [t.verdict for t in targets(cases, scale)]
+
+    assert verdicts == ["PASS", "MISS", "PASS", "MISS", "PASS"]
+    assert "runtime" in table(list(cases.values()))
