@@ -142,11 +142,6 @@ class Address:
         return reply.result(timeout)
 
     @property
-    def alive(self) -> bool:
-        with self._lock:
-            return self._ref is not None and self._ref.is_alive()
-
-    @property
     def refused(self) -> bool:
         with self._lock:
             return self._refusal is not None
@@ -163,12 +158,14 @@ class Address:
                     self._buffer.appendleft(message)  # crashed already; the next one gets it
                     return
 
-    def _detach(self, inbox: Any, first: list[Any]) -> None:
-        """The current incarnation died: keep what it had not handled, ahead of the rest."""
+    def _detach(self, inbox: Any | None, first: list[Any]) -> None:
+        """The current incarnation died: keep what it had not handled, ahead of the rest.
+
+        `inbox` is None when the incarnation never started (its start raised)."""
         with self._lock:
             self._ref = None
             pending = list(first)
-            while not inbox.empty():
+            while inbox is not None and not inbox.empty():
                 envelope = inbox.get()
                 if isinstance(envelope.message, _ActorStop):
                     if envelope.reply_to is not None:
@@ -337,10 +334,7 @@ class Supervisor:
             child = self._children.get(address.identity)
         if child is None or child.address is not address:
             return  # stopped on purpose meanwhile
-        if inbox is not None:
-            address._detach(inbox, unhandled)
-        else:
-            address._detach(_EmptyInbox(), unhandled)
+        address._detach(inbox, unhandled)
         now = self._clock()
         with self._lock:
             child.crashes.append(now)
@@ -393,14 +387,6 @@ def _log(identity: str) -> Any:
         else ({"agent_id": object_id} if kind == "agent" else {})
     )
     return log.bind(actor=kind, **context)
-
-
-class _EmptyInbox:
-    def empty(self) -> bool:
-        return True
-
-    def get(self) -> Any:  # pragma: no cover - never called on an empty inbox
-        raise LookupError
 
 
 def _stop(ref: pykka.ActorRef[Any], timeout: float) -> None:

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from actors import Chaos, GroupFailed, PrimaryAgentError, RestartPolicy, Runtime
+from actors import Chaos, RestartPolicy, Runtime
 from messages import RunStatus, StopReason
 from tests.agents import user
 
@@ -32,11 +32,8 @@ def test_crashes_and_failures_cost_nothing_but_time(db_url: str, seed: int) -> N
 
         def drive(group_id: str) -> list[str]:
             run_ids = []
-            for n in range(12):
-                try:
-                    run_ids += rt.step(group_id, [user(f"my number is {n}")]).run_ids
-                except (PrimaryAgentError, GroupFailed):  # pragma: no cover - not expected
-                    raise
+            for n in range(12):  # a turn that raised would fail the test, as it should
+                run_ids += rt.step(group_id, [user(f"my number is {n}")]).run_ids
             return run_ids
 
         with ThreadPoolExecutor(len(groups)) as pool:
@@ -45,7 +42,6 @@ def test_crashes_and_failures_cost_nothing_but_time(db_url: str, seed: int) -> N
         stats = rt.stats()
         report = rt.check_invariants()
     assert report.ok, report.violations
-    assert all(g for g in groups)
     assert stats["injected_crashes"] > 0 and stats["restarts"] > 0
     assert stats["escalations"] == 0
     failed = [r for r in runs if r.status is RunStatus.FAILED]
