@@ -73,6 +73,7 @@ _MESSAGES: TypeAdapter[list[MessageCreate]] = TypeAdapter(
 )
 _STATUSES: TypeAdapter[list[RunStatus]] = TypeAdapter(list[RunStatus])
 _RUN_IDS: TypeAdapter[list[str]] = TypeAdapter(list[str])
+_LIMIT: TypeAdapter[int] = TypeAdapter(Annotated[int, Field(ge=1)])
 _UNSET: Any = object()
 _STREAM_POLL_S = 0.25
 _running: weakref.WeakSet[Runtime] = weakref.WeakSet()
@@ -534,6 +535,8 @@ class Runtime:
         """Runs oldest first (or newest first), filtered by agent, group and status."""
         self._check()
         wanted = None if statuses is None else _STATUSES.validate_python(list(statuses))
+        if limit is not None:
+            limit = _LIMIT.validate_python(limit)
         return self._store.list_runs(
             agent_id=agent_id,
             group_id=group_id,

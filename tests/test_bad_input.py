@@ -118,6 +118,12 @@ BAD_CALLS: list[tuple[str, Callable[[Runtime, str], object], type[Exception], st
         "run-nope",
     ),
     (
+        "limit below one",
+        lambda rt, g: rt.list_runs(limit=-1),
+        ValidationError,
+        "greater than or equal to 1",
+    ),
+    (
         "unknown status",
         lambda rt, g: rt.list_runs(statuses=["sleeping"]),
         ValidationError,
