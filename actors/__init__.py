@@ -21,6 +21,7 @@ from actors.kinds._base import (
     AgentFactory,
     AgentKinds,
     Memory,
+    StepFailed,
     StepResult,
     ToolResult,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "SchemaMismatch",
     "SleeptimeAgentActor",
     "SleeptimeError",
+    "StepFailed",
     "StepResult",
     "StoreRejected",
     "StoreUnavailable",

@@ -8,7 +8,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from actors._transcript import render_transcript
-from actors.kinds._base import AgentBehaviour, AgentContext, Memory, StepResult
+from actors.kinds._base import AgentBehaviour, AgentContext, Memory, StepFailed, StepResult
 from messages import (
     Group,
     Message,
@@ -116,13 +116,18 @@ def execute_run(
         )
         if injected_failure:
             raise InjectedFailure("chaos: this step fails on purpose (failure_rate)")
-        produced, stop_reason = as_output(behaviour.step(context, [transcript]))
-        messages.extend(
-            stamp(
-                m, agent_id=run.agent_id, group_id=group.id, sequence=first_seq + i, run_id=run.id
+        try:
+            produced, stop_reason = as_output(behaviour.step(context, [transcript]))
+        except StepFailed as failure:
+            messages.extend(_stamp_all(failure.messages, run, group.id, first_seq))
+            return StepDone(
+                run_id=run.id,
+                attempt=attempt,
+                messages=messages,
+                stop_reason=failure.stop_reason,
+                error=str(failure),
             )
-            for i, m in enumerate(produced, start=1)
-        )
+        messages.extend(_stamp_all(produced, run, group.id, first_seq))
     except Exception as error:
         return StepDone(
             run_id=run.id,
@@ -132,3 +137,13 @@ def execute_run(
             error=f"{type(error).__name__}: {error}",
         )
     return StepDone(run_id=run.id, attempt=attempt, messages=messages, stop_reason=stop_reason)
+
+
+def _stamp_all(
+    produced: Sequence[MessageCreate], run: Run, group_id: str, first_seq: int
+) -> list[Message]:
+    """The agent's output, numbered after the transcript message at `first_seq`."""
+    return [
+        stamp(m, agent_id=run.agent_id, group_id=group_id, sequence=first_seq + i, run_id=run.id)
+        for i, m in enumerate(produced, start=1)
+    ]

@@ -17,7 +17,7 @@ import structlog
 from actors._execute import as_output, stamp
 from actors._supervision import CrashReporter, SupervisedActor
 from actors._trigger import decide_fire
-from actors.kinds._base import AgentBehaviour, AgentContext, Memory, stream_of
+from actors.kinds._base import AgentBehaviour, AgentContext, Memory, StepFailed, stream_of
 from messages import (
     AssignRun,
     ChangeSettings,
@@ -209,7 +209,11 @@ class GroupActor(SupervisedActor):
                     item if isinstance(item, MessageCreate) else MessageCreate.model_validate(item)
                 )
             return
-        produced, _ = as_output(behaviour.step(context, stored))
+        try:
+            produced, _ = as_output(behaviour.step(context, stored))
+        except StepFailed as failure:
+            yield from failure.messages  # what the agent said before it failed is kept
+            raise
         yield from produced
 
     def _stamp(self, create: MessageCreate, sequence: int, turn: int) -> Message:

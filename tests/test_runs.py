@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from actors import AgentContext, RunsTimeout, Runtime
+from actors import AgentContext, RunsTimeout, Runtime, StepFailed
 from messages import MessageCreate, RunStatus, StopReason, is_legal_history
 from tests.agents import Echo, Recorder, StepLimited, user
 
@@ -210,3 +210,31 @@ def test_list_runs_filters_by_agent_group_and_status(rt: Runtime) -> None:
     assert [r.id for r in rt.list_runs(group_id=group_id, statuses=["failed"])] == [ids[1]]
     assert len(rt.list_runs(statuses=[RunStatus.COMPLETED])) == 3
     assert len(rt.list_runs()) == 4
+
+
+class _FailsAfterATool:
+    """Calls one tool, then fails the way an LLM agent fails on a timed-out request."""
+
+    def __init__(self, config: dict[str, object]) -> None:
+        pass
+
+    def step(self, context: AgentContext, messages: object) -> list[MessageCreate]:
+        done = [
+            MessageCreate(role="assistant", content="looking"),
+            MessageCreate(role="tool", tool_call_id="call-1", content="found"),
+        ]
+        raise StepFailed(
+            "the model server did not answer in 1s", stop_reason=StopReason.TIMEOUT, messages=done
+        )
+
+
+def test_step_failed_keeps_what_was_done_and_its_stop_reason(rt: Runtime) -> None:
+    rt.agents.register("echo", Echo)
+    rt.agents.register("fails-after-a-tool", _FailsAfterATool)
+    group = rt.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "fails-after-a-tool"}])
+    (run,) = rt.wait_for_runs(rt.step(group.id, [user("hi")]).run_ids, timeout=30)
+    assert (run.status, run.stop_reason) == (RunStatus.FAILED, StopReason.TIMEOUT)
+    assert run.error == "the model server did not answer in 1s"
+    history = rt.list_messages(group.sleeptime_agent_ids[0])
+    assert [m.role for m in history] == ["user", "assistant", "tool"]
+    assert {m.run_id for m in history} == {run.id}

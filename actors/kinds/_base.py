@@ -42,6 +42,29 @@ class StepResult(BaseModel):
     stop_reason: StopReason = StopReason.END_TURN
 
 
+class StepFailed(Exception):
+    """A step that failed after producing messages; raise it to keep them with the run.
+
+    The run fails with `stop_reason` (`error` or `timeout`) and this exception's text as its
+    error, and `messages` (e.g. the tool calls made before the failure) are stored in the
+    agent's history, tagged with the run id.
+
+    Example:
+        >>> raise StepFailed("the model server answered 500 three times", messages=done)
+    """
+
+    def __init__(
+        self,
+        text: str,
+        *,
+        stop_reason: StopReason = StopReason.ERROR,
+        messages: Sequence[MessageCreate] = (),
+    ) -> None:
+        super().__init__(text)
+        self.stop_reason = stop_reason
+        self.messages = list(messages)
+
+
 class BlockEditor(Protocol):
     """Applies one edit to one stored block atomically; the runtime provides it."""
 
