@@ -113,6 +113,7 @@ def execute_run(
             memory=memory,
             history=lambda: store.list_messages(run.agent_id),
             cancel_event=cancel,
+            recent_history=lambda limit: store.recent_messages(run.agent_id, limit),
         )
         if injected_failure:
             raise InjectedFailure("chaos: this step fails on purpose (failure_rate)")

@@ -202,6 +202,7 @@ class GroupActor(SupervisedActor):
                 partial(self._parts.store.get_blocks, self._primary.id), self._parts.store
             ),
             history=lambda: self._parts.store.list_messages(self._primary.id),
+            recent_history=partial(self._parts.store.recent_messages, self._primary.id),
         )
         if streaming:
             for item in stream_of(behaviour, context, stored):

@@ -94,6 +94,12 @@ _SELECT_HISTORY = (
     .where(messages.c.agent_id == bindparam("agent_id"))
     .order_by(messages.c.sequence)
 )
+_SELECT_RECENT = (
+    select(messages)
+    .where(messages.c.agent_id == bindparam("agent_id"))
+    .order_by(messages.c.sequence.desc())
+    .limit(bindparam("limit"))
+)
 _LAST_SEQUENCE = select(func.max(messages.c.sequence)).where(
     messages.c.agent_id == bindparam("agent_id")
 )
@@ -363,6 +369,17 @@ class Store:
             return [_message(r) for r in rows]
 
         return self._read(query)
+
+    def recent_messages(self, agent_id: str, limit: int) -> list[Message]:
+        """The last `limit` messages of an agent's history, oldest first."""
+        if limit <= 0:
+            return []
+        rows = self._read(
+            lambda c: (
+                c.execute(_SELECT_RECENT, {"agent_id": agent_id, "limit": limit}).mappings().all()
+            )
+        )
+        return [_message(r) for r in reversed(rows)]
 
     def window(self, agent_id: str, first_seq: int, last_seq: int) -> list[Message]:
         """The messages of one agent with sequence in [first_seq, last_seq], oldest first."""

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from actors import PrimaryAgentError, Runtime, RuntimeStopped
+from actors import AgentContext, PrimaryAgentError, Runtime, RuntimeStopped
 from messages import MessageCreate, RunStatus
 from tests.agents import Echo, Recorder, Silent, Streamer, user
 
@@ -297,3 +297,23 @@ def test_returned_groups_equal_what_get_group_reads(rt: Runtime) -> None:
     updated = rt.update_group(created.id, frequency=4, preamble="Keep notes.")
     assert updated == rt.get_group(created.id)
     assert (updated.frequency, updated.counter, updated.turns) == (4, 0, 1)
+
+
+class _RecentReader:
+    """A primary agent that answers with how many earlier messages `recent(3)` gave it."""
+
+    def __init__(self, config: dict[str, object]) -> None:
+        self.seen: list[list[str]] = []
+
+    def step(self, context: AgentContext, messages: object) -> list[MessageCreate]:
+        self.seen.append([m.text() for m in context.recent(3)])
+        return [MessageCreate(role="assistant", content=f"reply {len(self.seen)}")]
+
+
+def test_recent_gives_the_last_stored_messages_oldest_first(rt: Runtime) -> None:
+    reader = _RecentReader({})
+    rt.agents.register("recent", lambda config: reader)
+    group = rt.create_group(primary={"kind": "recent"}, sleeptime=[])
+    for said in ["one", "two", "three"]:
+        rt.step(group.id, [MessageCreate(role="user", content=said)])
+    assert reader.seen == [[], ["one", "reply 1"], ["reply 1", "two", "reply 2"]]

@@ -155,6 +155,8 @@ class AgentContext:
 
     `run_id` is set for a sleeptime run and None for a primary turn; `cancelled()` turns
     True when the run was cancelled or timed out, and the agent should stop soon.
+    `history()` reads the agent's whole stored history; `recent(n)` only its last n
+    messages, which is what a long-lived conversation should use.
     """
 
     agent_id: str
@@ -163,6 +165,11 @@ class AgentContext:
     memory: Memory
     history: Callable[[], list[Message]] = field(default=list)
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    recent_history: Callable[[int], list[Message]] = field(default=lambda limit: [])
+
+    def recent(self, limit: int) -> list[Message]:
+        """The last `limit` stored messages of this agent, oldest first (not this turn's)."""
+        return self.recent_history(limit)
 
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()
