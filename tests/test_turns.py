@@ -313,7 +313,7 @@ class _RecentReader:
 def test_recent_gives_the_last_stored_messages_oldest_first(rt: Runtime) -> None:
     reader = _RecentReader({})
     rt.agents.register("recent", lambda config: reader)
-    group = rt.create_group(primary={"kind": "recent"}, sleeptime=[])
+    group = rt.create_group(primary={"kind": "recent"}, sleeptime=[{"kind": "simulated"}])
     for said in ["one", "two", "three"]:
         rt.step(group.id, [MessageCreate(role="user", content=said)])
     assert reader.seen == [[], ["one", "reply 1"], ["reply 1", "two", "reply 2"]]
