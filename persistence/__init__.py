@@ -4,8 +4,8 @@ Example:
     >>> store = Store("sqlite:///sleeptime.db")
 """
 
-from persistence._committer import Committer
-from persistence._engine import redact
+from persistence._committer import Committer, Write
+from persistence._engine import make_engines, redact
 from persistence._models import utcnow
 from persistence._records import GroupState, NewGroup, Transition, TurnWrite
 from persistence._store import StaleTurn, Store
@@ -18,6 +18,8 @@ __all__ = [
     "Store",
     "Transition",
     "TurnWrite",
+    "Write",
+    "make_engines",
     "redact",
     "utcnow",
 ]

@@ -20,6 +20,7 @@ from sqlalchemy import (
     bindparam,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -42,7 +43,7 @@ from messages import (
     TransitionRefused,
 )
 from persistence import _schema as schema
-from persistence._committer import Committer
+from persistence._committer import Committer, Write
 from persistence._engine import make_engines, parse_url, redact
 from persistence._models import (
     AgentRow,
@@ -103,6 +104,11 @@ _SELECT_RECENT = (
 _LAST_SEQUENCE = select(func.max(messages.c.sequence)).where(
     messages.c.agent_id == bindparam("agent_id")
 )
+_LAST_SEQUENCES = (
+    select(messages.c.agent_id, func.max(messages.c.sequence))
+    .where(messages.c.agent_id.in_(bindparam("agent_ids", expanding=True)))
+    .group_by(messages.c.agent_id)
+)
 _SELECT_AGENT = select(agents).where(agents.c.id == bindparam("agent_id"))
 _SELECT_GROUP = select(groups).where(groups.c.id == bindparam("group_id"))
 _SELECT_GROUP_AGENTS = (
@@ -131,7 +137,8 @@ _START_RUN = (
 )
 _END_RUN = (
     update(runs)
-    .where(runs.c.id == bindparam("run_id"), runs.c.status.in_(OPEN_STATUSES))
+    # Spelled as OR, not IN: an expanding IN could not be merged into one executemany.
+    .where(runs.c.id == bindparam("run_id"), or_(*(runs.c.status == s for s in OPEN_STATUSES)))
     .values(
         status=bindparam("status"),
         attempt=bindparam("attempt"),
@@ -182,7 +189,12 @@ class Store:
         except BaseException:
             self._release()
             raise
-        self.committer = Committer(self._writer, translate=self._translate)
+        self.committer = Committer(
+            self._writer,
+            translate=self._translate,
+            insert_order=(_INSERT_MESSAGES, _INSERT_RUNS, _INSERT_EVENTS),
+            append=(_INSERT_MESSAGES, _number),
+        )
 
     def close(self) -> None:
         """Commit what is queued, then release every connection and the ownership."""
@@ -421,16 +433,20 @@ class Store:
             for r in turn.runs
         ]
 
-        def op(connection: Connection) -> None:
-            if connection.execute(_MOVE_GROUP, moved).rowcount != 1:
-                raise StaleTurn(f"group {turn.group_id} is no longer at turn {turn.expected_turns}")
-            if rows:
-                connection.execute(_INSERT_MESSAGES, rows)
-            if run_rows:
-                connection.execute(_INSERT_RUNS, run_rows)
-                connection.execute(_INSERT_EVENTS, event_rows)
-
-        return self.committer.submit(op)
+        return self.committer.submit(
+            Write(
+                guard=(_MOVE_GROUP, moved),
+                refusal=lambda: StaleTurn(
+                    f"group {turn.group_id} is no longer at turn {turn.expected_turns}"
+                ),
+                inserts=[
+                    (_INSERT_MESSAGES, rows),
+                    (_INSERT_RUNS, run_rows),
+                    (_INSERT_EVENTS, event_rows),
+                ],
+                keys=[turn.group_id, *(r.id for r in turn.runs)],
+            )
+        )
 
     # -- runs -----------------------------------------------------------------------------
 
@@ -457,25 +473,21 @@ class Store:
             "attempt": change.attempt,
             "reason": change.reason,
         }
-        rows = [_message_values(m) for m in change.messages]
-
-        def op(connection: Connection) -> None:
-            if connection.execute(statement, params).rowcount != 1:
-                raise TransitionRefused(change.run_id, change.old.value, change.new.value)
-            connection.execute(_INSERT_EVENTS, [event])
-            if rows:
-                connection.execute(_INSERT_MESSAGES, _append(connection, rows))
-
-        return self.committer.submit(op)
+        return self.committer.submit(
+            Write(
+                guard=(statement, params),
+                refusal=lambda: TransitionRefused(
+                    change.run_id, change.old.value, change.new.value
+                ),
+                inserts=[(_INSERT_EVENTS, [event])],
+                appends=[_message_values(m) for m in change.messages],
+                keys=[change.run_id],
+            )
+        )
 
     def store_messages(self, stored: Sequence[Message]) -> Future[None]:
         """Append messages to agents' histories (e.g. those of a run refused late)."""
-        rows = [_message_values(m) for m in stored]
-
-        def op(connection: Connection) -> None:
-            connection.execute(_INSERT_MESSAGES, _append(connection, rows))
-
-        return self.committer.submit(op)
+        return self.committer.submit(Write(appends=[_message_values(m) for m in stored]))
 
     def get_run(self, run_id: str) -> Run:
         def query(connection: Connection) -> Run:
@@ -581,17 +593,17 @@ def _from_row(model: type[M], row: RowMapping, **extra: Any) -> M:
     return model.model_validate({**{k: row[k] for k in model.model_fields if k in row}, **extra})
 
 
-def _append(connection: Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Number a run's messages after the agent's stored history, inside the writing
+def _number(connection: Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Number runs' messages after their agents' stored histories, inside the writing
     transaction: the single writer makes that the truth, whatever an actor guessed (a
     restarted incarnation may not see the previous one's last messages yet)."""
-    next_by_agent: dict[str, int] = {}
+    agent_ids = list(dict.fromkeys(row["agent_id"] for row in rows))
+    found = connection.execute(_LAST_SEQUENCES, {"agent_ids": agent_ids}).all()
+    next_by_agent = dict.fromkeys(agent_ids, 1)
+    next_by_agent.update((agent_id, last + 1) for agent_id, last in found)
     numbered = []
     for row in rows:
         agent_id = row["agent_id"]
-        if agent_id not in next_by_agent:
-            last = connection.execute(_LAST_SEQUENCE, {"agent_id": agent_id}).scalar()
-            next_by_agent[agent_id] = (last or 0) + 1
         numbered.append({**row, "sequence": next_by_agent[agent_id]})
         next_by_agent[agent_id] += 1
     return numbered

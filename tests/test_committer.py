@@ -1,0 +1,320 @@
+"""The group committer: merged writes behave exactly like the same writes one by one."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import (
+    Column,
+    Connection,
+    Engine,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    bindparam,
+    func,
+    insert,
+    select,
+    update,
+)
+
+from actors import Runtime
+from messages import RunStatus, StoreRejected
+from persistence import Committer, Store, Transition, Write, make_engines, utcnow
+from tests.agents import Echo, user
+
+metadata = MetaData()
+items = Table(
+    "items",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("status", String, nullable=False),
+)
+log = Table(
+    "log",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("item_id", String, ForeignKey("items.id"), nullable=False),
+    Column("status", String, nullable=False),
+)
+notes = Table(
+    "notes",
+    metadata,
+    Column("owner", String, primary_key=True),
+    Column("sequence", Integer, primary_key=True),
+    Column("text", String, nullable=False),
+)
+INSERT_ITEMS, INSERT_LOG, INSERT_NOTES = insert(items), insert(log), insert(notes)
+MOVE = (
+    update(items)
+    .where(items.c.id == bindparam("item"), items.c.status == bindparam("old"))
+    .values(status=bindparam("new"))
+)
+LAST = (
+    select(notes.c.owner, func.max(notes.c.sequence))
+    .where(notes.c.owner.in_(bindparam("owners", expanding=True)))
+    .group_by(notes.c.owner)
+)
+
+
+class Refused(Exception):
+    pass
+
+
+def number(connection: Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    owners = list(dict.fromkeys(r["owner"] for r in rows))
+    following = dict.fromkeys(owners, 1)
+    following.update((o, last + 1) for o, last in connection.execute(LAST, {"owners": owners}))
+    numbered = []
+    for row in rows:
+        numbered.append({**row, "sequence": following[row["owner"]]})
+        following[row["owner"]] += 1
+    return numbered
+
+
+def move(item: str, old: str, new: str) -> Write:
+    """Move `item` from `old` to `new` and log it; refused if it is not at `old`."""
+    return Write(
+        guard=(MOVE, {"item": item, "old": old, "new": new}),
+        refusal=lambda: Refused(f"{item} is not {old}"),
+        inserts=[(INSERT_LOG, [{"item_id": item, "status": new}])],
+        keys=[item],
+    )
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    writer, reader = make_engines(db_url)
+    reader.dispose()
+    metadata.create_all(writer)
+    try:
+        yield writer
+    finally:
+        metadata.drop_all(writer)
+        writer.dispose()
+
+
+@pytest.fixture
+def committer(engine: Engine) -> Iterator[Committer]:
+    committer = Committer(
+        engine,
+        translate=lambda error: StoreRejected("test", str(error)),
+        insert_order=(INSERT_ITEMS, INSERT_LOG, INSERT_NOTES),
+        append=(INSERT_NOTES, number),
+    )
+    try:
+        yield committer
+    finally:
+        committer.close()
+
+
+def in_one_batch(
+    committer: Committer, writes: list[Any], submit: Callable[[Any], Future[Any]] | None = None
+) -> list[Future[Any]]:
+    """Submit `writes` while the writer is held, so they are committed as one batch."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold(connection: Connection) -> None:
+        held.set()
+        assert release.wait(30)
+
+    first = committer.submit(hold)
+    assert held.wait(30)
+    futures: list[Future[Any]] = [(submit or committer.submit)(w) for w in writes]
+    release.set()
+    first.result(timeout=30)
+    for future in futures:
+        future.exception(timeout=30)
+    return futures
+
+
+def statuses(engine: Engine) -> dict[str, str]:
+    with engine.connect() as connection:
+        return {r.id: r.status for r in connection.execute(select(items))}
+
+
+def logged(engine: Engine) -> list[tuple[str, str]]:
+    with engine.connect() as connection:
+        return [(r.item_id, r.status) for r in connection.execute(select(log).order_by(log.c.id))]
+
+
+def seed(committer: Committer, count: int) -> list[str]:
+    ids = [f"item-{i}" for i in range(count)]
+    committer.submit(
+        Write(inserts=[(INSERT_ITEMS, [{"id": i, "status": "created"} for i in ids])])
+    ).result(timeout=30)
+    return ids
+
+
+def test_a_batch_of_writes_to_different_rows_is_a_few_statements(
+    committer: Committer, engine: Engine
+) -> None:
+    ids = seed(committer, 50)
+    before = (committer.transactions, committer.statements)
+    futures = in_one_batch(committer, [move(i, "created", "running") for i in ids])
+    assert all(f.result() is None for f in futures)
+    assert committer.transactions - before[0] == 2  # the held op, then all fifty
+    assert committer.statements - before[1] == 2  # one UPDATE, one INSERT, for fifty writes
+    assert set(statuses(engine).values()) == {"running"}
+    assert len(logged(engine)) == 50
+
+
+def test_a_refused_write_fails_alone_and_the_rest_of_its_batch_commits(
+    committer: Committer, engine: Engine
+) -> None:
+    ids = seed(committer, 5)
+    writes = [move(i, "created", "running") for i in ids]
+    writes[2] = move(ids[2], "running", "completed")  # item 2 is not running: refused
+    futures = in_one_batch(committer, writes)
+    assert isinstance(futures[2].exception(), Refused)
+    assert all(f.result() is None for i, f in enumerate(futures) if i != 2)
+    assert statuses(engine) == {i: "created" if i == ids[2] else "running" for i in ids}
+    assert ids[2] not in [item for item, _ in logged(engine)]  # nothing of it was written
+
+
+def test_writes_to_one_row_keep_their_order_within_a_batch(
+    committer: Committer, engine: Engine
+) -> None:
+    (a, b) = seed(committer, 2)
+    # a: created -> running -> completed, in order; b: the end comes first, so it is refused.
+    futures = in_one_batch(
+        committer,
+        [
+            move(a, "created", "running"),
+            move(b, "running", "completed"),
+            move(a, "running", "completed"),
+            move(b, "created", "running"),
+        ],
+    )
+    assert [f.exception() is None for f in futures] == [True, False, True, True]
+    assert statuses(engine) == {a: "completed", b: "running"}
+    assert [s for item, s in logged(engine) if item == a] == ["running", "completed"]
+
+
+def test_inserts_follow_the_foreign_keys_whatever_the_order_of_the_writes(
+    committer: Committer, engine: Engine
+) -> None:
+    futures = in_one_batch(
+        committer,
+        [
+            Write(inserts=[(INSERT_LOG, [{"item_id": "x", "status": "created"}])], keys=["lx"]),
+            Write(inserts=[(INSERT_ITEMS, [{"id": "x", "status": "created"}])], keys=["x"]),
+        ],
+    )
+    assert all(f.result() is None for f in futures)
+    assert logged(engine) == [("x", "created")]
+
+
+def test_a_failing_statement_fails_only_its_write(committer: Committer, engine: Engine) -> None:
+    (a,) = seed(committer, 1)
+    futures = in_one_batch(
+        committer,
+        [
+            move(a, "created", "running"),
+            Write(inserts=[(INSERT_ITEMS, [{"id": a, "status": "created"}])], keys=["dup"]),
+            Write(inserts=[(INSERT_ITEMS, [{"id": "fresh", "status": "created"}])], keys=["f"]),
+        ],
+    )
+    assert futures[0].result() is None and futures[2].result() is None
+    assert isinstance(futures[1].exception(), StoreRejected)
+    assert statuses(engine) == {a: "running", "fresh": "created"}
+
+
+def test_appended_rows_are_numbered_after_each_owner_across_a_batch(
+    committer: Committer, engine: Engine
+) -> None:
+    committer.submit(Write(appends=[{"owner": "o1", "text": "stored before"}])).result(timeout=30)
+    writes = [
+        Write(appends=[{"owner": "o1", "text": "a"}, {"owner": "o2", "text": "b"}]),
+        Write(appends=[{"owner": "o1", "text": "c"}]),
+    ]
+    assert all(f.result() is None for f in in_one_batch(committer, writes))
+    with engine.connect() as connection:
+        rows = connection.execute(select(notes).order_by(notes.c.owner, notes.c.sequence))
+        assert [(r.owner, r.sequence, r.text) for r in rows] == [
+            ("o1", 1, "stored before"),
+            ("o1", 2, "a"),
+            ("o1", 3, "c"),
+            ("o2", 1, "b"),
+        ]
+
+
+STATUSES = ["created", "running", "completed"]
+moves = st.lists(
+    st.tuples(st.integers(0, 2), st.sampled_from(STATUSES), st.sampled_from(STATUSES)),
+    min_size=1,
+    max_size=25,
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(batch=moves)
+def test_a_merged_batch_has_the_outcome_of_its_writes_one_by_one(
+    committer: Committer, engine: Engine, batch: list[tuple[int, str, str]]
+) -> None:
+    with engine.begin() as connection:
+        connection.execute(log.delete())
+        connection.execute(items.delete())
+    ids = seed(committer, 3)
+    model = dict.fromkeys(ids, "created")
+    expected_ok, expected_log = [], []
+    for index, old, new in batch:
+        ok = model[ids[index]] == old
+        expected_ok.append(ok)
+        if ok:
+            model[ids[index]] = new
+            expected_log.append((ids[index], new))
+    futures = in_one_batch(committer, [move(ids[i], old, new) for i, old, new in batch])
+    assert [f.exception() is None for f in futures] == expected_ok
+    assert statuses(engine) == model
+    per_item = {i: [s for item, s in logged(engine) if item == i] for i in ids}
+    assert per_item == {i: [s for item, s in expected_log if item == i] for i in ids}
+
+
+def test_the_store_merges_turns_and_run_changes_of_many_groups(db_url: str) -> None:
+    """Every guarded statement of the store can go in one executemany (none is expanding)."""
+    with Runtime.start(db_url) as rt:
+        rt.agents.register("echo", Echo)
+        rt.agents.register("later", Echo)
+        group_ids = [
+            rt.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "later"}]).id
+            for _ in range(6)
+        ]
+    rt = Runtime.start(db_url)  # without "later": the runs stay created
+    try:
+        rt.agents.register("echo", Echo)
+        run_ids = [r for g in group_ids for r in rt.step(g, [user("hi")]).run_ids]
+    finally:
+        rt.stop(drain_timeout=0)  # their kind is missing: they would never finish
+    store = Store(db_url)
+    try:
+        now = utcnow()
+
+        def change(run_id: str, old: RunStatus, new: RunStatus, attempt: int = 1) -> Transition:
+            return Transition(run_id=run_id, old=old, new=new, at=now, attempt=attempt)
+
+        created, running = RunStatus.CREATED, RunStatus.RUNNING
+        for steps in (
+            [change(r, created, running) for r in run_ids],
+            [change(r, running, created, 2) for r in run_ids],
+            [change(r, created, running, 2) for r in run_ids],
+            [change(r, running, RunStatus.COMPLETED, 2) for r in run_ids],
+        ):
+            before = (store.committer.transactions, store.committer.statements)
+            futures = in_one_batch(store.committer, steps, store.apply_transition)
+            assert all(f.result() is None for f in futures)
+            assert store.committer.transactions - before[0] == 2
+            assert store.committer.statements - before[1] == 2  # UPDATE + INSERT of events
+        assert {r.status for r in store.get_runs(run_ids).values()} == {RunStatus.COMPLETED}
+    finally:
+        store.close()
