@@ -78,6 +78,7 @@ def execute_run(
     started: Future[None],
     first_seq: int,
     injected_failure: bool = False,
+    window: list[Message] | None = None,
 ) -> StepDone:
     """Build the transcript of the run's window, step the agent, and report the outcome.
 
@@ -95,7 +96,8 @@ def execute_run(
         )
     messages: list[Message] = []
     try:
-        window = store.window(group.primary_agent_id, run.window_first_seq, run.window_last_seq)
+        if window is None:
+            window = store.window(group.primary_agent_id, run.window_first_seq, run.window_last_seq)
         text = render_transcript(window, group.preamble, group.transcript_max_messages)
         transcript = stamp(
             MessageCreate(role="user", content=[TextContent(text=text)]),

@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("sleeptime.group")
 
+MAX_TAIL_MESSAGES = 512
+"""At most this many messages since the cursor are kept for the next runs' window;
+a longer window is read back from the store."""
+
 
 class GroupActor(SupervisedActor):
     """Runs the turns of one group, one at a time.
@@ -74,6 +78,10 @@ class GroupActor(SupervisedActor):
         self._primary = state.primary
         self._cursor_seq = state.cursor_seq
         self._last_seq = state.last_seq
+        # The primary messages after the cursor that this incarnation committed, so a run
+        # is handed its window instead of reading it back; complete from `_tail_from` on.
+        self._tail: list[Message] = []
+        self._tail_from = state.last_seq + 1
 
     def started(self) -> None:
         if self._hand_over:  # a new incarnation: runs committed but not handed over yet
@@ -171,8 +179,9 @@ class GroupActor(SupervisedActor):
                 "last_turn_at": write.at,
             }
         )
+        window = self._window(recorded, runs)
         self._cursor_seq, self._last_seq = cursor_seq, seq
-        self._dispatch(runs)
+        self._dispatch(runs, window=window)
         self._log.debug(
             "turn_recorded",
             turn=turn,
@@ -190,6 +199,22 @@ class GroupActor(SupervisedActor):
         if error is not None:
             raise PrimaryAgentError(group.id, f"{type(error).__name__}: {error}", result) from error
         return result
+
+    def _window(self, recorded: list[Message], runs: list[Run]) -> list[Message] | None:
+        """Keep the committed messages after the cursor; the runs' window if complete."""
+        self._tail.extend(recorded)
+        if not runs:
+            if len(self._tail) > MAX_TAIL_MESSAGES:
+                del self._tail[: len(self._tail) - MAX_TAIL_MESSAGES]
+                self._tail_from = self._tail[0].sequence
+            return None
+        first = runs[0].window_first_seq
+        window = (
+            [m for m in self._tail if m.sequence >= first] if first >= self._tail_from else None
+        )
+        self._tail = []
+        self._tail_from = runs[0].window_last_seq + 1
+        return window
 
     def _produce(
         self, behaviour: AgentBehaviour, stored: list[Message], streaming: bool
@@ -250,7 +275,9 @@ class GroupActor(SupervisedActor):
         self._stale = False
         self._log.info("group_reloaded", turns=self._group.turns, runs_handed_over=len(waiting))
 
-    def _dispatch(self, runs: list[Run], attempt: int = 0) -> None:
+    def _dispatch(
+        self, runs: list[Run], attempt: int = 0, window: list[Message] | None = None
+    ) -> None:
         """Hand committed runs to the tracker, then to their agents.
 
         The turn is already committed, so a failure here must not reach its caller: the
@@ -264,7 +291,7 @@ class GroupActor(SupervisedActor):
         undelivered = []
         for run in runs:
             try:
-                self._parts.directory.agent(run.agent_id).tell(AssignRun(run=run))
+                self._parts.directory.agent(run.agent_id).tell(AssignRun(run=run, window=window))
             except Exception as error:
                 self._log.error("dispatch_failed", run_id=run.id, error=str(error))
                 undelivered.append(run)

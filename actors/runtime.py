@@ -193,7 +193,8 @@ class Runtime:
         failures, for tests and simulations.
         """
         ensure_logging()
-        store = Store(url, read_only=read_only, auto_upgrade=auto_upgrade)
+        # Every step thread may read at once, plus the groups and the callers.
+        store = Store(url, read_only=read_only, auto_upgrade=auto_upgrade, readers=workers + 8)
         try:
             registry = AgentKinds()
             for name, factory in {**builtin_kinds(), **(kinds or {})}.items():

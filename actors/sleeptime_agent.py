@@ -31,6 +31,7 @@ from messages import (
     Group,
     GroupChanged,
     KindRegistered,
+    Message,
     Run,
     RunDeadline,
     RunStatus,
@@ -73,6 +74,7 @@ class SleeptimeAgentActor(SupervisedActor):
         self._next_seq = 1
         self._queue: deque[Run] = deque()
         self._queued: set[str] = set()
+        self._windows: dict[str, list[Message]] = {}  # run id -> window handed over with it
         self._current: _Current | None = None
         self._behaviour: AgentBehaviour | None = None
         self._build_error: str | None = None
@@ -101,8 +103,8 @@ class SleeptimeAgentActor(SupervisedActor):
 
     def receive(self, message: Any) -> Any:
         match message:
-            case AssignRun(run=run):
-                self._enqueue(run)
+            case AssignRun(run=run, window=window):
+                self._enqueue(run, window)
             case StepDone():
                 self._step_done(message)
             case RunDeadline(run_id=run_id, attempt=attempt):
@@ -121,10 +123,12 @@ class SleeptimeAgentActor(SupervisedActor):
     def busy(self) -> bool:
         return self._current is not None or bool(self._queue)
 
-    def _enqueue(self, run: Run) -> None:
+    def _enqueue(self, run: Run, window: list[Message] | None = None) -> None:
         if run.id not in self._queued and (self._current is None or self._current.run_id != run.id):
             self._queue.append(run)
             self._queued.add(run.id)
+            if window is not None:
+                self._windows[run.id] = window
 
     def _pump(self) -> None:
         while self._current is None and self._queue:
@@ -132,9 +136,10 @@ class SleeptimeAgentActor(SupervisedActor):
                 return
             run = self._queue.popleft()
             self._queued.discard(run.id)
+            window = self._windows.pop(run.id, None)
             decision: StartDecision = self._parts.tracker.ask(StartRun(run_id=run.id))
             if decision.started:
-                self._begin(run, decision)
+                self._begin(run, decision, window)
 
     def _ready(self) -> bool:
         """Build the agent if needed; False while its kind is not registered."""
@@ -149,7 +154,7 @@ class SleeptimeAgentActor(SupervisedActor):
             self._build_error = str(error)
         return True
 
-    def _begin(self, run: Run, decision: StartDecision) -> None:
+    def _begin(self, run: Run, decision: StartDecision, window: list[Message] | None) -> None:
         assert decision.cancel is not None and decision.committed is not None
         address = self._address
         if self._behaviour is None:
@@ -174,6 +179,7 @@ class SleeptimeAgentActor(SupervisedActor):
             cancel=decision.cancel,
             started=decision.committed,
             first_seq=self._next_seq,
+            window=window,
             injected_failure=self._step_dice is not None
             and self._step_dice.random()
             < (self._parts.chaos.failure_rate if self._parts.chaos else 0.0),

@@ -55,9 +55,14 @@ class DispatchRuns(_Command):
 
 
 class AssignRun(_Command):
-    """A run of this agent was created and committed; queue it."""
+    """A run of this agent was created and committed; queue it.
+
+    `window` is the primary messages of the run's window when the group still held them,
+    so the run need not read them back; None means "read them from the store".
+    """
 
     run: Run
+    window: list[Message] | None = None
 
 
 class StepDone(_Command):

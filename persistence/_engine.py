@@ -66,8 +66,12 @@ def _sqlite_manual_transactions(dbapi_connection: Any, _record: ConnectionPoolEn
     dbapi_connection.isolation_level = None
 
 
-def make_engines(url: str) -> tuple[Engine, Engine]:
-    """Return (writer, reader) engines for `url`, or raise StoreUnavailable saying why."""
+def make_engines(url: str, readers: int = 8) -> tuple[Engine, Engine]:
+    """Return (writer, reader) engines for `url`, or raise StoreUnavailable saying why.
+
+    The reader pool keeps `readers` connections open (more are opened at peaks, and closed
+    after): size it to the threads that read at once, or each peak pays a reconnect.
+    """
     parsed = parse_url(url)
     shown = redact(parsed)
     if is_sqlite(parsed):
@@ -90,7 +94,7 @@ def make_engines(url: str) -> tuple[Engine, Engine]:
         }
     try:
         writer = create_engine(parsed, pool_size=1, max_overflow=0, **options)
-        reader = create_engine(parsed, pool_size=8, max_overflow=24, **options)
+        reader = create_engine(parsed, pool_size=readers, max_overflow=24, **options)
     except (NoSuchModuleError, ImportError, ArgumentError) as error:
         hint = " (pip install 'sleeptime-runtime[postgres]')" if "postgres" in shown else ""
         raise StoreUnavailable(shown, f"no driver for this URL: {error}{hint}") from error

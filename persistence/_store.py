@@ -170,7 +170,9 @@ class Store:
         >>> store.get_group(group_id).counter
     """
 
-    def __init__(self, url: str, *, read_only: bool = False, auto_upgrade: bool = True) -> None:
+    def __init__(
+        self, url: str, *, read_only: bool = False, auto_upgrade: bool = True, readers: int = 8
+    ) -> None:
         """Connect, take ownership of the database (unless read-only) and ready its schema.
 
         Raises StoreUnavailable (cannot connect), DatabaseInUse (another runtime owns it)
@@ -178,7 +180,7 @@ class Store:
         """
         parsed = parse_url(url)
         self.url = redact(parsed)
-        self._writer, self._reader = make_engines(url)
+        self._writer, self._reader = make_engines(url, readers=readers)
         self._ownership: Ownership | None = None
         try:
             if read_only:

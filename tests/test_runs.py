@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from actors import AgentContext, RunsTimeout, Runtime, StepFailed
+from actors import AgentContext, RunsTimeout, Runtime, StepFailed, render_transcript
 from messages import MessageCreate, RunStatus, StopReason, is_legal_history
 from tests.agents import Echo, Recorder, StepLimited, user
 
@@ -238,3 +238,32 @@ def test_step_failed_keeps_what_was_done_and_its_stop_reason(rt: Runtime) -> Non
     history = rt.list_messages(group.sleeptime_agent_ids[0])
     assert [m.role for m in history] == ["user", "assistant", "tool"]
     assert {m.run_id for m in history} == {run.id}
+
+
+@pytest.mark.parametrize("tail", [512, 3])
+def test_a_handed_over_window_is_the_stored_window(
+    rt: Runtime, tail: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run gets its window from the group that committed it, or (when the group kept
+    too few messages) from the store: the transcript is the same either way."""
+    monkeypatch.setattr("actors.group.MAX_TAIL_MESSAGES", tail)
+    recorder = Recorder()
+    group_id = _group(rt, recorder, frequency=2)
+    group = rt.get_group(group_id)
+    run_ids = []
+    for i in range(7):
+        said = [user(f"message {i}.{j}") for j in range(1 + i % 3)]
+        if i % 2:
+            run_ids += rt.record_turn(
+                group_id, [*said, MessageCreate(role="assistant", content="ok")]
+            ).run_ids
+        else:
+            run_ids += rt.step(group_id, said).run_ids
+    runs = rt.wait_for_runs(run_ids, timeout=30)
+    assert len(runs) >= 3 and all(r.status is RunStatus.COMPLETED for r in runs)
+    stored = {m.id: m for m in rt.list_messages(group.primary_agent_id)}
+    for run, seen in zip(runs, recorder.transcripts, strict=True):
+        window = [
+            m for m in stored.values() if run.window_first_seq <= m.sequence <= run.window_last_seq
+        ]
+        assert seen == render_transcript(window, group.preamble, group.transcript_max_messages)
