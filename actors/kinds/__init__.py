@@ -19,6 +19,7 @@ from actors.kinds._base import (
     stream_of,
 )
 from actors.kinds.memory import MemoryAgent, MemoryConfig, extract_facts
+from actors.kinds.openai_chat import ModelServerError, OpenAIAgent, OpenAIConfig
 from actors.kinds.scripted import ScriptedAgent, ScriptedConfig
 from actors.kinds.simulated import (
     MAX_LATENCY_MS,
@@ -31,7 +32,12 @@ from actors.kinds.simulated import (
 
 def builtin_kinds() -> dict[str, AgentFactory]:
     """The kinds every runtime registers: name -> factory(config) -> agent."""
-    return {"scripted": ScriptedAgent, "memory": MemoryAgent, "simulated": SimulatedAgent}
+    return {
+        "scripted": ScriptedAgent,
+        "memory": MemoryAgent,
+        "simulated": SimulatedAgent,
+        "openai": OpenAIAgent,
+    }
 
 
 __all__ = [
@@ -44,6 +50,9 @@ __all__ = [
     "Memory",
     "MemoryAgent",
     "MemoryConfig",
+    "ModelServerError",
+    "OpenAIAgent",
+    "OpenAIConfig",
     "ScriptedAgent",
     "ScriptedConfig",
     "SimulatedAgent",
