@@ -105,7 +105,10 @@ class ActorDirectory:
 
             def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
                 loaded, again = state()
-                return GroupActor.start(reporter, loaded, parts, hand_over=again)
+                # After a crash, runs it committed may not be handed over yet; a group is
+                # passivated only when everything it committed was handed over.
+                hand_over = again and not reporter.activation
+                return GroupActor.start(reporter, loaded, parts, hand_over=hand_over)
 
             return parts.supervisor.supervise(
                 ChildSpec(
@@ -114,6 +117,7 @@ class ActorDirectory:
                     escalate=lambda reason: self._escalate(group_id, reason),
                     policy=parts.policy,
                     refuse=lambda reason: GroupFailed(group_id, reason),
+                    passivates=True,
                 )
             )
 
@@ -141,20 +145,23 @@ class ActorDirectory:
                     escalate=lambda reason: self._escalate(agent.group_id, reason),
                     policy=parts.policy,
                     refuse=lambda reason: GroupFailed(agent.group_id, reason),
+                    passivates=True,
+                    parent=f"group:{agent.group_id}",
                 )
             )
 
     def tell_if_alive(self, agent_id: str, message: Any) -> None:
+        """Tell the agent's running instance; a passivated one reads the news on start."""
         address = self._parts.supervisor.child(f"agent:{agent_id}")
         if address is not None:
-            address.tell(message)
+            address.tell_if_active(message)
 
     def broadcast(self, message: Any) -> None:
-        """Tell every group and agent actor (e.g. that a kind was registered)."""
+        """Tell every running group and agent actor (e.g. that a kind was registered)."""
         for identity in self._parts.supervisor.identities():
             address = self._parts.supervisor.child(identity)
             if address is not None and identity != "tracker":
-                address.tell(message)
+                address.tell_if_active(message)
 
     def _escalate(self, group_id: str, reason: str) -> None:
         """Too many crashes: the group fails with the reason, the rest goes on."""

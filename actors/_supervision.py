@@ -106,20 +106,48 @@ class ChildSpec:
     refuse: Callable[[str], Exception] = lambda reason: SleeptimeError(
         f"the actor was stopped: {reason}"
     )
+    passivates: bool = False
+    """Whether the child may be passivated when idle (and started again on demand)."""
+    parent: str | None = None
+    """The identity of the child this one works for: once the parent is passivated, this
+    one is too, as soon as it is idle (a group's sleeptime agents follow their group)."""
+
+
+class Passivate:
+    """Told by the supervisor: stop now if idle; the next message starts a new instance."""
+
+    __slots__ = ()
 
 
 class Address:
-    """The stable handle of a supervised actor, valid across its restarts."""
+    """The stable handle of a supervised actor, valid across its restarts.
 
-    __slots__ = ("_buffer", "_lock", "_ref", "_refusal", "identity", "incarnation")
+    A passivated child has no instance; the first message told to it starts one (in
+    the teller's thread), and waits in the buffer until it is up, like during a restart.
+    """
+
+    __slots__ = (
+        "_activate",
+        "_buffer",
+        "_lock",
+        "_passive",
+        "_ref",
+        "_refusal",
+        "identity",
+        "incarnation",
+        "last_told",
+    )
 
     def __init__(self, identity: str) -> None:
         self.identity = identity
         self.incarnation = 0
+        self.last_told = time.monotonic()
         self._lock = threading.Lock()
         self._ref: pykka.ActorRef[Any] | None = None
         self._buffer: deque[Any] = deque()
         self._refusal: Exception | None = None
+        self._passive = False
+        self._activate: Callable[[], None] = lambda: None
 
     def tell(self, message: Any) -> None:
         """Deliver now, or after the restart under way; refuse if the child is gone."""
@@ -127,6 +155,7 @@ class Address:
             if self._refusal is not None:
                 _refuse(message, self._refusal)
                 return
+            self.last_told = time.monotonic()
             if self._ref is not None and not self._buffer:
                 try:
                     self._ref.tell(message)
@@ -134,6 +163,42 @@ class Address:
                 except pykka.ActorDeadError:
                     pass  # it just crashed: its report will restart it
             self._buffer.append(message)
+            wake, self._passive = self._passive, False
+        if wake:
+            self._activate()
+
+    def tell_if_active(self, message: Any) -> bool:
+        """Tell, unless the child is passivated or gone (then the message is dropped:
+        for news that a new instance reads from the store anyway)."""
+        with self._lock:
+            if self._passive or self._refusal is not None:
+                return False
+        self.tell(message)
+        return True
+
+    @property
+    def active(self) -> bool:
+        with self._lock:
+            return self._ref is not None
+
+    def _nudge(self, message: Any) -> None:
+        """Tell the running instance, if any, without counting as use or waking it."""
+        with self._lock:
+            if self._ref is None or self._buffer:
+                return
+            try:
+                self._ref.tell(message)
+            except pykka.ActorDeadError:
+                pass
+
+    def _passivate(self, inbox: Any) -> bool:
+        """Detach the idle instance, unless a message is waiting for it."""
+        with self._lock:
+            if self._ref is None or self._buffer or not inbox.empty():
+                return False
+            self._ref = None
+            self._passive = True
+            return True
 
     def ask(self, message: Any, timeout: float | None = None) -> Any:
         """Tell a message that carries a `reply` future, and wait for that reply."""
@@ -195,11 +260,18 @@ def _refuse(message: Any, refusal: Exception) -> None:
 class CrashReporter:
     """What a supervised actor holds: where to report a crash, and the chaos dice."""
 
-    __slots__ = ("_supervisor", "address", "chaos", "dice", "seen")
+    __slots__ = ("_supervisor", "activation", "address", "chaos", "dice", "seen")
 
-    def __init__(self, supervisor: Supervisor, address: Address, chaos: Chaos | None) -> None:
+    def __init__(
+        self,
+        supervisor: Supervisor,
+        address: Address,
+        chaos: Chaos | None,
+        activation: bool = False,
+    ) -> None:
         self._supervisor = supervisor
         self.address = address
+        self.activation = activation  # started again after a passivation, not a crash
         targeted = (
             chaos is not None
             and chaos.crash_rate > 0
@@ -224,6 +296,10 @@ class CrashReporter:
 
     def crashed(self, error: BaseException, inbox: Any, unhandled: list[Any]) -> None:
         self._supervisor._crashed(self.address, error, inbox, unhandled)
+
+    def passivate(self, inbox: Any) -> bool:
+        """Whether the idle instance may stop now (it must, if True)."""
+        return self._supervisor._passivated(self.address, inbox)
 
 
 @dataclass
@@ -255,15 +331,20 @@ class Supervisor:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._children: dict[str, _Child] = {}
+        self._active: dict[str, _Child] = {}  # children with a running instance
+        self._changed = threading.Condition(self._lock)
         self.restarts = 0
         self.escalations = 0
         self.injected = 0
+        self.passivations = 0
+        self.activations = 0
         self._injected_by: dict[str, int] = {}
 
     def supervise(self, spec: ChildSpec) -> Address:
         """Start the child now (a failed start counts as a crash) and return its address."""
         address = Address(spec.identity)
         child = _Child(spec, address)
+        address._activate = lambda: self._wake(child)
         with self._lock:
             self._children[spec.identity] = child
         self._start(child)
@@ -281,6 +362,7 @@ class Supervisor:
         are refused with `refusal`. With `wait`, return once it has stopped."""
         with self._lock:
             child = self._children.pop(identity, None)
+            self._active.pop(identity, None)
         if child is not None:
             for ref in child.address._close(refusal):
                 if wait:
@@ -295,6 +377,7 @@ class Supervisor:
         """Stop a child for good but keep its address, which refuses every message."""
         with self._lock:
             child = self._children.get(identity)
+            self._active.pop(identity, None)
             if child is not None:
                 child.escalated = True
         if child is not None:
@@ -318,13 +401,82 @@ class Supervisor:
             self.injected += 1
             return True
 
-    def _start(self, child: _Child) -> None:
-        reporter = CrashReporter(self, child.address, self._chaos)
+    def active_count(self, prefix: str = "") -> int:
+        """How many children whose identity starts with `prefix` have an instance."""
+        with self._lock:
+            return sum(identity.startswith(prefix) for identity in self._active)
+
+    def wait_until(self, condition: Callable[[Supervisor], bool], timeout: float) -> bool:
+        """Wait until `condition(self)` holds after some child started or passivated."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                self._lock.release()
+                try:
+                    holds = condition(self)
+                finally:
+                    self._lock.acquire()
+                remaining = deadline - time.monotonic()
+                if holds or remaining <= 0:
+                    return holds
+                # A change while the condition was evaluated is seen on the next look.
+                self._changed.wait(min(remaining, 0.05))
+
+    def reap(self, idle_after: float | None, max_active: int | None, prefix: str) -> int:
+        """Ask children to passivate: those told nothing for `idle_after` seconds, the
+        least recently told beyond `max_active` among those starting with `prefix`, and
+        those whose parent is passivated. A busy child declines; it is asked again on the
+        next reap. Returns how many were asked."""
+        now = time.monotonic()
+        with self._lock:
+            active = [c for c in self._active.values() if c.spec.passivates]
+            parents_active = set(self._active)
+        victims: dict[str, _Child] = {}
+        for child in active:
+            parent = child.spec.parent
+            idle = idle_after is not None and now - child.address.last_told > idle_after
+            if idle or (parent is not None and parent not in parents_active):
+                victims[child.spec.identity] = child
+        if max_active is not None:
+            capped = [c for c in active if c.spec.identity.startswith(prefix)]
+            if len(capped) > max_active:
+                capped.sort(key=lambda c: c.address.last_told)
+                victims.update((c.spec.identity, c) for c in capped[: len(capped) - max_active])
+        for child in victims.values():
+            child.address._nudge(Passivate())
+        return len(victims)
+
+    def _passivated(self, address: Address, inbox: Any) -> bool:
+        with self._lock:
+            child = self._children.get(address.identity)
+        if child is None or child.address is not address or not address._passivate(inbox):
+            return False
+        with self._lock:
+            self._active.pop(address.identity, None)
+            self.passivations += 1
+            self._changed.notify_all()
+        return True
+
+    def _wake(self, child: _Child) -> None:
+        """A message came for a passivated child: start it again from the store."""
+        with self._lock:
+            if self._children.get(child.spec.identity) is not child or child.escalated:
+                return
+            self.activations += 1
+        child.address.incarnation += 1
+        self._start(child, activation=True)
+
+    def _start(self, child: _Child, activation: bool = False) -> None:
+        reporter = CrashReporter(self, child.address, self._chaos, activation)
         try:
             ref = child.spec.start(reporter)
         except Exception as error:
             self._crashed(child.address, error, None, [])
             return
+        with self._lock:
+            if self._children.get(child.spec.identity) is child:
+                self._active[child.spec.identity] = child
+                self._changed.notify_all()
         child.address._attach(ref)
 
     def _crashed(
@@ -334,6 +486,8 @@ class Supervisor:
             child = self._children.get(address.identity)
         if child is None or child.address is not address:
             return  # stopped on purpose meanwhile
+        with self._lock:
+            self._active.pop(address.identity, None)
         address._detach(inbox, unhandled)
         now = self._clock()
         with self._lock:
@@ -418,6 +572,11 @@ class SupervisedActor(pykka.ThreadingActor):
     def receive(self, message: Any) -> Any:
         raise NotImplementedError
 
+    def idle(self) -> bool:
+        """Whether the actor may be passivated now: nothing of its own under way that a
+        new instance, started from the store, would not take over."""
+        return True
+
     def on_start(self) -> None:
         try:
             self.started()
@@ -426,6 +585,14 @@ class SupervisedActor(pykka.ThreadingActor):
             raise
 
     def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Passivate):
+            if (
+                self._reporter is not None
+                and self.idle()
+                and self._reporter.passivate(self.actor_inbox)
+            ):
+                self._stop()  # at once: nothing else can reach this instance any more
+            return None
         if self._reporter is not None and self._reporter.strikes():
             self._unhandled = [message]  # nothing of it ran: the next incarnation takes it
             raise InjectedCrash(f"chaos crashed {self._reporter.address.identity}")

@@ -71,6 +71,7 @@ class GroupActor(SupervisedActor):
         self._adopt(state)
         self._behaviour: AgentBehaviour | None = None
         self._stale = False
+        self._redispatches = 0  # hand-overs scheduled again after a failed delivery
         self._log = log.bind(group_id=state.group.id, agent_id=state.primary.id)
 
     def _adopt(self, state: GroupState) -> None:
@@ -98,6 +99,7 @@ class GroupActor(SupervisedActor):
             case ChangeSettings(changes=changes):
                 return self._change(changes)
             case DispatchRuns(runs=runs, attempt=attempt):
+                self._redispatches -= 1
                 self._dispatch(runs, attempt)
                 return None
             case KindRegistered(kind=kind):
@@ -106,6 +108,10 @@ class GroupActor(SupervisedActor):
                 return None
             case _:
                 raise TypeError(f"a group does not handle {type(message).__name__}")
+
+    def idle(self) -> bool:
+        # A stale group must hand over what its uncertain commit may hold: not idle.
+        return not self._stale and self._redispatches == 0
 
     # -- turns ----------------------------------------------------------------------------
 
@@ -298,6 +304,7 @@ class GroupActor(SupervisedActor):
         if undelivered:
             delay = min(30.0, 0.5 * 2**attempt)
             command = DispatchRuns(runs=undelivered, attempt=attempt + 1)
+            self._redispatches += 1
             self._parts.scheduler.call_later(delay, partial(self._address.tell, command))
 
     # -- settings -------------------------------------------------------------------------

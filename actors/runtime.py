@@ -63,6 +63,11 @@ from persistence import NewGroup, Store, Transition, utcnow
 log = structlog.get_logger("sleeptime.runtime")
 
 DEFAULT_URL = "sqlite:///sleeptime.db"
+DEFAULT_PASSIVATE_AFTER = 300.0
+"""Seconds a group may be told nothing before its actors give their threads back."""
+DEFAULT_MAX_ACTIVE_GROUPS = 256
+"""Groups with live actors at most (each holds a thread, and one per busy agent)."""
+REAP_INTERVAL_S = 0.1
 DEFAULT_MEMORY_PERSONA = (
     "You keep the primary agent's long-term memory. Record durable facts about the user "
     "(name, preferences, plans, circumstances) in the human block, one fact per line, and "
@@ -146,8 +151,12 @@ class Runtime:
         read_only: bool = False,
         chaos: Chaos | None = None,
         restart_policy: RestartPolicy | None = None,
+        passivate_after: float | None = None,
+        max_active_groups: int | None = None,
     ) -> None:
         self._store = store
+        self._passivate_after = passivate_after
+        self._max_active_groups = max_active_groups
         self.read_only = read_only
         self.agents = kinds
         self._stopped = threading.Event()
@@ -175,6 +184,8 @@ class Runtime:
         auto_upgrade: bool = True,
         chaos: Chaos | None = None,
         restart_policy: RestartPolicy | None = None,
+        passivate_after: float | None = DEFAULT_PASSIVATE_AFTER,
+        max_active_groups: int | None = DEFAULT_MAX_ACTIVE_GROUPS,
     ) -> Runtime:
         """Open (or create) the database at `url`, recover its open runs, and start.
 
@@ -191,7 +202,17 @@ class Runtime:
         Crashed actors are restarted by their supervisor under `restart_policy` (more
         crashes than it allows fail the group). `chaos` injects crashes and agent
         failures, for tests and simulations.
+
+        Passivation: a group's actors give their threads back when the group was told
+        nothing for `passivate_after` seconds, or when more than `max_active_groups`
+        groups are active (the least recently used go first); a sleeptime agent follows
+        its group once its runs are done. The next turn starts them again from the
+        store. None turns either limit off.
         """
+        if passivate_after is not None and not passivate_after > 0:
+            raise ValueError("passivate_after must be a number of seconds > 0, or None")
+        if max_active_groups is not None and max_active_groups < 1:
+            raise ValueError("max_active_groups must be at least 1, or None")
         ensure_logging()
         # Every step thread may read at once, plus the groups and the callers.
         store = Store(url, read_only=read_only, auto_upgrade=auto_upgrade, readers=workers + 8)
@@ -199,7 +220,16 @@ class Runtime:
             registry = AgentKinds()
             for name, factory in {**builtin_kinds(), **(kinds or {})}.items():
                 registry.register(name, factory)
-            runtime = cls(store, registry, workers, read_only, chaos, restart_policy)
+            runtime = cls(
+                store,
+                registry,
+                workers,
+                read_only,
+                chaos,
+                restart_policy,
+                passivate_after,
+                max_active_groups,
+            )
             if read_only:
                 runtime._directory.start_tracker()
             else:
@@ -257,6 +287,19 @@ class Runtime:
         self.agents.on_register(lambda kind: self._directory.broadcast(KindRegistered(kind=kind)))
         for agent_id in dict.fromkeys(run.agent_id for run in still_open):
             self._directory.agent(agent_id)
+        if self._passivate_after is not None or self._max_active_groups is not None:
+            self._parts.scheduler.call_later(REAP_INTERVAL_S, self._reap)
+
+    def _reap(self) -> None:
+        """Passivate idle groups and agents (on the scheduler thread, every interval)."""
+        if self._stopped.is_set():
+            return
+        try:
+            self._parts.supervisor.reap(
+                self._passivate_after, self._max_active_groups, prefix="group:"
+            )
+        finally:
+            self._parts.scheduler.call_later(REAP_INTERVAL_S, self._reap)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -587,6 +630,10 @@ class Runtime:
         """Live actors, step threads, restarts and write batches, for monitoring."""
         return {
             **self._directory.counts(),
+            "active_groups": self._parts.supervisor.active_count("group:"),
+            "active_agents": self._parts.supervisor.active_count("agent:"),
+            "passivations": self._parts.supervisor.passivations,
+            "activations": self._parts.supervisor.activations,
             "restarts": self._parts.supervisor.restarts,
             "injected_crashes": self._parts.supervisor.injected,
             "escalations": self._parts.supervisor.escalations,

@@ -123,6 +123,9 @@ class SleeptimeAgentActor(SupervisedActor):
     def busy(self) -> bool:
         return self._current is not None or bool(self._queue)
 
+    def idle(self) -> bool:
+        return not self.busy
+
     def _enqueue(self, run: Run, window: list[Message] | None = None) -> None:
         if run.id not in self._queued and (self._current is None or self._current.run_id != run.id):
             self._queue.append(run)
