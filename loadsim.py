@@ -93,14 +93,39 @@ def agent_seed(seed: int, agent_index: int) -> int:
 
 
 @dataclass(frozen=True)
+class LLMEndpoint:
+    """An OpenAI-compatible chat-completions server for the agents, instead of simulated ones.
+
+    Example:
+        >>> LLMEndpoint("http://127.0.0.1:11434/v1", "llama3.2").spec()["kind"]
+        'openai'
+    """
+
+    url: str
+    model: str
+    api_key_env: str | None = None
+
+    def spec(self) -> dict[str, Any]:
+        """The spec of an agent of the `openai` kind on this server."""
+        config: dict[str, Any] = {"base_url": self.url, "model": self.model}
+        if self.api_key_env is not None:
+            config["api_key_env"] = self.api_key_env
+        return {"kind": "openai", "config": config}
+
+    def describe(self) -> str:
+        return f"model {self.model} at {self.url}"
+
+
+@dataclass(frozen=True)
 class GroupShape:
     """What every simulated group looks like: its agents' latency and failures, and faults.
 
     The primary and the `agents` sleeptime agents are all of the built-in `simulated` kind
     with the same latency model; only sleeptime agents fail (at `failure_rate`), so every turn
-    is taken and failures show up as failed runs. `crash_rate` crashes the runtime's actors
-    (fault injection), with a restart policy and `max_attempts` generous enough that the
-    crashes cost time, not runs.
+    is taken and failures show up as failed runs. With `llm` they are all `openai` agents on
+    that server instead, and the server decides latency and failures. `crash_rate` crashes
+    the runtime's actors (fault injection), with a restart policy and `max_attempts`
+    generous enough that the crashes cost time, not runs.
     """
 
     agents: int = 1
@@ -111,9 +136,12 @@ class GroupShape:
     failure_rate: float = 0.0
     crash_rate: float = 0.0
     seed: int = 0
+    llm: LLMEndpoint | None = None
 
     def agent(self, group_index: int, position: int, failure_rate: float) -> dict[str, Any]:
         """The spec of one agent; `position` 0 is the primary, 1.. the sleeptime agents."""
+        if self.llm is not None:
+            return self.llm.spec()
         index = group_index * (self.agents + 1) + position
         config = {
             "latency_ms": self.latency_ms,

@@ -47,6 +47,7 @@ from messages import (
 DEMO_URL = "sqlite:///sleeptime-demo.db"
 INSPECT_URL = "sqlite:///sleeptime.db"
 DEMO_WAIT_SECONDS = 30.0
+LLM_WAIT_SECONDS = 600.0  # a sleeptime run of a real model takes several model calls
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 # The demo's user turns. With frequency 2 the sleeptime agent reads turns 1, 2-3 and 4-5
@@ -196,10 +197,18 @@ def error_line(error: Exception) -> str:
 class Demo:
     """Plays `DEMO_TURNS` on a new group and prints what each agent did, for newcomers."""
 
-    def __init__(self, rt: Runtime, out: TextIO, show_transcripts: bool) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        out: TextIO,
+        show_transcripts: bool,
+        llm: loadsim.LLMEndpoint | None = None,
+    ) -> None:
         self.rt = rt
         self.out = out
         self.show_transcripts = show_transcripts
+        self.llm = llm
+        self.wait_seconds = DEMO_WAIT_SECONDS if llm is None else LLM_WAIT_SECONDS
         self.preamble_shown = False
         self.turns_read = 0  # the last turn handed to the sleeptime agent
         self.answers: list[tuple[int, str, str]] = []  # (turn, question, reply)
@@ -210,9 +219,13 @@ class Demo:
 
     def play(self, frequency: int | None, db_label: str, inspect_url: str) -> int:
         """Run the whole demo; the exit code is 0 when every sleeptime run completed."""
+        primary: dict[str, Any] = {"kind": "scripted"}
+        sleeper_spec: dict[str, Any] = {"kind": "memory"}
+        if self.llm is not None:
+            primary = sleeper_spec = self.llm.spec()
         group = self.rt.create_group(
-            primary={"kind": "scripted", "name": "primary"},
-            sleeptime=[{"kind": "memory", "name": "memory agent"}],
+            primary={**primary, "name": "primary"},
+            sleeptime=[{**sleeper_spec, "name": "memory agent"}],
             frequency=frequency,
         )
         sleeper = group.sleeptime_agent_ids[0]
@@ -238,6 +251,12 @@ class Demo:
             " at each turn), but never writes it. The sleeptime agent does: after a turn, in"
             f" the background, it reads what was said since its last run and records facts. {when}"
         )
+        if self.llm is not None:
+            intro += (
+                f" Both agents are LLMs here ({self.llm.describe()}): the primary agent sees"
+                " the memory blocks in its prompt, the sleeptime agent edits them with its"
+                " memory tools."
+            )
         for line in textwrap.wrap(intro, width=96):
             self.say(line)
         self.say(f"Database: {db_label}")
@@ -266,7 +285,7 @@ class Demo:
         turns = f"turn {first}" if first == result.turn else f"turns {first}-{result.turn}"
         listen = ", from this transcript:" if self.show_transcripts else ""
         self.say(f"  sleeptime: fires ({why}): the memory agent reads {turns}{listen}")
-        for run in self.rt.wait_for_runs(result.run_ids, timeout=DEMO_WAIT_SECONDS):
+        for run in self.rt.wait_for_runs(result.run_ids, timeout=self.wait_seconds):
             self.show_run(run, memory_before)
 
     def show_run(self, run: Run, memory_before: str) -> None:
@@ -362,6 +381,7 @@ def _command_name() -> str:
 def demo(args: argparse.Namespace) -> int:
     """The `demo` command: a fresh default database unless --db names one."""
     url: str = args.db or DEMO_URL
+    llm = llm_endpoint(args)  # checked before the demo database is reset
     path = sqlite_path(url)
     if args.db is None and path is not None:
         # Only the default demo database is ours to throw away; a given --db is the user's.
@@ -369,7 +389,19 @@ def demo(args: argparse.Namespace) -> int:
             stale.unlink(missing_ok=True)
     db_label = str(path.resolve()) if path is not None else url
     with Runtime.start(url) as rt:
-        return Demo(rt, sys.stdout, not args.quiet_transcript).play(args.frequency, db_label, url)
+        demo = Demo(rt, sys.stdout, not args.quiet_transcript, llm)
+        return demo.play(args.frequency, db_label, url)
+
+
+def llm_endpoint(args: argparse.Namespace) -> loadsim.LLMEndpoint | None:
+    """The model server `--llm-url` and `--model` name, or None for the built-in agents."""
+    url: str | None = getattr(args, "llm_url", None)
+    model: str | None = getattr(args, "model", None)
+    if url is None and model is None:
+        return None
+    if url is None or model is None:
+        raise CommandError("--llm-url and --model go together: give both, or neither")
+    return loadsim.LLMEndpoint(url, model, getattr(args, "api_key_env", None))
 
 
 # -- inspection ----------------------------------------------------------------------------
@@ -547,6 +579,16 @@ def quiet_expected_warnings(args: argparse.Namespace) -> None:
 
 def group_shape(args: argparse.Namespace) -> loadsim.GroupShape:
     """The simulated groups the workload options describe."""
+    llm = llm_endpoint(args)
+    if llm is not None:
+        simulated = {"--latency-ms": args.latency_ms, "--jitter-ms": args.jitter_ms}
+        simulated["--failure-rate"] = args.failure_rate
+        given = [option for option, value in simulated.items() if value]
+        if given:
+            raise CommandError(
+                f"{', '.join(given)} shape simulated agents; with --llm-url the model server"
+                " decides latency and failures: leave them out"
+            )
     return loadsim.GroupShape(
         agents=args.agents,
         frequency=args.frequency,
@@ -556,6 +598,7 @@ def group_shape(args: argparse.Namespace) -> loadsim.GroupShape:
         failure_rate=args.failure_rate,
         crash_rate=args.crash_rate,
         seed=args.seed,
+        llm=llm,
     )
 
 
@@ -604,6 +647,8 @@ def loadtest(args: argparse.Namespace) -> int:
         f"{args.groups} groups x {args.agents} sleeptime agent(s), frequency "
         f"{_frequency_text(args.frequency)}, seed {args.seed}"
     )
+    if shape.llm is not None:
+        title += f"; openai agents, {shape.llm.describe()}"
     print(title)
     print(f"Database: {redact_url(url)}", flush=True)
     with Runtime.start(url, workers=args.workers, **shape.runtime_options()) as rt:
@@ -893,6 +938,25 @@ def add_workload_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_llm_options(parser: argparse.ArgumentParser) -> None:
+    """`--llm-url`, `--model`, `--api-key-env`: LLM agents (the `openai` kind) instead."""
+    llm = parser.add_argument_group(
+        "LLM agents (the 'openai' kind, on any OpenAI-compatible chat-completions server)"
+    )
+    llm.add_argument(
+        "--llm-url",
+        metavar="URL",
+        help="the server's base URL, e.g. http://127.0.0.1:11434/v1 (Ollama),"
+        " http://127.0.0.1:8000/v1 (vLLM); the primary and sleeptime agents are then LLMs",
+    )
+    llm.add_argument("--model", metavar="NAME", help="the model to ask (needs --llm-url)")
+    llm.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="the environment variable holding the API key (local servers need none)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command and option."""
     parser = argparse.ArgumentParser(
@@ -924,6 +988,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument(
         "--quiet-transcript", action="store_true", help="do not print the transcripts"
     )
+    add_llm_options(demo_parser)
     add_logging_options(demo_parser, logging_after)
     demo_parser.set_defaults(handler=demo)
 
@@ -1027,6 +1092,7 @@ def build_parser() -> argparse.ArgumentParser:
         " (default: 512)",
     )
     add_workload_options(loadtest_parser)
+    add_llm_options(loadtest_parser)
     add_logging_options(loadtest_parser, logging_after)
     loadtest_parser.set_defaults(handler=loadtest)
 

@@ -12,12 +12,14 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from actors import Runtime
+import run
+from actors import Runtime, configure_logging
 from actors.kinds import Memory, OpenAIAgent, OpenAIConfig
 from actors.kinds._chat_http import (
     ChatEndpoint,
@@ -54,6 +56,13 @@ from tests.fake_openai import FakeOpenAI, Reply, answer_text, keep_notes
 def fake() -> Iterator[FakeOpenAI]:
     with FakeOpenAI() as server:
         yield server
+
+
+@pytest.fixture
+def cli_logging() -> Iterator[None]:
+    """Put logging back to its defaults after a command changed them."""
+    yield
+    configure_logging()
 
 
 def llm(fake: FakeOpenAI, **config: Any) -> dict[str, Any]:
@@ -347,8 +356,8 @@ def test_malformed_answer_fails_the_run_at_once(rt: Runtime, fake: FakeOpenAI) -
     second = rt.step(g.id, user("two")).run_ids
     not_json, no_choices = rt.wait_for_runs(first + second, timeout=30)
 
-    for run in (not_json, no_choices):
-        assert (run.status, run.stop_reason) == (RunStatus.FAILED, StopReason.ERROR)
+    for failed in (not_json, no_choices):
+        assert (failed.status, failed.stop_reason) == (RunStatus.FAILED, StopReason.ERROR)
     assert not_json.error is not None and "malformed answer" in not_json.error
     assert "not JSON" in not_json.error
     assert no_choices.error is not None and "has no choices" in no_choices.error
@@ -388,6 +397,65 @@ def test_cancelling_during_a_retry_wait_ends_the_wait(rt: Runtime, fake: FakeOpe
 
     assert later.status is RunStatus.COMPLETED
     assert rt.get_run(run_id).status is RunStatus.CANCELLED
+
+
+# -- the command line ---------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_demo_against_an_llm_server(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with FakeOpenAI(keep_notes) as server:
+        argv = ["demo", "--db", db_url, "--llm-url", server.url, "--model", "fake-model"]
+        assert run.main([*argv, "--quiet-transcript"]) == 0
+        received = server.received
+
+    out = capsys.readouterr().out
+    assert f"Both agents are LLMs here (model fake-model at {server.url})" in " ".join(out.split())
+    assert "  assistant: fake answer" in out
+    assert "+ the user said: Hi! My name is Ada and I live in Lisbon." in out
+    assert "3 sleeptime run(s):" in out
+    assert len([r for r in received if r.from_sleeptime]) == 6  # 3 runs x 2 model calls
+
+
+@pytest.mark.usefixtures("cli_logging")
+def test_loadtest_against_an_llm_server(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report_path = tmp_path / "load.json"
+    with FakeOpenAI(keep_notes) as server:
+        argv = ["loadtest", "--db", db_url, "--llm-url", server.url, "--model", "fake-model"]
+        argv += ["--rate", "30", "--duration", "1", "--groups", "3", "--no-progress"]
+        code = run.main([*argv, "--report", str(report_path)])
+        received = server.received
+
+    out = capsys.readouterr().out
+    assert code == 0, out
+    report = json.loads(report_path.read_text())
+    assert report["turns"] > 0 and report["errors"]["count"] == 0
+    assert report["runs"]["completed"] == report["turns"]  # frequency 1: a run per turn
+    assert all(report["invariants"].values())
+    assert report["parameters"]["llm_url"] == server.url
+    assert "openai agents, model fake-model" in out
+    assert len([r for r in received if not r.from_sleeptime]) == report["turns"]
+
+
+@pytest.mark.usefixtures("cli_logging")
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["demo", "--model", "m"], "--llm-url and --model go together"),
+        (["loadtest", "--llm-url", "http://127.0.0.1:9/v1"], "--llm-url and --model go together"),
+        (
+            ["loadtest", "--llm-url", "http://127.0.0.1:9/v1", "--model", "m", "--latency-ms", "5"],
+            "--latency-ms shape simulated agents",
+        ),
+    ],
+)
+def test_llm_options_are_checked(
+    argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run.main(argv) == 2
+    assert expected in capsys.readouterr().err
 
 
 # -- config -------------------------------------------------------------------------------
