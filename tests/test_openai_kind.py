@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -456,6 +457,21 @@ def test_llm_options_are_checked(
 ) -> None:
     assert run.main(argv) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_readme_llm_example_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the example writes sleeptime.db in the working directory
+    readme = (Path(run.__file__).parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    (example,) = [block for block in blocks if '"kind": "openai"' in block]
+
+    with FakeOpenAI(keep_notes) as server:
+        code = example.replace("http://127.0.0.1:11434/v1", server.url)
+        exec(compile(code, "README.md", "exec"), {})
+
+    assert capsys.readouterr().out == "the user said: I'm Ada; I love coral.\n"
 
 
 # -- config -------------------------------------------------------------------------------
