@@ -581,7 +581,7 @@ def test_builtin_kinds_build_through_the_registry() -> None:
     kinds = AgentKinds()
     for name, factory in builtin_kinds().items():
         kinds.register(name, factory)
-    assert kinds.names() == ["memory", "scripted", "simulated"]
+    assert kinds.names() == ["memory", "openai", "scripted", "simulated"]
     assert isinstance(kinds.build("scripted", {"replies": ["hi"]}), ScriptedAgent)
     assert isinstance(kinds.build("memory", {"block": "notes"}), MemoryAgent)
     assert isinstance(kinds.build("simulated", {"seed": 1}), SimulatedAgent)
