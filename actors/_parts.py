@@ -28,10 +28,10 @@ from actors._supervision import (
 )
 from actors.group import GroupActor
 from actors.kinds._base import AgentKinds
-from actors.sleeptime_agent import SleeptimeAgentActor
+from actors.sleeptime_agent import AgentSnapshot, SleeptimeAgentActor
 from actors.tracker import CancelFlags, RunTrackerActor, RunWaiters
 from messages import AgentNotFound, FailGroupRuns, GroupFailed, RuntimeStopped
-from persistence import Store
+from persistence import GroupState, Store
 
 log = structlog.get_logger("sleeptime.directory")
 
@@ -104,6 +104,8 @@ class ActorDirectory:
             state = _once(store.group_state(group_id), lambda: store.group_state(group_id))
 
             def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
+                if isinstance(reporter.snapshot, GroupState):
+                    return GroupActor.start(reporter, reporter.snapshot, parts)
                 loaded, again = state()
                 # After a crash, runs it committed may not be handed over yet; a group is
                 # passivated only when everything it committed was handed over.
@@ -135,6 +137,10 @@ class ActorDirectory:
             group = _once(store.get_group(agent.group_id), lambda: store.get_group(agent.group_id))
 
             def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
+                if isinstance(reporter.snapshot, AgentSnapshot):
+                    return SleeptimeAgentActor.start(
+                        reporter, agent, reporter.snapshot.group, parts, reporter.snapshot
+                    )
                 loaded, _ = group()
                 return SleeptimeAgentActor.start(reporter, agent, loaded, parts)
 
@@ -152,9 +158,11 @@ class ActorDirectory:
 
     def tell_if_alive(self, agent_id: str, message: Any) -> None:
         """Tell the agent's running instance; a passivated one reads the news on start."""
-        address = self._parts.supervisor.child(f"agent:{agent_id}")
+        identity = f"agent:{agent_id}"
+        supervisor = self._parts.supervisor
+        address = supervisor.child(identity)
         if address is not None:
-            address.tell_if_active(message)
+            address.tell_if_active(message, lambda: supervisor.forget_snapshot(identity))
 
     def broadcast(self, message: Any) -> None:
         """Tell every running group and agent actor (e.g. that a kind was registered)."""

@@ -167,11 +167,14 @@ class Address:
         if wake:
             self._activate()
 
-    def tell_if_active(self, message: Any) -> bool:
+    def tell_if_active(self, message: Any, on_passive: Callable[[], None] | None = None) -> bool:
         """Tell, unless the child is passivated or gone (then the message is dropped:
-        for news that a new instance reads from the store anyway)."""
+        for news that a new instance reads from the store anyway). `on_passive` runs
+        when it is passivated, before anything can start it again."""
         with self._lock:
             if self._passive or self._refusal is not None:
+                if self._passive and on_passive is not None:
+                    on_passive()
                 return False
         self.tell(message)
         return True
@@ -260,7 +263,7 @@ def _refuse(message: Any, refusal: Exception) -> None:
 class CrashReporter:
     """What a supervised actor holds: where to report a crash, and the chaos dice."""
 
-    __slots__ = ("_supervisor", "activation", "address", "chaos", "dice", "seen")
+    __slots__ = ("_supervisor", "activation", "address", "chaos", "dice", "seen", "snapshot")
 
     def __init__(
         self,
@@ -268,10 +271,14 @@ class CrashReporter:
         address: Address,
         chaos: Chaos | None,
         activation: bool = False,
+        snapshot: Any = None,
     ) -> None:
         self._supervisor = supervisor
         self.address = address
         self.activation = activation  # started again after a passivation, not a crash
+        # After a passivation: the state the last instance left (exact, as nothing else
+        # changes it meanwhile), so the new one need not read it back; None otherwise.
+        self.snapshot = snapshot
         targeted = (
             chaos is not None
             and chaos.crash_rate > 0
@@ -297,9 +304,10 @@ class CrashReporter:
     def crashed(self, error: BaseException, inbox: Any, unhandled: list[Any]) -> None:
         self._supervisor._crashed(self.address, error, inbox, unhandled)
 
-    def passivate(self, inbox: Any) -> bool:
-        """Whether the idle instance may stop now (it must, if True)."""
-        return self._supervisor._passivated(self.address, inbox)
+    def passivate(self, inbox: Any, snapshot: Any = None) -> bool:
+        """Whether the idle instance may stop now (it must, if True); `snapshot` is
+        handed to the next instance."""
+        return self._supervisor._passivated(self.address, inbox, snapshot)
 
 
 @dataclass
@@ -308,6 +316,7 @@ class _Child:
     address: Address
     crashes: deque[float] = field(default_factory=deque)
     escalated: bool = False
+    snapshot: Any = None  # what the passivated instance left for the next one
 
 
 class Supervisor:
@@ -406,6 +415,13 @@ class Supervisor:
         with self._lock:
             return sum(identity.startswith(prefix) for identity in self._active)
 
+    def forget_snapshot(self, identity: str) -> None:
+        """The passivated child's snapshot is out of date: its next start reads the store."""
+        with self._lock:
+            child = self._children.get(identity)
+        if child is not None:
+            child.snapshot = None
+
     def wait_until(self, condition: Callable[[Supervisor], bool], timeout: float) -> bool:
         """Wait until `condition(self)` holds after some child started or passivated."""
         deadline = time.monotonic() + timeout
@@ -446,10 +462,14 @@ class Supervisor:
             child.address._nudge(Passivate())
         return len(victims)
 
-    def _passivated(self, address: Address, inbox: Any) -> bool:
+    def _passivated(self, address: Address, inbox: Any, snapshot: Any) -> bool:
         with self._lock:
             child = self._children.get(address.identity)
-        if child is None or child.address is not address or not address._passivate(inbox):
+        if child is None or child.address is not address:
+            return False
+        child.snapshot = snapshot  # before the address lets a waker in
+        if not address._passivate(inbox):
+            child.snapshot = None
             return False
         with self._lock:
             self._active.pop(address.identity, None)
@@ -467,7 +487,10 @@ class Supervisor:
         self._start(child, activation=True)
 
     def _start(self, child: _Child, activation: bool = False) -> None:
-        reporter = CrashReporter(self, child.address, self._chaos, activation)
+        snapshot, child.snapshot = child.snapshot, None
+        reporter = CrashReporter(
+            self, child.address, self._chaos, activation, snapshot if activation else None
+        )
         try:
             ref = child.spec.start(reporter)
         except Exception as error:
@@ -577,6 +600,11 @@ class SupervisedActor(pykka.ThreadingActor):
         new instance, started from the store, would not take over."""
         return True
 
+    def snapshot(self) -> Any:
+        """What the next instance may start from instead of reading the store (None:
+        read it). Only state that nothing but this actor changes belongs here."""
+        return None
+
     def on_start(self) -> None:
         try:
             self.started()
@@ -589,7 +617,7 @@ class SupervisedActor(pykka.ThreadingActor):
             if (
                 self._reporter is not None
                 and self.idle()
-                and self._reporter.passivate(self.actor_inbox)
+                and self._reporter.passivate(self.actor_inbox, self.snapshot())
             ):
                 self._stop()  # at once: nothing else can reach this instance any more
             return None

@@ -75,6 +75,7 @@ class GroupActor(SupervisedActor):
         self._log = log.bind(group_id=state.group.id, agent_id=state.primary.id)
 
     def _adopt(self, state: GroupState) -> None:
+        self._sleeptime = state.sleeptime
         self._group = state.group
         self._primary = state.primary
         self._cursor_seq = state.cursor_seq
@@ -112,6 +113,16 @@ class GroupActor(SupervisedActor):
     def idle(self) -> bool:
         # A stale group must hand over what its uncertain commit may hold: not idle.
         return not self._stale and self._redispatches == 0
+
+    def snapshot(self) -> GroupState:
+        """Only this actor moves the group: its state is what the store holds."""
+        return GroupState(
+            group=self._group,
+            cursor_seq=self._cursor_seq,
+            last_seq=self._last_seq,
+            primary=self._primary,
+            sleeptime=self._sleeptime,
+        )
 
     # -- turns ----------------------------------------------------------------------------
 

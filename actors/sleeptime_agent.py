@@ -48,6 +48,15 @@ if TYPE_CHECKING:
 log = structlog.get_logger("sleeptime.agent")
 
 
+@dataclass(frozen=True, slots=True)
+class AgentSnapshot:
+    """What a passivated agent leaves for its next instance: its group's settings and
+    where its history ends (only this agent's runs append to it)."""
+
+    group: Group
+    next_seq: int
+
+
 @dataclass(slots=True)
 class _Current:
     run_id: str
@@ -64,7 +73,12 @@ class SleeptimeAgentActor(SupervisedActor):
     """
 
     def __init__(
-        self, reporter: CrashReporter, agent: Agent, group: Group, parts: RuntimeParts
+        self,
+        reporter: CrashReporter,
+        agent: Agent,
+        group: Group,
+        parts: RuntimeParts,
+        snapshot: AgentSnapshot | None = None,
     ) -> None:
         super().__init__(reporter)
         self._address = reporter.address
@@ -72,6 +86,7 @@ class SleeptimeAgentActor(SupervisedActor):
         self._group = group
         self._parts = parts
         self._next_seq = 1
+        self._snapshot = snapshot
         self._queue: deque[Run] = deque()
         self._queued: set[str] = set()
         self._windows: dict[str, list[Message]] = {}  # run id -> window handed over with it
@@ -87,7 +102,10 @@ class SleeptimeAgentActor(SupervisedActor):
         self._log = log.bind(agent_id=agent.id, group_id=agent.group_id)
 
     def started(self) -> None:
-        self._next_seq = self._parts.store.last_sequence(self._agent.id) + 1
+        if self._snapshot is not None:
+            self._next_seq = self._snapshot.next_seq
+        else:
+            self._next_seq = self._parts.store.last_sequence(self._agent.id) + 1
         for run in self._parts.tracker.ask(AdoptRuns(agent_id=self._agent.id)):
             self._enqueue(run)
         self._pump()
@@ -125,6 +143,9 @@ class SleeptimeAgentActor(SupervisedActor):
 
     def idle(self) -> bool:
         return not self.busy
+
+    def snapshot(self) -> AgentSnapshot:
+        return AgentSnapshot(group=self._group, next_seq=self._next_seq)
 
     def _enqueue(self, run: Run, window: list[Message] | None = None) -> None:
         if run.id not in self._queued and (self._current is None or self._current.run_id != run.id):

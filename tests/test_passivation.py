@@ -9,7 +9,7 @@ import pytest
 
 from actors import AgentFactory, Chaos, Runtime
 from actors._supervision import Supervisor
-from messages import RunStatus
+from messages import RunStatus, StopReason
 from tests.agents import Echo, Recorder, user
 
 
@@ -111,3 +111,21 @@ def test_passivation_settings_are_checked(db_url: str) -> None:
         Runtime.start(db_url, passivate_after=0)
     with pytest.raises(ValueError, match="max_active_groups"):
         Runtime.start(db_url, max_active_groups=0)
+
+
+def test_an_agent_passivated_with_old_settings_starts_with_the_new_ones(db_url: str) -> None:
+    gate = threading.Event()
+    recorder = Recorder(gate=gate, ignore_cancel=True)
+    kinds: dict[str, AgentFactory] = {"echo": Echo, "gated": recorder.factory}
+    with Runtime.start(db_url, kinds=kinds, passivate_after=0.1) as rt:
+        group = rt.create_group(
+            primary={"kind": "echo"}, sleeptime=[{"kind": "gated"}], run_timeout=600
+        )
+        gate.set()
+        rt.wait_for_runs(rt.step(group.id, [user("one")]).run_ids, timeout=30)
+        assert _settled(rt, groups=0, agents=0)
+        gate.clear()
+        rt.update_group(group.id, run_timeout=0.2)  # the agent is passivated meanwhile
+        (run,) = rt.wait_for_runs(rt.step(group.id, [user("two")]).run_ids, timeout=30)
+        gate.set()
+        assert (run.status, run.stop_reason) == (RunStatus.FAILED, StopReason.TIMEOUT)
