@@ -79,10 +79,11 @@ def percentile_ms(values: list[float], percent: float) -> float | None:
     return 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * percent / 100))]
 
 
-def _span(run: Run) -> float | None:
-    if run.completed_at is None:
+def _span(run: Run, since_start: bool = False) -> float | None:
+    start = run.started_at if since_start else run.created_at
+    if run.completed_at is None or start is None:
         return None
-    return (run.completed_at - run.created_at).total_seconds()
+    return (run.completed_at - start).total_seconds()
 
 
 def measure(db_url: str, groups: int, turns: int, delay_ms: float, workers: int) -> dict[str, Any]:
@@ -123,6 +124,7 @@ def measure(db_url: str, groups: int, turns: int, delay_ms: float, workers: int)
             statuses[run.status.value] += 1
     total = groups * turns
     spans = [s for s in map(_span, runs) if s is not None]
+    active = [s for s in (_span(run, since_start=True) for run in runs) if s is not None]
     turn_latencies = [latency for per_group in latencies for latency in per_group]
     fake_cpu = None if fake_before is None or fake_after is None else (fake_after - fake_before)
     return {
@@ -138,6 +140,8 @@ def measure(db_url: str, groups: int, turns: int, delay_ms: float, workers: int)
         "turn_p99_ms": percentile_ms(turn_latencies, 99),
         "run_created_to_terminal_p50_ms": percentile_ms(spans, 50),
         "run_created_to_terminal_p99_ms": percentile_ms(spans, 99),
+        "run_running_to_terminal_p50_ms": percentile_ms(active, 50),
+        "run_running_to_terminal_p99_ms": percentile_ms(active, 99),
         "runs": statuses,
     }
 
@@ -164,6 +168,11 @@ def render(figures: dict[str, Any]) -> str:
             "run created -> terminal p50 / p99 (ms)",
             f"{number(figures['run_created_to_terminal_p50_ms'])} / "
             f"{number(figures['run_created_to_terminal_p99_ms'])}",
+        ),
+        (
+            "run running -> terminal p50 / p99 (ms)",
+            f"{number(figures['run_running_to_terminal_p50_ms'])} / "
+            f"{number(figures['run_running_to_terminal_p99_ms'])}",
         ),
         ("runs", ", ".join(f"{k} {v}" for k, v in figures["runs"].items() if v)),
     ]
