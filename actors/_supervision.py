@@ -32,6 +32,9 @@ from messages import SleeptimeError
 
 log = structlog.get_logger("sleeptime.supervisor")
 
+NUDGE_EVERY_S = 0.5
+"""A child that declined to passivate (it was busy) is asked again after this long."""
+
 
 class InjectedCrash(Exception):  # the name says what it is
     """A crash injected by the chaos setting, to prove recovery works."""
@@ -317,6 +320,7 @@ class _Child:
     crashes: deque[float] = field(default_factory=deque)
     escalated: bool = False
     snapshot: Any = None  # what the passivated instance left for the next one
+    nudged: float = float("-inf")  # when it was last asked to passivate
 
 
 class Supervisor:
@@ -441,8 +445,8 @@ class Supervisor:
     def reap(self, idle_after: float | None, max_active: int | None, prefix: str) -> int:
         """Ask children to passivate: those told nothing for `idle_after` seconds, the
         least recently told beyond `max_active` among those starting with `prefix`, and
-        those whose parent is passivated. A busy child declines; it is asked again on the
-        next reap. Returns how many were asked."""
+        those whose parent is passivated. A busy child declines; it is asked again
+        `NUDGE_EVERY_S` later at the soonest. Returns how many were asked."""
         now = time.monotonic()
         with self._lock:
             active = [c for c in self._active.values() if c.spec.passivates]
@@ -458,9 +462,14 @@ class Supervisor:
             if len(capped) > max_active:
                 capped.sort(key=lambda c: c.address.last_told)
                 victims.update((c.spec.identity, c) for c in capped[: len(capped) - max_active])
+        asked = 0
         for child in victims.values():
-            child.address._nudge(Passivate())
-        return len(victims)
+            # A busy child declines; asking it again every reap would flood its inbox.
+            if now - child.nudged >= NUDGE_EVERY_S:
+                child.nudged = now
+                child.address._nudge(Passivate())
+                asked += 1
+        return asked
 
     def _passivated(self, address: Address, inbox: Any, snapshot: Any) -> bool:
         with self._lock:

@@ -282,3 +282,37 @@ def test_group_crashing_too_often_fails_alone(db_url: str) -> None:
             rt.step(doomed.id, [user("after a restart")])  # and it stays failed
     finally:
         gate.set()
+
+
+class BusyCounter(Counter):
+    """A counter that declines passivation while `store["busy"]` is set."""
+
+    def idle(self) -> bool:
+        return not self.store.get("busy")
+
+
+def test_a_busy_child_is_asked_to_passivate_at_most_every_nudge_interval(
+    scheduler: RecordingScheduler,
+) -> None:
+    supervisor, store = Supervisor(scheduler), {"busy": 1}
+    address = supervisor.supervise(
+        ChildSpec(
+            "counter",
+            lambda reporter: BusyCounter.start(reporter, store),
+            escalate=lambda reason: None,
+            passivates=True,
+        )
+    )
+    address.tell(Add(1))
+    assert address.ask(Total(), timeout=10) == 1
+    assert supervisor.reap(0.0, None, "") == 1  # asked, declines: it is busy
+    assert supervisor.reap(0.0, None, "") == 0  # not asked again at once
+    assert supervisor.active_count() == 1
+    store["busy"] = 0
+    supervisor._active["counter"].nudged = float("-inf")  # the interval has passed
+    assert supervisor.reap(0.0, None, "") == 1
+    assert supervisor.wait_until(lambda s: s.active_count() == 0, timeout=10)
+    address.tell(Add(2))  # starts it again, from the store
+    assert address.ask(Total(), timeout=10) == 3
+    assert (supervisor.passivations, supervisor.activations) == (1, 1)
+    supervisor.stop("counter", SleeptimeError("stopped"))
