@@ -327,3 +327,23 @@ def test_redact_url_hides_only_the_password() -> None:
     assert run.redact_url("postgresql://ada:s3cr%40t@db/x") == "postgresql://ada:***@db/x"
     assert run.redact_url("postgresql://ada@db/x") == "postgresql://ada@db/x"
     assert run.redact_url("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
+
+
+def test_simulate_exits_1_when_an_invariant_is_broken_on_purpose(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database is damaged just before simulate's own (real) invariant check."""
+    real_check = Runtime.check_invariants
+
+    def damage_then_check(rt: Runtime, group_ids: Any = None) -> Any:
+        engine = create_engine(db_url)
+        with engine.begin() as connection:  # a turn counted that no input was stored for
+            connection.execute(text("UPDATE groups SET turns = turns + 1"))
+        engine.dispose()
+        return real_check(rt, group_ids)
+
+    monkeypatch.setattr(Runtime, "check_invariants", damage_then_check)
+    code, report, out = invoke(capsys, tmp_path / "r.json", "simulate", "--db", db_url, *SMALL)
+    assert code == 1, out
+    assert report["invariants"]["turns_counted"] is False
+    assert "turns_counted" in out and "FAIL" in out
