@@ -4,7 +4,7 @@ Example:
     >>> store = Store("sqlite:///sleeptime.db")
 """
 
-from persistence._committer import Committer, Write
+from persistence._committer import Committer, Planned, Txn, Write
 from persistence._engine import make_engines, redact
 from persistence._models import utcnow
 from persistence._records import GroupState, NewGroup, Transition, TurnWrite
@@ -14,10 +14,12 @@ __all__ = [
     "Committer",
     "GroupState",
     "NewGroup",
+    "Planned",
     "StaleTurn",
     "Store",
     "Transition",
     "TurnWrite",
+    "Txn",
     "Write",
     "make_engines",
     "redact",

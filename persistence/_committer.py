@@ -4,11 +4,26 @@ A caller submits a write and gets a future that resolves only after the transact
 holding it committed, so a call that returns has committed what it reports.
 
 Two kinds of write go through it. An op, `op(connection)`, is any function, run as it
-is. A `Write` says what it changes as data: at most one guarded UPDATE that must hit
-exactly one row, then rows to insert, then messages to append to agents' histories. The
-writes of one batch that touch different rows are merged: one statement per kind for all
-of them (an executemany), which is what makes a batch of a hundred turns cost a handful
-of statements instead of a thousand.
+is; an op submitted with `keys` promises to touch only the rows those keys name, so the
+merged writes around it need not be flushed before it runs. A `Write` says what it
+changes as data: at most one guarded UPDATE that must hit exactly one row, then rows to
+insert, then messages to append to agents' histories. The writes of one batch that touch
+different rows are merged: one statement per kind for all of them (an executemany), which
+is what makes a batch of a hundred turns cost a handful of statements instead of a
+thousand.
+
+A `Planned` write is decided in the writer thread, inside the transaction: its `plan`
+reads what it needs (from the transaction's `Txn.scratch`, from what the owner knows is
+committed, or from the database when `Txn.exact`) and returns the `Write` to merge. That is
+how a read-modify-write such as a memory edit joins the merged statements instead of
+costing a round trip of its own. `Txn.on_commit` callbacks run once the transaction
+committed, before any caller hears of it: the owner's knowledge of what is committed moves
+only there.
+
+The writer keeps one connection for its whole life. A transaction that failed because
+the connection was lost, before its COMMIT was sent, is run once more on a new
+connection (nothing of it was stored); a failure during the COMMIT is reported, since its
+outcome is unknown.
 
 When a guard of a merged batch misses (a run that moved meanwhile), the batch is rolled
 back and run again write by write in one transaction, and only the refused write fails.
@@ -22,17 +37,18 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import structlog
 from sqlalchemy import Connection, Engine, Insert, Update
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from messages import RuntimeStopped
 
 T = TypeVar("T")
 Op = Callable[[Connection], T]
 Rows = list[dict[str, Any]]
-Numberer = Callable[[Connection, Rows], Rows]
+Numberer = Callable[[Connection, Rows, "Txn"], Rows]
 
 log = structlog.get_logger("sleeptime.committer")
 
@@ -69,16 +85,65 @@ class Write:
         self.keys = keys
 
 
+class Txn:
+    """What the work of one transaction shares.
+
+    - `exact`: True when work runs write by write (after a merged batch was refused), so
+      a plan must read the database rather than trust what it remembers;
+    - `scratch`: state that holds until the transaction ends (e.g. a block's value after
+      an earlier edit of the same transaction);
+    - `on_commit(callback)`: run `callback` in the writer thread once the transaction
+      committed (never if it rolls back).
+    """
+
+    __slots__ = ("_after", "exact", "scratch")
+
+    def __init__(self, *, exact: bool) -> None:
+        self.exact = exact
+        self.scratch: dict[str, Any] = {}
+        self._after: list[Callable[[], None]] = []
+
+    def on_commit(self, callback: Callable[[], None]) -> None:
+        self._after.append(callback)
+
+    def committed(self) -> None:
+        for callback in self._after:
+            callback()
+
+
+class Planned(Generic[T]):
+    """A write decided in the writer thread: `plan(connection, txn)` returns the `Write`
+    to merge (or None: nothing to write) and what the caller's future resolves with.
+
+    `keys` name every row the plan reads or its write changes, so it runs after any
+    queued write that shares one. An exception a plan returns as its result reaches the
+    caller without rolling anything back; one it raises fails the transaction.
+    """
+
+    __slots__ = ("keys", "plan")
+
+    def __init__(
+        self, plan: Callable[[Connection, Txn], tuple[Write | None, T]], keys: Sequence[str]
+    ) -> None:
+        self.plan = plan
+        self.keys = keys
+
+
+Work = Callable[[Connection], Any] | Write | Planned[Any]
+
+
 class _GuardMissed(Exception):
     """A merged guard changed fewer rows than it had writes: run the batch one by one."""
 
 
 class _Job:
-    __slots__ = ("future", "work")
+    __slots__ = ("future", "keys", "work")
 
-    def __init__(self, work: Op[Any] | Write, future: Future[Any]) -> None:
+    def __init__(self, work: Work, future: Future[Any], keys: Sequence[str] | None) -> None:
         self.work = work
         self.future = future
+        # None: an op that may touch any row, so every write before it is flushed first.
+        self.keys = work.keys if isinstance(work, Write | Planned) else keys
 
 
 class Committer:
@@ -108,27 +173,37 @@ class Committer:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
         self._close_lock = threading.Lock()
+        self._connection: Connection | None = None  # the writer's own, held across batches
         self.transactions = 0
         self.ops = 0
         self.statements = 0
         self._thread = threading.Thread(target=self._loop, name="sleeptime-committer", daemon=True)
         self._thread.start()
 
-    def submit(self, work: Op[T] | Write) -> Future[T]:
+    def submit(
+        self, work: Op[T] | Write | Planned[T], keys: Sequence[str] | None = None
+    ) -> Future[T]:
         """Queue `work`; its future resolves with its result once it is committed
-        (an op's return value; None for a `Write`)."""
+        (an op's return value; None for a `Write`; a plan's result for a `Planned`).
+
+        `keys` (ops only; the others carry their own): the only rows the op reads or
+        changes, named as writes name them. Such an op runs where it stands in its batch,
+        before the merged writes queued ahead of it unless one of them shares a key.
+        """
+        if keys is not None and isinstance(work, Write | Planned):
+            raise ValueError(f"a {type(work).__name__} carries its own keys")
         if isinstance(work, Write) and work.appends and self._append is None:
             raise ValueError("this committer was made without an appender")
         future: Future[T] = Future()
         with self._close_lock:
             if self._closed:
                 raise RuntimeStopped()
-            self._queue.put(_Job(work, future))
+            self._queue.put(_Job(work, future, keys))
         return future
 
-    def run(self, op: Op[T]) -> T:
-        """Submit `op` and wait for its commit."""
-        return self.submit(op).result()
+    def run(self, work: Op[T] | Planned[T], keys: Sequence[str] | None = None) -> T:
+        """Submit `work` and wait for its commit."""
+        return self.submit(work, keys).result()
 
     def close(self, timeout: float = 30.0) -> None:
         """Commit what is queued, then stop the writer thread."""
@@ -140,6 +215,12 @@ class Committer:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._disconnect()
+
+    def _serve(self) -> None:
         while True:
             job = self._queue.get()
             if job is None:
@@ -172,7 +253,8 @@ class Committer:
                 self._each_alone(live)
                 return
         except Exception as error:
-            if len(live) > 1:
+            if len(live) > 1 or not _lost_connection(error):
+                # Alone, and exactly: a merged plan may have trusted a wrong memory.
                 self._each_alone(live)
                 return
             self._fail(live[0], error)
@@ -201,18 +283,58 @@ class Committer:
 
     def _transaction(self, jobs: list[_Job], *, merged: bool) -> list[tuple[bool, Any]]:
         """Run the jobs in one transaction: (True, result) or (False, refusal) per job."""
-        outcomes: list[tuple[bool, Any]] = []
-        with self._engine.begin() as connection:
-            if merged:
-                outcomes = self._merged(connection, jobs)
-            else:
-                outcomes = [self._one(connection, job.work) for job in jobs]
-        self.transactions += 1
-        self.ops += len(jobs)
-        return outcomes
+        for attempt in (1, 2):
+            if self._connection is None:
+                self._connection = self._engine.connect()
+            connection = self._connection
+            txn = Txn(exact=not merged)
+            transaction = connection.begin()
+            try:
+                if merged:
+                    outcomes = self._merged(connection, jobs, txn)
+                else:
+                    outcomes = [self._one(connection, job.work, txn) for job in jobs]
+            except BaseException as error:
+                self._roll_back(transaction)
+                if attempt == 1 and isinstance(error, DBAPIError) and error.connection_invalidated:
+                    continue  # the connection was gone before COMMIT: nothing was stored
+                raise
+            try:
+                transaction.commit()
+            except BaseException:
+                self._disconnect()  # the outcome is unknown; a new connection next time
+                raise
+            self.transactions += 1
+            self.ops += len(jobs)
+            txn.committed()
+            return outcomes
+        raise AssertionError("unreachable")
 
-    def _one(self, connection: Connection, work: Op[Any] | Write) -> tuple[bool, Any]:
-        if not isinstance(work, Write):
+    def _roll_back(self, transaction: Any) -> None:
+        try:
+            transaction.rollback()
+        except Exception:
+            self._disconnect()
+            return
+        if self._connection is not None and self._connection.invalidated:
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception as error:  # the connection is being given up anyway
+                log.debug("close_failed", error=str(error))
+
+    def _one(self, connection: Connection, work: Work, txn: Txn) -> tuple[bool, Any]:
+        result = None
+        if isinstance(work, Planned):
+            planned, result = work.plan(connection, txn)
+            if planned is None:
+                return True, result
+            work = planned
+        elif not isinstance(work, Write):
             return True, work(connection)
         if work.guard is not None:
             statement, params = work.guard
@@ -220,32 +342,34 @@ class Committer:
             if connection.execute(statement, params).rowcount != 1:
                 assert work.refusal is not None
                 return False, work.refusal()
-        self._insert(connection, [work])
-        return True, None
+        self._insert(connection, [work], txn)
+        return True, result
 
-    def _merged(self, connection: Connection, jobs: list[_Job]) -> list[tuple[bool, Any]]:
+    def _merged(self, connection: Connection, jobs: list[_Job], txn: Txn) -> list[tuple[bool, Any]]:
         outcomes: list[tuple[bool, Any]] = []
         segment: list[Write] = []
         keys: set[str] = set()
         for job in jobs:
             work = job.work
-            if isinstance(work, Write) and keys.isdisjoint(work.keys):
+            if job.keys is None or not keys.isdisjoint(job.keys):
+                # It may touch rows a queued write changes: those go first.
+                self._flush(connection, segment, txn)
+                segment, keys = [], set()
+            keys.update(job.keys or ())
+            if isinstance(work, Planned):
+                planned, result = work.plan(connection, txn)
+                if planned is not None:
+                    segment.append(planned)
+                outcomes.append((True, result))
+            elif isinstance(work, Write):
                 segment.append(work)
-                keys.update(work.keys)
-                outcomes.append((True, None))
-                continue
-            self._flush(connection, segment)
-            segment, keys = [], set()
-            if isinstance(work, Write):
-                segment.append(work)
-                keys.update(work.keys)
                 outcomes.append((True, None))
             else:
                 outcomes.append((True, work(connection)))
-        self._flush(connection, segment)
+        self._flush(connection, segment, txn)
         return outcomes
 
-    def _flush(self, connection: Connection, writes: list[Write]) -> None:
+    def _flush(self, connection: Connection, writes: list[Write], txn: Txn) -> None:
         """Write rows changed by different writes: one statement per kind."""
         if not writes:
             return
@@ -257,9 +381,9 @@ class Committer:
             self.statements += 1
             if connection.execute(statement, params).rowcount != len(params):
                 raise _GuardMissed()
-        self._insert(connection, writes)
+        self._insert(connection, writes, txn)
 
-    def _insert(self, connection: Connection, writes: list[Write]) -> None:
+    def _insert(self, connection: Connection, writes: list[Write], txn: Txn) -> None:
         appends = [row for write in writes for row in write.appends]
         inserts: dict[Insert, Rows] = {}
         for write in writes:
@@ -268,8 +392,14 @@ class Committer:
         if appends:
             assert self._append is not None
             statement, number = self._append
-            self.statements += 1
-            inserts.setdefault(statement, []).extend(number(connection, appends))
+            inserts.setdefault(statement, []).extend(number(connection, appends, txn))
         for statement in sorted(inserts, key=lambda s: self._rank.get(id(s), len(self._rank))):
             self.statements += 1
             connection.execute(statement, inserts[statement])
+
+
+def _lost_connection(error: Exception) -> bool:
+    """Whether the database could not be reached (trying again at once would not help)."""
+    return isinstance(error, DBAPIError) and (
+        error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
+    )

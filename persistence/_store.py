@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
+from functools import partial
 from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
@@ -43,7 +44,8 @@ from messages import (
     TransitionRefused,
 )
 from persistence import _schema as schema
-from persistence._committer import Committer, Write
+from persistence._block_cache import BlockCache, visible_to
+from persistence._committer import Committer, Planned, Txn, Write
 from persistence._engine import make_engines, parse_url, redact
 from persistence._models import (
     AgentRow,
@@ -59,6 +61,7 @@ from persistence._records import GroupState, NewGroup, Transition, TurnWrite
 
 T = TypeVar("T")
 OPEN_STATUSES = (RunStatus.CREATED.value, RunStatus.RUNNING.value)
+MAX_REMEMBERED_HISTORIES = 1_000_000  # agents whose history end the writer remembers
 
 groups = cast(Table, GroupRow.__table__)
 agents = cast(Table, AgentRow.__table__)
@@ -114,18 +117,13 @@ _SELECT_GROUP = select(groups).where(groups.c.id == bindparam("group_id"))
 _SELECT_GROUP_AGENTS = (
     select(agents).where(agents.c.group_id == bindparam("group_id")).order_by(agents.c.position)
 )
-_SELECT_AGENT_BLOCKS = (
-    select(blocks)
-    .where(
-        blocks.c.group_id == bindparam("group_id"),
-        blocks.c.agent_id.is_(None) | (blocks.c.agent_id == bindparam("agent_id")),
-    )
-    .order_by(blocks.c.agent_id.is_not(None), blocks.c.position)
+_SELECT_GROUP_BLOCKS = (
+    select(blocks).where(blocks.c.group_id == bindparam("group_id")).order_by(blocks.c.position)
 )
 _LOCK_BLOCK = select(blocks).where(blocks.c.id == bindparam("block_id")).with_for_update()
 _WRITE_BLOCK = (
     update(blocks)
-    .where(blocks.c.id == bindparam("block_id"))
+    .where(blocks.c.id == bindparam("block_id"), blocks.c.version == bindparam("expected"))
     .values(value=bindparam("value"), version=bindparam("version"), updated_at=bindparam("at"))
 )
 # Each status change is guarded by the statuses it may leave, so the database itself
@@ -182,6 +180,9 @@ class Store:
         self.url = redact(parsed)
         self._writer, self._reader = make_engines(url, readers=readers)
         self._ownership: Ownership | None = None
+        # Only the owner sees every change to the blocks, so only the owner may cache them.
+        self._block_cache = None if read_only else BlockCache()
+        self._next_sequence: dict[str, int] = {}  # agent id -> next to append (writer thread)
         try:
             if read_only:
                 self._guard(lambda: schema.require_current(self._writer))
@@ -195,7 +196,7 @@ class Store:
             self._writer,
             translate=self._translate,
             insert_order=(_INSERT_MESSAGES, _INSERT_RUNS, _INSERT_EVENTS),
-            append=(_INSERT_MESSAGES, _number),
+            append=(_INSERT_MESSAGES, self._number),
         )
 
     def close(self) -> None:
@@ -230,6 +231,48 @@ class Store:
         finally:
             ownership.release()
             writer.dispose()
+
+    def _number(
+        self, connection: Connection, rows: list[dict[str, Any]], txn: Txn
+    ) -> list[dict[str, Any]]:
+        """Number runs' messages after their agents' stored histories, inside the writing
+        transaction: the single writer makes that the truth, whatever an actor guessed (a
+        restarted incarnation may not see the previous one's last messages yet).
+
+        Where each history ends is read once per agent, then remembered as each
+        transaction commits (only this writer appends). A remembered end that is wrong
+        (a commit whose outcome was unknown) collides with the unique sequence and the
+        write is run again exactly, reading the database.
+        """
+        agent_ids = list(dict.fromkeys(row["agent_id"] for row in rows))
+        next_by_agent: dict[str, int] | None = txn.scratch.get("next_sequence")
+        if next_by_agent is None:
+            next_by_agent = txn.scratch["next_sequence"] = {}
+            txn.on_commit(partial(self._appended, next_by_agent))
+        known = {} if txn.exact else self._next_sequence
+        unknown = []
+        for agent_id in agent_ids:
+            if agent_id not in next_by_agent:
+                if agent_id in known:
+                    next_by_agent[agent_id] = known[agent_id]
+                else:
+                    unknown.append(agent_id)
+        if unknown:
+            next_by_agent.update(dict.fromkeys(unknown, 1))
+            found = connection.execute(_LAST_SEQUENCES, {"agent_ids": unknown}).all()
+            next_by_agent.update((agent_id, last + 1) for agent_id, last in found)
+        numbered = []
+        for row in rows:
+            agent_id = row["agent_id"]
+            numbered.append({**row, "sequence": next_by_agent[agent_id]})
+            next_by_agent[agent_id] += 1
+        return numbered
+
+    def _appended(self, next_by_agent: dict[str, int]) -> None:
+        """A transaction that appended messages committed (called in the writer thread)."""
+        if len(self._next_sequence) + len(next_by_agent) > MAX_REMEMBERED_HISTORIES:
+            self._next_sequence.clear()
+        self._next_sequence.update(next_by_agent)
 
     # -- errors and reads -----------------------------------------------------------------
 
@@ -324,49 +367,85 @@ class Store:
     # -- memory blocks --------------------------------------------------------------------
 
     def get_blocks(self, agent_id: str) -> Blocks:
-        """The group's shared blocks then the agent's own, in creation order."""
+        """The group's shared blocks then the agent's own, in creation order.
 
-        def query(connection: Connection) -> Blocks:
+        The owning store answers from its cache of committed blocks once it has read the
+        group (see `_block_cache`); a read-only store always asks the database.
+        """
+        cache = self._block_cache
+        if cache is not None and (cached := cache.blocks_of(agent_id)) is not None:
+            return cached
+        epoch = 0 if cache is None else cache.epoch
+
+        def query(connection: Connection) -> tuple[str, list[Block]]:
             agent = connection.execute(_SELECT_AGENT, {"agent_id": agent_id}).mappings().first()
             if agent is None:
                 raise AgentNotFound(agent_id)
-            rows = connection.execute(
-                _SELECT_AGENT_BLOCKS, {"group_id": agent["group_id"], "agent_id": agent_id}
-            )
-            return Blocks(_block(r) for r in rows.mappings())
+            rows = connection.execute(_SELECT_GROUP_BLOCKS, {"group_id": agent["group_id"]})
+            return agent["group_id"], [_block(r) for r in rows.mappings()]
 
-        return self._read(query)
+        group_id, group_blocks = self._read(query)
+        if cache is None:
+            return visible_to(agent_id, group_blocks)
+        return cache.remember(agent_id, group_id, group_blocks, epoch)
 
     def edit_block(self, block_id: str, change: Callable[[Block], str]) -> Block:
         """Apply `change` to the block's current value in one transaction.
 
         An exception raised by `change` (a refused memory tool call) comes back to the
-        caller and nothing is written.
+        caller and nothing is written. The edit is planned in the writer thread against
+        the block as the transaction sees it, and written guarded by its version, merged
+        with the other writes of its batch.
         """
+        cache = self._block_cache
 
-        def op(connection: Connection) -> Block | Exception:
-            current = _block(
-                connection.execute(_LOCK_BLOCK, {"block_id": block_id}).mappings().one()
-            )
+        def plan(connection: Connection, txn: Txn) -> tuple[Write | None, Block | Exception]:
+            current = self._current_block(connection, txn, block_id)
             try:
                 value = change(current)
             except Exception as refused:  # returned, not raised: the batch must not roll back
-                return refused
-            connection.execute(
-                _WRITE_BLOCK,
-                {
-                    "block_id": block_id,
-                    "value": value,
-                    "version": current.version + 1,
-                    "at": utcnow(),
-                },
+                return None, refused
+            edited = current.model_copy(update={"value": value, "version": current.version + 1})
+            txn.scratch[f"block:{block_id}"] = edited
+            if cache is not None:
+                txn.on_commit(partial(cache.edited, edited))
+            params = {
+                "block_id": block_id,
+                "value": value,
+                "version": edited.version,
+                "expected": current.version,
+                "at": utcnow(),
+            }
+            write = Write(
+                guard=(_WRITE_BLOCK, params),
+                refusal=lambda: StoreRejected(
+                    self.url, f"block {block_id} changed under the writer"
+                ),
+                keys=[block_id],
             )
-            return current.model_copy(update={"value": value, "version": current.version + 1})
+            return write, edited
 
-        outcome = self.committer.run(op)
+        try:
+            outcome = self.committer.run(Planned(plan, keys=[block_id]))
+        except BaseException:
+            if cache is not None:
+                cache.forget(block_id)  # it may have committed all the same
+            raise
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
+
+    def _current_block(self, connection: Connection, txn: Txn, block_id: str) -> Block:
+        """The block as this transaction sees it: after its own earlier edits, else as
+        last committed (known to the owner, or read when the transaction must be exact)."""
+        edited: Block | None = txn.scratch.get(f"block:{block_id}")
+        if edited is not None:
+            return edited
+        if not txn.exact and self._block_cache is not None:
+            committed = self._block_cache.committed(block_id)
+            if committed is not None:
+                return committed
+        return _block(connection.execute(_LOCK_BLOCK, {"block_id": block_id}).mappings().one())
 
     # -- messages -------------------------------------------------------------------------
 
@@ -593,22 +672,6 @@ M = TypeVar("M", bound=BaseModel)
 def _from_row(model: type[M], row: RowMapping, **extra: Any) -> M:
     """The model whose fields are the row's columns of the same names (plus `extra`)."""
     return model.model_validate({**{k: row[k] for k in model.model_fields if k in row}, **extra})
-
-
-def _number(connection: Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Number runs' messages after their agents' stored histories, inside the writing
-    transaction: the single writer makes that the truth, whatever an actor guessed (a
-    restarted incarnation may not see the previous one's last messages yet)."""
-    agent_ids = list(dict.fromkeys(row["agent_id"] for row in rows))
-    found = connection.execute(_LAST_SEQUENCES, {"agent_ids": agent_ids}).all()
-    next_by_agent = dict.fromkeys(agent_ids, 1)
-    next_by_agent.update((agent_id, last + 1) for agent_id, last in found)
-    numbered = []
-    for row in rows:
-        agent_id = row["agent_id"]
-        numbered.append({**row, "sequence": next_by_agent[agent_id]})
-        next_by_agent[agent_id] += 1
-    return numbered
 
 
 def _load_group(connection: Connection, group_id: str) -> tuple[Group, int, list[Agent]]:

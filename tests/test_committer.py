@@ -23,12 +23,22 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 
 from actors import Runtime
 from messages import RunStatus, StoreRejected
-from persistence import Committer, Store, Transition, Write, make_engines, utcnow
+from persistence import (
+    Committer,
+    Planned,
+    Store,
+    Transition,
+    Txn,
+    Write,
+    make_engines,
+    utcnow,
+)
 from tests.agents import Echo, user
 
 metadata = MetaData()
@@ -69,7 +79,7 @@ class Refused(Exception):
     pass
 
 
-def number(connection: Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def number(connection: Connection, rows: list[dict[str, Any]], _txn: Txn) -> list[dict[str, Any]]:
     owners = list(dict.fromkeys(r["owner"] for r in rows))
     following = dict.fromkeys(owners, 1)
     following.update((o, last + 1) for o, last in connection.execute(LAST, {"owners": owners}))
@@ -91,21 +101,27 @@ def move(item: str, old: str, new: str) -> Write:
 
 
 @pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
+def engines(db_url: str) -> Iterator[tuple[Engine, Engine]]:
     writer, reader = make_engines(db_url)
-    reader.dispose()
     metadata.create_all(writer)
     try:
-        yield writer
+        yield writer, reader
     finally:
-        metadata.drop_all(writer)
+        reader.dispose()
+        metadata.drop_all(writer)  # the committer, closed by now, gave its connection back
         writer.dispose()
 
 
 @pytest.fixture
-def committer(engine: Engine) -> Iterator[Committer]:
+def engine(engines: tuple[Engine, Engine]) -> Engine:
+    """The tests' own reads (the writer's one connection belongs to the committer)."""
+    return engines[1]
+
+
+@pytest.fixture
+def committer(engines: tuple[Engine, Engine]) -> Iterator[Committer]:
     committer = Committer(
-        engine,
+        engines[0],
         translate=lambda error: StoreRejected("test", str(error)),
         insert_order=(INSERT_ITEMS, INSERT_LOG, INSERT_NOTES),
         append=(INSERT_NOTES, number),
@@ -318,3 +334,101 @@ def test_the_store_merges_turns_and_run_changes_of_many_groups(db_url: str) -> N
         assert {r.status for r in store.get_runs(run_ids).values()} == {RunStatus.COMPLETED}
     finally:
         store.close()
+
+
+def test_an_op_that_names_its_rows_does_not_split_the_merged_writes(
+    committer: Committer, engine: Engine
+) -> None:
+    a, b = seed(committer, 2)
+
+    def note(connection: Connection) -> str:
+        connection.execute(INSERT_NOTES, {"owner": "op", "sequence": 1, "text": "by an op"})
+        return "noted"
+
+    before = (committer.transactions, committer.statements)
+    futures = in_one_batch(
+        committer,
+        [move(a, "created", "running"), (note, ["op"]), move(b, "created", "running")],
+        submit=lambda work: (
+            committer.submit(*work) if isinstance(work, tuple) else committer.submit(work)
+        ),
+    )
+    assert [f.result() for f in futures] == [None, "noted", None]
+    assert committer.transactions - before[0] == 2
+    assert committer.statements - before[1] == 2  # both moves still in one UPDATE + INSERT
+    assert statuses(engine) == {a: "running", b: "running"}
+
+
+def item_status(connection: Connection, item: str) -> str:
+    return str(connection.execute(select(items.c.status).where(items.c.id == item)).scalar_one())
+
+
+def append_mark(item: str, remembered: dict[str, str], committed: list[str]) -> Planned[str]:
+    """Add "+" to the item's status: planned against what the transaction saw last, else
+    what `remembered` says when merged (maybe wrong), else the database."""
+
+    def plan(connection: Connection, txn: Txn) -> tuple[Write | None, str]:
+        current = txn.scratch.get(item)
+        if current is None:
+            current = remembered.get(item) if not txn.exact else None
+        if current is None:
+            current = item_status(connection, item)
+        new = current + "+"
+        txn.scratch[item] = new
+        txn.on_commit(lambda: committed.append(new))
+        guard = (MOVE, {"item": item, "old": current, "new": new})
+        write = Write(guard=guard, refusal=lambda: Refused(f"{item} moved"), keys=[item])
+        return write, new
+
+    return Planned(plan, keys=[item])
+
+
+def test_planned_writes_merge_and_see_what_their_transaction_did_before(
+    committer: Committer, engine: Engine
+) -> None:
+    a, b = seed(committer, 2)
+    committed: list[str] = []
+    before = committer.transactions
+    futures = in_one_batch(
+        committer,
+        [
+            append_mark(a, {}, committed),
+            append_mark(b, {}, committed),
+            append_mark(a, {}, committed),
+        ],
+    )
+    assert [f.result() for f in futures] == ["created+", "created+", "created++"]
+    assert committer.transactions - before == 2  # the held op, then the three plans
+    assert statuses(engine) == {a: "created++", b: "created+"}
+    assert sorted(committed) == ["created+", "created+", "created++"]  # once each, after commit
+
+
+def test_a_plan_from_a_wrong_memory_is_run_again_exactly(
+    committer: Committer, engine: Engine
+) -> None:
+    (a,) = seed(committer, 1)
+    committed: list[str] = []
+    stale = {a: "running"}  # what the plan remembers is not what is stored
+    futures = in_one_batch(committer, [append_mark(a, stale, committed), move(a, "created+", "x")])
+    assert [f.exception() for f in futures] == [None, None]
+    assert futures[0].result() == "created+"  # planned again from the database
+    assert statuses(engine) == {a: "x"}
+    assert committed == ["created+"]  # the refused merged attempt left no trace
+
+
+def test_a_writer_whose_connection_was_killed_reconnects_without_failing_a_write(
+    committer: Committer, engine: Engine, backend: str
+) -> None:
+    if backend != "postgresql":
+        pytest.skip("killing a server backend is a PostgreSQL matter")
+    (a,) = seed(committer, 1)
+    with engine.connect() as connection:
+        killed = connection.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).all()
+    assert killed  # the writer's held connection was among them
+    committer.submit(move(a, "created", "running")).result(timeout=30)
+    assert statuses(engine) == {a: "running"}
