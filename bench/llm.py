@@ -36,11 +36,14 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors import Runtime
+from bench.cases import CaseResult
 from messages import MessageCreate, Run, RunStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_TURNS_PER_S = 250.0
 TARGET_CPU_MS_PER_TURN = 5.0
+GROUPS = 10
+DELAY_MS = 1.0
 
 
 @contextmanager
@@ -146,6 +149,25 @@ def measure(db_url: str, groups: int, turns: int, delay_ms: float, workers: int)
     }
 
 
+def case(db_url: str, groups: int, turns: int, delay_ms: float, workers: int) -> CaseResult:
+    """The measurement as a row of `bench/run.py`'s report (case `llm`)."""
+    figures = measure(db_url, groups, turns, delay_ms, workers)
+    total = figures["turns"]
+    return CaseResult(
+        case=f"llm ({figures['database']})",
+        groups=groups,
+        turns=total,
+        seconds=total / figures["turns_per_s"],
+        threads=groups,
+        turns_per_s_all_runs_done=figures["turns_per_s_all_runs_done"],
+        p50_ms=figures["turn_p50_ms"],
+        p99_ms=figures["turn_p99_ms"],
+        errors=sum(n for status, n in figures["runs"].items() if status != "completed"),
+        notes=[f"runtime CPU {figures['runtime_cpu_ms_per_turn']:.2f} ms/turn"],
+        details=figures,
+    )
+
+
 def render(figures: dict[str, Any]) -> str:
     """The figures as a table, then the targets with PASS/MISS."""
 
@@ -193,9 +215,13 @@ def render(figures: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--db", metavar="URL", help="database URL (default: a new SQLite file)")
-    parser.add_argument("--groups", type=int, default=10, help="groups in parallel (default: 10)")
+    parser.add_argument(
+        "--groups", type=int, default=GROUPS, help=f"groups in parallel (default: {GROUPS})"
+    )
     parser.add_argument("--turns", type=int, default=300, help="turns per group (default: 300)")
-    parser.add_argument("--delay-ms", type=float, default=1.0, help="the fake's answer delay")
+    parser.add_argument(
+        "--delay-ms", type=float, default=DELAY_MS, help="the fake's answer delay (ms)"
+    )
     parser.add_argument("--workers", type=int, default=32, help="the runtime's step threads")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()

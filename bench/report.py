@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bench.cases import CaseResult
+from bench.llm import TARGET_CPU_MS_PER_TURN, TARGET_TURNS_PER_S
 
 TARGET_LIMIT_RATIO = 0.3
 TARGET_NAIVE_RATIO = 10.0
@@ -95,6 +96,29 @@ def _ratio_target(name: str, ratio: float | None, wanted: float, base: float | N
         f"{ratio:.3g}x: needs {needed:,.0f} turns/s, has {ratio * base:,.0f} "
         f"({wanted / ratio:.3g}x short)",
     )
+
+
+def llm_targets(case: CaseResult | None) -> list[Target]:
+    """Issue 7's lines: `openai` agents on a loopback fake, meant for PostgreSQL."""
+    if case is None:
+        return [Target("llm: >= 250 turns/s, <= 5 ms CPU/turn", None, "not measured")]
+    rate = case.turns_per_s_all_runs_done or 0.0
+    cpu = float(case.details.get("runtime_cpu_ms_per_turn", 0.0))
+    on = f"on {case.details.get('database', '?')}"
+    if case.details.get("database") != "postgresql":
+        on += " (the target is for PostgreSQL: --db postgresql://...)"
+    return [
+        Target(
+            "llm: >= 250 turns/s (every run ended)",
+            rate >= TARGET_TURNS_PER_S,
+            f"{rate:,.1f} turns/s {on}",
+        ),
+        Target(
+            "llm: <= 5 ms runtime CPU per turn",
+            cpu <= TARGET_CPU_MS_PER_TURN,
+            f"{cpu:.2f} ms {on}",
+        ),
+    ]
 
 
 def targets(cases: dict[str, CaseResult], scale: dict[str, Any] | None) -> list[Target]:

@@ -3,8 +3,9 @@
 Measures, in this order: the runtime's durable turns/s at 100 and 1,000 groups; the naive
 baseline (Letta's orchestration: one SQLAlchemy session per read-modify-write) at 100
 groups; the limit (the same rows with plain sqlite3, batched, one thread); both with many
-callers on one group (lost updates); and, in a child process, memory and threads at
-10,000 groups. Prints a table, the ratios and the targets, and writes everything as JSON.
+callers on one group (lost updates); in a child process, memory and threads at 10,000
+groups; and `openai` agents against a loopback fake model server (`bench/llm.py`).
+Prints a table, the ratios and the targets, and writes everything as JSON.
 
     python bench/run.py                    # the full run (several minutes)
     python bench/run.py --quick            # fewer turns, 2,000 groups for the memory step
@@ -40,7 +41,7 @@ from sqlalchemy.engine import make_url
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors import Runtime
-from bench import report
+from bench import llm, report
 from bench.cases import (
     CaseResult,
     measure_limit,
@@ -62,6 +63,7 @@ CASES = (
     "runtime_contended",
     "naive_contended",
     "scale",
+    "llm",
 )
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -83,6 +85,7 @@ class Plan:
     scale_turns: int
     scale_timeout_s: float
     repeats: int
+    llm_turns_per_group: int = 300
     threads: int = 64
     workers: int = 32
     naive_background_workers: int = 32
@@ -115,6 +118,7 @@ QUICK = Plan(
     scale_turns=3,
     scale_timeout_s=300,
     repeats=1,
+    llm_turns_per_group=50,
 )
 
 
@@ -275,7 +279,20 @@ def run_cases(
             workers=plan.workers,
             timeout=plan.scale_timeout_s,
         )
+    if "llm" in wanted:
+        announce(f"openai agents on a loopback fake model server, {llm.GROUPS} groups")
+        cases["llm"] = llm.case(
+            _runtime_url(db, work, "llm"),
+            llm.GROUPS,
+            plan.llm_turns_per_group,
+            llm.DELAY_MS,
+            plan.workers,
+        )
     return cases, scale
+
+
+def llm_lines(cases: dict[str, CaseResult]) -> list[report.Target]:
+    return report.llm_targets(cases.get("llm")) if "llm" in cases else []
 
 
 def render(
@@ -294,7 +311,7 @@ def render(
     for name, value in report.ratios(cases).items():
         lines.append(f"{name:<34} {value:.3f}x")
     lines += ["", *report.scale_lines(scale), "", "targets:"]
-    for target in report.targets(cases, scale):
+    for target in [*report.targets(cases, scale), *llm_lines(cases)]:
         lines.append(f"  {target.verdict}  {target.name:<42} {target.detail}")
     return "\n".join(lines)
 
@@ -331,7 +348,7 @@ def main() -> int:
         environment = _environment(work)
         cases, scale = run_cases(plan, wanted, args.db, work)
     print(render(cases, scale, args.quick, args.db))
-    lines = report.targets(cases, scale)
+    lines = [*report.targets(cases, scale), *llm_lines(cases)]
     document = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,

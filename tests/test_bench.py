@@ -10,11 +10,12 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from bench import llm
 from bench.cases import CaseResult
 from bench.drive import drive
 from bench.limit import count_rows, write_turns
 from bench.naive import NaiveSleeptime
-from bench.report import table, targets
+from bench.report import llm_targets, table, targets
 
 
 def test_limit_writes_the_rows_of_every_turn(tmp_path: Path) -> None:
@@ -109,3 +110,21 @@ def test_report_marks_targets_met_and_missed() -> None:
 
     assert verdicts == ["PASS", "MISS", "PASS", "MISS", "PASS"]
     assert "runtime" in table(list(cases.values()))
+
+
+def test_the_llm_case_drives_openai_agents_on_the_fake_and_reports_the_targets(
+    tmp_path: Path,
+) -> None:
+    """`bench/llm.py` end to end, small: real runtime, fake model server in a child process."""
+    result = llm.case(f"sqlite:///{tmp_path / 'llm.db'}", groups=2, turns=3, delay_ms=0, workers=4)
+
+    assert (result.turns, result.errors) == (6, 0)
+    assert result.details["runs"]["completed"] == 6  # one sleeptime run per turn
+    assert result.details["runtime_cpu_ms_per_turn"] > 0
+    assert result.turns_per_s_all_runs_done is not None
+    lines = llm_targets(result)
+    assert [line.name for line in lines] == [
+        "llm: >= 250 turns/s (every run ended)",
+        "llm: <= 5 ms runtime CPU per turn",
+    ]
+    assert all("the target is for PostgreSQL" in line.detail for line in lines)
