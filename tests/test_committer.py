@@ -432,3 +432,60 @@ def test_a_writer_whose_connection_was_killed_reconnects_without_failing_a_write
     assert killed  # the writer's held connection was among them
     committer.submit(move(a, "created", "running")).result(timeout=30)
     assert statuses(engine) == {a: "running"}
+
+
+# A step of a mixed batch: ("move", item, old, new), or ("mark", item, remembered wrongly).
+mixed = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("move"),
+            st.integers(0, 2),
+            st.sampled_from(STATUSES),
+            st.sampled_from(STATUSES),
+        ),
+        st.tuples(st.just("mark"), st.integers(0, 2), st.booleans(), st.just("")),
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(batch=mixed)
+def test_planned_and_guarded_writes_merged_have_the_outcome_of_running_them_one_by_one(
+    committer: Committer, engine: Engine, batch: list[tuple[str, int, Any, str]]
+) -> None:
+    """Plans (some from a wrong memory) between guarded moves (some refused): the batch ends
+    as if each had run alone, in order, and each plan's callback ran once, after commit."""
+    with engine.begin() as connection:
+        connection.execute(log.delete())
+        connection.execute(items.delete())
+    ids = seed(committer, 3)
+    model = dict.fromkeys(ids, "created")
+    expected: list[str | bool | None] = []
+    works: list[Any] = []
+    committed: list[str] = []
+    for kind, index, arg, new in batch:
+        item = ids[index]
+        if kind == "move":
+            ok = model[item] == arg
+            if ok:
+                model[item] = new
+            expected.append(ok)
+            works.append(move(item, arg, new))
+        else:
+            model[item] += "+"
+            expected.append(model[item])
+            remembered = {item: "running"} if arg else {}  # True: a wrong memory
+            works.append(append_mark(item, remembered, committed))
+    futures = in_one_batch(committer, works)
+    outcomes = [
+        f.exception() is None if kind == "move" else f.result()
+        for f, (kind, *_) in zip(futures, batch, strict=True)
+    ]
+    assert outcomes == expected
+    assert statuses(engine) == model
+    marks = [value for value in expected if isinstance(value, str)]
+    assert sorted(committed) == sorted(marks)
