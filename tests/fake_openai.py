@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import ssl
 import sys
 import threading
 import time
@@ -28,8 +29,13 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
+TLS_CERTIFICATE = Path(__file__).resolve().parent / "tls" / "localhost.pem"
+"""A self-signed certificate for 127.0.0.1 and localhost (valid until 2126), for tests only;
+a client trusts it through SSL_CERT_FILE."""
+TLS_KEY = TLS_CERTIFICATE.with_name("localhost-key.pem")
 HOLD_LIMIT_S = 30.0  # a gated reply is sent anyway after this long, so no test hangs for ever
 MODEL = "fake-model"
 
@@ -163,6 +169,13 @@ class _State:
     connections: int = 0
 
 
+def tls_context() -> ssl.SSLContext:
+    """The server side of https with the tests' certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(TLS_CERTIFICATE, TLS_KEY)
+    return context
+
+
 class FakeOpenAI:
     """The fake server, on 127.0.0.1 and a free port, serving on a daemon thread.
 
@@ -171,11 +184,19 @@ class FakeOpenAI:
     """
 
     def __init__(
-        self, responder: Responder = answer_text, delay_s: float = 0.0, keep_requests: bool = True
+        self,
+        responder: Responder = answer_text,
+        delay_s: float = 0.0,
+        keep_requests: bool = True,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        """`tls`: serve https with this server context (e.g. `tls_context()`)."""
         self._state = _State(responder=responder, keep_requests=keep_requests)
         self._delay_s = delay_s
         self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._scheme = "http" if tls is None else "https"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self._server.daemon_threads = True
         self._server.fake = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(
@@ -185,7 +206,7 @@ class FakeOpenAI:
     @property
     def url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}/v1"
+        return f"{self._scheme}://{host!s}:{port}/v1"
 
     def start(self) -> FakeOpenAI:
         self._thread.start()

@@ -18,18 +18,27 @@ Example:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from email.utils import parsedate_to_datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 from urllib.parse import urlsplit
 
-from actors.kinds._http1 import Answer, Connection, ProtocolError, request_head
+from actors.kinds._http1 import (
+    Answer,
+    Connection,
+    ProtocolError,
+    Proxy,
+    TunnelRefused,
+    request_head,
+)
 
 MAX_IDLE_CONNECTIONS = 4
 _SHOWN_BODY_CHARS = 300
@@ -119,9 +128,15 @@ class ChatEndpoint:
     Safe to use from several threads; idle connections are kept (up to
     `MAX_IDLE_CONNECTIONS`) and reused. A reused connection that the server had closed
     meanwhile is replaced once, at no cost to the caller's retries.
+
+    `proxy`: an http:// proxy URL, "" for none; None (the default) takes the one the
+    environment names for this URL (`HTTPS_PROXY` / `HTTP_PROXY`, unless `NO_PROXY`
+    matches the host or the host is loopback), as curl and the `openai` SDK do.
     """
 
-    def __init__(self, base_url: str, api_key: str | None, timeout_s: float) -> None:
+    def __init__(
+        self, base_url: str, api_key: str | None, timeout_s: float, proxy: str | None = None
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"base_url {base_url!r} must be an http:// or https:// URL")
@@ -138,8 +153,22 @@ class ChatEndpoint:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._tls = ssl.create_default_context() if https else None
+        if proxy is None:
+            proxy = proxy_from_environment(parts.scheme, self._host)
+        self._proxy = Proxy.parse(proxy) if proxy else None
+        self._target = self._path
+        if self._proxy is not None and not https:
+            # A proxy forwards a plain-http request named by its whole URL.
+            self._target = f"http://{self._authority}{self._path}"
+            if self._proxy.authorization is not None:
+                self._headers["Proxy-Authorization"] = self._proxy.authorization
         self._idle: list[Connection] = []
         self._lock = threading.Lock()
+
+    @property
+    def proxy(self) -> str | None:
+        """The proxy the requests go through (without its password), if any."""
+        return None if self._proxy is None else self._proxy.shown
 
     def complete(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """Send one request and return its JSON answer (an object)."""
@@ -188,7 +217,7 @@ class ChatEndpoint:
     def _send(self, body: Mapping[str, Any], accept: str) -> tuple[Connection, Answer]:
         data = json.dumps(body).encode()
         head = request_head(
-            "POST", self._path, self._authority, {**self._headers, "Accept": accept}, len(data)
+            "POST", self._target, self._authority, {**self._headers, "Accept": accept}, len(data)
         )
         reused = True
         with self._lock:
@@ -197,21 +226,31 @@ class ChatEndpoint:
             try:
                 if connection is None:
                     reused = False
-                    connection = Connection(self._host, self._port, self.timeout_s, self._tls)
+                    connection = Connection(
+                        self._host, self._port, self.timeout_s, self._tls, self._proxy
+                    )
                 connection.send(head, data)
                 return connection, connection.answer()
             except TimeoutError as error:
                 _close(connection)
-                raise ServerTimeout(f"no answer within {self.timeout_s:g} s") from error
+                raise ServerTimeout(f"no answer within {self.timeout_s:g} s{self._via}") from error
+            except TunnelRefused as error:
+                raise ServerStatus(
+                    error.status, f"the proxy at {self.proxy} refused the tunnel: {error}"
+                ) from error
             except ConnectionError as error:
                 _close(connection)
                 if not reused:
-                    raise ServerUnreachable(_describe(error)) from error
+                    raise ServerUnreachable(_describe(error) + self._via) from error
                 # The server closed this idle connection meanwhile: a fresh one is not a retry.
                 connection = None
             except (OSError, ProtocolError) as error:
                 _close(connection)
-                raise ServerUnreachable(_describe(error)) from error
+                raise ServerUnreachable(_describe(error) + self._via) from error
+
+    @property
+    def _via(self) -> str:
+        return "" if self._proxy is None else f" (through the proxy at {self._proxy.shown})"
 
     def _release(self, connection: Connection, answer: Answer) -> None:
         if answer.reusable:
@@ -220,6 +259,42 @@ class ChatEndpoint:
                     self._idle.append(connection)
                     return
         connection.close()
+
+
+def proxy_from_environment(scheme: str, host: str) -> str | None:
+    """The proxy the environment names for `scheme` (http/https); None when there is none,
+    when NO_PROXY names `host`, or for a loopback host (a local model server is never
+    reached through a proxy, as in Go's net/http)."""
+    proxies = urllib.request.getproxies()  # *_proxy variables, lower case first; "no" too
+    if not proxies.get(scheme) or _loopback(host) or _bypassed(host, proxies.get("no", "")):
+        return None
+    return proxies[scheme]
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _bypassed(host: str, no_proxy: str) -> bool:
+    """Whether NO_PROXY (comma-separated hosts or domains, "*" for all) names `host`."""
+    host = host.lower().strip("[]")
+    for raw in no_proxy.lower().split(","):
+        name = raw.strip()
+        if name == "*":
+            return True
+        if name.startswith("[") and "]" in name:  # [IPv6]:port
+            name = name[1 : name.index("]")]
+        elif name.count(":") == 1:  # host:port: the port does not matter here
+            name = name.partition(":")[0]
+        name = name.lstrip(".")
+        if name and (host == name or host.endswith("." + name)):
+            return True
+    return False
 
 
 def _close(connection: Connection | None) -> None:

@@ -67,6 +67,7 @@ from actors.kinds._chat_tools import (
     call_memory_tool,
     tool_message,
 )
+from actors.kinds._http1 import Proxy
 from messages import AgentConfigError, Message, MessageCreate, StopReason
 
 log = structlog.get_logger("sleeptime.openai")
@@ -79,6 +80,7 @@ _HINTS = {
     401: "check api_key or api_key_env",
     403: "check api_key or api_key_env, and that the key may use this model",
     404: "check base_url (it usually ends in /v1) and model",
+    407: "check the proxy's user and password (http://user:password@host:port)",
 }
 
 
@@ -87,7 +89,8 @@ class OpenAIConfig(BaseModel):
 
     `api_key` is stored with the agent in the database, in clear: prefer `api_key_env`, the
     name of an environment variable holding the key, read when the agent is built. With
-    neither, no key is sent (local servers need none).
+    neither, no key is sent (local servers need none). A password in `proxy` is stored the
+    same way: prefer the environment's HTTPS_PROXY for one.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -108,6 +111,9 @@ class OpenAIConfig(BaseModel):
     """The instructions that open the system prompt (the memory blocks follow them)."""
     history_messages: int = Field(default=40, ge=0, le=10_000)
     """How many earlier messages of the conversation a primary agent sends."""
+    proxy: str | None = None
+    """An http:// proxy for this agent's requests, "" for none; by default the one the
+    environment names (HTTPS_PROXY / HTTP_PROXY, NO_PROXY), never for a loopback server."""
 
     @field_validator("base_url")
     @classmethod
@@ -117,6 +123,13 @@ class OpenAIConfig(BaseModel):
                 "must be an http:// or https:// URL, e.g. http://127.0.0.1:11434/v1 for Ollama"
             )
         return url
+
+    @field_validator("proxy")
+    @classmethod
+    def _http_proxy(cls, proxy: str | None) -> str | None:
+        if proxy:
+            Proxy.parse(proxy)  # ValueError says what is wrong
+        return proxy
 
     @model_validator(mode="after")
     def _one_key_source(self) -> OpenAIConfig:
@@ -366,6 +379,6 @@ class OpenAIAgent:
         with self._lock:
             if self._endpoint is None:
                 self._endpoint = ChatEndpoint(
-                    self.config.base_url, self._api_key, self.config.timeout_s
+                    self.config.base_url, self._api_key, self.config.timeout_s, self.config.proxy
                 )
             return self._endpoint
