@@ -346,6 +346,7 @@ class Supervisor:
         self._children: dict[str, _Child] = {}
         self._active: dict[str, _Child] = {}  # children with a running instance
         self._changed = threading.Condition(self._lock)
+        self._generation = 0  # moves, under the lock, whenever the active set changes
         self.restarts = 0
         self.escalations = 0
         self.injected = 0
@@ -375,7 +376,7 @@ class Supervisor:
         are refused with `refusal`. With `wait`, return once it has stopped."""
         with self._lock:
             child = self._children.pop(identity, None)
-            self._active.pop(identity, None)
+            self._deactivate(identity)
         if child is not None:
             for ref in child.address._close(refusal):
                 if wait:
@@ -390,7 +391,7 @@ class Supervisor:
         """Stop a child for good but keep its address, which refuses every message."""
         with self._lock:
             child = self._children.get(identity)
-            self._active.pop(identity, None)
+            self._deactivate(identity)
             if child is not None:
                 child.escalated = True
         if child is not None:
@@ -427,11 +428,12 @@ class Supervisor:
             child.snapshot = None
 
     def wait_until(self, condition: Callable[[Supervisor], bool], timeout: float) -> bool:
-        """Wait until `condition(self)` holds after some child started or passivated."""
+        """Wait until `condition(self)`, a function of which children are active, holds."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                self._lock.release()
+                seen = self._generation
+                self._lock.release()  # the condition takes the lock itself
                 try:
                     holds = condition(self)
                 finally:
@@ -439,8 +441,8 @@ class Supervisor:
                 remaining = deadline - time.monotonic()
                 if holds or remaining <= 0:
                     return holds
-                # A change while the condition was evaluated is seen on the next look.
-                self._changed.wait(min(remaining, 0.05))
+                # Evaluate again once the active set moved (maybe while it was evaluated).
+                self._changed.wait_for(lambda seen=seen: self._generation != seen, remaining)
 
     def reap(self, idle_after: float | None, max_active: int | None, prefix: str) -> int:
         """Ask children to passivate: those told nothing for `idle_after` seconds, the
@@ -471,6 +473,12 @@ class Supervisor:
                 asked += 1
         return asked
 
+    def _deactivate(self, identity: str) -> None:
+        """With the lock held: the child has no running instance any more."""
+        if self._active.pop(identity, None) is not None:
+            self._generation += 1
+            self._changed.notify_all()
+
     def _passivated(self, address: Address, inbox: Any, snapshot: Any) -> bool:
         with self._lock:
             child = self._children.get(address.identity)
@@ -481,9 +489,8 @@ class Supervisor:
             child.snapshot = None
             return False
         with self._lock:
-            self._active.pop(address.identity, None)
+            self._deactivate(address.identity)
             self.passivations += 1
-            self._changed.notify_all()
         return True
 
     def _wake(self, child: _Child) -> None:
@@ -508,6 +515,7 @@ class Supervisor:
         with self._lock:
             if self._children.get(child.spec.identity) is child:
                 self._active[child.spec.identity] = child
+                self._generation += 1
                 self._changed.notify_all()
         child.address._attach(ref)
 
@@ -519,7 +527,7 @@ class Supervisor:
         if child is None or child.address is not address:
             return  # stopped on purpose meanwhile
         with self._lock:
-            self._active.pop(address.identity, None)
+            self._deactivate(address.identity)
         address._detach(inbox, unhandled)
         now = self._clock()
         with self._lock:

@@ -164,7 +164,7 @@ class Committer:
     ) -> None:
         """`insert_order`: the INSERTs in an order that respects foreign keys (parents
         first); `append`: the INSERT of messages and the function that numbers rows to
-        append, (connection, rows) -> rows with their `sequence`."""
+        append, (connection, rows, txn) -> rows with their `sequence`."""
         self._engine = engine
         self._translate = translate
         self._append = append
@@ -253,29 +253,29 @@ class Committer:
                 self._each_alone(live)
                 return
         except Exception as error:
-            if len(live) > 1 or not _lost_connection(error):
+            if len(live) > 1 or not lost_connection(error):
                 # Alone, and exactly: a merged plan may have trusted a wrong memory.
                 self._each_alone(live)
                 return
             self._fail(live[0], error)
             return
         for job, (ok, value) in zip(live, outcomes, strict=True):
-            if ok:
-                job.future.set_result(value)
-            else:
-                job.future.set_exception(value)
+            _settle(job, ok, value)
 
     def _each_alone(self, jobs: list[_Job]) -> None:
-        for job in jobs:
+        for index, job in enumerate(jobs):
             try:
                 ((ok, value),) = self._transaction([job], merged=False)
             except Exception as error:
                 self._fail(job, error)
+                if lost_connection(error):
+                    # The database is out of reach: the others would only wait for the
+                    # same answer, one connect timeout each.
+                    for rest in jobs[index + 1 :]:
+                        self._fail(rest, error)
+                    return
                 continue
-            if ok:
-                job.future.set_result(value)
-            else:
-                job.future.set_exception(value)
+            _settle(job, ok, value)
 
     def _fail(self, job: _Job, error: Exception) -> None:
         log.debug("write_failed", error=str(error), error_type=type(error).__name__)
@@ -398,7 +398,14 @@ class Committer:
             connection.execute(statement, inserts[statement])
 
 
-def _lost_connection(error: Exception) -> bool:
+def _settle(job: _Job, ok: bool, value: Any) -> None:
+    if ok:
+        job.future.set_result(value)
+    else:
+        job.future.set_exception(value)
+
+
+def lost_connection(error: Exception) -> bool:
     """Whether the database could not be reached (trying again at once would not help)."""
     return isinstance(error, DBAPIError) and (
         error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)

@@ -25,7 +25,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from messages import (
     Agent,
@@ -45,7 +45,7 @@ from messages import (
 )
 from persistence import _schema as schema
 from persistence._block_cache import BlockCache, visible_to
-from persistence._committer import Committer, Planned, Txn, Write
+from persistence._committer import Committer, Planned, Txn, Write, lost_connection
 from persistence._engine import make_engines, parse_url, redact
 from persistence._models import (
     AgentRow,
@@ -281,7 +281,7 @@ class Store:
         database refuses is StoreRejected (trying again would not help)."""
         if isinstance(error, DBAPIError):
             detail = str(error.orig).strip() or type(error.orig).__name__
-            if isinstance(error, OperationalError | InterfaceError) or error.connection_invalidated:
+            if lost_connection(error):
                 return StoreUnavailable(self.url, detail)
             return StoreRejected(self.url, detail)
         return error

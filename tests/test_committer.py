@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from sqlalchemy import (
     String,
     Table,
     bindparam,
+    create_engine,
     func,
     insert,
     select,
@@ -489,3 +492,44 @@ def test_planned_and_guarded_writes_merged_have_the_outcome_of_running_them_one_
     assert statuses(engine) == model
     marks = [value for value in expected if isinstance(value, str)]
     assert sorted(committed) == sorted(marks)
+
+
+def test_when_the_database_is_out_of_reach_a_batch_fails_after_one_try_alone(
+    tmp_path: Path,
+) -> None:
+    """Every write fails with the same error, and the batch does not try to connect
+    once per write (each try could cost a connect timeout)."""
+    path = tmp_path / "x.db"
+    down = threading.Event()
+    tries_while_down: list[None] = []
+
+    def connect() -> sqlite3.Connection:
+        if down.is_set():
+            tries_while_down.append(None)
+            raise sqlite3.OperationalError("unable to open database file")
+        return sqlite3.connect(path, check_same_thread=False)
+
+    engine = create_engine("sqlite://", creator=connect)
+    committer = Committer(engine, translate=lambda error: StoreRejected("test", str(error)))
+    held, release = threading.Event(), threading.Event()
+
+    def hold_then_go_away(connection: Connection) -> None:
+        connection.connection.dbapi_connection.close()  # type: ignore[union-attr]
+        down.set()  # the server is gone: its connection too
+        held.set()
+        assert release.wait(30)
+
+    try:
+        first = committer.submit(hold_then_go_away)
+        assert held.wait(30)
+        futures: list[Future[None]] = [
+            committer.submit(move(f"item-{i}", "created", "running")) for i in range(5)
+        ]
+        release.set()
+        assert first.exception(timeout=30) is not None
+        errors = [f.exception(timeout=30) for f in futures]
+    finally:
+        committer.close()
+        engine.dispose()
+    assert all(isinstance(e, StoreRejected) and "unable to open" in str(e) for e in errors)
+    assert len(tries_while_down) == 2  # the batch, then its first write alone; not one each
