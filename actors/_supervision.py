@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pykka
@@ -442,7 +443,7 @@ class Supervisor:
                 if holds or remaining <= 0:
                     return holds
                 # Evaluate again once the active set moved (maybe while it was evaluated).
-                self._changed.wait_for(lambda seen=seen: self._generation != seen, remaining)
+                self._changed.wait_for(partial(self._moved_since, seen), remaining)
 
     def reap(self, idle_after: float | None, max_active: int | None, prefix: str) -> int:
         """Ask children to passivate: those told nothing for `idle_after` seconds, the
@@ -472,6 +473,9 @@ class Supervisor:
                 child.address._nudge(Passivate())
                 asked += 1
         return asked
+
+    def _moved_since(self, generation: int) -> bool:
+        return self._generation != generation
 
     def _deactivate(self, identity: str) -> None:
         """With the lock held: the child has no running instance any more."""

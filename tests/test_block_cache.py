@@ -207,27 +207,32 @@ def test_messages_appended_after_a_history_changed_behind_its_back_keep_their_or
 def test_reads_racing_edits_never_bring_back_an_older_value(
     group: tuple[str, str, str], store: Store
 ) -> None:
+    """Readers, one of them emptying the cache all along (so reads from the database race
+    the edits), never see a block go back, nor older than an edit that already returned."""
     primary, sleeptime, human = group
     stop = threading.Event()
-    seen: list[int] = []
+    returned = [0]  # the version of the last edit that returned
 
-    def read() -> None:
+    def read(forget: bool) -> int:
+        reads, newest = 0, 0
         while not stop.is_set():
             for agent in (primary, sleeptime):
-                seen.append(store.get_blocks(agent)["human"].version)
+                if forget:
+                    store._block_cache.clear()  # type: ignore[union-attr]
+                floor = returned[0]
+                version = store.get_blocks(agent)["human"].version
+                assert version >= floor, f"read {version} after edit {floor} returned"
+                assert version >= newest, f"went back from {newest} to {version}"
+                newest, reads = version, reads + 1
+        return reads
 
-    readers = [threading.Thread(target=read) for _ in range(4)]
-    for thread in readers:
-        thread.start()
-    try:
-        last = None
-        for n in range(30):
-            last = store.edit_block(human, lambda b, n=n: f"edit {n}")  # type: ignore[misc]
-            # Once an edit returned, every read shows it (or a later one).
-            assert store.get_blocks(sleeptime)["human"].version >= last.version
-    finally:
-        stop.set()
-        for thread in readers:
-            thread.join(30)
-    assert last is not None and store.get_blocks(primary)["human"] == last
-    assert max(seen) <= last.version
+    with ThreadPoolExecutor(4) as pool:
+        readers = [pool.submit(read, forget=n == 0) for n in range(4)]
+        try:
+            for n in range(30):
+                edited = store.edit_block(human, lambda b, n=n: f"edit {n}")  # type: ignore[misc]
+                returned[0] = edited.version
+        finally:
+            stop.set()
+        assert all(reader.result(timeout=30) > 0 for reader in readers)  # their asserts too
+    assert store.get_blocks(primary)["human"] == edited

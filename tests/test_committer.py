@@ -425,16 +425,19 @@ def test_a_writer_whose_connection_was_killed_reconnects_without_failing_a_write
     if backend != "postgresql":
         pytest.skip("killing a server backend is a PostgreSQL matter")
     (a,) = seed(committer, 1)
-    with engine.connect() as connection:
+
+    def backend_pid(connection: Connection) -> int:
+        return int(connection.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+    before = committer.submit(backend_pid).result(timeout=30)
+    with engine.connect() as connection:  # wait (up to 5 s) until that backend is gone
         killed = connection.execute(
-            text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        ).all()
-    assert killed  # the writer's held connection was among them
+            text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": before}
+        ).scalar_one()
+    assert killed is True
     committer.submit(move(a, "created", "running")).result(timeout=30)
     assert statuses(engine) == {a: "running"}
+    assert committer.submit(backend_pid).result(timeout=30) != before  # a new connection
 
 
 # A step of a mixed batch: ("move", item, old, new), or ("mark", item, remembered wrongly).

@@ -57,7 +57,10 @@ class Scripted:
                     if line.lower().startswith(b"content-length:")
                 )
                 while len(buffered) < length:
-                    buffered += peer.recv(65536)
+                    data = peer.recv(65536)
+                    if not data:
+                        return  # the client went away mid-request
+                    buffered += data
                 self.requests.append(head + b"\r\n\r\n" + buffered[:length])
                 buffered = buffered[length:]
                 peer.sendall(reply)

@@ -7,7 +7,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,11 +34,10 @@ def test_runtime_killed_with_sigkill_recovers_every_run(db_url: str, seed: int) 
         child.send_signal(signal.SIGKILL)
         child.wait(10)
 
-    started = time.monotonic()
     with Runtime.start(db_url) as rt:  # recovery re-queues what the dead process left open
         open_runs = rt.list_runs(statuses=[RunStatus.CREATED, RunStatus.RUNNING])
+        assert open_runs  # 15 ms agents behind ms-long turns: the kill always leaves some
         runs = rt.wait_for_runs([r.id for r in open_runs], timeout=60)
-        recovered_in = time.monotonic() - started
         assert all(r.status.terminal for r in runs)
         for run in runs:
             if run.status is RunStatus.FAILED:  # failed on purpose, or past max_attempts
@@ -50,4 +48,3 @@ def test_runtime_killed_with_sigkill_recovers_every_run(db_url: str, seed: int) 
         for group in rt.list_groups():  # every stored input is a counted turn
             inputs = [m for m in rt.list_messages(group.primary_agent_id) if m.role == "user"]
             assert len(inputs) == group.turns
-    assert recovered_in < 30

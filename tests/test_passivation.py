@@ -38,7 +38,7 @@ def test_an_idle_group_is_passivated_and_its_next_turn_starts_it_from_the_store(
         (run,) = rt.wait_for_runs(second.run_ids, timeout=30)
         assert run.status is RunStatus.COMPLETED and second.fired
         stored = rt.get_group(group.id)
-        assert (stored.turns, stored.counter) == (2, rt.get_group(group.id).counter)
+        assert (stored.turns, stored.counter) == (2, -1)  # frequency None: counter unused
         assert "teal" in rt.get_blocks(group.sleeptime_agent_ids[0])["human"].value
         assert rt.stats()["activations"] >= 2
         assert rt.check_invariants().ok
@@ -70,7 +70,6 @@ def test_settings_changed_while_passivated_reach_the_new_instances(db_url: str) 
         rt.wait_for_runs(rt.step(group.id, [user("one")]).run_ids, timeout=30)
         assert _settled(rt, groups=0, agents=0)
         rt.update_group(group.id, frequency=2)
-        assert _settled(rt, groups=1, agents=0)
         fired = [rt.step(group.id, [user(f"turn {i}")]).fired for i in range(4)]
         assert fired == [False, True, False, True]
 
