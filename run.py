@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import math
 import os
 import re
 import sys
@@ -28,7 +29,7 @@ import textwrap
 from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from pydantic import ValidationError
 
@@ -49,6 +50,8 @@ INSPECT_URL = "sqlite:///sleeptime.db"
 DEMO_WAIT_SECONDS = 30.0
 LLM_WAIT_SECONDS = 600.0  # a sleeptime run of a real model takes several model calls
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
+MAX_OFFERED_TURNS = 10_000_000
+N = TypeVar("N", int, float)
 
 # The demo's user turns. With frequency 2 the sleeptime agent reads turns 1, 2-3 and 4-5
 # after turns 1, 3 and 5, so the answers go "don't know" (3), "orange" (5, out of date:
@@ -638,6 +641,13 @@ def simulate(args: argparse.Namespace) -> int:
 
 def loadtest(args: argparse.Namespace) -> int:
     """The `loadtest` command: turns arrive at a rate for a duration, open loop."""
+    offered = args.rate * args.duration
+    if not 1 <= offered <= MAX_OFFERED_TURNS:
+        raise CommandError(
+            f"--rate {args.rate:g} for --duration {args.duration:g} s offers {offered:g} turns;"
+            f" a load test offers from 1 to {MAX_OFFERED_TURNS:,} (the arrival times are"
+            " drawn before the first turn)"
+        )
     check_outputs(args)
     quiet_expected_warnings(args)
     url = simulation_database(args)
@@ -778,59 +788,28 @@ def frequency_option(text: str) -> int | None:
     return value
 
 
-def positive_int(text: str) -> int:
-    """`--limit`: a whole number of 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
-    return value
+def _number(
+    convert: Callable[[str], N], accept: Callable[[N], bool], wanted: str
+) -> Callable[[str], N]:
+    """An argparse `type`: `convert` the text, refuse it unless `accept` holds."""
+
+    def parse(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """`--seed`: a whole number of 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 0 or more")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """`--latency-ms`, `--jitter-ms`: a finite number of 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of 0 or more")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """`--rate`, `--duration`, `--wait-timeout`: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
-    return value
-
-
-def fraction(text: str) -> float:
-    """`--failure-rate`, `--crash-rate`: a number from 0 to 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction from 0 to 1")
-    return value
+positive_int = _number(int, lambda v: v >= 1, "a whole number of 1 or more")
+non_negative_int = _number(int, lambda v: v >= 0, "a whole number of 0 or more")
+non_negative_float = _number(float, lambda v: 0 <= v < math.inf, "a number of 0 or more")
+positive_float = _number(float, lambda v: 0 < v < math.inf, "a number above 0")
+fraction = _number(float, lambda v: 0 <= v <= 1, "a fraction from 0 to 1")
 
 
 def add_logging_options(parser: argparse.ArgumentParser, default: object) -> None:

@@ -125,8 +125,8 @@ def measure_runtime(
     _latencies(result, done)
     writes_per_txn = stats["writes"] / max(1, stats["transactions"])
     result.notes.append(f"{writes_per_txn:.1f} writes/txn")
-    if stats.get("passivated"):
-        result.notes.append(f"{stats['passivated']:,} passivations")
+    if stats.get("passivations"):
+        result.notes.append(f"{stats['passivations']:,} passivations")
     if completed != len(runs):
         result.notes.append(f"only {completed}/{len(runs)} runs completed")
     result.notes.append("invariants ok" if report.ok else "INVARIANTS BROKEN")

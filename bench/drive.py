@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from loadsim import percentile
+
 K = TypeVar("K")
 R = TypeVar("R")
 
@@ -45,9 +47,7 @@ class Drive(Generic[R]):
         """The latency below which `percent` % of the calls returned, in milliseconds."""
         if not self.latencies:
             return None
-        ordered = sorted(self.latencies)
-        index = min(len(ordered) - 1, int(len(ordered) * percent / 100))
-        return 1000 * ordered[index]
+        return 1000 * percentile(sorted(self.latencies), percent)
 
 
 def drive(keys: Sequence[K], rounds: int, threads: int, call: Callable[[K], R]) -> Drive[R]:

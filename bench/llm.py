@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors import Runtime
 from bench.cases import CaseResult
+from loadsim import percentile
 from messages import MessageCreate, Run, RunStatus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,10 +77,7 @@ def process_cpu_s(pid: int) -> float | None:
 
 
 def percentile_ms(values: list[float], percent: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return 1000 * ordered[min(len(ordered) - 1, int(len(ordered) * percent / 100))]
+    return 1000 * percentile(sorted(values), percent) if values else None
 
 
 def _span(run: Run, since_start: bool = False) -> float | None:
@@ -135,6 +133,7 @@ def measure(db_url: str, groups: int, turns: int, delay_ms: float, workers: int)
         "groups": groups,
         "turns": total,
         "model_delay_ms": delay_ms,
+        "seconds_stepping": stepped,
         "turns_per_s": total / stepped,
         "turns_per_s_all_runs_done": total / finished,
         "runtime_cpu_ms_per_turn": 1000 * cpu / total,
@@ -157,7 +156,7 @@ def case(db_url: str, groups: int, turns: int, delay_ms: float, workers: int) ->
         case=f"llm ({figures['database']})",
         groups=groups,
         turns=total,
-        seconds=total / figures["turns_per_s"],
+        seconds=figures["seconds_stepping"],
         threads=groups,
         turns_per_s_all_runs_done=figures["turns_per_s_all_runs_done"],
         p50_ms=figures["turn_p50_ms"],
@@ -225,6 +224,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=32, help="the runtime's step threads")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
+    if args.groups < 1 or args.turns < 1 or args.workers < 1:
+        parser.error("--groups, --turns and --workers must be 1 or more")
+    if not 0 <= args.delay_ms <= 60_000:
+        parser.error("--delay-ms must be from 0 to 60000")
     with tempfile.TemporaryDirectory(prefix="sleeptime-bench-llm-") as tmp:
         url = args.db or f"sqlite:///{Path(tmp) / 'llm.db'}"
         figures = measure(url, args.groups, args.turns, args.delay_ms, args.workers)

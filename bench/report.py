@@ -192,7 +192,7 @@ def scale_lines(scale: dict[str, Any] | None) -> list[str]:
     if "failed" in scale:
         lines.append(f"  failed: {scale['failed']}")
     shown = [
-        ("peak RSS (ru_maxrss)", "peak_rss_mb", "MB"),
+        ("peak RSS (VmHWM)", "peak_rss_mb", "MB"),
         ("RSS after creating the groups", "rss_after_create_mb", "MB"),
         ("peak threads (/proc Threads)", "peak_os_threads", ""),
         ("peak threads (threading)", "peak_python_threads", ""),

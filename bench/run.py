@@ -20,7 +20,6 @@ synchronous=FULL, as the runtime); the runtime runs on a new SQLite file per cas
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -40,7 +39,6 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actors import Runtime
 from bench import llm, report
 from bench.cases import (
     CaseResult,
@@ -161,11 +159,6 @@ def _environment(work: Path) -> dict[str, Any]:
     }
 
 
-def _accepts(option: str) -> bool:
-    """Whether this runtime's `Runtime.start` takes `option` (it grows over time)."""
-    return option in inspect.signature(Runtime.start).parameters
-
-
 def _runtime_url(db: str | None, work: Path, name: str) -> str:
     return db or f"sqlite:///{work / f'{name}.db'}"
 
@@ -205,9 +198,7 @@ def run_cases(
             plan.threads,
             plan.workers,
         )
-    if "runtime_1000_uncapped" in wanted and not _accepts("max_active_groups"):
-        announce("skipped: runtime_1000_uncapped (Runtime.start has no max_active_groups)")
-    elif "runtime_1000_uncapped" in wanted:
+    if "runtime_1000_uncapped" in wanted:
         announce("runtime, 1,000 groups, max_active_groups above 1,000")
         cases["runtime_1000_uncapped"] = measure_runtime(
             "runtime, no passivation",
@@ -301,8 +292,9 @@ def render(
     """The whole printed report."""
     lines = [
         "sleeptime-runtime benchmark" + (" (--quick)" if quick else ""),
-        "zero-latency simulated agents, 1 sleeptime agent per group, frequency 1; runtime on "
-        + ("the --db database" if db else "SQLite")
+        "zero-latency simulated agents (case llm: openai agents on a fake model server "
+        f"answering in {llm.DELAY_MS:g} ms), 1 sleeptime agent per group, frequency 1; runtime "
+        + ("on the --db database (one database for every case)" if db else "on SQLite")
         + "; naive and limit on SQLite (WAL, synchronous=FULL)",
         "",
         report.table(list(cases.values())),
@@ -361,7 +353,9 @@ def main() -> int:
             "sleeptime_agents_per_group": 1,
             "frequency": 1,
             "agent_latency_ms": 0,
-            "sqlite": "journal_mode=WAL, synchronous=FULL (runtime, naive and limit)",
+            "llm_case_model_delay_ms": llm.DELAY_MS,
+            "sqlite": "journal_mode=WAL, synchronous=FULL (naive, limit, and the runtime "
+            "unless --db)",
         },
         "environment": environment,
         "cases": {name: case.to_json() for name, case in cases.items()},

@@ -13,7 +13,6 @@ parent runs it with a timeout and turns any failure into "failed: <reason>".
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 from actors import Runtime
 from bench.cases import MESSAGE, SIMULATED
 from bench.drive import drive
+from loadsim import peak_rss_mb
 
 SAMPLE_EVERY_S = 0.1
 
@@ -42,11 +42,6 @@ def _proc_status() -> dict[str, int]:
     except OSError:
         pass
     return found
-
-
-def peak_rss_mb() -> float:
-    # ru_maxrss is in kilobytes on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class Sampler:

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors import Runtime
+from loadsim import percentile
 from messages import MessageCreate, RunStatus
 
 SIMULATED = {"kind": "simulated", "config": {"latency_ms": 0, "seed": 1}}
@@ -67,8 +68,8 @@ def measure(groups: int, turns_per_group: int, url: str) -> dict[str, float]:
         "turns": turns,
         "turns_per_s": turns / stepped,
         "turns_per_s_all_runs_done": turns / finished,
-        "turn_p50_ms": 1000 * latencies[len(latencies) // 2],
-        "turn_p99_ms": 1000 * latencies[int(len(latencies) * 0.99)],
+        "turn_p50_ms": 1000 * percentile(latencies, 50),
+        "turn_p99_ms": 1000 * percentile(latencies, 99),
         "writes_per_transaction": stats["writes"] / max(1, stats["transactions"]),
     }
 
@@ -81,8 +82,10 @@ def main() -> None:
     args = parser.parse_args()
     single, many = (300, 10) if args.quick else (2000, 40)
     with tempfile.TemporaryDirectory() as tmp:
-        url = args.db or f"sqlite:///{Path(tmp) / 'bench.db'}"
-        rows = [measure(1, single, url), measure(100, many, url)]
+        rows = [
+            measure(groups, turns, args.db or f"sqlite:///{Path(tmp) / f'bench-{groups}.db'}")
+            for groups, turns in ((1, single), (100, many))
+        ]
     header = ["groups", "turns", "turns/s", "turns/s (runs done)", "p50 ms", "p99 ms", "writes/txn"]
     print(" | ".join(f"{h:>19}" for h in header))
     for row in rows:

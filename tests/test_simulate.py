@@ -208,6 +208,14 @@ def test_unusable_database_or_report_path_is_one_line_and_exit_2(
     assert "missing-dir" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("rate", "duration"), [("0.01", "5"), ("1e9", "1e6")])
+def test_a_loadtest_offering_no_turn_or_too_many_is_refused_before_it_starts(
+    rate: str, duration: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run.main(["loadtest", "--rate", rate, "--duration", duration]) == 2
+    assert "a load test offers from 1 to 10,000,000" in capsys.readouterr().err
+
+
 # -- loadtest ------------------------------------------------------------------------------
 
 
