@@ -377,7 +377,7 @@ class Sampler:
     def count_pending(self) -> None:
         """Count the runs not yet terminal (all the database's: a fresh one holds only ours)."""
         try:
-            self.pending = len(self._rt.list_runs(statuses=list(_OPEN)))
+            self.pending = self._rt.count_runs(statuses=list(_OPEN))
         except Exception:
             return  # a sample is not worth failing the simulation for; the next one may do
         self._seen.note_pending(self.pending)

@@ -589,6 +589,17 @@ class Runtime:
             newest_first=newest_first,
         )
 
+    def count_runs(
+        self,
+        agent_id: str | None = None,
+        group_id: str | None = None,
+        statuses: Sequence[RunStatus | str] | None = None,
+    ) -> int:
+        """How many runs `list_runs` would return with these filters, without loading them."""
+        self._check()
+        wanted = None if statuses is None else _STATUSES.validate_python(list(statuses))
+        return self._store.count_runs(agent_id=agent_id, group_id=group_id, statuses=wanted)
+
     def run_events(self, run_id: str) -> list[RunEvent]:
         """Every status change of the run, oldest first."""
         self._check()

@@ -601,18 +601,26 @@ class Store:
         newest_first: bool = False,
     ) -> list[Run]:
         """Runs oldest first (or newest first), filtered by agent, group and status."""
-        statement = select(runs)
-        if agent_id is not None:
-            statement = statement.where(runs.c.agent_id == agent_id)
-        if group_id is not None:
-            statement = statement.where(runs.c.group_id == group_id)
-        if statuses is not None:
-            statement = statement.where(runs.c.status.in_([RunStatus(s).value for s in statuses]))
+        statement = select(runs).where(*_run_filters(agent_id, group_id, statuses))
         order = [runs.c.created_at, runs.c.turn, runs.c.position]
         statement = statement.order_by(*(c.desc() for c in order) if newest_first else order)
         if limit is not None:
             statement = statement.limit(limit)
         return self._read(lambda c: [_run(r) for r in c.execute(statement).mappings()])
+
+    def count_runs(
+        self,
+        agent_id: str | None = None,
+        group_id: str | None = None,
+        statuses: Sequence[RunStatus | str] | None = None,
+    ) -> int:
+        """How many runs `list_runs` would return with these filters (no limit)."""
+        statement = (
+            select(func.count())
+            .select_from(runs)
+            .where(*_run_filters(agent_id, group_id, statuses))
+        )
+        return int(self._read(lambda c: c.execute(statement).scalar_one()))
 
     def open_runs(self) -> list[Run]:
         """Every run not yet terminal, per agent in creation order."""
@@ -662,6 +670,19 @@ class Store:
             ]
 
         return self._read(query)
+
+
+def _run_filters(
+    agent_id: str | None, group_id: str | None, statuses: Sequence[RunStatus | str] | None
+) -> list[Any]:
+    found: list[Any] = []
+    if agent_id is not None:
+        found.append(runs.c.agent_id == agent_id)
+    if group_id is not None:
+        found.append(runs.c.group_id == group_id)
+    if statuses is not None:
+        found.append(runs.c.status.in_([RunStatus(s).value for s in statuses]))
+    return found
 
 
 # -- rows <-> models ----------------------------------------------------------------------

@@ -130,6 +130,12 @@ BAD_CALLS: list[tuple[str, Callable[[Runtime, str], object], type[Exception], st
         "sleeping",
     ),
     (
+        "unknown status, count",
+        lambda rt, g: rt.count_runs(statuses=["sleeping"]),
+        ValidationError,
+        "sleeping",
+    ),
+    (
         "unknown agent, blocks",
         lambda rt, g: rt.get_blocks("agent-nope"),
         AgentNotFound,

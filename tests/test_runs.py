@@ -210,6 +210,12 @@ def test_list_runs_filters_by_agent_group_and_status(rt: Runtime) -> None:
     assert [r.id for r in rt.list_runs(group_id=group_id, statuses=["failed"])] == [ids[1]]
     assert len(rt.list_runs(statuses=[RunStatus.COMPLETED])) == 3
     assert len(rt.list_runs()) == 4
+    # count_runs counts what list_runs lists, without loading it
+    assert rt.count_runs(agent_id=agent_id) == 3
+    assert rt.count_runs(group_id=group_id, statuses=["failed"]) == 1
+    assert rt.count_runs(statuses=[RunStatus.COMPLETED]) == 3
+    assert rt.count_runs(statuses=[RunStatus.CREATED, RunStatus.RUNNING]) == 0
+    assert rt.count_runs() == 4
 
 
 class _FailsAfterATool:
@@ -260,7 +266,7 @@ def test_a_handed_over_window_is_the_stored_window(
         else:
             run_ids += rt.step(group_id, said).run_ids
     runs = rt.wait_for_runs(run_ids, timeout=30)
-    assert len(runs) >= 3 and all(r.status is RunStatus.COMPLETED for r in runs)
+    assert len(runs) == 4 and all(r.status is RunStatus.COMPLETED for r in runs)  # 1, 3, 5, 7
     stored = {m.id: m for m in rt.list_messages(group.primary_agent_id)}
     for run, seen in zip(runs, recorder.transcripts, strict=True):
         window = [
