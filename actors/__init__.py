@@ -35,6 +35,7 @@ from messages import (
     GroupFailed,
     GroupNotFound,
     NotFoundError,
+    OwnershipLost,
     PrimaryAgentError,
     ReadOnlyRuntime,
     RunNotFound,
@@ -45,6 +46,7 @@ from messages import (
     StoreRejected,
     StoreUnavailable,
     TransitionRefused,
+    TurnTimeout,
     UnknownAgentKind,
 )
 
@@ -66,6 +68,7 @@ __all__ = [
     "InvariantReport",
     "Memory",
     "NotFoundError",
+    "OwnershipLost",
     "PrimaryAgentError",
     "ReadOnlyRuntime",
     "RestartPolicy",
@@ -84,6 +87,7 @@ __all__ = [
     "ToolResult",
     "TransitionRefused",
     "TurnStream",
+    "TurnTimeout",
     "UnknownAgentKind",
     "configure_logging",
     "decide_fire",

@@ -46,6 +46,7 @@ from messages._errors import (
     GroupFailed,
     GroupNotFound,
     NotFoundError,
+    OwnershipLost,
     PrimaryAgentError,
     ReadOnlyRuntime,
     RunNotFound,
@@ -56,6 +57,7 @@ from messages._errors import (
     StoreRejected,
     StoreUnavailable,
     TransitionRefused,
+    TurnTimeout,
     UnknownAgentKind,
 )
 from messages._groups import (
@@ -120,6 +122,7 @@ __all__ = [
     "Message",
     "MessageCreate",
     "NotFoundError",
+    "OwnershipLost",
     "PrimaryAgentError",
     "ReadOnlyRuntime",
     "ReasoningContent",
@@ -149,6 +152,7 @@ __all__ = [
     "TransitionRefused",
     "TurnMode",
     "TurnResult",
+    "TurnTimeout",
     "UnknownAgentKind",
     "WatchRuns",
     "check_label",

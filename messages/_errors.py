@@ -124,6 +124,35 @@ class DatabaseInUse(SleeptimeError):
         )
 
 
+class OwnershipLost(SleeptimeError):
+    """This runtime found its database owned by another one, and stopped writing to it.
+
+    Raised by every call that would write once the runtime lost its ownership (for
+    example its PostgreSQL lock died with a server restart and another runtime took it).
+    Stop this runtime; the owner recovers its open runs.
+    """
+
+    def __init__(self, url: str, detail: str) -> None:
+        self.url = url
+        super().__init__(
+            f"this runtime no longer owns database {url} and has stopped writing to it: "
+            f"{detail}; stop it (another runtime owns the database now)"
+        )
+
+
+class TurnTimeout(SleeptimeError, TimeoutError):
+    """A turn's caller stopped waiting after `timeout` seconds; the turn itself still
+    completes and is recorded (read it back with `list_messages` or `get_group`)."""
+
+    def __init__(self, group_id: str, timeout: float) -> None:
+        self.group_id = group_id
+        self.timeout = timeout
+        super().__init__(
+            f"the turn on group {group_id} did not end within {timeout:g}s; it still "
+            "completes and is recorded: read the group back to see it"
+        )
+
+
 class SchemaMismatch(SleeptimeError):
     """The database's schema is not the one this code uses."""
 
