@@ -16,6 +16,7 @@ from messages import (
     Run,
     StepDone,
     StopReason,
+    StoreUnavailable,
     TextContent,
     new_id,
 )
@@ -82,10 +83,16 @@ def execute_run(
 ) -> StepDone:
     """Build the transcript of the run's window, step the agent, and report the outcome.
 
-    Never raises: whatever goes wrong ends up as the run's error text.
+    Never raises: whatever goes wrong, even a `SystemExit` from the agent's code, ends up
+    as the run's error text.
     """
     try:
         started.result()  # the run is durably `running` before any of its work
+        if window is None:
+            window = store.window(group.primary_agent_id, run.window_first_seq, run.window_last_seq)
+    except StoreUnavailable as error:
+        # An outage of the store is not the agent's failure: the run is queued again.
+        return _not_started(run, attempt, f"the store was unavailable at the start: {error}")
     except Exception as error:
         return StepDone(
             run_id=run.id,
@@ -96,8 +103,6 @@ def execute_run(
         )
     messages: list[Message] = []
     try:
-        if window is None:
-            window = store.window(group.primary_agent_id, run.window_first_seq, run.window_last_seq)
         text = render_transcript(window, group.preamble, group.transcript_max_messages)
         transcript = stamp(
             MessageCreate(role="user", content=[TextContent(text=text)]),
@@ -131,7 +136,7 @@ def execute_run(
                 error=str(failure),
             )
         messages.extend(_stamp_all(produced, run, group.id, first_seq))
-    except Exception as error:
+    except BaseException as error:  # agent code: even SystemExit fails only this run
         return StepDone(
             run_id=run.id,
             attempt=attempt,
@@ -140,6 +145,17 @@ def execute_run(
             error=f"{type(error).__name__}: {error}",
         )
     return StepDone(run_id=run.id, attempt=attempt, messages=messages, stop_reason=stop_reason)
+
+
+def _not_started(run: Run, attempt: int, error: str) -> StepDone:
+    return StepDone(
+        run_id=run.id,
+        attempt=attempt,
+        messages=[],
+        stop_reason=StopReason.ERROR,
+        error=error,
+        started=False,
+    )
 
 
 def _stamp_all(

@@ -28,7 +28,7 @@ from actors._supervision import (
 )
 from actors.group import GroupActor
 from actors.kinds._base import AgentKinds
-from actors.sleeptime_agent import AgentSnapshot, SleeptimeAgentActor
+from actors.sleeptime_agent import AgentSnapshot, SleeptimeAgentActor, StepsInFlight
 from actors.tracker import CancelFlags, RunTrackerActor, RunWaiters
 from messages import AgentNotFound, FailGroupRuns, GroupFailed, RuntimeStopped
 from persistence import GroupState, Store
@@ -51,6 +51,7 @@ class RuntimeParts:
     chaos: Chaos | None = None
     waiters: RunWaiters = field(default_factory=RunWaiters)
     flags: CancelFlags = field(default_factory=CancelFlags)
+    steps: StepsInFlight = field(default_factory=StepsInFlight)
     supervisor: Supervisor = field(init=False)
     tracker: Address = field(init=False)
     directory: ActorDirectory = field(init=False)

@@ -1,7 +1,9 @@
 """A bounded pool of daemon threads on which agents step (never a thread per run).
 
-A step that overran its deadline can be abandoned: its thread is written off and a fresh
-one takes its place, so a hung agent never shrinks the pool.
+A step that overran its deadline can be abandoned: a fresh thread takes its place at
+once, so a hung agent never shrinks the pool, and the pool is one thread over its size
+until some step returns, whereupon one thread leaves. So the pool holds `workers` threads
+plus one per abandoned step that really has not returned yet, never more.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class StepPool:
         )
         self._lock = threading.Lock()
         self._threads = 0
+        self._excess = 0  # threads started for abandoned steps, to leave once a step returns
         self._closed = False
         self.abandoned = 0
         for _ in range(workers):
@@ -49,13 +52,18 @@ class StepPool:
         return future
 
     def abandon(self, future: Future[Any]) -> None:
-        """Write off the thread running `future` (if it still runs) and start a new one."""
+        """Start a thread to stand in for the one running `future`, if it still runs.
+
+        The first thread to finish a step afterwards leaves the pool (the abandoned one,
+        or another if the abandoned step is still hung), so abandoning a step that then
+        returns at once costs no thread for good."""
         if future.done():
             return
         with self._lock:
             if self._closed:
                 return
             self.abandoned += 1
+            self._excess += 1
         self._spawn()
 
     def close(self) -> None:
@@ -86,3 +94,9 @@ class StepPool:
                 future.set_result(fn())
             except BaseException as error:
                 future.set_exception(error)
+            del fn, future, item  # a leaving thread keeps nothing of its last step alive
+            with self._lock:
+                if self._excess > 0:
+                    self._excess -= 1
+                    self._threads -= 1
+                    return

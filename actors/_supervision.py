@@ -29,7 +29,7 @@ import structlog
 from pykka.messages import _ActorStop
 
 from actors._scheduler import Scheduler
-from messages import SleeptimeError
+from messages import SleeptimeError, reject, resolve
 
 log = structlog.get_logger("sleeptime.supervisor")
 
@@ -39,6 +39,22 @@ NUDGE_EVERY_S = 0.5
 
 class InjectedCrash(Exception):  # the name says what it is
     """A crash injected by the chaos setting, to prove recovery works."""
+
+
+class ActorRaised(Exception):
+    """An actor's code raised a BaseException that is no Exception (`SystemExit`, say).
+
+    pykka answers those by stopping every actor of the process; here it is one actor's
+    crash like any other, restarted by its supervisor."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        super().__init__(f"{type(error).__name__}: {error}")
+
+
+def contained(error: BaseException) -> Exception:
+    """`error` as an Exception that fails only the actor, turn or run that raised it."""
+    return error if isinstance(error, Exception) else ActorRaised(error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,8 +276,8 @@ class Address:
 
 def _refuse(message: Any, refusal: Exception) -> None:
     reply = getattr(message, "reply", None)
-    if isinstance(reply, Future) and not reply.done():
-        reply.set_exception(refusal)
+    if isinstance(reply, Future):
+        reject(reply, refusal)
 
 
 class CrashReporter:
@@ -629,11 +645,21 @@ class SupervisedActor(pykka.ThreadingActor):
     def on_start(self) -> None:
         try:
             self.started()
-        except Exception as error:
-            self._report(error)
-            raise
+        except BaseException as error:
+            failure = contained(error)
+            self._report(failure)
+            raise failure from error
 
     def on_receive(self, message: Any) -> Any:
+        try:
+            return self._on_receive(message)
+        except BaseException as error:
+            if isinstance(error, Exception):
+                raise
+            # pykka would stop every actor of the process: make it this actor's crash.
+            raise ActorRaised(error) from error
+
+    def _on_receive(self, message: Any) -> Any:
         if isinstance(message, Passivate):
             if (
                 self._reporter is not None
@@ -650,12 +676,10 @@ class SupervisedActor(pykka.ThreadingActor):
             return self.receive(message)
         try:
             outcome = self.receive(message)
-        except Exception as error:
-            if not reply.done():
-                reply.set_exception(error)
+        except BaseException as error:
+            reject(reply, contained(error))
         else:
-            if not reply.done():
-                reply.set_result(outcome)
+            resolve(reply, outcome)
         return None
 
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:

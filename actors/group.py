@@ -92,11 +92,11 @@ class GroupActor(SupervisedActor):
     def receive(self, message: Any) -> Any:
         match message:
             case TakeTurn():
+                sink = _Sink(message.sink, self._log)
                 try:
-                    return self._turn(message)
+                    return self._turn(message, sink)
                 finally:
-                    if message.sink is not None:
-                        message.sink.put(None)
+                    sink.offer(None)
             case ChangeSettings(changes=changes):
                 return self._change(changes)
             case DispatchRuns(runs=runs, attempt=attempt):
@@ -126,7 +126,7 @@ class GroupActor(SupervisedActor):
 
     # -- turns ----------------------------------------------------------------------------
 
-    def _turn(self, command: TakeTurn) -> TurnResult:
+    def _turn(self, command: TakeTurn, sink: _Sink) -> TurnResult:
         if self._stale:
             self._reload()  # raises StoreUnavailable while the store is still away
         group = self._group
@@ -138,7 +138,7 @@ class GroupActor(SupervisedActor):
         for create in command.input:
             seq += 1
             stored.append(self._stamp(create, seq, turn))
-        error: Exception | None = None
+        error: BaseException | None = None
         if command.mode == "record":
             output = [m for m in stored if m.role != "user"]
         else:
@@ -149,9 +149,8 @@ class GroupActor(SupervisedActor):
                     seq += 1
                     message = self._stamp(create, seq, turn)
                     output.append(message)
-                    if command.sink is not None:
-                        command.sink.put(message)
-            except Exception as failure:
+                    sink.offer(message)
+            except BaseException as failure:  # agent code: even SystemExit fails only this turn
                 error = failure
         decision = decide_fire(group.frequency, group.counter)
         recorded = stored if command.mode == "record" else stored + output
@@ -327,3 +326,26 @@ class GroupActor(SupervisedActor):
         for agent_id in self._group.sleeptime_agent_ids:
             self._parts.directory.tell_if_alive(agent_id, GroupChanged(group=self._group))
         return self._group
+
+
+class _Sink:
+    """Where a streamed turn's messages go, as its consumer gave it.
+
+    What the consumer does can never change the turn: a sink that raises (its event loop
+    closed, say) is logged once and dropped, and the turn goes on and is recorded.
+    """
+
+    __slots__ = ("_log", "_target")
+
+    def __init__(self, target: Any, logger: Any) -> None:
+        self._target = target
+        self._log = logger
+
+    def offer(self, item: Message | None) -> None:
+        if self._target is None:
+            return
+        try:
+            self._target.put(item)
+        except Exception as error:
+            self._target = None
+            self._log.warning("stream_consumer_dropped", error=repr(error))

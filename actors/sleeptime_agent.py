@@ -4,11 +4,18 @@ Runs start in creation order; the next starts only when the current one has ende
 (completed, failed, cancelled and returned, or timed out), so two runs of one agent
 never overlap. Steps execute on the shared step pool, so this actor stays free to take
 deadlines and new runs while its agent works. A new incarnation takes its queue from the
-tracker, which re-queues the run the previous one was running.
+tracker, which re-queues the run the previous one was running; it starts nothing while a
+step started by an earlier incarnation still executes (`StepsInFlight`), unless that step
+is past its run's timeout, which is logged as `step_overlaps_timed_out_step`.
+
+A run whose start met a store outage never reached its agent: it goes back to the head
+of the queue and is started again, with a growing delay, once the store answers.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -35,6 +42,7 @@ from messages import (
     Run,
     RunDeadline,
     RunStatus,
+    StartAborted,
     StartDecision,
     StartRun,
     StepDone,
@@ -46,6 +54,44 @@ if TYPE_CHECKING:
     from actors._parts import RuntimeParts
 
 log = structlog.get_logger("sleeptime.agent")
+
+START_RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
+"""Seconds before starting again a run whose start met a store outage (then 2 s each)."""
+
+
+class StepsInFlight:
+    """The step each sleeptime agent has executing, whatever incarnation of its actor
+    started it, and when that step's run times out (a `time.monotonic()` value).
+
+    It outlives the actors: a new incarnation waits for the step of the one that crashed,
+    so an agent that ignores cancellation never runs two steps at once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._steps: dict[str, tuple[Future[StepDone], float]] = {}
+
+    def track(self, agent_id: str, step: Future[StepDone], deadline: float) -> None:
+        """Follow `step` until it returns (call before adding any other callback to it)."""
+        with self._lock:
+            self._steps[agent_id] = (step, deadline)
+        step.add_done_callback(partial(self._returned, agent_id))
+
+    def executing(self, agent_id: str) -> tuple[Future[StepDone], float] | None:
+        """The agent's step still executing, with its deadline; None if there is none."""
+        with self._lock:
+            return self._steps.get(agent_id)
+
+    def _returned(self, agent_id: str, step: Future[StepDone]) -> None:
+        with self._lock:
+            if self._steps.get(agent_id, (None, 0.0))[0] is step:
+                del self._steps[agent_id]
+
+
+class _EarlierStepEnded:
+    """Told to an agent whose next start waits for an earlier step: look again."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +105,16 @@ class AgentSnapshot:
 
 @dataclass(slots=True)
 class _Current:
-    run_id: str
+    run: Run
+    window: list[Message] | None
     attempt: int
     decision: StartDecision
     future: Future[StepDone]
     deadline: Timer
+
+    @property
+    def run_id(self) -> str:
+        return self.run.id
 
 
 class SleeptimeAgentActor(SupervisedActor):
@@ -91,6 +142,9 @@ class SleeptimeAgentActor(SupervisedActor):
         self._queued: set[str] = set()
         self._windows: dict[str, list[Message]] = {}  # run id -> window handed over with it
         self._current: _Current | None = None
+        self._start_failures = 0  # starts in a row that met a store outage
+        self._hold_until = 0.0  # no start before this time.monotonic() value
+        self._awaited: Future[StepDone] | None = None  # an earlier step we wait for
         self._behaviour: AgentBehaviour | None = None
         self._build_error: str | None = None
         chaos = parts.chaos
@@ -132,6 +186,8 @@ class SleeptimeAgentActor(SupervisedActor):
             case KindRegistered(kind=kind):
                 if kind == self._agent.kind:
                     self._behaviour, self._build_error = None, None
+            case _EarlierStepEnded():
+                pass  # the pump below looks again
             case _:
                 raise TypeError(f"a sleeptime agent does not handle {type(message).__name__}")
         self._pump()
@@ -147,16 +203,19 @@ class SleeptimeAgentActor(SupervisedActor):
     def snapshot(self) -> AgentSnapshot:
         return AgentSnapshot(group=self._group, next_seq=self._next_seq)
 
-    def _enqueue(self, run: Run, window: list[Message] | None = None) -> None:
+    def _enqueue(self, run: Run, window: list[Message] | None = None, first: bool = False) -> None:
         if run.id not in self._queued and (self._current is None or self._current.run_id != run.id):
-            self._queue.append(run)
+            if first:
+                self._queue.appendleft(run)
+            else:
+                self._queue.append(run)
             self._queued.add(run.id)
             if window is not None:
                 self._windows[run.id] = window
 
     def _pump(self) -> None:
         while self._current is None and self._queue:
-            if not self._ready():
+            if not self._ready() or self._held() or self._earlier_step_executing():
                 return
             run = self._queue.popleft()
             self._queued.discard(run.id)
@@ -164,6 +223,41 @@ class SleeptimeAgentActor(SupervisedActor):
             decision: StartDecision = self._parts.tracker.ask(StartRun(run_id=run.id))
             if decision.started:
                 self._begin(run, decision, window)
+            elif decision.retry:  # the store is away: this run first, once it is back
+                self._enqueue(run, window, first=True)
+                self._hold(decision.reason)
+
+    def _held(self) -> bool:
+        return time.monotonic() < self._hold_until
+
+    def _hold(self, reason: str | None) -> None:
+        """Start nothing for a while: the store was unavailable at the last start."""
+        delay = START_RETRY_DELAYS[min(self._start_failures, len(START_RETRY_DELAYS) - 1)]
+        self._start_failures += 1
+        self._hold_until = time.monotonic() + delay
+        self._parts.scheduler.call_later(delay, partial(self._address.tell, _EarlierStepEnded()))
+        self._log.warning("run_start_postponed", delay_s=delay, error=reason)
+
+    def _earlier_step_executing(self) -> bool:
+        """Whether a step of this agent still executes (started by an earlier incarnation,
+        or abandoned at its timeout); we then wait for it, up to its run's deadline."""
+        earlier = self._parts.steps.executing(self._agent.id)
+        if earlier is None:
+            return False
+        step, deadline = earlier
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if self._awaited is not step:
+                self._awaited = step
+                self._log.warning("step_overlaps_timed_out_step")
+            return False
+        if self._awaited is not step:
+            self._awaited = step
+            address = self._address
+            step.add_done_callback(lambda _: address.tell(_EarlierStepEnded()))
+            self._parts.scheduler.call_later(remaining, partial(address.tell, _EarlierStepEnded()))
+            self._log.info("waiting_for_earlier_step", timeout_in_s=round(remaining, 3))
+        return True
 
     def _ready(self) -> bool:
         """Build the agent if needed; False while its kind is not registered."""
@@ -209,11 +303,12 @@ class SleeptimeAgentActor(SupervisedActor):
             < (self._parts.chaos.failure_rate if self._parts.chaos else 0.0),
         )
         future = self._parts.pool.submit(job)
+        timeout = self._group.run_timeout
+        self._parts.steps.track(self._agent.id, future, time.monotonic() + timeout)
         deadline = self._parts.scheduler.call_later(
-            self._group.run_timeout,
-            partial(address.tell, RunDeadline(run_id=run.id, attempt=decision.attempt)),
+            timeout, partial(address.tell, RunDeadline(run_id=run.id, attempt=decision.attempt))
         )
-        self._current = _Current(run.id, decision.attempt, decision, future, deadline)
+        self._current = _Current(run, window, decision.attempt, decision, future, deadline)
         future.add_done_callback(partial(_report, address, run.id, decision.attempt))
         self._log.debug("run_started", run_id=run.id, attempt=decision.attempt)
 
@@ -224,6 +319,12 @@ class SleeptimeAgentActor(SupervisedActor):
             return
         current.deadline.cancel()
         self._current = None
+        if not done.started:
+            self._parts.tracker.tell(StartAborted(run_id=done.run_id, attempt=done.attempt))
+            self._enqueue(current.run, current.window, first=True)
+            self._hold(done.error)
+            return
+        self._start_failures = 0
         if done.messages:
             self._next_seq = max(self._next_seq, done.messages[-1].sequence + 1)
         status = RunStatus.FAILED if done.error is not None else RunStatus.COMPLETED

@@ -29,6 +29,7 @@ from messages import (
     RunNotFound,
     RunsCreated,
     RunStatus,
+    StartAborted,
     StartDecision,
     StartRun,
     StopReason,
@@ -38,6 +39,7 @@ from messages import (
     TransitionRefused,
     WatchRuns,
     check_transition,
+    resolve,
 )
 from persistence import Store, Transition, utcnow
 
@@ -63,8 +65,7 @@ class RunWaiters:
         with self._lock:
             futures = self._waiting.pop(run_id, [])
         for future in futures:
-            if not future.done():
-                future.set_result(None)
+            resolve(future, None)
 
     def run_ids(self) -> list[str]:
         with self._lock:
@@ -109,6 +110,9 @@ class _Open:
     pending: Transition | None = None
     settled: Future[None] | None = None
     retries: int = 0
+    unsure: bool = False
+    """A start was aborted by a store outage: whether it landed is read back before the
+    next start."""
 
 
 class RunTrackerActor(SupervisedActor):
@@ -151,6 +155,8 @@ class RunTrackerActor(SupervisedActor):
                     self._open.setdefault(run.id, _Open(run, run.status, run.attempt))
             case StartRun(run_id=run_id):
                 return self._start(run_id)
+            case StartAborted(run_id=run_id, attempt=attempt):
+                self._start_aborted(run_id, attempt)
             case FinishRun():
                 self._finish(message)
             case CancelRun(run_id=run_id):
@@ -177,6 +183,11 @@ class RunTrackerActor(SupervisedActor):
 
     def _start(self, run_id: str) -> StartDecision:
         run = self._open.get(run_id)
+        if run is not None and run.unsure:
+            try:
+                self._settle_aborted_start(run)
+            except StoreUnavailable as error:
+                return StartDecision(started=False, retry=True, reason=str(error))
         if run is None or run.status is not RunStatus.CREATED:
             status = "unknown" if run is None else run.status.value
             log.debug("start_refused", run_id=run_id, status=status)
@@ -184,6 +195,25 @@ class RunTrackerActor(SupervisedActor):
         flag = self._flags.new_attempt(run_id)
         committed = self._write(run_id, run, RunStatus.RUNNING, reason="started")
         return StartDecision(started=True, attempt=run.attempt, cancel=flag, committed=committed)
+
+    def _start_aborted(self, run_id: str, attempt: int) -> None:
+        """The agent never stepped the run (the store was unavailable): queued again."""
+        found = self._open.get(run_id)
+        if found is None or found.attempt != attempt or found.status is not RunStatus.RUNNING:
+            return  # cancelled, failed or re-queued meanwhile: that change stands
+        self._flags.forget(run_id)
+        found.status, found.unsure = RunStatus.CREATED, True
+        log.info("run_start_aborted", run_id=run_id, attempt=attempt)
+
+    def _settle_aborted_start(self, run: _Open) -> None:
+        """Read back whether an aborted start landed; if it did, the run was interrupted."""
+        stored = self._store.get_run(run.run.id)
+        run.unsure = False
+        if stored.status is RunStatus.RUNNING and stored.attempt == run.attempt:
+            run.status = RunStatus.RUNNING
+            self._interrupt(run)  # re-queued (attempt + 1), or failed past max_attempts
+        elif stored.status is not RunStatus.CREATED:
+            self._resync(run.run.id, run)
 
     def _finish(self, finish: FinishRun) -> None:
         run = self._open.get(finish.run_id)

@@ -20,6 +20,7 @@ from messages._commands import (
     RetryTransition,
     RunDeadline,
     RunsCreated,
+    StartAborted,
     StartDecision,
     StartRun,
     StepDone,
@@ -60,6 +61,7 @@ from messages._errors import (
     TurnTimeout,
     UnknownAgentKind,
 )
+from messages._futures import reject, resolve
 from messages._groups import (
     DEFAULT_BLOCK_LIMIT,
     DEFAULT_MAX_ATTEMPTS,
@@ -138,6 +140,7 @@ __all__ = [
     "RuntimeStopped",
     "SchemaMismatch",
     "SleeptimeError",
+    "StartAborted",
     "StartDecision",
     "StartRun",
     "StepDone",
@@ -159,4 +162,6 @@ __all__ = [
     "check_transition",
     "is_legal_history",
     "new_id",
+    "reject",
+    "resolve",
 ]

@@ -3,10 +3,9 @@ another actor's state, only values (and, where a caller waits, a queue or an eve
 
 from __future__ import annotations
 
-import queue
 import threading
 from concurrent.futures import Future
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,12 +27,19 @@ def _reply() -> Future[Any]:
 # -- to a GroupActor ------------------------------------------------------------------
 
 
+@runtime_checkable
+class MessageSink(Protocol):
+    """Where a streamed turn puts its messages as they come, then `None` at the end."""
+
+    def put(self, item: Message | None, /) -> None: ...
+
+
 class TakeTurn(_Command):
     """Run one turn. For `stream`, produced messages go to `sink` as they come, then `None`."""
 
     input: list[MessageCreate]
     mode: TurnMode
-    sink: queue.SimpleQueue[Message | None] | None = None
+    sink: MessageSink | None = None
     reply: Future[Any] = Field(default_factory=_reply)
 
 
@@ -66,13 +72,19 @@ class AssignRun(_Command):
 
 
 class StepDone(_Command):
-    """The agent's step for a run returned (or raised)."""
+    """The agent's step for a run returned (or raised).
+
+    `started` is False when the run never reached its agent because the store was
+    unavailable (its start could not be recorded, or its window read): not the agent's
+    failure, so the run is queued again rather than ended.
+    """
 
     run_id: str
     attempt: int
     messages: list[Message]
     stop_reason: StopReason
     error: str | None = None
+    started: bool = True
 
 
 class RunDeadline(_Command):
@@ -111,13 +123,27 @@ class StartRun(_Command):
 
 
 class StartDecision(_Command):
-    """Whether the run may start, and if so its cancel flag and the start's commit."""
+    """Whether the run may start, and if so its cancel flag and the start's commit.
+
+    `retry`: not now (the store is unavailable), ask again later; otherwise a run that
+    did not start never will (it is terminal or unknown)."""
 
     started: bool
     attempt: int = 0
     cancel: threading.Event | None = None
     committed: Future[None] | None = None
     reason: str | None = None
+    retry: bool = False
+
+
+class StartAborted(_Command):
+    """The run's agent never stepped it: the store was unavailable at its start.
+
+    The run is queued again; the store may hold it `created` (the start never landed) or
+    `running` (it did), which the tracker reads back before the next start."""
+
+    run_id: str
+    attempt: int
 
 
 class FinishRun(_Command):

@@ -43,7 +43,7 @@ import structlog
 from sqlalchemy import Connection, Engine, Insert, Update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from messages import RuntimeStopped
+from messages import RuntimeStopped, reject, resolve
 
 T = TypeVar("T")
 Op = Callable[[Connection], T]
@@ -279,7 +279,7 @@ class Committer:
 
     def _fail(self, job: _Job, error: Exception) -> None:
         log.debug("write_failed", error=str(error), error_type=type(error).__name__)
-        job.future.set_exception(self._translate(error))
+        reject(job.future, self._translate(error))
 
     def _transaction(self, jobs: list[_Job], *, merged: bool) -> list[tuple[bool, Any]]:
         """Run the jobs in one transaction: (True, result) or (False, refusal) per job."""
@@ -400,9 +400,9 @@ class Committer:
 
 def _settle(job: _Job, ok: bool, value: Any) -> None:
     if ok:
-        job.future.set_result(value)
+        resolve(job.future, value)
     else:
-        job.future.set_exception(value)
+        reject(job.future, value)
 
 
 def lost_connection(error: Exception) -> bool:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from actors import AgentContext, StepResult
@@ -113,3 +114,14 @@ class StepLimited:
 
 def user(text: str) -> MessageCreate:
     return MessageCreate(role="user", content=text)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0, every: float = 0.01) -> bool:
+    """Whether `condition()` came true within `timeout` seconds (looked at `every` s)."""
+    pause = threading.Event()  # never set: its wait is the pause between looks
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        pause.wait(every)
+    return True

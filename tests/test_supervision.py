@@ -18,7 +18,7 @@ from actors import AgentFactory, Chaos, GroupFailed, RestartPolicy, Runtime
 from actors._scheduler import Scheduler
 from actors._supervision import ChildSpec, CrashReporter, SupervisedActor, Supervisor
 from messages import RunStatus, SleeptimeError
-from tests.agents import Echo, Recorder, user
+from tests.agents import Echo, Recorder, user, wait_until
 
 # -- the policy, as a pure function ---------------------------------------------------------
 
@@ -234,8 +234,15 @@ def test_agent_crash_mid_run_requeues_the_run(db_url: str) -> None:
             first = rt.step(group.id, [user("one")]).run_ids[0]
             recorder.wait_started()  # attempt 1 is stepping
             second = rt.step(group.id, [user("two")]).run_ids[0]  # crashes the agent actor
-            recorder.wait_started()  # attempt 2 of the first run started in the new incarnation
+            requeued = ("created", 2, "interrupted")
+            assert wait_until(
+                lambda: requeued in [(e.status, e.attempt, e.reason) for e in rt.run_events(first)]
+            )
+            # The new incarnation re-queued the run, but attempt 1 still steps (this agent
+            # ignores the cancel flag while it waits): attempt 2 waits for it to return.
+            assert not recorder.started.acquire(timeout=0.3)
             gate.set()
+            recorder.wait_started()  # attempt 2, once attempt 1 returned
             done = rt.wait_for_runs([first, second], timeout=30)
             assert [(r.status, r.attempt) for r in done] == [
                 (RunStatus.COMPLETED, 2),
@@ -246,7 +253,7 @@ def test_agent_crash_mid_run_requeues_the_run(db_url: str) -> None:
                 2,
                 "interrupted",
             )
-            assert recorder.most_active <= 2  # the abandoned attempt was told to stop
+            assert recorder.most_active == 1  # never two steps of one agent at once
             assert rt.check_invariants().ok
     finally:
         gate.set()

@@ -262,7 +262,7 @@ class AgentKinds:
             agent = factory(dict(config))
         except (pydantic.ValidationError, AgentConfigError):
             raise
-        except Exception as error:
+        except BaseException as error:  # user code: even SystemExit is a config error here
             raise AgentConfigError(kind, f"{type(error).__name__}: {error}") from error
         if not callable(getattr(agent, "step", None)):
             raise AgentConfigError(
