@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, wait
@@ -55,6 +56,7 @@ from messages import (
     TakeTurn,
     TurnMode,
     TurnResult,
+    TurnTimeout,
     WatchRuns,
     new_id,
 )
@@ -79,6 +81,9 @@ _MESSAGES: TypeAdapter[list[MessageCreate]] = TypeAdapter(
 _STATUSES: TypeAdapter[list[RunStatus]] = TypeAdapter(list[RunStatus])
 _RUN_IDS: TypeAdapter[list[str]] = TypeAdapter(list[str])
 _LIMIT: TypeAdapter[int] = TypeAdapter(Annotated[int, Field(ge=1)])
+_TIMEOUT: TypeAdapter[float | None] = TypeAdapter(
+    Annotated[float, Field(gt=0, allow_inf_nan=False)] | None
+)
 _UNSET: Any = object()
 _STREAM_POLL_S = 0.25
 _running: weakref.WeakSet[Runtime] = weakref.WeakSet()
@@ -88,12 +93,22 @@ class TurnStream(Iterator[Message]):
     """The primary agent's messages as it produces them; the turn runs to its end anyway.
 
     Iterate it for the messages; `result` is the turn's `TurnResult` (it waits for the
-    end of the turn); `close()` stops listening without stopping the turn.
+    end of the turn); `close()` stops listening without stopping the turn. With a
+    `timeout`, both raise TurnTimeout once that many seconds passed since the call.
     """
 
-    def __init__(self, sink: queue.SimpleQueue[Message | None], reply: Future[Any]) -> None:
+    def __init__(
+        self,
+        sink: queue.SimpleQueue[Message | None],
+        reply: Future[Any],
+        group_id: str = "",
+        timeout: float | None = None,
+    ) -> None:
         self._sink = sink
         self._reply = reply
+        self._group_id = group_id
+        self._timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
         self._ended = False
         self._closed = False
 
@@ -102,7 +117,7 @@ class TurnStream(Iterator[Message]):
             raise StopIteration
         while True:
             try:
-                item = self._sink.get(timeout=_STREAM_POLL_S)
+                item = self._sink.get(timeout=min(_STREAM_POLL_S, self._remaining()))
                 break
             except queue.Empty:
                 # The group always ends the sink; if its actor died before taking the turn,
@@ -110,6 +125,7 @@ class TurnStream(Iterator[Message]):
                 if self._reply_ready():
                     item = None
                     break
+                self._check_deadline()
         if item is None:
             self._ended = True
             self.result  # noqa: B018  # raises the turn's error, if any, to the consumer
@@ -119,11 +135,20 @@ class TurnStream(Iterator[Message]):
     def _reply_ready(self) -> bool:
         return self._reply.done()
 
+    def _remaining(self) -> float:
+        if self._deadline is None:
+            return _STREAM_POLL_S
+        return max(0.0, self._deadline - time.monotonic())
+
+    def _check_deadline(self) -> None:
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            assert self._timeout is not None
+            raise TurnTimeout(self._group_id, self._timeout)
+
     @property
     def result(self) -> TurnResult:
         """The whole turn's result, once it has ended (raises the turn's error)."""
-        outcome: TurnResult = self._reply.result()
-        return outcome
+        return _outcome(self._reply, self._group_id, self._timeout, self._deadline)
 
     def close(self) -> None:
         """Stop consuming; the turn still completes and is recorded."""
@@ -506,35 +531,58 @@ class Runtime:
     # -- turns ----------------------------------------------------------------------------
 
     def step(
-        self, group_id: str, messages: Sequence[MessageCreate | Mapping[str, Any]]
+        self,
+        group_id: str,
+        messages: Sequence[MessageCreate | Mapping[str, Any]],
+        timeout: float | None = None,
     ) -> TurnResult:
         """Run the primary agent on `messages` and apply the sleeptime rules (SPEC 4-7).
 
-        Raises PrimaryAgentError (with the recorded turn as `.result`) if the agent failed.
+        Raises PrimaryAgentError (with the recorded turn as `.result`) if the agent failed,
+        and TurnTimeout if the turn has not ended after `timeout` seconds (the turn itself
+        still completes and is recorded).
         """
-        return self._turn(group_id, messages, "step")
+        return self._turn(group_id, messages, "step", timeout)
 
     def record_turn(
-        self, group_id: str, messages: Sequence[MessageCreate | Mapping[str, Any]]
+        self,
+        group_id: str,
+        messages: Sequence[MessageCreate | Mapping[str, Any]],
+        timeout: float | None = None,
     ) -> TurnResult:
-        """Store one already-produced turn (input and output) and apply the sleeptime rules."""
-        return self._turn(group_id, messages, "record")
+        """Store one already-produced turn (input and output) and apply the sleeptime rules.
+
+        Raises TurnTimeout if it is not recorded after `timeout` seconds (it still is, later).
+        """
+        return self._turn(group_id, messages, "record", timeout)
 
     def stream(
-        self, group_id: str, messages: Sequence[MessageCreate | Mapping[str, Any]]
+        self,
+        group_id: str,
+        messages: Sequence[MessageCreate | Mapping[str, Any]],
+        timeout: float | None = None,
     ) -> TurnStream:
-        """Like `step`, yielding the output messages as the primary agent produces them."""
+        """Like `step`, yielding the output messages as the primary agent produces them.
+
+        With `timeout`, iterating (or reading `.result`) raises TurnTimeout once that many
+        seconds passed since this call; the turn itself still completes and is recorded.
+        """
         self._check("take a turn")
+        limit = _TIMEOUT.validate_python(timeout)
         sink: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
         command = TakeTurn(input=_MESSAGES.validate_python(messages), mode="stream", sink=sink)
         reply = self._send_group(group_id, command)
-        return TurnStream(sink, reply)
+        return TurnStream(sink, reply, group_id, limit)
 
-    def _turn(self, group_id: str, messages: Sequence[Any], mode: TurnMode) -> TurnResult:
+    def _turn(
+        self, group_id: str, messages: Sequence[Any], mode: TurnMode, timeout: float | None
+    ) -> TurnResult:
         self._check("take a turn")
+        limit = _TIMEOUT.validate_python(timeout)
         command = TakeTurn(input=_MESSAGES.validate_python(messages), mode=mode)
-        result: TurnResult = self._ask_group(group_id, command)
-        return result
+        reply = self._send_group(group_id, command)
+        deadline = None if limit is None else time.monotonic() + limit
+        return _outcome(reply, group_id, limit, deadline)
 
     def _send_group(self, group_id: str, command: Any) -> Future[Any]:
         """Tell the group's actor; its reply future resolves when the command is done."""
@@ -638,7 +686,10 @@ class Runtime:
         return check_invariants(self._store, group_ids)
 
     def stats(self) -> dict[str, int]:
-        """Live actors, step threads, restarts and write batches, for monitoring."""
+        """Live actors, step threads, restarts, write batches and timers, for monitoring.
+
+        `starts_postponed` counts run starts put off while the store was unavailable;
+        `timers` the scheduler's timers (deadlines of running runs, mostly)."""
         return {
             **self._directory.counts(),
             "active_groups": self._parts.supervisor.active_count("group:"),
@@ -649,9 +700,23 @@ class Runtime:
             "injected_crashes": self._parts.supervisor.injected,
             "escalations": self._parts.supervisor.escalations,
             "step_threads": self._parts.pool.threads,
+            "starts_postponed": self._parts.steps.postponed,
+            "timers": self._parts.scheduler.held(),
             "transactions": self._store.committer.transactions,
             "writes": self._store.committer.ops,
         }
+
+
+def _outcome(
+    reply: Future[Any], group_id: str, timeout: float | None, deadline: float | None
+) -> TurnResult:
+    """A turn's result (or its error), waiting at most until `deadline`."""
+    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+    if wait([reply], timeout=remaining).not_done:
+        assert timeout is not None
+        raise TurnTimeout(group_id, timeout)
+    result: TurnResult = reply.result()
+    return result
 
 
 @atexit.register

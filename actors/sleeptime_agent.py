@@ -70,6 +70,11 @@ class StepsInFlight:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._steps: dict[str, tuple[Future[StepDone], float]] = {}
+        self.postponed = 0  # starts put off because the store was unavailable
+
+    def count_postponed(self) -> None:
+        with self._lock:
+            self.postponed += 1
 
     def track(self, agent_id: str, step: Future[StepDone], deadline: float) -> None:
         """Follow `step` until it returns (call before adding any other callback to it)."""
@@ -234,6 +239,7 @@ class SleeptimeAgentActor(SupervisedActor):
         """Start nothing for a while: the store was unavailable at the last start."""
         delay = START_RETRY_DELAYS[min(self._start_failures, len(START_RETRY_DELAYS) - 1)]
         self._start_failures += 1
+        self._parts.steps.count_postponed()
         self._hold_until = time.monotonic() + delay
         self._parts.scheduler.call_later(delay, partial(self._address.tell, _EarlierStepEnded()))
         self._log.warning("run_start_postponed", delay_s=delay, error=reason)
