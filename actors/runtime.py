@@ -604,8 +604,15 @@ class Runtime:
         ids = _RUN_IDS.validate_python(run_ids)
         if not ids:
             return []
-        futures = self._parts.tracker.ask(WatchRuns(run_ids=ids))
-        _, not_done = wait(futures, timeout=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        command = WatchRuns(run_ids=ids)
+        self._parts.tracker.tell(command)
+        # The timeout holds even if the tracker cannot answer (it is restarting, say).
+        if wait([command.reply], timeout=timeout).not_done:
+            raise RunsTimeout(list(dict.fromkeys(ids)), timeout or 0.0)
+        futures: list[Future[None]] = command.reply.result()
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        _, not_done = wait(futures, timeout=remaining)
         if not_done:
             open_ids = [i for i, f in zip(ids, futures, strict=True) if f in not_done]
             raise RunsTimeout(list(dict.fromkeys(open_ids)), timeout or 0.0)
