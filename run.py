@@ -5,8 +5,9 @@ the runtime's internals or the database directly. It also drives simulations and
 (`simulate`, `loadtest`: the measuring is in `loadsim.py`) and checks a database's invariants
 (`check`).
 
-Every command that takes `--db` defaults to `DEFAULT_URL`, sleeptime.db in the working
-directory: the demo adds its group there and `runs`, `groups`, `check` read it.
+Every command that takes `--db` defaults to the runtime's own default, `DEFAULT_URL`
+(sleeptime.db in the working directory): the demo adds its group there and `runs`,
+`groups` and `check` read it.
 
 Example:
     $ python run.py                                  # the demo, a new group in sleeptime.db
@@ -40,6 +41,7 @@ from pydantic import ValidationError
 
 import loadsim
 from actors import InvariantReport, Runtime, configure_logging
+from actors.runtime import DEFAULT_URL  # Runtime.start's own default: one default everywhere
 from messages import (
     AgentNotFound,
     Group,
@@ -50,7 +52,6 @@ from messages import (
     SleeptimeError,
 )
 
-DEFAULT_URL = "sqlite:///sleeptime.db"  # the README's database: the demo writes it, runs reads it
 DEMO_WAIT_SECONDS = 30.0
 LLM_WAIT_SECONDS = 600.0  # a sleeptime run of a real model takes several model calls
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
