@@ -5,14 +5,18 @@ the runtime's internals or the database directly. It also drives simulations and
 (`simulate`, `loadtest`: the measuring is in `loadsim.py`) and checks a database's invariants
 (`check`).
 
+Every command that takes `--db` defaults to the runtime's own default, `DEFAULT_URL`
+(sleeptime.db in the working directory): the demo adds its group there and `runs`,
+`groups` and `check` read it.
+
 Example:
-    $ python run.py                                  # the demo, on a fresh sleeptime-demo.db
-    $ python run.py runs --db sqlite:///sleeptime-demo.db
-    $ python run.py runs --db sqlite:///sleeptime-demo.db --events run-5c1e...
-    $ python run.py groups --db sqlite:///sleeptime-demo.db
+    $ python run.py                                  # the demo, a new group in sleeptime.db
+    $ python run.py groups
+    $ python run.py runs
+    $ python run.py runs --events run-5c1e...
+    $ python run.py check
     $ python run.py simulate --groups 100 --agents 2 --turns 20 --report sim.json
     $ python run.py loadtest --rate 200 --duration 10 --plot load.png
-    $ python run.py check --db sqlite:///sleeptime-demo.db
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 import textwrap
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -35,6 +41,7 @@ from pydantic import ValidationError
 
 import loadsim
 from actors import InvariantReport, Runtime, configure_logging
+from actors.runtime import DEFAULT_URL  # Runtime.start's own default: one default everywhere
 from messages import (
     AgentNotFound,
     Group,
@@ -45,8 +52,6 @@ from messages import (
     SleeptimeError,
 )
 
-DEMO_URL = "sqlite:///sleeptime-demo.db"
-INSPECT_URL = "sqlite:///sleeptime.db"
 DEMO_WAIT_SECONDS = 30.0
 LLM_WAIT_SECONDS = 600.0  # a sleeptime run of a real model takes several model calls
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
@@ -262,7 +267,7 @@ class Demo:
             )
         for line in textwrap.wrap(intro, width=96):
             self.say(line)
-        self.say(f"Database: {db_label}")
+        self.say(f"Database: {db_label} (the demo adds a new group; nothing is deleted)")
 
     def turn(self, group: Group, sleeper: str, said: str) -> None:
         """Take one user turn, show the reply, and, if sleeptime fired, wait for its run."""
@@ -346,10 +351,12 @@ class Demo:
             self.say(f"  {line}")
         self.say("Look inside the database with:")
         command = _command_name()
-        self.say(f"  {command} runs --db {inspect_url}")
-        self.say(f"  {command} groups --db {inspect_url}")
+        db = "" if inspect_url == DEFAULT_URL else f" --db {redact_url(inspect_url)}"
+        self.say(f"  {command} groups{db}")
+        self.say(f"  {command} runs{db}")
         if runs:
-            self.say(f"  {command} runs --db {inspect_url} --events {runs[0].id}")
+            self.say(f"  {command} runs{db} --events {runs[0].id}")
+        self.say(f"  {command} check{db}")
         incomplete = [run for run in runs if run.status is not RunStatus.COMPLETED]
         if incomplete:
             self.say(f"{len(incomplete)} run(s) did not complete: see the runs above.")
@@ -382,15 +389,11 @@ def _command_name() -> str:
 
 
 def demo(args: argparse.Namespace) -> int:
-    """The `demo` command: a fresh default database unless --db names one."""
-    url: str = args.db or DEMO_URL
-    llm = llm_endpoint(args)  # checked before the demo database is reset
+    """The `demo` command: a new group in the default database, or in --db; nothing deleted."""
+    url: str = args.db
+    llm = llm_endpoint(args)  # checked before the database is opened (or created)
     path = sqlite_path(url)
-    if args.db is None and path is not None:
-        # Only the default demo database is ours to throw away; a given --db is the user's.
-        for stale in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-            stale.unlink(missing_ok=True)
-    db_label = str(path.resolve()) if path is not None else url
+    db_label = str(path.resolve()) if path is not None else redact_url(url)
     with Runtime.start(url) as rt:
         demo = Demo(rt, sys.stdout, not args.quiet_transcript, llm)
         return demo.play(args.frequency, db_label, url)
@@ -556,13 +559,33 @@ def redact_url(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
-def simulation_database(args: argparse.Namespace) -> str:
-    """The `--db` URL, or a fresh SQLite file in a new temporary directory (kept, to inspect)."""
-    if args.db is not None:
-        url: str = args.db
-        return url
-    folder = Path(tempfile.mkdtemp(prefix=f"sleeptime-{args.command}-"))
-    return f"sqlite:///{folder / 'sleeptime.db'}"
+@contextmanager
+def workload_runtime(
+    args: argparse.Namespace, shape: loadsim.GroupShape
+) -> Iterator[tuple[Runtime, str]]:
+    """A runtime, and its URL, over `--db` or a new SQLite file in a new temporary directory.
+
+    The directory is kept once the runtime has started (the summary prints where, to inspect
+    it); a runtime that could not start takes it away again, so a refused run leaves nothing.
+    Call it after every option is checked: it is the first thing that creates anything.
+    """
+    folder: Path | None = None
+    url: str | None = args.db
+    if url is None:
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=f"sleeptime-{args.command}-"))
+        except OSError as error:
+            raise CommandError(f"no temporary directory for the database: {error}") from error
+        url = f"sqlite:///{folder / 'sleeptime.db'}"
+    try:
+        rt = Runtime.start(url, workers=args.workers, **shape.runtime_options())
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    with rt:
+        print(f"Database: {redact_url(url)}", flush=True)
+        yield rt, url
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -615,18 +638,16 @@ def parameters(args: argparse.Namespace, url: str) -> dict[str, Any]:
 def simulate(args: argparse.Namespace) -> int:
     """The `simulate` command: G groups x A sleeptime agents x T turns, closed loop."""
     check_outputs(args)
-    quiet_expected_warnings(args)
-    url = simulation_database(args)
     shape = group_shape(args)
+    quiet_expected_warnings(args)
     args.concurrency = concurrency = args.concurrency or min(args.groups, 32)  # as reported
     title = (
         f"simulate: {args.groups} groups x {args.agents} sleeptime agent(s) x {args.turns} "
         f"turns, frequency {_frequency_text(args.frequency)}, concurrency {concurrency}, "
         f"seed {args.seed}"
     )
-    print(title)
-    print(f"Database: {redact_url(url)}", flush=True)
-    with Runtime.start(url, workers=args.workers, **shape.runtime_options()) as rt:
+    print(title, flush=True)
+    with workload_runtime(args, shape) as (rt, url):
         outcome = loadsim.simulate(
             rt,
             shape,
@@ -649,9 +670,8 @@ def loadtest(args: argparse.Namespace) -> int:
             " drawn before the first turn)"
         )
     check_outputs(args)
-    quiet_expected_warnings(args)
-    url = simulation_database(args)
     shape = group_shape(args)
+    quiet_expected_warnings(args)
     title = (
         f"loadtest: {args.rate:g} turns/s ({args.arrivals}) for {args.duration:g} s over "
         f"{args.groups} groups x {args.agents} sleeptime agent(s), frequency "
@@ -659,9 +679,8 @@ def loadtest(args: argparse.Namespace) -> int:
     )
     if shape.llm is not None:
         title += f"; openai agents, {shape.llm.describe()}"
-    print(title)
-    print(f"Database: {redact_url(url)}", flush=True)
-    with Runtime.start(url, workers=args.workers, **shape.runtime_options()) as rt:
+    print(title, flush=True)
+    with workload_runtime(args, shape) as (rt, url):
         outcome = loadsim.loadtest(
             rt,
             shape,
@@ -782,7 +801,7 @@ def frequency_option(text: str) -> int | None:
         value = int(text)
     except ValueError:
         value = -1
-    # Checked here, not only by the runtime, so a typo fails before the demo database is reset.
+    # Checked here, not only by the runtime, so a typo fails before a database is opened.
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not 0, a positive whole number, or 'none'")
     return value
@@ -812,6 +831,31 @@ positive_float = _number(float, lambda v: 0 < v < math.inf, "a number above 0")
 fraction = _number(float, lambda v: 0 <= v <= 1, "a fraction from 0 to 1")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, with each option's default shown unless its help already says it.
+
+    Only real defaults are shown: an option whose default is None (nothing given) or False
+    (a flag) says in its own words what happens without it, if anything.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        shown = action.help is None or "(default" in action.help
+        if shown or default is None or default is False or default == argparse.SUPPRESS:
+            return action.help
+        text = f"{default:g}" if isinstance(default, float) else str(default)
+        # The help is a %-format string (argparse fills %(prog)s and the like in).
+        return f"{action.help} (default: {text.replace('%', '%%')})"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser whose help shows each option's default (see `HelpFormatter`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def add_logging_options(parser: argparse.ArgumentParser, default: object) -> None:
     """The logging options, accepted before and after the command name."""
     parser.add_argument(
@@ -836,20 +880,20 @@ def add_workload_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=frequency_option,
         default=1,
-        help="fire sleeptime every N turns; 'none' for every turn, 0 for never (default: 1)",
+        help="fire sleeptime every N turns; 'none' for every turn, 0 for never",
     )
     agents.add_argument(
         "--latency-ms",
         metavar="MS",
         type=non_negative_float,
         default=0.0,
-        help="each agent step's latency (default: 0)",
+        help="each agent step's latency",
     )
     agents.add_argument(
         "--latency-distribution",
         choices=loadsim.DISTRIBUTIONS,
         default="constant",
-        help="how step latencies spread around --latency-ms (default: constant)",
+        help="how step latencies spread around --latency-ms",
     )
     agents.add_argument(
         "--jitter-ms",
@@ -864,7 +908,7 @@ def add_workload_options(parser: argparse.ArgumentParser) -> None:
         type=fraction,
         default=0.0,
         help="fraction of sleeptime steps that fail (their runs end failed); the primary"
-        " agent never fails (default: 0)",
+        " agent never fails",
     )
     agents.add_argument(
         "--crash-rate",
@@ -872,14 +916,14 @@ def add_workload_options(parser: argparse.ArgumentParser) -> None:
         type=fraction,
         default=0.0,
         help="fault injection: fraction of messages on which an actor crashes and is"
-        " restarted by its supervisor (default: 0)",
+        " restarted by its supervisor",
     )
     agents.add_argument(
         "--seed",
         metavar="S",
         type=non_negative_int,
         default=0,
-        help="seeds every agent (each its own), the arrivals and the crashes (default: 0)",
+        help="seeds every agent (each its own), the arrivals and the crashes",
     )
     runtime = parser.add_argument_group("runtime and outputs")
     runtime.add_argument(
@@ -893,14 +937,14 @@ def add_workload_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=positive_int,
         default=32,
-        help="the runtime's agent step threads (default: 32)",
+        help="the runtime's agent step threads",
     )
     runtime.add_argument(
         "--wait-timeout",
         metavar="SECONDS",
         type=positive_float,
         default=600.0,
-        help="how long to wait for the runs after the last turn (default: 600)",
+        help="how long to wait for the runs after the last turn",
     )
     runtime.add_argument(
         "--report", metavar="FILE.json", type=Path, help="also write the figures as JSON"
@@ -938,13 +982,13 @@ def add_llm_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command and option."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog=_command_name(),
         description="sleeptime-runtime: a demo, and a look inside its databases.",
         epilog="Without a command it runs the demo.",
     )
     add_logging_options(parser, None)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")  # CommandParsers too
     # Defaults are suppressed after the command so they do not hide ones given before it.
     logging_after = argparse.SUPPRESS
 
@@ -954,15 +998,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument(
         "--db",
         metavar="URL",
-        default=None,
-        help=f"database URL (default: {DEMO_URL}, recreated each time)",
+        default=DEFAULT_URL,
+        help="database URL; the demo adds a new group to it",
     )
     demo_parser.add_argument(
         "--frequency",
         metavar="N",
         type=frequency_option,
         default=2,
-        help="fire sleeptime every N turns; 'none' for every turn, 0 for never (default: 2)",
+        help="fire sleeptime every N turns; 'none' for every turn, 0 for never",
     )
     demo_parser.add_argument(
         "--quiet-transcript", action="store_true", help="do not print the transcripts"
@@ -972,9 +1016,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.set_defaults(handler=demo)
 
     runs_parser = commands.add_parser("runs", help="a table of sleeptime runs")
-    runs_parser.add_argument(
-        "--db", metavar="URL", default=INSPECT_URL, help=f"database URL (default: {INSPECT_URL})"
-    )
+    runs_parser.add_argument("--db", metavar="URL", default=DEFAULT_URL, help="database URL")
     runs_parser.add_argument(
         "--group", metavar="ID", help="only this group's runs (its id or the short id shown)"
     )
@@ -994,16 +1036,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         type=positive_int,
         default=50,
-        help="at most this many runs (default: 50)",
+        help="at most this many runs",
     )
     runs_parser.add_argument("--events", metavar="RUN_ID", help="show this run's event history")
     add_logging_options(runs_parser, logging_after)
     runs_parser.set_defaults(handler=show_runs)
 
     groups_parser = commands.add_parser("groups", help="a table of groups")
-    groups_parser.add_argument(
-        "--db", metavar="URL", default=INSPECT_URL, help=f"database URL (default: {INSPECT_URL})"
-    )
+    groups_parser.add_argument("--db", metavar="URL", default=DEFAULT_URL, help="database URL")
     add_logging_options(groups_parser, logging_after)
     groups_parser.set_defaults(handler=show_groups)
 
@@ -1023,10 +1063,10 @@ def build_parser() -> argparse.ArgumentParser:
         " errors unless --log-level or $SLEEPTIME_LOG_LEVEL says otherwise.",
     )
     simulate_parser.add_argument(
-        "--groups", metavar="G", type=positive_int, default=20, help="groups (default: 20)"
+        "--groups", metavar="G", type=positive_int, default=20, help="groups"
     )
     simulate_parser.add_argument(
-        "--turns", metavar="T", type=positive_int, default=20, help="turns per group (default: 20)"
+        "--turns", metavar="T", type=positive_int, default=20, help="turns per group"
     )
     simulate_parser.add_argument(
         "--concurrency",
@@ -1048,27 +1088,30 @@ def build_parser() -> argparse.ArgumentParser:
         " only if no turn raised and every invariant holds.",
     )
     loadtest_parser.add_argument(
-        "--rate", metavar="PER_S", type=positive_float, default=50.0, help="turns/s (default: 50)"
+        "--rate", metavar="PER_S", type=positive_float, default=50.0, help="turns/s offered"
     )
     loadtest_parser.add_argument(
-        "--duration", metavar="SECONDS", type=positive_float, default=10.0, help="(default: 10)"
+        "--duration",
+        metavar="SECONDS",
+        type=positive_float,
+        default=10.0,
+        help="how long turns arrive",
     )
     loadtest_parser.add_argument(
-        "--groups", metavar="G", type=positive_int, default=20, help="groups (default: 20)"
+        "--groups", metavar="G", type=positive_int, default=20, help="groups"
     )
     loadtest_parser.add_argument(
         "--arrivals",
         choices=loadsim.ARRIVALS,
         default="poisson",
-        help="Poisson arrivals (exponential gaps from --seed) or evenly spaced (default: poisson)",
+        help="Poisson arrivals (exponential gaps from --seed) or evenly spaced",
     )
     loadtest_parser.add_argument(
         "--max-in-flight",
         metavar="N",
         type=positive_int,
         default=512,
-        help="caller threads; an arrival finding all busy waits and counts as a late start"
-        " (default: 512)",
+        help="caller threads; an arrival finding all busy waits and counts as a late start",
     )
     add_workload_options(loadtest_parser)
     add_llm_options(loadtest_parser)
@@ -1079,9 +1122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="only check the invariants of an existing database (exit code 1 if one fails)",
     )
-    check_parser.add_argument(
-        "--db", metavar="URL", default=INSPECT_URL, help=f"database URL (default: {INSPECT_URL})"
-    )
+    check_parser.add_argument("--db", metavar="URL", default=DEFAULT_URL, help="database URL")
     add_logging_options(check_parser, logging_after)
     check_parser.set_defaults(handler=check)
     return parser

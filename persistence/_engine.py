@@ -96,7 +96,7 @@ def make_engines(url: str, readers: int = 8) -> tuple[Engine, Engine]:
         writer = create_engine(parsed, pool_size=1, max_overflow=0, **options)
         reader = create_engine(parsed, pool_size=readers, max_overflow=24, **options)
     except (NoSuchModuleError, ImportError, ArgumentError) as error:
-        hint = " (pip install 'sleeptime-runtime[postgres]')" if "postgres" in shown else ""
+        hint = driver_hint(parsed)
         raise StoreUnavailable(shown, f"no driver for this URL: {error}{hint}") from error
     if is_sqlite(parsed):
         for engine in (writer, reader):
@@ -113,3 +113,20 @@ def make_engines(url: str, readers: int = 8) -> tuple[Engine, Engine]:
         detail = str(error.orig).strip() or type(error.orig).__name__
         raise StoreUnavailable(shown, detail) from error
     return writer, reader
+
+
+def driver_hint(url: URL) -> str:
+    """What to install for the PostgreSQL driver `url` names, in parentheses; else "".
+
+    Plain `postgresql://` means psycopg 3 here (`parse_url`), the driver the runtime is tested
+    with and the `postgres` extra installs; a URL naming another driver needs that driver.
+    """
+    if url.get_backend_name() != "postgresql":
+        return ""
+    psycopg3 = "pip install 'sleeptime-runtime[postgres]'"
+    driver = url.get_driver_name()
+    if driver == "psycopg":
+        return f" ({psycopg3}, which brings psycopg 3)"
+    if driver == "psycopg2":
+        return f" (pip install psycopg2-binary; or write postgresql:// for psycopg 3: {psycopg3})"
+    return f" (the runtime is tested with psycopg 3: write postgresql:// and {psycopg3})"

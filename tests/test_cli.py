@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +15,8 @@ import pytest
 
 import run
 from actors import Runtime, configure_logging, decide_fire
-from messages import Group, Run, RunStatus
+from messages import Group, Run, RunStatus, StoreUnavailable
+from persistence._engine import driver_hint, parse_url
 
 REPO = Path(run.__file__).resolve().parent
 
@@ -133,12 +138,12 @@ def test_demo_frequency_option(
     assert turns_that_fired(capsys.readouterr().out) == fired
 
 
-def test_demo_with_db_deletes_nothing(
+def test_demo_with_db_leaves_the_default_database_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    # Files named like the default demo database, in the working directory, must survive.
-    keep = {name: f"keep {name}" for name in ["sleeptime-demo.db", "sleeptime-demo.db-wal"]}
+    # Files named like the default database, in the working directory, must survive.
+    keep = {name: f"keep {name}" for name in ["sleeptime.db", "sleeptime.db-wal"]}
     keep["notes.txt"] = "keep me"
     for name, text in keep.items():
         (tmp_path / name).write_text(text)
@@ -156,24 +161,43 @@ def test_demo_with_db_deletes_nothing(
         rt.stop(drain_timeout=0)
 
 
-def test_no_arguments_runs_the_demo_on_a_fresh_default_database(
+def test_no_arguments_runs_the_demo_in_the_default_database(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    # Garbage where an earlier demo's files were: the demo must throw them away, not open them.
-    for name in ["sleeptime-demo.db", "sleeptime-demo.db-wal", "sleeptime-demo.db-shm"]:
-        (tmp_path / name).write_bytes(b"not a database")
 
     assert run.main([]) == 0
+    first = capsys.readouterr().out
+    assert run.main([]) == 0  # a second demo adds its group: nothing is deleted
 
-    assert turns_that_fired(capsys.readouterr().out) == [1, 3, 5]
-    group, runs = stored(sqlite_url(tmp_path / "sleeptime-demo.db"))
-    assert group.turns == 6
-    assert len(runs) == 3
+    assert turns_that_fired(first) == [1, 3, 5]
+    assert f"Database: {tmp_path / 'sleeptime.db'}" in first
+    # The inspection commands it suggests read the same default database: no --db needed.
+    for command in ["groups", "runs", "check"]:
+        assert f"\n  python run.py {command}\n" in first
+    rt = Runtime.start(sqlite_url(tmp_path / "sleeptime.db"))
+    try:
+        groups = rt.list_groups()
+        assert [group.turns for group in groups] == [6, 6]
+        assert len(rt.list_runs()) == 6
+    finally:
+        rt.stop(drain_timeout=0)
+
+
+def test_demo_refuses_a_default_database_it_cannot_read_and_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sleeptime.db").write_bytes(b"not a database")
+
+    assert run.main([]) == 2
+
+    assert_one_error_line(capsys, "sleeptime.db", "not a database")
+    assert (tmp_path / "sleeptime.db").read_bytes() == b"not a database"
 
 
 def test_demo_as_a_subprocess(tmp_path: Path) -> None:
-    default_db = REPO / "sleeptime-demo.db"
+    default_db = REPO / "sleeptime.db"
     existed = default_db.exists()
 
     finished = subprocess.run(
@@ -357,6 +381,142 @@ def test_logging_options_before_or_after_the_command(
     assert run.main([*argv, "--db", demo_db]) == 0
 
     assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["simulate", "--groups", "0"],
+        ["simulate", "--report", "{tmp}/missing/r.json"],
+        ["simulate", "--db", "bogus://x"],
+        ["loadtest", "--rate", "0.01", "--duration", "1"],
+        ["loadtest", "--model", "m"],
+        ["loadtest", "--llm-url", "http://127.0.0.1:9/v1", "--model", "m", "--latency-ms", "5"],
+        ["demo", "--model", "m"],
+        ["demo", "--frequency", "-1"],
+    ],
+    ids=" ".join,
+)
+def test_a_refused_run_leaves_nothing_behind(tmp_path: Path, argv: list[str]) -> None:
+    temp, work = tmp_path / "temp", tmp_path / "work"
+    temp.mkdir()
+    work.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    command = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+
+    finished = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), *command],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert finished.returncode == 2, finished.stdout + finished.stderr
+    assert "Traceback" not in finished.stderr
+    assert list(temp.iterdir()) == []  # no temporary directory for a database
+    assert list(work.iterdir()) == []  # no default database in the working directory
+
+
+def test_a_runtime_that_cannot_start_takes_its_temporary_directory_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    opened: list[str] = []
+
+    def refuse(url: str, **_options: object) -> Runtime:
+        opened.append(url)
+        raise StoreUnavailable(url, "refused for the test")
+
+    monkeypatch.setattr(Runtime, "start", refuse)
+
+    assert run.main(["simulate", "--groups", "1", "--turns", "1", "--no-progress"]) == 2
+
+    assert_one_error_line(capsys, "refused for the test")
+    assert len(opened) == 1 and tmp_path in Path(opened[0].removeprefix("sqlite:///")).parents
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("url", "says", "not_says"),
+    [
+        ("postgresql+psycopg2://ada@127.0.0.1:9/db", "pip install psycopg2-binary", None),
+        ("postgresql+pg8000://ada@127.0.0.1:9/db", "tested with psycopg 3", "pip install pg8000"),
+    ],
+)
+def test_a_missing_driver_gets_the_install_hint_of_that_driver(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    url: str,
+    says: str,
+    not_says: str | None,
+) -> None:
+    driver = parse_url(url).get_driver_name()
+    monkeypatch.setitem(sys.modules, driver, None)  # not installed, even where it is
+
+    assert run.main(["groups", "--db", url]) == 2
+
+    err = capsys.readouterr().err
+    assert says in err and "postgresql://" in err, err
+    assert not_says is None or not_says not in err
+
+
+def test_a_missing_psycopg_3_gets_the_postgres_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+
+    assert run.main(["groups", "--db", "postgresql://ada@127.0.0.1:9/db"]) == 2
+
+    assert_one_error_line(capsys, "no driver", "pip install 'sleeptime-runtime[postgres]'")
+
+
+def test_driver_hint_names_only_postgresql_drivers() -> None:
+    assert driver_hint(parse_url("mysql://ada@db/x")) == ""
+    assert driver_hint(parse_url("sqlite:///x.db")) == ""
+    assert "psycopg 3" in driver_hint(parse_url("postgres://ada@db/x"))
+    assert "psycopg2-binary" in driver_hint(parse_url("postgresql+psycopg2://ada@db/x"))
+
+
+def command_parsers() -> dict[str, argparse.ArgumentParser]:
+    """The parser of each command, by name, and the top-level one as ''."""
+    parser = run.build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {"": parser, **commands.choices}
+
+
+def help_entries(help_text: str) -> dict[str, str]:
+    """Each option's entry in a --help text, by its long name, whitespace folded."""
+    entries: dict[str, str] = {}
+    name = None
+    for line in help_text.splitlines():
+        found = re.match(r"^  (?:-\w, )?(--[\w-]+)", line)
+        if found:
+            name = found[1]
+            entries[name] = line
+        elif name is not None and line.startswith("   "):
+            entries[name] += line
+        else:
+            name = None
+    return {key: " ".join(text.split()) for key, text in entries.items()}
+
+
+@pytest.mark.parametrize("command", sorted(command_parsers()))
+def test_help_shows_every_default(command: str) -> None:
+    parser = command_parsers()[command]
+    entries = help_entries(parser.format_help())
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+
+    assert options
+    for action in options:
+        default = action.default
+        if default is None or default is False or default == argparse.SUPPRESS:
+            continue  # nothing to show: its help says what happens without it
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        entry = entries[action.option_strings[-1]]
+        assert f"(default: {shown})" in entry, entry
 
 
 # -- pure helpers ---------------------------------------------------------------------------
