@@ -50,9 +50,9 @@ def test_readme_supervision_example_runs(tmp_path: Path, monkeypatch: pytest.Mon
 def quick_start_commands() -> list[str]:
     """The `python run.py ...` commands of the README's quick start, in order, as written."""
     section = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    block = re.findall(r"```bash\n(.*?)```", section, re.S)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
     commands = []
-    for line in block.splitlines():
+    for line in "".join(blocks).splitlines():
         for command in line.split("#", 1)[0].split("&&"):
             if command.strip().startswith("python run.py"):
                 commands.append(command.strip())
