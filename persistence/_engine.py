@@ -73,6 +73,27 @@ def _sqlite_manual_transactions(dbapi_connection: Any, _record: ConnectionPoolEn
     dbapi_connection.isolation_level = None
 
 
+def refuse_writes(engine: Engine) -> None:
+    """Make every connection `engine` opens from now on refuse to change the database.
+
+    The store's readers hold no ownership: so that only the owner's writer can write,
+    they are made unable to.
+    """
+    if is_sqlite(engine.url):
+        statement, commit = "PRAGMA query_only = ON", False
+    else:
+        statement, commit = "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", True
+
+    def on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(statement)
+        cursor.close()
+        if commit:
+            dbapi_connection.commit()  # psycopg opened a transaction for it
+
+    event.listen(engine, "connect", on_connect)
+
+
 def make_engines(url: str, readers: int = 8) -> tuple[Engine, Engine]:
     """Return (writer, reader) engines for `url`, or raise StoreUnavailable saying why.
 

@@ -47,7 +47,7 @@ from messages import (
 from persistence import _schema as schema
 from persistence._block_cache import BlockCache, visible_to
 from persistence._committer import Committer, Planned, Txn, Write, lost_connection
-from persistence._engine import make_engines, parse_url, redact, sqlite_file
+from persistence._engine import make_engines, parse_url, redact, refuse_writes, sqlite_file
 from persistence._models import (
     AgentRow,
     BlockRow,
@@ -187,6 +187,7 @@ class Store:
         except BaseException:
             self._let_go()
             raise
+        refuse_writes(self._reader)  # only the writer writes: it alone holds the ownership
         # Only the owner sees every change to the blocks, so only the owner may cache them.
         self._block_cache = None if read_only else BlockCache()
         self._next_sequence: dict[str, int] = {}  # agent id -> next to append (writer thread)

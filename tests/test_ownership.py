@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Connection, create_engine, event
+from sqlalchemy.exc import DBAPIError
 
 from actors import AgentContext, DatabaseInUse, OwnershipLost, Runtime
 from messages import Message, MessageCreate, RunStatus
-from persistence import Committer, _ownership
+from persistence import Committer, Store, _ownership
 from persistence._ownership import ADVISORY_KEY
 from tests.agents import user
 from tests.postgres import PostgresCluster
@@ -204,6 +205,8 @@ def test_another_process_through_another_name_is_refused_until_the_owner_is_gone
         with pytest.raises(DatabaseInUse, match=f"pid {owner.pid} on .+ since ") as refused:
             Runtime.start(alias)
         assert balanced(str(refused.value)), str(refused.value)
+        with Runtime.start(url, read_only=True) as viewer:  # `run.py runs` beside an owner
+            assert len(viewer.list_groups()) == 1
         owner.stop()
         with Runtime.start(alias):  # stopped: free
             pass
@@ -524,3 +527,16 @@ def test_an_idle_committer_beats_without_counting(tmp_path: Path) -> None:
     finally:
         committer.close()
         engine.dispose()
+
+
+def test_only_the_writer_writes(db_url: str) -> None:
+    """The readers hold no ownership, so they must not be able to write."""
+    store = Store(db_url)
+    try:
+        with pytest.raises(DBAPIError, match=r"read.only|readonly"), store._reader.begin() as c:
+            c.exec_driver_sql("UPDATE groups SET counter = 0")
+        assert store.committer.run(
+            lambda c: c.exec_driver_sql("UPDATE groups SET counter = 0").rowcount == 0
+        )
+    finally:
+        store.close()
