@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.exc import DBAPIError
 
-from actors import AgentContext, DatabaseInUse, OwnershipLost, Runtime
+from actors import AgentContext, DatabaseInUse, OwnershipLost, Runtime, StoreUnavailable
 from messages import Message, MessageCreate, RunStatus
 from persistence import Committer, Store, _ownership
 from persistence._ownership import ADVISORY_KEY
@@ -540,3 +540,38 @@ def test_only_the_writer_writes(db_url: str) -> None:
         )
     finally:
         store.close()
+
+
+def test_a_reconnecting_writer_waits_for_its_own_dying_session(
+    pg: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed backend lets go of the lock a moment after its client sees the connection
+    drop: a session holding it under the writer's own name is not another owner."""
+    monkeypatch.setattr(_ownership, "CHECK_INTERVAL_S", 3600.0)  # no reconnecting by itself
+    with Runtime.start(pg.url) as rt:
+        group = rt.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+        found = pg.holder()
+        assert found is not None
+        killed, name = found
+        # The dying session, played by one that takes the lock under the writer's name.
+        dying = pg.cluster.connect(pg.name)
+        try:
+            dying.execute("SELECT set_config('application_name', %s, false)", (name,))
+            with pg.cluster.connect(pg.name) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (killed,))
+            pg.backend_gone(killed)
+            row = dying.execute("SELECT pg_try_advisory_lock(%s)", (ADVISORY_KEY,)).fetchone()
+            assert row == (True,)
+
+            monkeypatch.setattr(_ownership, "OWN_SESSION_WAIT_S", 0.2)
+            with pytest.raises(StoreUnavailable, match="this runtime still holds"):
+                rt.step(group.id, [user("while it dies")])  # not OwnershipLost: try later
+
+            monkeypatch.setattr(_ownership, "OWN_SESSION_WAIT_S", 30.0)
+            threading.Timer(0.2, dying.close).start()  # it dies while the writer waits
+            result = rt.step(group.id, [user("once it died")])
+        finally:
+            dying.close()
+        assert pg.wait_for_holder() == writer_backend(rt)
+        (run,) = rt.wait_for_runs(result.run_ids, timeout=30)
+        assert run.status is RunStatus.COMPLETED
