@@ -23,7 +23,12 @@ only there.
 The writer keeps one connection for its whole life. A transaction that failed because
 the connection was lost, before its COMMIT was sent, is run once more on a new
 connection (nothing of it was stored); a failure during the COMMIT is reported, since its
-outcome is unknown.
+outcome is unknown. A committer given a `heartbeat` runs it whenever it had nothing to
+write for that long, so a lost connection is found (and made again) while idle.
+
+A new connection may find that this runtime no longer owns the database (`OwnershipLost`,
+raised by the engine on PostgreSQL): from then on the committer writes nothing, and every
+write, queued or later, fails with that error.
 
 When a guard of a merged batch misses (a run that moved meanwhile), the batch is rolled
 back and run again write by write in one transaction, and only the refused write fails.
@@ -43,7 +48,7 @@ import structlog
 from sqlalchemy import Connection, Engine, Insert, Update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from messages import RuntimeStopped, reject, resolve
+from messages import OwnershipLost, RuntimeStopped, StoreUnavailable, reject, resolve
 
 T = TypeVar("T")
 Op = Callable[[Connection], T]
@@ -161,10 +166,12 @@ class Committer:
         insert_order: Sequence[Insert] = (),
         append: tuple[Insert, Numberer] | None = None,
         max_batch: int = 512,
+        heartbeat: tuple[float, Op[object]] | None = None,
     ) -> None:
         """`insert_order`: the INSERTs in an order that respects foreign keys (parents
         first); `append`: the INSERT of messages and the function that numbers rows to
-        append, (connection, rows, txn) -> rows with their `sequence`."""
+        append, (connection, rows, txn) -> rows with their `sequence`; `heartbeat`:
+        (seconds, op), the op to run (uncounted) after that long without a write."""
         self._engine = engine
         self._translate = translate
         self._append = append
@@ -174,6 +181,8 @@ class Committer:
         self._closed = False
         self._close_lock = threading.Lock()
         self._connection: Connection | None = None  # the writer's own, held across batches
+        self._heartbeat = heartbeat
+        self._lost: OwnershipLost | None = None  # once set, nothing is written again
         self.transactions = 0
         self.ops = 0
         self.statements = 0
@@ -221,8 +230,13 @@ class Committer:
             self._disconnect()
 
     def _serve(self) -> None:
+        interval = None if self._heartbeat is None else self._heartbeat[0]
         while True:
-            job = self._queue.get()
+            try:
+                job = self._queue.get(timeout=interval)
+            except queue.Empty:
+                self._beat()
+                continue
             if job is None:
                 return
             batch = [job]
@@ -240,6 +254,16 @@ class Committer:
             if stop:
                 return
 
+    def _beat(self) -> None:
+        assert self._heartbeat is not None
+        if self._lost is not None:
+            return
+        job: _Job = _Job(self._heartbeat[1], Future(), None)
+        try:
+            self._transaction([job], merged=False, counted=False)
+        except Exception as error:  # the next write will say it to its caller
+            log.debug("heartbeat_failed", error=str(error), error_type=type(error).__name__)
+
     def _commit(self, batch: list[_Job]) -> None:
         live = [job for job in batch if job.future.set_running_or_notify_cancel()]
         if not live:
@@ -253,7 +277,7 @@ class Committer:
                 self._each_alone(live)
                 return
         except Exception as error:
-            if len(live) > 1 or not lost_connection(error):
+            if len(live) > 1 or not _unreachable(error):
                 # Alone, and exactly: a merged plan may have trusted a wrong memory.
                 self._each_alone(live)
                 return
@@ -268,7 +292,7 @@ class Committer:
                 ((ok, value),) = self._transaction([job], merged=False)
             except Exception as error:
                 self._fail(job, error)
-                if lost_connection(error):
+                if _unreachable(error):
                     # The database is out of reach: the others would only wait for the
                     # same answer, one connect timeout each.
                     for rest in jobs[index + 1 :]:
@@ -281,12 +305,12 @@ class Committer:
         log.debug("write_failed", error=str(error), error_type=type(error).__name__)
         reject(job.future, self._translate(error))
 
-    def _transaction(self, jobs: list[_Job], *, merged: bool) -> list[tuple[bool, Any]]:
+    def _transaction(
+        self, jobs: list[_Job], *, merged: bool, counted: bool = True
+    ) -> list[tuple[bool, Any]]:
         """Run the jobs in one transaction: (True, result) or (False, refusal) per job."""
         for attempt in (1, 2):
-            if self._connection is None:
-                self._connection = self._engine.connect()
-            connection = self._connection
+            connection = self._connect()
             txn = Txn(exact=not merged)
             transaction = connection.begin()
             try:
@@ -304,11 +328,25 @@ class Committer:
             except BaseException:
                 self._disconnect()  # the outcome is unknown; a new connection next time
                 raise
-            self.transactions += 1
-            self.ops += len(jobs)
+            if counted:
+                self.transactions += 1
+                self.ops += len(jobs)
             txn.committed()
             return outcomes
         raise AssertionError("unreachable")
+
+    def _connect(self) -> Connection:
+        """The writer's connection: the one held, or a new one (which the engine checks,
+        before its first use, still owns the database)."""
+        if self._lost is not None:
+            raise _again(self._lost)
+        if self._connection is None:
+            try:
+                self._connection = self._engine.connect()
+            except OwnershipLost as lost:
+                self._lost = lost
+                raise
+        return self._connection
 
     def _roll_back(self, transaction: Any) -> None:
         try:
@@ -403,6 +441,21 @@ def _settle(job: _Job, ok: bool, value: Any) -> None:
         resolve(job.future, value)
     else:
         reject(job.future, value)
+
+
+def _again(error: OwnershipLost) -> OwnershipLost:
+    """The same error as a new exception: raising one instance for every later write
+    would grow its traceback without end."""
+    again = OwnershipLost.__new__(OwnershipLost)
+    again.__dict__.update(error.__dict__)
+    again.args = error.args
+    return again
+
+
+def _unreachable(error: Exception) -> bool:
+    """Whether no other write could succeed now either: the database is out of reach, or
+    no longer this runtime's."""
+    return lost_connection(error) or isinstance(error, StoreUnavailable | OwnershipLost)
 
 
 def lost_connection(error: Exception) -> bool:

@@ -46,9 +46,16 @@ def is_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite"
 
 
+def in_memory(database: str) -> bool:
+    """Whether a SQLite URL's database is in memory rather than in a file."""
+    return database in ("", ":memory:") or database.startswith("file::memory:")
+
+
 def sqlite_file(url: URL) -> str | None:
-    """The database file of a SQLite URL (None for any other database)."""
-    return url.database if is_sqlite(url) and url.database else None
+    """The database file of a SQLite URL (None for any other database, or in memory)."""
+    if not is_sqlite(url) or in_memory(url.database or ""):
+        return None
+    return url.database
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -66,6 +73,27 @@ def _sqlite_manual_transactions(dbapi_connection: Any, _record: ConnectionPoolEn
     dbapi_connection.isolation_level = None
 
 
+def refuse_writes(engine: Engine) -> None:
+    """Make every connection `engine` opens from now on refuse to change the database.
+
+    The store's readers hold no ownership: so that only the owner's writer can write,
+    they are made unable to.
+    """
+    if is_sqlite(engine.url):
+        statement, commit = "PRAGMA query_only = ON", False
+    else:
+        statement, commit = "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", True
+
+    def on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(statement)
+        cursor.close()
+        if commit:
+            dbapi_connection.commit()  # psycopg opened a transaction for it
+
+    event.listen(engine, "connect", on_connect)
+
+
 def make_engines(url: str, readers: int = 8) -> tuple[Engine, Engine]:
     """Return (writer, reader) engines for `url`, or raise StoreUnavailable saying why.
 
@@ -75,8 +103,7 @@ def make_engines(url: str, readers: int = 8) -> tuple[Engine, Engine]:
     parsed = parse_url(url)
     shown = redact(parsed)
     if is_sqlite(parsed):
-        database = parsed.database or ""
-        if database in ("", ":memory:") or database.startswith("file::memory:"):
+        if in_memory(parsed.database or ""):
             raise StoreUnavailable(
                 url,
                 "in-memory SQLite cannot be shared by the runtime's threads; use a file "

@@ -15,6 +15,7 @@ from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel
 from sqlalchemy import (
+    URL,
     Connection,
     RowMapping,
     Table,
@@ -46,7 +47,7 @@ from messages import (
 from persistence import _schema as schema
 from persistence._block_cache import BlockCache, visible_to
 from persistence._committer import Committer, Planned, Txn, Write, lost_connection
-from persistence._engine import make_engines, parse_url, redact
+from persistence._engine import make_engines, parse_url, redact, refuse_writes, sqlite_file
 from persistence._models import (
     AgentRow,
     BlockRow,
@@ -56,7 +57,7 @@ from persistence._models import (
     RunRow,
     utcnow,
 )
-from persistence._ownership import Ownership
+from persistence._ownership import DatabaseFile, Ownership
 from persistence._records import GroupState, NewGroup, Transition, TurnWrite
 
 T = TypeVar("T")
@@ -178,16 +179,25 @@ class Store:
         """
         parsed = parse_url(url)
         self.url = redact(parsed)
-        self._writer, self._reader = make_engines(url, readers=readers)
-        self._ownership: Ownership | None = None
+        # Before anything opens the database: a SQLite file is locked here.
+        self._ownership = None if read_only else Ownership(parsed)
+        self._viewed = _view(parsed) if read_only else None
+        try:
+            self._writer, self._reader = make_engines(url, readers=readers)
+        except BaseException:
+            self._let_go()
+            raise
+        refuse_writes(self._reader)  # only the writer writes: it alone holds the ownership
         # Only the owner sees every change to the blocks, so only the owner may cache them.
         self._block_cache = None if read_only else BlockCache()
         self._next_sequence: dict[str, int] = {}  # agent id -> next to append (writer thread)
         try:
-            if read_only:
+            if self._ownership is None:
                 self._guard(lambda: schema.require_current(self._writer))
             else:
-                self._ownership = Ownership(parsed)
+                # On PostgreSQL the writer's connections hold the lock from here on, so
+                # the migration below, and every write after it, runs as the owner.
+                self._ownership.attach(self._writer)
                 self._guard(lambda: schema.prepare(self._writer, auto_upgrade=auto_upgrade))
         except BaseException:
             self._release()
@@ -197,6 +207,7 @@ class Store:
             translate=self._translate,
             insert_order=(_INSERT_MESSAGES, _INSERT_RUNS, _INSERT_EVENTS),
             append=(_INSERT_MESSAGES, self._number),
+            heartbeat=None if self._ownership is None else self._ownership.heartbeat,
         )
 
     def close(self) -> None:
@@ -205,11 +216,17 @@ class Store:
         self._release()
 
     def _release(self) -> None:
-        self._writer.dispose()
+        self._writer.dispose()  # on PostgreSQL, this ends the ownership's lock
         self._reader.dispose()
+        self._let_go()
+
+    def _let_go(self) -> None:
         if self._ownership is not None:
             self._ownership.release()
             self._ownership = None
+        if self._viewed is not None:
+            self._viewed.close()
+            self._viewed = None
 
     @staticmethod
     def migrate(url: str) -> tuple[str | None, str]:
@@ -219,18 +236,23 @@ class Store:
         runtime.
         """
         parsed = parse_url(url)
-        writer, reader = make_engines(url)
-        reader.dispose()
         ownership = Ownership(parsed)
         try:
+            writer, reader = make_engines(url)
+        except BaseException:
+            ownership.release()
+            raise
+        reader.dispose()
+        try:
+            ownership.attach(writer)
             schema.check(writer, auto_upgrade=True)
             try:
                 return schema.upgrade(writer)
             except DBAPIError as error:
                 raise StoreUnavailable(redact(parsed), str(error.orig).strip()) from error
         finally:
-            ownership.release()
             writer.dispose()
+            ownership.release()
 
     def _number(
         self, connection: Connection, rows: list[dict[str, Any]], txn: Txn
@@ -670,6 +692,17 @@ class Store:
             ]
 
         return self._read(query)
+
+
+def _view(url: URL) -> DatabaseFile | None:
+    """A read-only store's hold on a SQLite file (see `DatabaseFile`), if it can be had."""
+    path = sqlite_file(url)
+    if path is None:
+        return None
+    try:
+        return DatabaseFile(path, url=redact(url))
+    except StoreUnavailable:  # a file it cannot open is one this process has no lock on
+        return None
 
 
 def _run_filters(

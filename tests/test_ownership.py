@@ -4,65 +4,574 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import Connection, create_engine, event
+from sqlalchemy.exc import DBAPIError
 
-from actors import DatabaseInUse, Runtime
+from actors import AgentContext, DatabaseInUse, OwnershipLost, Runtime, StoreUnavailable
+from messages import Message, MessageCreate, RunStatus
+from persistence import Committer, Store, _ownership
+from persistence._ownership import ADVISORY_KEY
+from tests.agents import user
+from tests.postgres import PostgresCluster
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def balanced(text: str) -> bool:
+    depth = 0
+    for char in text:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth < 0:
+            return False
+    return depth == 0
 
 
 def test_second_runtime_on_the_same_database_fails_at_once(db_url: str) -> None:
     with Runtime.start(db_url) as first:
         group = first.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
         started = time.monotonic()
-        with pytest.raises(DatabaseInUse, match=f"pid {os.getpid()}"):
+        with pytest.raises(DatabaseInUse, match=f"pid {os.getpid()} on .+ since ") as refused:
             Runtime.start(db_url)
         assert time.monotonic() - started < 5
+        assert balanced(str(refused.value)), str(refused.value)
         with pytest.raises(DatabaseInUse):
             Runtime.migrate(db_url)
         with Runtime.start(db_url, read_only=True) as viewer:  # inspecting is allowed
             assert viewer.get_group(group.id).id == group.id
         assert first.get_group(group.id).turns == 0  # the first one is unharmed
+        first.step(group.id, [user("still mine")])  # and still writes after the refusals
     with Runtime.start(db_url) as second:  # and once it stopped, the next one may start
-        assert second.get_group(group.id).id == group.id
+        assert second.get_group(group.id).turns == 1
 
 
-def test_owner_killed_with_sigkill_does_not_block_the_next_start(db_url: str) -> None:
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys\n"
-            "from actors import Runtime\n"
-            f"rt = Runtime.start({db_url!r})\n"
-            "print('owning', flush=True)\n"
-            "sys.stdin.read()\n",
-        ],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        assert child.stdout is not None
-        assert child.stdout.readline().strip() == "owning"
-        with pytest.raises(DatabaseInUse):
-            Runtime.start(db_url)
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait(10)
+class Owner:
+    """A runtime in a child process, owning `url` until `stop()` or `kill()`.
+
+    `script` runs in the child with `rt` started, before it says it owns the database;
+    then each line the test sends is run as a command (`tell`), answered by "ok" or the
+    error's class name.
+    """
+
+    def __init__(self, url: str, script: str = "") -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import sys\n"
+                "from actors import Runtime\n"
+                "from tests.agents import user\n"
+                f"rt = Runtime.start({url!r})\n"
+                f"{script}\n"
+                "print('owning', flush=True)\n"
+                "for line in sys.stdin:\n"
+                "    try:\n"
+                "        exec(line)\n"
+                "        print('ok', flush=True)\n"
+                "    except Exception as error:\n"
+                "        print(type(error).__name__, flush=True)\n"
+                "rt.stop()\n",
+            ],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "SLEEPTIME_LOG_LEVEL": "critical"},
+        )
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline().strip() == "owning"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def tell(self, command: str) -> str:
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline().strip()
+
+    def stop(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        assert self.process.wait(30) == 0
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+
+MAKE_GROUP = "group = rt.create_group(primary={'kind': 'scripted'}, sleeptime=[{'kind': 'memory'}])"
+
+
+def start_when_free(url: str) -> Runtime:
+    """Start a runtime on `url` once its dead owner's lock is gone."""
     deadline = time.monotonic() + 10
     while True:  # the server notices the dead connection within moments
         try:
-            with Runtime.start(db_url):
-                break
+            return Runtime.start(url)
         except DatabaseInUse:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)  # polling a lock the OS or server frees; nothing to wait on
+
+
+def test_owner_killed_with_sigkill_does_not_block_the_next_start(db_url: str) -> None:
+    owner = Owner(db_url)
+    try:
+        with pytest.raises(DatabaseInUse, match=f"pid {owner.pid} "):
+            Runtime.start(db_url)
+    finally:
+        owner.kill()
+    with start_when_free(db_url):
+        pass
+
+
+# -- SQLite: the lock is on the database file itself, whatever name it is opened by ---------
+
+
+@pytest.fixture
+def sqlite_file(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "sleeptime.db"
+
+
+def other_name(kind: str, database: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Another URL for the same database file, made with `kind`."""
+    elsewhere = database.parent.parent / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    match kind:
+        case "symlink":
+            (elsewhere / "linked.db").symlink_to(database)
+            return f"sqlite:///{elsewhere / 'linked.db'}"
+        case "hard link":
+            os.link(database, elsewhere / "linked.db")  # in another directory, too
+            return f"sqlite:///{elsewhere / 'linked.db'}"
+        case "symlinked directory":
+            (elsewhere / "dir").symlink_to(database.parent, target_is_directory=True)
+            return f"sqlite:///{elsewhere / 'dir' / database.name}"
+        case "relative path":
+            monkeypatch.chdir(database.parent.parent)
+            return f"sqlite:///{database.relative_to(database.parent.parent)}"
+    raise AssertionError(kind)
+
+
+NAMES = ["symlink", "hard link", "symlinked directory", "relative path"]
+
+
+@pytest.mark.parametrize("kind", NAMES)
+def test_a_second_start_through_another_name_of_the_file_is_refused(
+    sqlite_file: Path,
+    kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    sqlite_file.parent.mkdir()
+    url = f"sqlite:///{sqlite_file}"
+    with Runtime.start(url) as first:
+        group = first.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+        alias = other_name(kind, sqlite_file, monkeypatch)
+        with pytest.raises(DatabaseInUse, match=f"pid {os.getpid()} "):
+            Runtime.start(alias)
+        with pytest.raises(DatabaseInUse):
+            Runtime.migrate(alias)
+        if kind != "hard link":  # SQLite would read through it a log of its own (none)
+            with Runtime.start(alias, read_only=True) as viewer:  # inspecting is allowed
+                assert viewer.get_group(group.id).id == group.id
+        first.step(group.id, [user("still mine")])
+    with Runtime.start(alias) as second:  # the owner stopped: any name of the file will do
+        assert second.get_group(group.id).turns == 1
+    # SQLite names its write-ahead log after the name it opened: several names are a hazard.
+    assert ("database_has_several_names" in capsys.readouterr().err) == (kind == "hard link")
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hard link"])
+def test_another_process_through_another_name_is_refused_until_the_owner_is_gone(
+    sqlite_file: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sqlite_file.parent.mkdir()
+    url = f"sqlite:///{sqlite_file}"
+    owner = Owner(url, MAKE_GROUP)
+    try:
+        alias = other_name(kind, sqlite_file, monkeypatch)
+        with pytest.raises(DatabaseInUse, match=f"pid {owner.pid} on .+ since ") as refused:
+            Runtime.start(alias)
+        assert balanced(str(refused.value)), str(refused.value)
+        with Runtime.start(url, read_only=True) as viewer:  # `run.py runs` beside an owner
+            assert len(viewer.list_groups()) == 1
+        owner.stop()
+        with Runtime.start(alias):  # stopped: free
+            pass
+        owner = Owner(alias)
+        with pytest.raises(DatabaseInUse, match=f"pid {owner.pid} "):
+            Runtime.start(url)
+    finally:
+        owner.kill()
+    with start_when_free(url):  # killed: free as well
+        pass
+
+
+def test_an_owner_keeps_what_it_commits_when_a_second_start_in_its_process_is_refused(
+    sqlite_file: Path,
+) -> None:
+    """SQLite's own locks are POSIX locks, which a process loses on the file as soon as it
+    closes *any* descriptor of it. Were the refused start to close a descriptor of the file
+    it tried to lock, the owner would lose the lock that keeps another process from deleting
+    the write-ahead log under it: a commit would then go to a deleted file."""
+    sqlite_file.parent.mkdir()
+    url = f"sqlite:///{sqlite_file}"
+    owner = Owner(url, MAKE_GROUP)
+    try:
+        assert owner.tell(f"Runtime.start({url!r})") == "DatabaseInUse"
+        assert owner.tell(f"Runtime.start({url!r}, read_only=True).stop()") == "ok"
+        assert owner.tell("rt.step(group.id, [user('first')])") == "ok"
+        reader = sqlite3.connect(sqlite_file)  # another process reads, then leaves
+        assert reader.execute("SELECT count(*) FROM groups").fetchone() == (1,)
+        reader.close()
+        assert owner.tell("rt.step(group.id, [user('second')])") == "ok"
+    finally:
+        owner.kill()  # no checkpoint at exit: what was committed is in the log alone
+    with start_when_free(url) as rt:
+        (group,) = rt.list_groups()
+        history = rt.list_messages(group.primary_agent_id)
+        assert [m.text() for m in history if m.role == "user"] == ["first", "second"]
+
+
+@pytest.fixture
+def posix_locks() -> Iterator[None]:
+    if not Path("/proc/locks").exists():
+        pytest.skip("needs Linux's /proc/locks")
+    yield
+
+
+def sqlite_read_locks(database: Path) -> int:
+    """How many POSIX locks this process holds on the file (SQLite's own)."""
+    stat = os.stat(database)
+    inode = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    lines = Path("/proc/locks").read_text().splitlines()
+    return sum(1 for line in lines if "POSIX" in line and f" {os.getpid()} {inode} " in f"{line} ")
+
+
+def test_sqlite_keeps_its_locks_when_an_owner_of_the_same_process_stops(
+    sqlite_file: Path, posix_locks: None
+) -> None:
+    sqlite_file.parent.mkdir()
+    url = f"sqlite:///{sqlite_file}"
+    owner = Runtime.start(url)
+    group = owner.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+    with Runtime.start(url, read_only=True) as viewer:
+        viewer.get_group(group.id)
+        assert sqlite_read_locks(sqlite_file) >= 1
+        owner.stop()
+        assert sqlite_read_locks(sqlite_file) >= 1  # the viewer's, still there
+        assert viewer.get_group(group.id).id == group.id
+
+
+# -- PostgreSQL: the lock lives on the writer's own connection, and comes back with it -------
+
+
+class Tagged:
+    """A sleeptime agent that says which runtime ran it, once its gate (if any) opens."""
+
+    def __init__(self, tag: str, gate: threading.Event | None = None) -> None:
+        self.tag = tag
+        self.gate = gate
+        self.started = threading.Semaphore(0)
+
+    def factory(self, config: dict[str, Any]) -> Tagged:
+        return self
+
+    def step(self, context: AgentContext, messages: Sequence[Message]) -> list[MessageCreate]:
+        self.started.release()
+        if self.gate is not None:
+            self.gate.wait(60)
+        return [MessageCreate(role="assistant", content=f"written by {self.tag}")]
+
+
+@pytest.fixture
+def pg(postgres_cluster: PostgresCluster, request: pytest.FixtureRequest) -> Iterator[Database]:
+    name = postgres_cluster.create_database(request.node.name)
+    try:
+        yield Database(postgres_cluster, name)
+    finally:
+        postgres_cluster.drop_database(name)
+
+
+class Database:
+    """A PostgreSQL database of the test cluster, and who holds its ownership lock."""
+
+    def __init__(self, cluster: PostgresCluster, name: str) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.url = cluster.url(name)
+
+    def holder(self) -> tuple[int, str] | None:
+        """(backend pid, application_name) of the session holding the lock, if any."""
+        with self.cluster.connect(self.name) as admin:
+            row = admin.execute(
+                "SELECT a.pid, a.application_name FROM pg_locks l "
+                "JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' "
+                "AND l.granted AND l.database = (SELECT oid FROM pg_database "
+                "WHERE datname = current_database()) AND l.objsubid = 1 "
+                "AND (l.classid::bigint << 32 | l.objid::bigint) = %s",
+                (ADVISORY_KEY,),
+            ).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def wait_for_holder(self, unlike: int | None = None, timeout: float = 30) -> int:
+        """The backend pid holding the lock, once one (other than `unlike`) does."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.holder()
+            if found is not None and found[0] != unlike:
+                return found[0]
+            assert time.monotonic() < deadline, f"nobody took the lock within {timeout}s"
+            time.sleep(0.05)  # polling the server's lock table; nothing to wait on
+
+    def backend_gone(self, pid: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.cluster.connect(self.name) as admin:
+                row = admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)
+                ).fetchone()
+            if row == (0,):
+                return
+            assert time.monotonic() < deadline, f"backend {pid} still there after {timeout}s"
+            time.sleep(0.05)  # polling the server; nothing to wait on
+
+
+def until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not true within {timeout}s"
+        time.sleep(0.02)  # polling what the store says; nothing to wait on
+
+
+def writer_backend(rt: Runtime) -> int:
+    """The backend pid of the runtime's writer connection."""
+    pid: int = rt._store.committer.run(
+        lambda connection: connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    )
+    return pid
+
+
+def test_the_writer_connection_holds_the_lock(pg: Database) -> None:
+    with Runtime.start(pg.url) as rt:
+        found = pg.holder()
+        assert found is not None and found[0] == writer_backend(rt)
+        assert f"{os.getpid()}" in found[1]
+
+
+def test_after_a_server_restart_the_idle_owner_takes_the_lock_again(pg: Database) -> None:
+    with Runtime.start(pg.url) as first:
+        group = first.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+        first.step(group.id, [user("my favorite color is teal")])
+        before = pg.wait_for_holder()
+
+        pg.cluster.restart()  # the lock dies with the session; the runtime makes no call
+        after = pg.wait_for_holder(unlike=before)
+        assert after == writer_backend(first)
+        with pytest.raises(DatabaseInUse, match=f"pid {os.getpid()} on .+ since ") as refused:
+            Runtime.start(pg.url)
+        assert balanced(str(refused.value)), str(refused.value)
+
+        result = first.step(group.id, [user("my favorite color is plum")])  # business as usual
+        (run,) = first.wait_for_runs(result.run_ids, timeout=30)
+        assert run.status is RunStatus.COMPLETED
+        assert first.get_group(group.id).turns == 2
+
+
+def test_the_writer_killed_by_the_server_takes_the_lock_again(pg: Database) -> None:
+    with Runtime.start(pg.url) as rt:
+        group = rt.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+        killed = pg.wait_for_holder()
+        with pg.cluster.connect(pg.name) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (killed,))
+        pg.backend_gone(killed)
+
+        result = rt.step(group.id, [user("my favorite color is amber")])  # reconnects, re-takes
+        assert pg.wait_for_holder() == writer_backend(rt) != killed
+        with pytest.raises(DatabaseInUse):
+            Runtime.start(pg.url)
+        (run,) = rt.wait_for_runs(result.run_ids, timeout=30)
+        assert run.status is RunStatus.COMPLETED
+
+
+def test_a_runtime_that_finds_its_database_taken_after_a_restart_stops_writing(
+    pg: Database, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(_ownership, "CHECK_INTERVAL_S", 3600.0)  # the first checks no more
+    gate = threading.Event()
+    slow = Tagged("first", gate)
+    first = Runtime.start(pg.url, kinds={"tagged": slow.factory})
+    try:
+        group = first.create_group(
+            primary={"kind": "scripted"}, sleeptime=[{"kind": "tagged"}], frequency=1
+        )
+        pending = first.step(group.id, [user("one")]).run_ids
+        assert slow.started.acquire(timeout=10)  # the first's run is in its step, held there
+        until(lambda: first.get_run(pending[0]).status is RunStatus.RUNNING)
+        taken = first.get_group(group.id)
+
+        pg.cluster.restart()
+        with Runtime.start(pg.url, kinds={"tagged": Tagged("second").factory}) as second:
+            # The second recovers the run the first was running, and owns the group now.
+            (run,) = second.wait_for_runs(pending, timeout=30)
+            assert run.status is RunStatus.COMPLETED and run.attempt == 2
+
+            with pytest.raises(OwnershipLost, match="no longer owns"):
+                first.step(group.id, [user("two")])
+            with pytest.raises(OwnershipLost):
+                first.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+            gate.set()  # the first's run ends now: its end must not be written
+            first.wait_for_runs(pending, timeout=30)  # as the store (the second) says
+            with pytest.raises(OwnershipLost):
+                first.step(group.id, [user("three")])
+
+            assert len(second.list_groups()) == 1
+            assert second.get_group(group.id).turns == taken.turns
+            (sleeper,) = group.sleeptime_agent_ids
+            written = [m.text() for m in second.list_messages(sleeper) if m.role == "assistant"]
+            assert written == ["written by second"]
+            assert [e.attempt for e in second.run_events(pending[0])] == [1, 1, 2, 2, 2]
+
+            result = second.step(group.id, [user("four")])  # the second works as usual
+            (run,) = second.wait_for_runs(result.run_ids, timeout=30)
+            assert run.status is RunStatus.COMPLETED
+            assert second.get_group(group.id).turns == taken.turns + 1
+            assert "two" not in [m.text() for m in second.list_messages(group.primary_agent_id)]
+    finally:
+        gate.set()
+        first.stop(drain_timeout=0)
+    assert capsys.readouterr().err.count("ownership_lost") == 1
+
+
+@pytest.mark.parametrize(
+    ("pid", "host"),
+    [(4_194_304, "build-runner-0123456789abcdef.eu-west-1.compute.internal"), (7, "h"), (42, "")],
+)
+def test_the_owner_named_on_the_server_fits_and_reads_back(pid: int, host: str) -> None:
+    name = _ownership.application_name(pid, 12, "20250102T030405Z", host)
+    assert len(name.encode()) <= 63  # what PostgreSQL keeps of an application_name
+    said = _ownership.describe_holder(name, 1234, "10.0.0.7")
+    assert said.startswith(f"pid {pid} on {host[:10]}")
+    assert said.endswith(" since 2025-01-02 03:04:05Z")
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("sleeptime-runtime owner (pid 1 on a since 2025-01-", "server session 99 from 10.0.0.7"),
+        (None, "server session 99 from 10.0.0.7"),
+    ],
+)
+def test_a_holder_that_did_not_name_itself_is_named_by_its_session(name: str, says: str) -> None:
+    said = _ownership.describe_holder(name, 99, "10.0.0.7")
+    assert said == says
+    assert balanced(str(DatabaseInUse("postgresql://db", said)))
+    assert _ownership.describe_holder(None, None, None) == "another runtime"
+
+
+def test_a_committer_that_lost_the_database_never_writes_again(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'lost.db'}", pool_size=1, max_overflow=0)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE notes (text TEXT)")
+    taken = threading.Event()
+    lost = OwnershipLost("sqlite:///lost.db", "its lock is held by pid 1 on elsewhere")
+
+    @event.listens_for(engine, "checkout")
+    def check(*_: object) -> None:
+        if taken.is_set():
+            raise lost
+
+    def note(text: str) -> Callable[[Connection], object]:
+        return lambda c: c.exec_driver_sql("INSERT INTO notes VALUES (?)", (text,))
+
+    committer = Committer(engine)
+    try:
+        committer.run(note("mine"))
+        taken.set()
+        with pytest.raises(OwnershipLost, match="no longer owns"):
+            committer.run(lambda c: c.invalidate())  # its connection dies; a new one is refused
+        with pytest.raises(OwnershipLost):
+            committer.run(note("lost"))
+        taken.clear()  # whatever the engine says now, the loss holds
+        queued = [committer.submit(note(f"later {n}")) for n in range(5)]
+        for future in queued:
+            with pytest.raises(OwnershipLost):
+                future.result(timeout=10)
+    finally:
+        committer.close()
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT text FROM notes").scalars().all() == ["mine"]
+    engine.dispose()
+
+
+def test_an_idle_committer_beats_without_counting(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'idle.db'}", pool_size=1, max_overflow=0)
+    beats = threading.Semaphore(0)
+    committer = Committer(engine, heartbeat=(0.01, lambda c: beats.release()))
+    try:
+        for _ in range(3):
+            assert beats.acquire(timeout=10)
+        assert committer.transactions == 0
+    finally:
+        committer.close()
+        engine.dispose()
+
+
+def test_only_the_writer_writes(db_url: str) -> None:
+    """The readers hold no ownership, so they must not be able to write."""
+    store = Store(db_url)
+    try:
+        with pytest.raises(DBAPIError, match=r"read.only|readonly"), store._reader.begin() as c:
+            c.exec_driver_sql("UPDATE groups SET counter = 0")
+        assert store.committer.run(
+            lambda c: c.exec_driver_sql("UPDATE groups SET counter = 0").rowcount == 0
+        )
+    finally:
+        store.close()
+
+
+def test_a_reconnecting_writer_waits_for_its_own_dying_session(
+    pg: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed backend lets go of the lock a moment after its client sees the connection
+    drop: a session holding it under the writer's own name is not another owner."""
+    monkeypatch.setattr(_ownership, "CHECK_INTERVAL_S", 3600.0)  # no reconnecting by itself
+    with Runtime.start(pg.url) as rt:
+        group = rt.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+        found = pg.holder()
+        assert found is not None
+        killed, name = found
+        # The dying session, played by one that takes the lock under the writer's name.
+        dying = pg.cluster.connect(pg.name)
+        try:
+            dying.execute("SELECT set_config('application_name', %s, false)", (name,))
+            with pg.cluster.connect(pg.name) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (killed,))
+            pg.backend_gone(killed)
+            row = dying.execute("SELECT pg_try_advisory_lock(%s)", (ADVISORY_KEY,)).fetchone()
+            assert row == (True,)
+
+            monkeypatch.setattr(_ownership, "OWN_SESSION_WAIT_S", 0.2)
+            with pytest.raises(StoreUnavailable, match="this runtime still holds"):
+                rt.step(group.id, [user("while it dies")])  # not OwnershipLost: try later
+
+            monkeypatch.setattr(_ownership, "OWN_SESSION_WAIT_S", 30.0)
+            threading.Timer(0.2, dying.close).start()  # it dies while the writer waits
+            result = rt.step(group.id, [user("once it died")])
+        finally:
+            dying.close()
+        assert pg.wait_for_holder() == writer_backend(rt)
+        (run,) = rt.wait_for_runs(result.run_ids, timeout=30)
+        assert run.status is RunStatus.COMPLETED
