@@ -194,7 +194,7 @@ BAD_GROUPS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     (
         "persona not text",
         {"sleeptime": [{"kind": "memory", "config": {"memory_persona": 3}}]},
-        TypeError,
+        ValidationError,
         "memory_persona",
     ),
 ]
