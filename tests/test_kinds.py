@@ -427,24 +427,22 @@ def test_memory_improves_the_scripted_answer() -> None:
     assert primary.step(context, question)[0].text() == "Your favorite color is coral."
 
 
-# Only text the runtime stores (no NUL; hypothesis draws no surrogates), and every message
+# Only text the runtime stores (utf-8: no surrogates; no NUL), and every message
 # with content, as MessageCreate requires.
-_text = st.text(st.characters(exclude_characters="\x00"))
+_chars = st.characters(codec="utf-8", exclude_characters="\x00")
 _parts = st.one_of(
-    st.builds(TextContent, text=_text.filter(bool)),
+    st.builds(TextContent, text=st.text(_chars, min_size=1)),
     st.builds(ImageContent, url=st.none() | st.just("https://example.com/cat.png")),
 )
 _inputs = st.builds(
     MessageCreate,
     role=st.sampled_from(["user", "assistant", "system"]),
-    content=_text.filter(bool) | st.lists(_parts, min_size=1, max_size=3),
-    name=st.none() | st.text(st.characters(exclude_characters="\x00"), min_size=1, max_size=10),
+    content=st.text(_chars, min_size=1) | st.lists(_parts, min_size=1, max_size=3),
+    name=st.none() | st.text(_chars, min_size=1, max_size=10),
 )
 
 
-@given(
-    st.lists(_inputs, max_size=4), st.text(st.characters(exclude_characters="\x00"), max_size=200)
-)
+@given(st.lists(_inputs, max_size=4), st.text(_chars, max_size=200))
 def test_scripted_answers_any_input_with_one_message(
     inputs: list[MessageCreate], known: str
 ) -> None:

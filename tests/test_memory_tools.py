@@ -189,8 +189,8 @@ def test_memory_tool_error_is_an_ordinary_exception() -> None:
 
 # properties
 
-# Text a block can hold (no NUL; hypothesis draws no surrogates), without line breaks.
-line_text = st.text(st.characters(exclude_characters="\n\x00"), max_size=10)
+# Text a block can hold (utf-8: no surrogates; no NUL), without line breaks.
+line_text = st.text(st.characters(codec="utf-8", exclude_characters="\n\x00"), max_size=10)
 block_lines = st.lists(line_text, max_size=10).filter(lambda lines: lines != [""])
 
 
