@@ -32,7 +32,17 @@ from actors.kinds import (
     sample_latency_ms,
 )
 from actors.kinds.memory import user_lines
-from messages import Block, Blocks, ImageContent, Message, MessageCreate, Role, TextContent
+from messages import (
+    AgentRoleError,
+    Block,
+    Blocks,
+    ImageContent,
+    Message,
+    MessageCreate,
+    Role,
+    TextContent,
+    UnknownAgentKind,
+)
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -590,3 +600,52 @@ def test_builtin_kinds_build_through_the_registry() -> None:
     assert isinstance(kinds.build("simulated", {"seed": 1}), SimulatedAgent)
     with pytest.raises(ValidationError, match="colour"):
         kinds.build("memory", {"colour": "red"})
+
+
+def test_builtin_kinds_declare_their_roles() -> None:
+    kinds = AgentKinds()
+    for name, factory in builtin_kinds().items():
+        kinds.register(name, factory)
+    roles = {name: kinds.roles(name) for name in kinds.names()}
+    assert roles == {
+        "memory": ("sleeptime",),
+        "openai": ("primary", "sleeptime"),
+        "scripted": ("primary",),
+        "simulated": ("primary", "sleeptime"),
+    }
+    with pytest.raises(AgentRoleError, match="'memory' cannot be a primary agent") as error:
+        kinds.check_role("memory", "primary")
+    assert error.value.supported == ["sleeptime"]
+
+
+def test_a_users_kind_plays_both_roles_unless_it_says_otherwise() -> None:
+    kinds = AgentKinds()
+    kinds.register("echo", lambda config: ScriptedAgent({}))
+    kinds.register("notes", MemoryAgent, roles=["sleeptime"])
+    kinds.register("both", MemoryAgent, roles=["sleeptime", "primary"])  # overrides agent_roles
+    assert kinds.roles("echo") == ("primary", "sleeptime")
+    assert kinds.roles("notes") == ("sleeptime",)
+    assert kinds.roles("both") == ("sleeptime", "primary")
+    with pytest.raises(UnknownAgentKind):
+        kinds.roles("nobody")
+
+
+@pytest.mark.parametrize(
+    ("kind", "factory", "roles", "says"),
+    [
+        ("", ScriptedAgent, None, "kind"),
+        ("a\x00", ScriptedAgent, None, "NUL"),
+        (5, ScriptedAgent, None, "kind"),
+        ("x" * 101, ScriptedAgent, None, "at most 100"),
+        ("ok", "not callable", None, "callable"),
+        ("ok", ScriptedAgent, [], "roles"),
+        ("ok", ScriptedAgent, ["boss"], "roles"),
+        ("ok", ScriptedAgent, "primary", "roles"),
+    ],
+    ids=["empty", "NUL", "not text", "too long", "factory", "no role", "unknown role", "str"],
+)
+def test_registering_a_bad_kind_is_refused(kind: Any, factory: Any, roles: Any, says: str) -> None:
+    kinds = AgentKinds()
+    with pytest.raises(ValidationError, match=says):
+        kinds.register(kind, factory, roles=roles)
+    assert kinds.names() == []
