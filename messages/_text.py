@@ -1,4 +1,4 @@
-"""What the runtime accepts to store: one rule for text, and the bounds of its columns.
+r"""What the runtime accepts to store: one rule for text, and the bounds of its columns.
 
 The text rule: stored text is a string of Unicode scalar values without NUL, that is no
 U+0000 and no code point in U+D800..U+DFFF (a lone surrogate, or a pair of surrogates
