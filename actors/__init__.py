@@ -31,6 +31,7 @@ from actors.tracker import RunTrackerActor
 from messages import (
     AgentConfigError,
     AgentNotFound,
+    AgentRoleError,
     DatabaseInUse,
     GroupFailed,
     GroupNotFound,
@@ -60,6 +61,7 @@ __all__ = [
     "AgentFactory",
     "AgentKinds",
     "AgentNotFound",
+    "AgentRoleError",
     "Chaos",
     "DatabaseInUse",
     "GroupActor",

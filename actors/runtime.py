@@ -21,8 +21,9 @@ from types import TracebackType
 from typing import Annotated, Any, Self
 
 import structlog
-from pydantic import Field, TypeAdapter
+from pydantic import ConfigDict, Field, TypeAdapter
 
+from actors._arguments import GROUP_IDS, TURN_TIMEOUT, RunFilters, RunWait, StartOptions
 from actors._invariants import InvariantReport, check_invariants
 from actors._logging import ensure_logging
 from actors._parts import ActorDirectory, RuntimeParts
@@ -30,7 +31,7 @@ from actors._pool import StepPool
 from actors._scheduler import Scheduler
 from actors._supervision import Chaos, RestartPolicy, Supervisor
 from actors.kinds import builtin_kinds
-from actors.kinds._base import AgentFactory, AgentKinds
+from actors.kinds._base import AgentFactory, AgentKinds, AgentRole
 from messages import (
     MEMORY_PERSONA,
     Agent,
@@ -58,6 +59,7 @@ from messages import (
     TurnResult,
     TurnTimeout,
     WatchRuns,
+    check_id,
     new_id,
 )
 from persistence import NewGroup, Store, Transition, utcnow
@@ -76,13 +78,7 @@ DEFAULT_MEMORY_PERSONA = (
     "replace a fact when the user changes it. Keep blocks short; never record small talk."
 )
 _MESSAGES: TypeAdapter[list[MessageCreate]] = TypeAdapter(
-    Annotated[list[MessageCreate], Field(min_length=1)]
-)
-_STATUSES: TypeAdapter[list[RunStatus]] = TypeAdapter(list[RunStatus])
-_RUN_IDS: TypeAdapter[list[str]] = TypeAdapter(list[str])
-_LIMIT: TypeAdapter[int] = TypeAdapter(Annotated[int, Field(ge=1)])
-_TIMEOUT: TypeAdapter[float | None] = TypeAdapter(
-    Annotated[float, Field(gt=0, allow_inf_nan=False)] | None
+    Annotated[list[MessageCreate], Field(min_length=1)], config=ConfigDict(title="messages")
 )
 _UNSET: Any = object()
 _STREAM_POLL_S = 0.25
@@ -233,29 +229,44 @@ class Runtime:
         groups are active (the least recently used go first); a sleeptime agent follows
         its group once its runs are done. The next turn starts them again from the
         store. None turns either limit off.
+
+        An option of the wrong type or out of range (`workers` < 1, `passivate_after`
+        <= 0, a kind name that is not text) raises pydantic's ValidationError.
         """
-        if passivate_after is not None and not passivate_after > 0:
-            raise ValueError("passivate_after must be a number of seconds > 0, or None")
-        if max_active_groups is not None and max_active_groups < 1:
-            raise ValueError("max_active_groups must be at least 1, or None")
+        options = StartOptions(
+            url=url,
+            kinds=kinds,
+            workers=workers,
+            read_only=read_only,
+            auto_upgrade=auto_upgrade,
+            chaos=chaos,
+            restart_policy=restart_policy,
+            passivate_after=passivate_after,
+            max_active_groups=max_active_groups,
+        )
         ensure_logging()
         # Every step thread may read at once, plus the groups and the callers.
-        store = Store(url, read_only=read_only, auto_upgrade=auto_upgrade, readers=workers + 8)
+        store = Store(
+            options.url,
+            read_only=options.read_only,
+            auto_upgrade=options.auto_upgrade,
+            readers=options.workers + 8,
+        )
         try:
             registry = AgentKinds()
-            for name, factory in {**builtin_kinds(), **(kinds or {})}.items():
+            for name, factory in {**builtin_kinds(), **(options.kinds or {})}.items():
                 registry.register(name, factory)
             runtime = cls(
                 store,
                 registry,
-                workers,
-                read_only,
-                chaos,
-                restart_policy,
-                passivate_after,
-                max_active_groups,
+                options.workers,
+                options.read_only,
+                options.chaos,
+                options.restart_policy,
+                options.passivate_after,
+                options.max_active_groups,
             )
-            if read_only:
+            if options.read_only:
                 runtime._directory.start_tracker()
             else:
                 runtime._recover()
@@ -395,15 +406,16 @@ class Runtime:
         """Create a group: a primary agent, its sleeptime agents, shared memory blocks.
 
         Raises pydantic's ValidationError for malformed arguments (a negative frequency,
-        an unknown config key), UnknownAgentKind for a kind nobody registered.
+        an unknown config key, text that cannot be stored), UnknownAgentKind for a kind
+        nobody registered, AgentRoleError for a kind in a role it cannot play.
         """
         self._check("create a group")
         spec = GroupCreate.model_validate(
             {
                 "primary": primary,
-                "sleeptime": list(sleeptime),
+                "sleeptime": sleeptime,
                 "frequency": frequency,
-                "blocks": None if blocks is None else dict(blocks),
+                "blocks": blocks,
                 "preamble": preamble,
                 "transcript_max_messages": transcript_max_messages,
                 "run_timeout": run_timeout,
@@ -414,9 +426,8 @@ class Runtime:
         agents = [self._agent(spec.primary, group_id, "primary", now)]
         personas = []
         for index, sleeper in enumerate(spec.sleeptime):
+            # GroupCreate checked that a given persona is text.
             persona = sleeper.config.get(MEMORY_PERSONA, DEFAULT_MEMORY_PERSONA)
-            if not isinstance(persona, str):
-                raise TypeError(f"sleeptime agent {index}: config 'memory_persona' must be text")
             config = {k: v for k, v in sleeper.config.items() if k != MEMORY_PERSONA}
             agents.append(
                 self._agent(
@@ -473,7 +484,10 @@ class Runtime:
         )
         return group
 
-    def _agent(self, spec: AgentSpec, group_id: str, role: str, now: Any, index: int = 0) -> Agent:
+    def _agent(
+        self, spec: AgentSpec, group_id: str, role: AgentRole, now: Any, index: int = 0
+    ) -> Agent:
+        self.agents.check_role(spec.kind, role)
         self.agents.build(spec.kind, spec.config)  # a bad kind or config fails here, clearly
         name = spec.name or (
             f"{spec.kind} primary" if role == "primary" else f"{spec.kind} sleeptime {index + 1}"
@@ -490,6 +504,7 @@ class Runtime:
 
     def get_group(self, group_id: str) -> Group:
         """The group as stored: frequency, counter, cursor, turns, agent ids, settings."""
+        group_id = check_id(group_id, "group_id")
         self._check()
         return self._store.get_group(group_id)
 
@@ -508,6 +523,7 @@ class Runtime:
         max_attempts: int = _UNSET,
     ) -> Group:
         """Change settings between turns; the counter is kept (as in Letta)."""
+        group_id = check_id(group_id, "group_id")
         self._check("update a group")
         changes = {
             name: value
@@ -567,8 +583,9 @@ class Runtime:
         With `timeout`, iterating (or reading `.result`) raises TurnTimeout once that many
         seconds passed since this call; the turn itself still completes and is recorded.
         """
+        group_id = check_id(group_id, "group_id")
         self._check("take a turn")
-        limit = _TIMEOUT.validate_python(timeout)
+        limit = TURN_TIMEOUT.validate_python(timeout)
         sink: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
         command = TakeTurn(input=_MESSAGES.validate_python(messages), mode="stream", sink=sink)
         reply = self._send_group(group_id, command)
@@ -577,8 +594,9 @@ class Runtime:
     def _turn(
         self, group_id: str, messages: Sequence[Any], mode: TurnMode, timeout: float | None
     ) -> TurnResult:
+        group_id = check_id(group_id, "group_id")
         self._check("take a turn")
-        limit = _TIMEOUT.validate_python(timeout)
+        limit = TURN_TIMEOUT.validate_python(timeout)
         command = TakeTurn(input=_MESSAGES.validate_python(messages), mode=mode)
         reply = self._send_group(group_id, command)
         deadline = None if limit is None else time.monotonic() + limit
@@ -600,8 +618,9 @@ class Runtime:
 
         Raises RunsTimeout naming the runs still open when `timeout` (seconds) passes.
         """
+        asked = RunWait(run_ids=run_ids, timeout=timeout)
+        ids, timeout = asked.run_ids, asked.timeout
         self._check()
-        ids = _RUN_IDS.validate_python(run_ids)
         if not ids:
             return []
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -620,6 +639,8 @@ class Runtime:
         return [runs[i] for i in ids]
 
     def get_run(self, run_id: str) -> Run:
+        """The run as stored: status, attempt, window, stop reason, error."""
+        run_id = check_id(run_id, "run_id")
         self._check()
         return self._store.get_run(run_id)
 
@@ -632,16 +653,20 @@ class Runtime:
         newest_first: bool = False,
     ) -> list[Run]:
         """Runs oldest first (or newest first), filtered by agent, group and status."""
-        self._check()
-        wanted = None if statuses is None else _STATUSES.validate_python(list(statuses))
-        if limit is not None:
-            limit = _LIMIT.validate_python(limit)
-        return self._store.list_runs(
+        filters = RunFilters(
             agent_id=agent_id,
             group_id=group_id,
-            statuses=wanted,
+            statuses=statuses,
             limit=limit,
             newest_first=newest_first,
+        )
+        self._check()
+        return self._store.list_runs(
+            agent_id=filters.agent_id,
+            group_id=filters.group_id,
+            statuses=filters.statuses,
+            limit=filters.limit,
+            newest_first=filters.newest_first,
         )
 
     def count_runs(
@@ -651,17 +676,21 @@ class Runtime:
         statuses: Sequence[RunStatus | str] | None = None,
     ) -> int:
         """How many runs `list_runs` would return with these filters, without loading them."""
+        filters = RunFilters(agent_id=agent_id, group_id=group_id, statuses=statuses)
         self._check()
-        wanted = None if statuses is None else _STATUSES.validate_python(list(statuses))
-        return self._store.count_runs(agent_id=agent_id, group_id=group_id, statuses=wanted)
+        return self._store.count_runs(
+            agent_id=filters.agent_id, group_id=filters.group_id, statuses=filters.statuses
+        )
 
     def run_events(self, run_id: str) -> list[RunEvent]:
         """Every status change of the run, oldest first."""
+        run_id = check_id(run_id, "run_id")
         self._check()
         return self._store.run_events(run_id)
 
     def cancel_run(self, run_id: str) -> Run:
         """Cancel a run (a terminal run is returned as it is)."""
+        run_id = check_id(run_id, "run_id")
         self._check("cancel a run")
         committed = self._parts.tracker.ask(CancelRun(run_id=run_id))
         if committed is not None:
@@ -672,16 +701,19 @@ class Runtime:
 
     def get_agent(self, agent_id: str) -> Agent:
         """The stored agent: id, group, role, name, kind and config."""
+        agent_id = check_id(agent_id, "agent_id")
         self._check()
         return self._store.get_agent(agent_id)
 
     def get_blocks(self, agent_id: str) -> Blocks:
         """The memory blocks as the agent sees them: the shared ones, then its own."""
+        agent_id = check_id(agent_id, "agent_id")
         self._check()
         return self._store.get_blocks(agent_id)
 
     def list_messages(self, agent_id: str) -> list[Message]:
         """The agent's stored history, oldest first."""
+        agent_id = check_id(agent_id, "agent_id")
         self._check()
         return self._store.list_messages(agent_id)
 
@@ -689,6 +721,7 @@ class Runtime:
         """Check SPEC 4-6 over what is stored (after the runs finished): every run
         terminal, legal histories, turns and counters, and per agent windows contiguous,
         disjoint and covering every primary message up to the cursor exactly once."""
+        group_ids = GROUP_IDS.validate_python(group_ids)
         self._check()
         return check_invariants(self._store, group_ids)
 

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from messages._text import Name, NonEmptyText, Text, check_json_object
 
 Role = Literal["user", "assistant", "tool", "system"]
 
@@ -16,7 +27,7 @@ class TextContent(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     type: Literal["text"] = "text"
-    text: str
+    text: Text
 
 
 class ImageContent(BaseModel):
@@ -24,9 +35,9 @@ class ImageContent(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     type: Literal["image"] = "image"
-    url: str | None = None
-    data: str | None = None
-    media_type: str | None = None
+    url: Text | None = None
+    data: Text | None = None
+    media_type: Text | None = None
 
 
 class ReasoningContent(BaseModel):
@@ -34,10 +45,21 @@ class ReasoningContent(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     type: Literal["reasoning"] = "reasoning"
-    text: str
+    text: Text
 
 
 ContentPart = Annotated[TextContent | ImageContent | ReasoningContent, Field(discriminator="type")]
+
+
+def _content_shape(value: Any) -> str:
+    return "text" if isinstance(value, str) else "parts"
+
+
+# Tagged, so that a bad content reports only what is wrong with the shape it was given.
+Content = Annotated[
+    Annotated[Text, Tag("text")] | Annotated[list[ContentPart], Tag("parts")],
+    Discriminator(_content_shape),
+]
 
 
 class ToolCall(BaseModel):
@@ -49,9 +71,9 @@ class ToolCall(BaseModel):
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    id: str = Field(min_length=1)
-    name: str = Field(min_length=1)
-    arguments: str = "{}"
+    id: NonEmptyText
+    name: NonEmptyText
+    arguments: Text = "{}"
 
     @model_validator(mode="before")
     @classmethod
@@ -66,8 +88,8 @@ class ToolCall(BaseModel):
     @field_validator("arguments", mode="before")
     @classmethod
     def _arguments_as_json(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return json.dumps(value)
+        if isinstance(value, Mapping):
+            return json.dumps(check_json_object(value, "tool call arguments"))
         return value
 
     def parsed_arguments(self) -> dict[str, Any] | None:
@@ -88,10 +110,10 @@ class MessageCreate(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     role: Role
-    content: str | list[ContentPart] = Field(default_factory=list)
-    name: str | None = None
+    content: Content = Field(default_factory=list)
+    name: Name | None = None
     tool_calls: list[ToolCall] | None = None
-    tool_call_id: str | None = None
+    tool_call_id: Name | None = None
 
     @model_validator(mode="after")
     def _check_role_fields(self) -> MessageCreate:
@@ -99,7 +121,17 @@ class MessageCreate(BaseModel):
             raise ValueError(f"only assistant messages carry tool_calls, not {self.role!r} ones")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if not self.has_content() and not (self.role == "assistant" and self.tool_calls):
+            needs = "content or tool_calls" if self.role == "assistant" else "content"
+            raise ValueError(
+                f"a message of role {self.role!r} needs {needs}: give 'content' as "
+                "non-empty text or a list of parts"
+            )
         return self
+
+    def has_content(self) -> bool:
+        """Whether some part says something: an image, or text that is not empty."""
+        return any(isinstance(p, ImageContent) or p.text for p in self.parts())
 
     def parts(self) -> list[TextContent | ImageContent | ReasoningContent]:
         """The content as a list of parts (a string is one text part)."""

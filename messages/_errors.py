@@ -172,3 +172,15 @@ class GroupFailed(SleeptimeError):
         self.group_id = group_id
         self.reason = reason
         super().__init__(f"group {group_id} has failed and takes no turns: {reason}")
+
+
+class AgentRoleError(SleeptimeError):
+    """An agent spec puts a kind in a role it cannot play (e.g. `memory` as the primary)."""
+
+    def __init__(self, kind: str, role: str, supported: Sequence[str]) -> None:
+        self.kind, self.role, self.supported = kind, role, list(supported)
+        roles = " and ".join(f"{r!r}" for r in self.supported) or "no role"
+        super().__init__(
+            f"agent kind {kind!r} cannot be a {role} agent: it supports {roles} only; "
+            f"use another kind for the {role} agent"
+        )

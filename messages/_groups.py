@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from messages._content import Message
+from messages._text import INT32_MAX, Kind, Name, NonEmptyText, Text, check_json_object
 
 DEFAULT_BLOCK_LIMIT = 5000
 MEMORY_PERSONA = "memory_persona"
 DEFAULT_RUN_TIMEOUT = 600.0
 DEFAULT_MAX_ATTEMPTS = 3
-_LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$")
+MAX_RUN_TIMEOUT = 7 * 24 * 3600.0
+"""A week: longer than any sleeptime run should take, and far from timer limits."""
+_LABEL = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
+
+
+def _json_config(value: Any) -> dict[str, Any]:
+    return check_json_object(value, "config")
+
+
+JsonObject = Annotated[dict[str, Any], BeforeValidator(_json_config)]
+"""A dict that round-trips through JSON the same on every backend (see `check_json`)."""
 
 
 class AgentSpec(BaseModel):
@@ -25,9 +36,9 @@ class AgentSpec(BaseModel):
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: str = Field(min_length=1)
-    config: dict[str, Any] = {}
-    name: str | None = None
+    kind: Kind
+    config: JsonObject = {}
+    name: Name | None = None
 
 
 class Agent(BaseModel):
@@ -45,7 +56,7 @@ class Agent(BaseModel):
 
 def check_label(label: str) -> str:
     """Return `label` if it is a usable block label, else raise ValueError saying why."""
-    if not _LABEL.match(label):
+    if not isinstance(label, str) or not _LABEL.fullmatch(label):
         raise ValueError(
             f"block label {label!r} must start with a letter and hold only letters, digits,"
             " '_' or '-' (64 characters at most)"
@@ -57,10 +68,10 @@ class BlockCreate(BaseModel):
     """A memory block as given to `create_group(blocks=...)`."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    value: str = ""
-    limit: int = Field(default=DEFAULT_BLOCK_LIMIT, gt=0)
+    value: Text = ""
+    limit: int = Field(default=DEFAULT_BLOCK_LIMIT, gt=0, le=INT32_MAX)
     read_only: bool = False
-    description: str | None = None
+    description: Text | None = None
 
     @model_validator(mode="after")
     def _fits(self) -> BlockCreate:
@@ -120,11 +131,15 @@ class GroupSettings(BaseModel):
     """The tunable settings of a group (all but its agents)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    frequency: int | None = Field(default=None, ge=0)
-    preamble: str | None = Field(default=None, min_length=1)
-    transcript_max_messages: int | None = Field(default=None, ge=1)
-    run_timeout: float = Field(default=DEFAULT_RUN_TIMEOUT, gt=0)
-    max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)
+    # Integers are bounded by their column (32 bits on PostgreSQL), so that both backends
+    # accept the same values.
+    frequency: int | None = Field(default=None, ge=0, le=INT32_MAX)
+    preamble: NonEmptyText | None = None
+    transcript_max_messages: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    run_timeout: float = Field(
+        default=DEFAULT_RUN_TIMEOUT, gt=0, le=MAX_RUN_TIMEOUT, allow_inf_nan=False
+    )
+    max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=INT32_MAX)
 
 
 class GroupCreate(GroupSettings):
@@ -132,7 +147,19 @@ class GroupCreate(GroupSettings):
 
     primary: AgentSpec
     sleeptime: list[AgentSpec] = Field(min_length=1)
-    blocks: dict[str, str | BlockCreate] | None = None
+    blocks: dict[str, Text | BlockCreate] | None = None
+
+    @field_validator("sleeptime")
+    @classmethod
+    def _check_personas(cls, sleeptime: list[AgentSpec]) -> list[AgentSpec]:
+        for index, spec in enumerate(sleeptime):
+            persona = spec.config.get(MEMORY_PERSONA, "")
+            if not isinstance(persona, str):
+                raise ValueError(
+                    f"sleeptime agent {index}: config {MEMORY_PERSONA!r} must be text (the "
+                    f"agent's standing instructions), not {type(persona).__name__!r}"
+                )
+        return sleeptime
 
     @field_validator("blocks")
     @classmethod

@@ -29,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError
 
 from messages import (
+    STORED,
     Agent,
     AgentNotFound,
     Block,
@@ -43,6 +44,7 @@ from messages import (
     StoreRejected,
     StoreUnavailable,
     TransitionRefused,
+    storable,
 )
 from persistence import _schema as schema
 from persistence._block_cache import BlockCache, visible_to
@@ -375,7 +377,7 @@ class Store:
 
     def fail_group(self, group_id: str, reason: str) -> Future[None]:
         """Mark the group failed: it takes no more turns."""
-        return self.update_group(group_id, {"status": "failed", "failure_reason": reason})
+        return self.update_group(group_id, {"status": "failed", "failure_reason": storable(reason)})
 
     def get_agent(self, agent_id: str) -> Agent:
         def query(connection: Connection) -> Agent:
@@ -561,7 +563,8 @@ class Store:
             "attempt": change.attempt,
             "at": change.at,
             "stop_reason": None if change.stop_reason is None else change.stop_reason.value,
-            "error": change.error,
+            # An agent's error text may hold what no database stores (a NUL, a surrogate).
+            "error": None if change.error is None else storable(change.error),
         }
         if change.new is RunStatus.RUNNING:
             statement = _START_RUN
@@ -574,7 +577,7 @@ class Store:
             "status": change.new.value,
             "at": change.at,
             "attempt": change.attempt,
-            "reason": change.reason,
+            "reason": None if change.reason is None else storable(change.reason),
         }
         return self.committer.submit(
             Write(
@@ -724,8 +727,12 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def _from_row(model: type[M], row: RowMapping, **extra: Any) -> M:
-    """The model whose fields are the row's columns of the same names (plus `extra`)."""
-    return model.model_validate({**{k: row[k] for k in model.model_fields if k in row}, **extra})
+    """The model whose fields are the row's columns of the same names (plus `extra`).
+
+    Read back as stored (context STORED): rows written before the text rule stay readable.
+    """
+    values = {**{k: row[k] for k in model.model_fields if k in row}, **extra}
+    return model.model_validate(values, context=STORED)
 
 
 def _load_group(connection: Connection, group_id: str) -> tuple[Group, int, list[Agent]]:

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from actors import (
     AgentNotFound,
+    AgentRoleError,
     GroupNotFound,
     PrimaryAgentError,
     RunNotFound,
@@ -22,7 +23,7 @@ from actors import (
     UnknownAgentKind,
 )
 from messages import RunStatus
-from tests.agents import user
+from tests.agents import Echo, user
 
 
 def _snapshot(rt: Runtime, group_id: str) -> tuple[Any, ...]:
@@ -53,6 +54,24 @@ BAD_CALLS: list[tuple[str, Callable[[Runtime, str], object], type[Exception], st
         "role",
     ),
     ("no messages", lambda rt, g: rt.step(g, []), ValidationError, "at least 1"),
+    (
+        "a message with no content",
+        lambda rt, g: rt.step(g, [{"role": "user"}]),
+        ValidationError,
+        "needs content",
+    ),
+    (
+        "an assistant message with neither content nor tool calls",
+        lambda rt, g: rt.record_turn(g, [{"role": "user", "content": "q"}, {"role": "assistant"}]),
+        ValidationError,
+        "needs content or tool_calls",
+    ),
+    (
+        "a tool message with empty content",
+        lambda rt, g: rt.record_turn(g, [{"role": "tool", "content": "", "tool_call_id": "c"}]),
+        ValidationError,
+        "needs content",
+    ),
     (
         "a string, not a list",
         lambda rt, g: rt.step(g, "hello"),  # type: ignore[arg-type]
@@ -192,9 +211,35 @@ BAD_GROUPS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
     ("bad block label", {"blocks": {"my block": ""}}, ValidationError, "label"),
     ("max_attempts zero", {"max_attempts": 0}, ValidationError, "max_attempts"),
     (
+        "config not JSON",
+        {"primary": {"kind": "any-config", "config": {"suffix": object()}}},
+        ValidationError,
+        "suffix",
+    ),
+    (
+        "config with a float JSON cannot hold",
+        {"primary": {"kind": "any-config", "config": {"ratio": float("nan")}}},
+        ValidationError,
+        "finite",
+    ),
+    (
+        "config with a key that is not text",
+        {"primary": {"kind": "any-config", "config": {1: "one"}}},
+        ValidationError,
+        "config",
+    ),
+    ("memory as the primary", {"primary": {"kind": "memory"}}, AgentRoleError, "'sleeptime'"),
+    ("scripted as a sleeptime", {"sleeptime": [{"kind": "scripted"}]}, AgentRoleError, "'primary'"),
+    (
+        "a sleeptime-only kind of the user's as the primary",
+        {"primary": {"kind": "notes"}},
+        AgentRoleError,
+        "'notes' cannot be a primary agent: it supports 'sleeptime' only",
+    ),
+    (
         "persona not text",
         {"sleeptime": [{"kind": "memory", "config": {"memory_persona": 3}}]},
-        TypeError,
+        ValidationError,
         "memory_persona",
     ),
 ]
@@ -206,6 +251,8 @@ BAD_GROUPS: list[tuple[str, dict[str, Any], type[Exception], str]] = [
 def test_bad_group_is_refused_and_nothing_is_stored(
     rt: Runtime, changes: dict[str, Any], error: type[Exception], says: str
 ) -> None:
+    rt.agents.register("any-config", Echo)  # takes any config: the runtime must check it
+    rt.agents.register("notes", Echo, roles=["sleeptime"])
     arguments: dict[str, Any] = {
         "primary": {"kind": "scripted"},
         "sleeptime": [{"kind": "memory"}],

@@ -32,7 +32,17 @@ from actors.kinds import (
     sample_latency_ms,
 )
 from actors.kinds.memory import user_lines
-from messages import Block, Blocks, ImageContent, Message, MessageCreate, Role, TextContent
+from messages import (
+    AgentRoleError,
+    Block,
+    Blocks,
+    ImageContent,
+    Message,
+    MessageCreate,
+    Role,
+    TextContent,
+    UnknownAgentKind,
+)
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -427,19 +437,22 @@ def test_memory_improves_the_scripted_answer() -> None:
     assert primary.step(context, question)[0].text() == "Your favorite color is coral."
 
 
+# Only text the runtime stores (utf-8: no surrogates; no NUL), and every message
+# with content, as MessageCreate requires.
+_chars = st.characters(codec="utf-8", exclude_characters="\x00")
 _parts = st.one_of(
-    st.builds(TextContent, text=st.text()),
+    st.builds(TextContent, text=st.text(_chars, min_size=1)),
     st.builds(ImageContent, url=st.none() | st.just("https://example.com/cat.png")),
 )
 _inputs = st.builds(
     MessageCreate,
     role=st.sampled_from(["user", "assistant", "system"]),
-    content=st.text() | st.lists(_parts, max_size=3),
-    name=st.none() | st.text(min_size=1, max_size=10),
+    content=st.text(_chars, min_size=1) | st.lists(_parts, min_size=1, max_size=3),
+    name=st.none() | st.text(_chars, min_size=1, max_size=10),
 )
 
 
-@given(st.lists(_inputs, max_size=4), st.text(max_size=200))
+@given(st.lists(_inputs, max_size=4), st.text(_chars, max_size=200))
 def test_scripted_answers_any_input_with_one_message(
     inputs: list[MessageCreate], known: str
 ) -> None:
@@ -587,3 +600,52 @@ def test_builtin_kinds_build_through_the_registry() -> None:
     assert isinstance(kinds.build("simulated", {"seed": 1}), SimulatedAgent)
     with pytest.raises(ValidationError, match="colour"):
         kinds.build("memory", {"colour": "red"})
+
+
+def test_builtin_kinds_declare_their_roles() -> None:
+    kinds = AgentKinds()
+    for name, factory in builtin_kinds().items():
+        kinds.register(name, factory)
+    roles = {name: kinds.roles(name) for name in kinds.names()}
+    assert roles == {
+        "memory": ("sleeptime",),
+        "openai": ("primary", "sleeptime"),
+        "scripted": ("primary",),
+        "simulated": ("primary", "sleeptime"),
+    }
+    with pytest.raises(AgentRoleError, match="'memory' cannot be a primary agent") as error:
+        kinds.check_role("memory", "primary")
+    assert error.value.supported == ["sleeptime"]
+
+
+def test_a_users_kind_plays_both_roles_unless_it_says_otherwise() -> None:
+    kinds = AgentKinds()
+    kinds.register("echo", lambda config: ScriptedAgent({}))
+    kinds.register("notes", MemoryAgent, roles=["sleeptime"])
+    kinds.register("both", MemoryAgent, roles=["sleeptime", "primary"])  # overrides agent_roles
+    assert kinds.roles("echo") == ("primary", "sleeptime")
+    assert kinds.roles("notes") == ("sleeptime",)
+    assert kinds.roles("both") == ("sleeptime", "primary")
+    with pytest.raises(UnknownAgentKind):
+        kinds.roles("nobody")
+
+
+@pytest.mark.parametrize(
+    ("kind", "factory", "roles", "says"),
+    [
+        ("", ScriptedAgent, None, "kind"),
+        ("a\x00", ScriptedAgent, None, "NUL"),
+        (5, ScriptedAgent, None, "kind"),
+        ("x" * 101, ScriptedAgent, None, "at most 100"),
+        ("ok", "not callable", None, "callable"),
+        ("ok", ScriptedAgent, [], "roles"),
+        ("ok", ScriptedAgent, ["boss"], "roles"),
+        ("ok", ScriptedAgent, "primary", "roles"),
+    ],
+    ids=["empty", "NUL", "not text", "too long", "factory", "no role", "unknown role", "str"],
+)
+def test_registering_a_bad_kind_is_refused(kind: Any, factory: Any, roles: Any, says: str) -> None:
+    kinds = AgentKinds()
+    with pytest.raises(ValidationError, match=says):
+        kinds.register(kind, factory, roles=roles)
+    assert kinds.names() == []

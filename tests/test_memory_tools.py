@@ -149,13 +149,48 @@ def test_read_only_blocks_are_refused(edit: Callable[[Block], str]) -> None:
     assert "persona" in str(error.value)
 
 
+UNSTORABLE = {"NUL": "a\x00b", "lone surrogate": "a\ud800b", "surrogate pair": "\ud83d\ude00"}
+
+
+@pytest.mark.parametrize("text", UNSTORABLE.values(), ids=UNSTORABLE.keys())
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda b, t: replace(b, "Ada", t),
+        lambda b, t: replace(b, t, "Bo"),
+        lambda b, t: insert(b, t, -1),
+        rethink,
+    ],
+    ids=["replace new", "replace old", "insert", "rethink"],
+)
+def test_text_a_block_cannot_hold_is_refused(edit: Callable[[Block, str], str], text: str) -> None:
+    with pytest.raises(MemoryToolError, match=r"cannot go into a memory block.*at index \d"):
+        edit(block("name: Ada"), text)
+
+
+@pytest.mark.parametrize("line", [True, 1.0, "2", None])
+def test_insert_line_must_be_a_whole_number(line: object) -> None:
+    with pytest.raises(MemoryToolError, match="line must be a whole number"):
+        insert(block("a\nb"), "c", line)  # type: ignore[arg-type]
+
+
+def test_non_text_is_refused() -> None:
+    with pytest.raises(MemoryToolError, match="text must be text, not int"):
+        rethink(block(), 5)  # type: ignore[arg-type]
+
+
+def test_emoji_as_one_code_point_is_kept() -> None:
+    assert rethink(block(), "likes \U0001f600") == "likes \U0001f600"
+
+
 def test_memory_tool_error_is_an_ordinary_exception() -> None:
     assert issubclass(MemoryToolError, Exception)
 
 
 # properties
 
-line_text = st.text(st.characters(exclude_characters="\n"), max_size=10)
+# Text a block can hold (utf-8: no surrogates; no NUL), without line breaks.
+line_text = st.text(st.characters(codec="utf-8", exclude_characters="\n\x00"), max_size=10)
 block_lines = st.lists(line_text, max_size=10).filter(lambda lines: lines != [""])
 
 

@@ -6,6 +6,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from pydantic import ValidationError
 
 from actors import AgentFactory, Chaos, Runtime
 from actors._supervision import Supervisor
@@ -106,9 +107,9 @@ def test_many_groups_under_a_small_cap_lose_nothing(db_url: str, crash_rate: flo
 
 
 def test_passivation_settings_are_checked(db_url: str) -> None:
-    with pytest.raises(ValueError, match="passivate_after"):
+    with pytest.raises(ValidationError, match="passivate_after"):
         Runtime.start(db_url, passivate_after=0)
-    with pytest.raises(ValueError, match="max_active_groups"):
+    with pytest.raises(ValidationError, match="max_active_groups"):
         Runtime.start(db_url, max_active_groups=0)
 
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from actors._transcript import DEFAULT_PREAMBLE, message_lines, render_transcript
 from messages import (
@@ -365,7 +366,12 @@ def test_message_create_with_part_objects() -> None:
 
 
 def test_message_create_without_content() -> None:
-    assert MessageCreate(role="user").parts() == []
+    calls_only = MessageCreate(
+        role="assistant", tool_calls=[{"id": "c1", "name": "memory_rethink"}]
+    )
+    assert calls_only.parts() == []
+    with pytest.raises(ValidationError, match="needs content"):
+        MessageCreate(role="user")
 
 
 def test_openai_shaped_tool_call() -> None:

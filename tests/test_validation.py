@@ -7,7 +7,17 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from messages import DEFAULT_BLOCK_LIMIT, AgentSpec, BlockCreate, GroupCreate, MessageCreate
+from messages import (
+    DEFAULT_BLOCK_LIMIT,
+    INT32_MAX,
+    KIND_MAX_LENGTH,
+    MAX_RUN_TIMEOUT,
+    NAME_MAX_LENGTH,
+    AgentSpec,
+    BlockCreate,
+    GroupCreate,
+    MessageCreate,
+)
 
 
 def group(**overrides: Any) -> GroupCreate:
@@ -197,3 +207,142 @@ def test_bad_sleeptime_spec_is_located() -> None:
     with pytest.raises(ValidationError) as error:
         group(sleeptime=[{"kind": "memory"}, {"config": {}}])
     assert ("sleeptime", 1, "kind") in locations(error.value)
+
+
+# bounds: what PostgreSQL's columns refuse is refused on every backend
+
+
+@pytest.mark.parametrize(
+    "field", ["frequency", "transcript_max_messages", "max_attempts"], ids=lambda f: f
+)
+@pytest.mark.parametrize("value", [INT32_MAX + 1, 2**63, 2**64])
+def test_integers_beyond_32_bits(field: str, value: int) -> None:
+    with pytest.raises(ValidationError, match="less than or equal to 2147483647") as error:
+        group(**{field: value})
+    assert (field,) in locations(error.value)
+    assert getattr(group(**{field: INT32_MAX}), field) == INT32_MAX
+
+
+@pytest.mark.parametrize("run_timeout", [float("inf"), float("nan"), MAX_RUN_TIMEOUT + 1])
+def test_run_timeout_must_be_finite_and_sane(run_timeout: float) -> None:
+    with pytest.raises(ValidationError) as error:
+        group(run_timeout=run_timeout)
+    assert ("run_timeout",) in locations(error.value)
+    assert group(run_timeout=MAX_RUN_TIMEOUT).run_timeout == MAX_RUN_TIMEOUT
+
+
+def test_block_limit_beyond_32_bits() -> None:
+    with pytest.raises(ValidationError, match="2147483647"):
+        BlockCreate(limit=INT32_MAX + 1)
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ({"kind": "scripted", "name": "x" * (NAME_MAX_LENGTH + 1)}, "at most 200 characters"),
+        ({"kind": "x" * (KIND_MAX_LENGTH + 1)}, "at most 100 characters"),
+        ({"kind": 5}, "valid string"),
+        ({"kind": b"scripted"}, "valid string"),
+    ],
+    ids=["long name", "long kind", "kind not text", "kind as bytes"],
+)
+def test_agent_spec_strings_fit_their_columns(spec: dict[str, Any], says: str) -> None:
+    with pytest.raises(ValidationError, match=says):
+        AgentSpec.model_validate(spec)
+
+
+@pytest.mark.parametrize("label", ["human\n", "human\x00"])
+def test_block_label_with_a_trailing_control_character(label: str) -> None:
+    with pytest.raises(ValidationError, match="must start with a letter"):
+        group(blocks={label: ""})
+
+
+def test_message_names_and_call_ids_fit_their_columns() -> None:
+    long = "x" * (NAME_MAX_LENGTH + 1)
+    with pytest.raises(ValidationError, match="at most 200 characters"):
+        MessageCreate(role="user", content="hi", name=long)
+    with pytest.raises(ValidationError, match="at most 200 characters"):
+        MessageCreate(role="tool", content="{}", tool_call_id=long)
+
+
+# content: what each role needs
+
+
+@pytest.mark.parametrize("role", ["user", "system", "tool"])
+@pytest.mark.parametrize(
+    "content",
+    ["", [], [{"type": "text", "text": ""}]],
+    ids=["empty text", "no parts", "an empty text part"],
+)
+def test_message_without_content(role: str, content: Any) -> None:
+    with pytest.raises(ValidationError, match="needs content"):
+        MessageCreate.model_validate({"role": role, "content": content, "tool_call_id": "c1"})
+
+
+def test_assistant_message_needs_content_or_tool_calls() -> None:
+    with pytest.raises(ValidationError, match="needs content or tool_calls"):
+        MessageCreate(role="assistant")
+    calls_only = MessageCreate.model_validate(
+        {"role": "assistant", "tool_calls": [{"id": "c1", "name": "memory_finish_edits"}]}
+    )
+    assert calls_only.parts() == []
+    MessageCreate.model_validate(
+        {"role": "assistant", "content": [{"type": "reasoning", "text": "hm"}]}
+    )
+    MessageCreate.model_validate({"role": "user", "content": [{"type": "image", "url": "u"}]})
+
+
+# config: JSON that every backend stores alike
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"a": object()}, "config\\['a'\\] is of type 'object'"),
+        ({"a": {"b": [1, float("inf")]}}, "config\\['a'\\]\\['b'\\]\\[1\\] is inf"),
+        ({"a": b"x"}, "type 'bytes'"),
+        ({1: "x"}, "key 1"),
+        ({"a": {2: "x"}}, "key 2"),
+        ({"a\x00": "x"}, "NUL"),
+        ({"a": ["\ud800"]}, "surrogate"),
+        ({"a": {1, 2}}, "type 'set'"),
+        ([("a", 1)], "must be a JSON object"),
+    ],
+    ids=[
+        "object",
+        "inf",
+        "bytes",
+        "int key",
+        "nested int key",
+        "NUL key",
+        "surrogate",
+        "set",
+        "list",
+    ],
+)
+def test_config_must_be_json(config: Any, says: str) -> None:
+    with pytest.raises(ValidationError, match=says):
+        AgentSpec.model_validate({"kind": "simulated", "config": config})
+
+
+def test_config_nested_too_deep() -> None:
+    deep: Any = "leaf"
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(ValidationError, match="nested more than"):
+        AgentSpec(kind="simulated", config={"deep": deep})
+
+
+def test_config_as_json_keeps_its_values() -> None:
+    config = {"n": 2**70, "x": 1.5, "ok": True, "none": None, "pair": (1, "a"), "\U0001f600": "y"}
+    assert AgentSpec(kind="simulated", config=config).config == {**config, "pair": [1, "a"]}
+
+
+def test_tool_call_arguments_as_a_dict_must_be_json() -> None:
+    with pytest.raises(ValidationError, match="tool call arguments"):
+        MessageCreate.model_validate(
+            {
+                "role": "assistant",
+                "tool_calls": [{"id": "c", "name": "f", "arguments": {"a": object()}}],
+            }
+        )

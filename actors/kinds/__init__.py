@@ -6,10 +6,12 @@ Example:
 """
 
 from actors.kinds._base import (
+    AGENT_ROLES,
     AgentBehaviour,
     AgentContext,
     AgentFactory,
     AgentKinds,
+    AgentRole,
     BlockEditor,
     Memory,
     StepFailed,
@@ -31,7 +33,11 @@ from actors.kinds.simulated import (
 
 
 def builtin_kinds() -> dict[str, AgentFactory]:
-    """The kinds every runtime registers: name -> factory(config) -> agent."""
+    """The kinds every runtime registers: name -> factory(config) -> agent.
+
+    Each declares the roles it plays in its `agent_roles`: `scripted` is a primary agent,
+    `memory` a sleeptime agent, `simulated` and `openai` play both.
+    """
     return {
         "scripted": ScriptedAgent,
         "memory": MemoryAgent,
@@ -41,11 +47,13 @@ def builtin_kinds() -> dict[str, AgentFactory]:
 
 
 __all__ = [
+    "AGENT_ROLES",
     "MAX_LATENCY_MS",
     "AgentBehaviour",
     "AgentContext",
     "AgentFactory",
     "AgentKinds",
+    "AgentRole",
     "BlockEditor",
     "Memory",
     "MemoryAgent",

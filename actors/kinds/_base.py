@@ -5,22 +5,27 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import pydantic
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from actors import _memory_tools as tools
 from messages import (
     AgentConfigError,
+    AgentRoleError,
     Block,
     Blocks,
+    Kind,
     Message,
     MessageCreate,
     StopReason,
     StoreUnavailable,
     UnknownAgentKind,
 )
+
+AgentRole = Literal["primary", "sleeptime"]
+AGENT_ROLES: tuple[AgentRole, ...] = ("primary", "sleeptime")
 
 
 class ToolResult(BaseModel):
@@ -215,29 +220,46 @@ def parse_config(model: type[C], config: Mapping[str, Any]) -> C:
     return model.model_validate(dict(config))
 
 
+class _Registration(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", title="AgentKinds.register")
+    kind: Kind
+    factory: Callable[..., Any]
+    roles: tuple[AgentRole, ...] = Field(min_length=1)
+
+
 class AgentKinds:
     """The registry of agent kinds of one runtime: name -> factory(config) -> agent.
 
+    A kind plays the roles it declares: `register(..., roles=...)`, else the factory's
+    `agent_roles` attribute (the built-in kinds have one), else both roles.
+
     Example:
         >>> rt.agents.register("echo", lambda config: EchoAgent(**config))
+        >>> rt.agents.register("notes", NotesAgent, roles=["sleeptime"])
     """
 
     def __init__(self) -> None:
         self._factories: dict[str, AgentFactory] = {}
+        self._roles: dict[str, tuple[AgentRole, ...]] = {}
         self._lock = threading.Lock()
         self._listeners: list[Callable[[str], None]] = []
 
-    def register(self, kind: str, factory: AgentFactory) -> None:
-        """Register (or replace) a kind; runs waiting for it start."""
-        if not kind or not isinstance(kind, str):
-            raise ValueError("an agent kind needs a non-empty name")
-        if not callable(factory):
-            raise TypeError(f"the factory of kind {kind!r} must be callable: factory(config)")
+    def register(
+        self, kind: str, factory: AgentFactory, roles: Sequence[AgentRole] | None = None
+    ) -> None:
+        """Register (or replace) a kind playing `roles`; runs waiting for it start.
+
+        A bad name, factory or role raises pydantic's ValidationError.
+        """
+        if roles is None:
+            roles = getattr(factory, "agent_roles", AGENT_ROLES)
+        checked = _Registration(kind=kind, factory=factory, roles=roles)
         with self._lock:
-            self._factories[kind] = factory
+            self._factories[checked.kind] = factory
+            self._roles[checked.kind] = tuple(dict.fromkeys(checked.roles))
             listeners = list(self._listeners)
         for listener in listeners:
-            listener(kind)
+            listener(checked.kind)
 
     def names(self) -> list[str]:
         with self._lock:
@@ -246,6 +268,21 @@ class AgentKinds:
     def __contains__(self, kind: object) -> bool:
         with self._lock:
             return kind in self._factories
+
+    def roles(self, kind: str) -> tuple[AgentRole, ...]:
+        """The roles `kind` can play (UnknownAgentKind if nobody registered it)."""
+        with self._lock:
+            roles = self._roles.get(kind)
+            known = list(self._factories)
+        if roles is None:
+            raise UnknownAgentKind(kind, known)
+        return roles
+
+    def check_role(self, kind: str, role: AgentRole) -> None:
+        """Raise AgentRoleError, naming the roles `kind` plays, unless it can play `role`."""
+        roles = self.roles(kind)
+        if role not in roles:
+            raise AgentRoleError(kind, role, roles)
 
     def on_register(self, listener: Callable[[str], None]) -> None:
         with self._lock:

@@ -6,11 +6,11 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from actors.kinds._base import AgentContext, Memory, ToolResult, parse_config
+from actors.kinds._base import AgentContext, AgentRole, Memory, ToolResult, parse_config
 from messages import Message, MessageCreate, ToolCall
 
 # A sentence ends at . ! ? ; before a space, except after a title such as "St." or "Dr.".
@@ -147,6 +147,8 @@ class MemoryAgent:
     Example:
         >>> agent = MemoryAgent({"block": "human"})
     """
+
+    agent_roles: ClassVar[tuple[AgentRole, ...]] = ("sleeptime",)
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = parse_config(MemoryConfig, config)

@@ -37,12 +37,12 @@ import os
 import random
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from actors.kinds._base import AgentContext, StepFailed, StepResult, parse_config
+from actors.kinds._base import AgentContext, AgentRole, StepFailed, StepResult, parse_config
 from actors.kinds._chat_http import (
     ChatEndpoint,
     ChatFailure,
@@ -205,6 +205,8 @@ class OpenAIAgent:
     Example:
         >>> agent = OpenAIAgent({"base_url": "http://127.0.0.1:8000/v1", "model": "qwen2.5"})
     """
+
+    agent_roles: ClassVar[tuple[AgentRole, ...]] = ("primary", "sleeptime")
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = parse_config(OpenAIConfig, config)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from actors.kinds._base import AgentContext, parse_config
+from actors.kinds._base import AgentContext, AgentRole, parse_config
 from messages import Message, MessageCreate
 
 # "what is my X?", "what's my X?", "do you remember my X?"; X stops at the end of the sentence.
@@ -24,11 +24,12 @@ _ACKNOWLEDGED_CHARS = 200
 class ScriptedConfig(BaseModel):
     """The config of a `scripted` agent.
 
-    `replies`, when non-empty, are answered in order, one per step, starting over at the end.
+    `replies`, when non-empty, are answered in order, one per step, starting over at the end;
+    each is a message, so it cannot be empty.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    replies: list[str] = []
+    replies: list[Annotated[str, Field(min_length=1)]] = []
 
 
 class ScriptedAgent:
@@ -40,6 +41,8 @@ class ScriptedAgent:
     Example:
         >>> agent = ScriptedAgent({"replies": ["hello", "bye"]})
     """
+
+    agent_roles: ClassVar[tuple[AgentRole, ...]] = ("primary",)
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = parse_config(ScriptedConfig, config)

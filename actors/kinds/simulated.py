@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.kinds._base import AgentContext, parse_config
+from actors.kinds._base import AgentContext, AgentRole, parse_config
 from messages import Message, MessageCreate
 
 MAX_LATENCY_MS = 86_400_000.0
@@ -54,7 +54,7 @@ class SimulatedConfig(BaseModel):
     jitter_ms: float = Field(default=0.0, ge=0, le=MAX_LATENCY_MS, allow_inf_nan=False)
     failure_rate: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
     seed: int | None = None
-    reply: str = "ok"
+    reply: str = Field(default="ok", min_length=1)  # a message: never empty
 
 
 def sample_latency_ms(rng: random.Random, config: SimulatedConfig) -> float:
@@ -85,6 +85,8 @@ class SimulatedAgent:
     Example:
         >>> agent = SimulatedAgent({"latency_ms": 50, "distribution": "lognormal", "seed": 7})
     """
+
+    agent_roles: ClassVar[tuple[AgentRole, ...]] = ("primary", "sleeptime")
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         self.config = parse_config(SimulatedConfig, config)

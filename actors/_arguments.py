@@ -1,0 +1,68 @@
+"""The checks of the Runtime's arguments that are not a domain model of their own.
+
+Each is a pydantic model or TypeAdapter, so a bad argument is a `ValidationError` naming
+it, raised before anything reaches an actor or the database, the same on every backend.
+
+Example:
+    >>> RunFilters(statuses=["created"], limit=10)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, InstanceOf, StrictBool, TypeAdapter
+
+from actors._supervision import Chaos, RestartPolicy
+from messages import INT32_MAX, Id, Kind, RunStatus, Text
+
+MAX_WORKERS = 1024
+"""Step threads at most: the pool starts them all at once."""
+MAX_WAIT_S = 1e9
+"""The longest `wait_for_runs` timeout (about 30 years; None waits for ever)."""
+
+
+class StartOptions(BaseModel):
+    """The options of `Runtime.start`, checked before the database is opened."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="Runtime.start")
+    url: Text
+    kinds: dict[Kind, Callable[..., Any]] | None = None
+    workers: int = Field(ge=1, le=MAX_WORKERS)
+    read_only: StrictBool
+    auto_upgrade: StrictBool
+    chaos: InstanceOf[Chaos] | None = None
+    restart_policy: InstanceOf[RestartPolicy] | None = None
+    passivate_after: float | None = Field(gt=0, allow_inf_nan=False)
+    max_active_groups: int | None = Field(ge=1, le=INT32_MAX)
+
+
+class RunFilters(BaseModel):
+    """The filters of `list_runs` and `count_runs`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="run filters")
+    agent_id: Id | None = None
+    group_id: Id | None = None
+    statuses: list[RunStatus] | None = None
+    limit: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    newest_first: StrictBool = False
+
+
+class RunWait(BaseModel):
+    """The arguments of `wait_for_runs`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="wait_for_runs")
+    run_ids: list[Id]
+    timeout: float | None = Field(ge=0, le=MAX_WAIT_S, allow_inf_nan=False)
+
+
+TURN_TIMEOUT: TypeAdapter[float | None] = TypeAdapter(
+    Annotated[float, Field(gt=0, le=MAX_WAIT_S, allow_inf_nan=False)] | None,
+    config=ConfigDict(title="timeout"),
+)
+"""The `timeout` of `step`, `record_turn` and `stream`: seconds above 0, or None."""
+
+GROUP_IDS: TypeAdapter[list[str] | None] = TypeAdapter(
+    list[Id] | None, config=ConfigDict(title="group_ids")
+)
