@@ -13,7 +13,6 @@ from actors._invariants import INVARIANTS, InvariantReport
 from actors._logging import configure_logging
 from actors._supervision import Chaos, RestartPolicy
 from actors._transcript import DEFAULT_PREAMBLE, render_transcript
-from actors._trigger import decide_fire
 from actors.group import GroupActor
 from actors.kinds._base import (
     AgentBehaviour,
@@ -25,6 +24,7 @@ from actors.kinds._base import (
     StepResult,
     ToolResult,
 )
+from actors.rules import decide_fire
 from actors.runtime import DEFAULT_MEMORY_PERSONA, Runtime, TurnStream
 from actors.sleeptime_agent import SleeptimeAgentActor
 from actors.tracker import RunTrackerActor

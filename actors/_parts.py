@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,12 +77,21 @@ class ActorDirectory:
         self._parts = parts
         self._lock = threading.RLock()
 
-    def start_tracker(self) -> None:
+    def start_tracker(self, recovered: Future[None] | None = None) -> None:
+        """Start the run tracker; its first incarnation recovers the runs an earlier
+        process left running and resolves `recovered` once that is committed."""
         parts = self._parts
+        first = [recovered]
 
         def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
             return RunTrackerActor.start(
-                reporter, parts.store, parts.scheduler, parts.waiters, parts.flags, reporter.address
+                reporter,
+                parts.store,
+                parts.scheduler,
+                parts.waiters,
+                parts.flags,
+                reporter.address,
+                recovered=first.pop() if first else None,
             )
 
         parts.tracker = parts.supervisor.supervise(

@@ -16,8 +16,8 @@ import structlog
 
 from actors._execute import as_output, stamp
 from actors._supervision import CrashReporter, SupervisedActor
-from actors._trigger import decide_fire
 from actors.kinds._base import AgentBehaviour, AgentContext, Memory, StepFailed, stream_of
+from actors.rules import claim_window, decide_fire
 from messages import (
     AssignRun,
     ChangeSettings,
@@ -36,7 +36,6 @@ from messages import (
     StoreUnavailable,
     TakeTurn,
     TurnResult,
-    new_id,
 )
 from persistence import GroupState, StaleTurn, TurnWrite, utcnow
 
@@ -154,26 +153,9 @@ class GroupActor(SupervisedActor):
                 error = failure
         decision = decide_fire(group.frequency, group.counter)
         recorded = stored if command.mode == "record" else stored + output
-        cursor, cursor_seq = group.cursor, self._cursor_seq
-        runs: list[Run] = []
-        if decision.fired and output:
-            last = recorded[-1]
-            runs = [
-                Run(
-                    id=new_id("run"),
-                    group_id=group.id,
-                    agent_id=agent_id,
-                    status=RunStatus.CREATED,
-                    attempt=1,
-                    turn=turn,
-                    window_first_seq=cursor_seq + 1,
-                    window_last_seq=last.sequence,
-                    created_at=now,
-                    metadata={"position": position},
-                )
-                for position, agent_id in enumerate(group.sleeptime_agent_ids)
-            ]
-            cursor, cursor_seq = last.id, last.sequence
+        runs, cursor, cursor_seq = claim_window(
+            group, self._cursor_seq, turn, recorded, decision.fired, bool(output), now
+        )
         write = TurnWrite(
             group_id=group.id,
             expected_turns=group.turns,

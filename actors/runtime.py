@@ -32,6 +32,7 @@ from actors._scheduler import Scheduler
 from actors._supervision import Chaos, RestartPolicy, Supervisor
 from actors.kinds import builtin_kinds
 from actors.kinds._base import AgentFactory, AgentKinds, AgentRole
+from actors.rules import new_group
 from messages import (
     MEMORY_PERSONA,
     Agent,
@@ -53,7 +54,6 @@ from messages import (
     RunStatus,
     RunsTimeout,
     RuntimeStopped,
-    StopReason,
     TakeTurn,
     TurnMode,
     TurnResult,
@@ -62,7 +62,7 @@ from messages import (
     check_id,
     new_id,
 )
-from persistence import NewGroup, Store, Transition, utcnow
+from persistence import NewGroup, Store, utcnow
 
 log = structlog.get_logger("sleeptime.runtime")
 
@@ -266,12 +266,16 @@ class Runtime:
                 options.passivate_after,
                 options.max_active_groups,
             )
+        except BaseException:
+            store.close()
+            raise
+        try:
             if options.read_only:
                 runtime._directory.start_tracker()
             else:
                 runtime._recover()
         except BaseException:
-            store.close()
+            runtime.stop(drain_timeout=0)  # what was started stops, the store is closed
             raise
         _running.add(runtime)
         log.info("runtime_started", url=store.url)
@@ -284,44 +288,16 @@ class Runtime:
         return Store.migrate(url)
 
     def _recover(self) -> None:
-        """Re-queue the runs an earlier process left open (at-least-once), then start."""
-        open_runs = self._store.open_runs()
-        groups: dict[str, Group] = {}
-        writes = []
-        for run in open_runs:
-            if run.status is not RunStatus.RUNNING:
-                continue
-            group = groups.get(run.group_id) or self._store.get_group(run.group_id)
-            groups[run.group_id] = group
-            if run.attempt >= group.max_attempts:
-                change = Transition(
-                    run_id=run.id,
-                    old=run.status,
-                    new=RunStatus.FAILED,
-                    at=utcnow(),
-                    attempt=run.attempt,
-                    reason="interrupted",
-                    stop_reason=StopReason.INTERRUPTED,
-                    error=f"interrupted {run.attempt} time(s), the group's max_attempts",
-                )
-            else:
-                change = Transition(
-                    run_id=run.id,
-                    old=run.status,
-                    new=RunStatus.CREATED,
-                    at=utcnow(),
-                    attempt=run.attempt + 1,
-                    reason="interrupted",
-                )
-            writes.append(self._store.apply_transition(change))
-        for write in writes:
-            write.result()
-        if writes:
-            log.warning("runs_recovered", runs=len(writes))
-        still_open = self._store.open_runs()
-        self._directory.start_tracker()
+        """Start the tracker, which re-queues the runs an earlier process left `running`
+        (attempt + 1, at-least-once) or fails them past `max_attempts`, as after any crash
+        (recovery writes no run status of its own); then start the sleeptime agents of
+        the open runs, which take them from the tracker."""
+        recovered: Future[None] = Future()
+        self._directory.start_tracker(recovered)
+        recovered.result()  # the tracker re-queued (or failed) what was left running
         self.agents.on_register(lambda kind: self._directory.broadcast(KindRegistered(kind=kind)))
-        for agent_id in dict.fromkeys(run.agent_id for run in still_open):
+        open_runs = self._store.open_runs()
+        for agent_id in dict.fromkeys(run.agent_id for run in open_runs):
             self._directory.agent(agent_id)
         if self._passivate_after is not None or self._max_active_groups is not None:
             self._parts.scheduler.call_later(REAP_INTERVAL_S, self._reap)
@@ -458,21 +434,7 @@ class Runtime:
             )
             for agent, persona in zip(agents[1:], personas, strict=True)
         ]
-        group = Group(
-            id=group_id,
-            primary_agent_id=agents[0].id,
-            sleeptime_agent_ids=[a.id for a in agents[1:]],
-            frequency=spec.frequency,
-            counter=-1,
-            cursor=None,
-            turns=0,
-            preamble=spec.preamble,
-            transcript_max_messages=spec.transcript_max_messages,
-            run_timeout=spec.run_timeout,
-            max_attempts=spec.max_attempts,
-            created_at=now,
-            updated_at=now,
-        )
+        group = new_group(group_id, agents[0].id, [a.id for a in agents[1:]], spec.settings(), now)
         self._store.create_group(
             NewGroup(group=group, agents=agents, blocks=stored_blocks)
         ).result()

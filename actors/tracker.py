@@ -1,5 +1,8 @@
 """The RunTrackerActor: every run status change goes through it, in one place.
 
+Recovery too: a run an earlier process (or a crashed actor) left `running` is re-queued
+or failed here, as `rules.after_interruption` decides, when its agent's actor adopts it.
+
 It keeps every open run in memory, refuses transitions the state machine does not allow
 (and logs them), writes the allowed ones through the committer without waiting, and
 resolves `wait_for_runs` only once a terminal status is committed. Its state comes from
@@ -18,6 +21,7 @@ import structlog
 
 from actors._scheduler import Scheduler
 from actors._supervision import Address, CrashReporter, SupervisedActor
+from actors.rules import GiveUp, Requeue, after_interruption
 from messages import (
     AdoptRuns,
     CancelRun,
@@ -39,6 +43,7 @@ from messages import (
     TransitionRefused,
     WatchRuns,
     check_transition,
+    reject,
     resolve,
 )
 from persistence import Store, Transition, utcnow
@@ -131,22 +136,50 @@ class RunTrackerActor(SupervisedActor):
         waiters: RunWaiters,
         flags: CancelFlags,
         address: Address,
+        recovered: Future[None] | None = None,
     ) -> None:
+        """`recovered`: given to the first incarnation of a starting runtime, which
+        recovers the runs an earlier process left `running` and resolves it once that is
+        committed (or fails it with the reason)."""
         super().__init__(reporter)
         self._store = store
         self._scheduler = scheduler
         self._waiters = waiters
         self._flags = flags
         self._address = address
+        self._recovered = recovered
         self._open: dict[str, _Open] = {}
 
     def started(self) -> None:
-        self._store.committer.run(lambda connection: None)  # what was queued is settled
-        for run in self._store.open_runs():
-            self._open[run.id] = _Open(run, run.status, run.attempt)
-        for run_id in self._waiters.run_ids():
-            if run_id not in self._open:
-                self._waiters.resolve(run_id)  # ended while no tracker was listening
+        try:
+            self._store.committer.run(lambda connection: None)  # what was queued is settled
+            for run in self._store.open_runs():
+                self._open[run.id] = _Open(run, run.status, run.attempt)
+            for run_id in self._waiters.run_ids():
+                if run_id not in self._open:
+                    self._waiters.resolve(run_id)  # ended while no tracker was listening
+            if self._recovered is not None:
+                self._recover()
+        except BaseException as error:
+            if self._recovered is not None:
+                reject(self._recovered, error if isinstance(error, Exception) else Exception(error))
+            raise
+        if self._recovered is not None:
+            resolve(self._recovered, None)
+
+    def _recover(self) -> None:
+        """The runtime is starting: a run an earlier process left `running` was interrupted
+        by its end. Each is re-queued or failed, in the order the runs were created."""
+        interrupted = sorted(
+            (found for found in self._open.values() if found.status is RunStatus.RUNNING),
+            key=lambda found: (found.run.created_at, found.run.turn),
+        )
+        limits: dict[str, int] = {}  # group id -> max_attempts, read once
+        writes = [self._interrupt(found, limits) for found in interrupted]
+        for write in writes:
+            write.result()  # committed before the runtime takes any work
+        if writes:
+            log.warning("runs_recovered", runs=len(writes))
 
     def receive(self, message: Any) -> Any:
         match message:
@@ -261,26 +294,31 @@ class RunTrackerActor(SupervisedActor):
             if found.status is RunStatus.CREATED
         ]
 
-    def _interrupt(self, found: _Open) -> None:
-        run_id = found.run.id
+    def _interrupt(self, found: _Open, limits: dict[str, int] | None = None) -> Future[None]:
+        """Re-queue or fail a run whose attempt was interrupted (`rules.after_interruption`);
+        returns the commit of that change. `limits` caches the groups' max_attempts."""
+        run_id, group_id = found.run.id, found.run.group_id
         self._flags.raise_flag(run_id)  # whatever still runs of that attempt, stop it
-        try:
-            max_attempts = self._store.get_group(found.run.group_id).max_attempts
-        except (GroupNotFound, StoreUnavailable):
-            max_attempts = found.attempt + 1
-        if found.attempt >= max_attempts:
-            self._write(
-                run_id,
-                found,
-                RunStatus.FAILED,
-                reason="interrupted",
-                stop_reason=StopReason.INTERRUPTED,
-                error=f"interrupted {found.attempt} time(s), the group's max_attempts",
-            )
-            return
-        found.attempt += 1
-        self._write(run_id, found, RunStatus.CREATED, reason="interrupted")
-        log.info("run_requeued", run_id=run_id, attempt=found.attempt)
+        limits = {} if limits is None else limits
+        if group_id not in limits:
+            try:
+                limits[group_id] = self._store.get_group(group_id).max_attempts
+            except (GroupNotFound, StoreUnavailable):
+                limits[group_id] = found.attempt + 1
+        match after_interruption(found.attempt, limits[group_id]):
+            case GiveUp(error=error):
+                return self._write(
+                    run_id,
+                    found,
+                    RunStatus.FAILED,
+                    reason="interrupted",
+                    stop_reason=StopReason.INTERRUPTED,
+                    error=error,
+                )
+            case Requeue(attempt=attempt):
+                found.attempt = attempt
+                log.info("run_requeued", run_id=run_id, attempt=attempt)
+                return self._write(run_id, found, RunStatus.CREATED, reason="interrupted")
 
     def _fail_group(self, group_id: str, reason: str) -> None:
         for run_id, found in list(self._open.items()):

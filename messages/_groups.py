@@ -141,6 +141,12 @@ class GroupSettings(BaseModel):
     )
     max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=INT32_MAX)
 
+    def settings(self) -> GroupSettings:
+        """Just the settings (of a `GroupCreate`, say), as validated already."""
+        return GroupSettings.model_construct(
+            **{name: getattr(self, name) for name in GroupSettings.model_fields}
+        )
+
 
 class GroupCreate(GroupSettings):
     """Everything `create_group` takes, validated at the boundary."""

@@ -8,9 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from actors._trigger import TriggerDecision, decide_fire
-
-INITIAL_COUNTER = -1  # a new group's counter (SPEC 4)
+from actors.rules import INITIAL_COUNTER, FireDecision, decide_fire
 
 
 def play(
@@ -67,8 +65,8 @@ ONE_TURN = [
 @pytest.mark.parametrize(("frequency", "counter", "fired", "stored"), ONE_TURN)
 def test_one_turn(frequency: int | None, counter: int, fired: bool, stored: int) -> None:
     decision = decide_fire(frequency, counter)
-    assert isinstance(decision, TriggerDecision)
-    assert decision == TriggerDecision(fired=fired, counter=stored)
+    assert isinstance(decision, FireDecision)
+    assert decision == FireDecision(fired=fired, counter=stored)
     assert (decision.fired, decision.counter) == (fired, stored)
 
 
@@ -127,14 +125,18 @@ def test_changing_frequency_does_not_reset_the_counter() -> None:
     _, counter = play(3, 2)  # turns 1, 2 with frequency 3: stored 0, then 1
     assert counter == 1
     # Now frequency 5: a reset (to -1) would fire at once; the kept counter goes on to 2.
-    assert decide_fire(5, counter) == TriggerDecision(fired=False, counter=2)
+    assert decide_fire(5, counter) == FireDecision(fired=False, counter=2)
     # Pausing with 0 and resuming keeps it too.
     paused = decide_fire(0, counter)
-    assert paused == TriggerDecision(fired=False, counter=1)
-    assert decide_fire(2, paused.counter) == TriggerDecision(fired=True, counter=0)
+    assert paused == FireDecision(fired=False, counter=1)
+    assert decide_fire(2, paused.counter) == FireDecision(fired=True, counter=0)
 
 
 def test_counter_larger_than_the_new_frequency_wraps() -> None:
     # After lowering 10 -> 3 the stored counter (7) can exceed the new frequency.
-    assert decide_fire(3, 7) == TriggerDecision(fired=False, counter=2)
-    assert decide_fire(4, 7) == TriggerDecision(fired=True, counter=0)
+    assert decide_fire(3, 7) == FireDecision(fired=False, counter=2)
+    assert decide_fire(4, 7) == FireDecision(fired=True, counter=0)
+
+
+def test_a_new_group_counter_starts_at_minus_one() -> None:
+    assert INITIAL_COUNTER == -1  # SPEC 4: so frequency N fires on turns 1, N+1, ...
