@@ -36,8 +36,11 @@ def stamp(
     turn: int | None = None,
     run_id: str | None = None,
 ) -> Message:
-    """Give a message its id and place in one agent's history."""
-    return Message(
+    """Give a message its id and place in one agent's history.
+
+    `create` was validated when it was made, so the stored form is built without
+    validating it again (this runs for every message of every turn and run)."""
+    return Message.model_construct(
         id=new_id("message"),
         agent_id=agent_id,
         group_id=group_id,
@@ -77,7 +80,6 @@ def execute_run(
     store: Store,
     cancel: threading.Event,
     started: Future[None],
-    first_seq: int,
     injected_failure: bool = False,
     window: list[Message] | None = None,
 ) -> StepDone:
@@ -108,7 +110,7 @@ def execute_run(
             MessageCreate(role="user", content=[TextContent(text=text)]),
             agent_id=run.agent_id,
             group_id=group.id,
-            sequence=first_seq,
+            sequence=1,  # provisional: the writer numbers a run's messages as it appends them
             run_id=run.id,
         )
         messages.append(transcript)
@@ -127,7 +129,7 @@ def execute_run(
         try:
             produced, stop_reason = as_output(behaviour.step(context, [transcript]))
         except StepFailed as failure:
-            messages.extend(_stamp_all(failure.messages, run, group.id, first_seq))
+            messages.extend(_stamp_all(failure.messages, run, group.id))
             return StepDone(
                 run_id=run.id,
                 attempt=attempt,
@@ -135,7 +137,7 @@ def execute_run(
                 stop_reason=failure.stop_reason,
                 error=str(failure),
             )
-        messages.extend(_stamp_all(produced, run, group.id, first_seq))
+        messages.extend(_stamp_all(produced, run, group.id))
     except BaseException as error:  # agent code: even SystemExit fails only this run
         return StepDone(
             run_id=run.id,
@@ -158,11 +160,9 @@ def _not_started(run: Run, attempt: int, error: str) -> StepDone:
     )
 
 
-def _stamp_all(
-    produced: Sequence[MessageCreate], run: Run, group_id: str, first_seq: int
-) -> list[Message]:
-    """The agent's output, numbered after the transcript message at `first_seq`."""
+def _stamp_all(produced: Sequence[MessageCreate], run: Run, group_id: str) -> list[Message]:
+    """The agent's output, after the transcript message (numbered for now 2, 3, ...)."""
     return [
-        stamp(m, agent_id=run.agent_id, group_id=group_id, sequence=first_seq + i, run_id=run.id)
-        for i, m in enumerate(produced, start=1)
+        stamp(m, agent_id=run.agent_id, group_id=group_id, sequence=i, run_id=run.id)
+        for i, m in enumerate(produced, start=2)
     ]

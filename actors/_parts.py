@@ -150,7 +150,7 @@ class ActorDirectory:
             def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
                 if isinstance(reporter.snapshot, AgentSnapshot):
                     return SleeptimeAgentActor.start(
-                        reporter, agent, reporter.snapshot.group, parts, reporter.snapshot
+                        reporter, agent, reporter.snapshot.group, parts
                     )
                 loaded, _ = group()
                 return SleeptimeAgentActor.start(reporter, agent, loaded, parts)

@@ -101,11 +101,9 @@ class _EarlierStepEnded:
 
 @dataclass(frozen=True, slots=True)
 class AgentSnapshot:
-    """What a passivated agent leaves for its next instance: its group's settings and
-    where its history ends (only this agent's runs append to it)."""
+    """What a passivated agent leaves for its next instance: its group's settings."""
 
     group: Group
-    next_seq: int
 
 
 @dataclass(slots=True)
@@ -134,15 +132,12 @@ class SleeptimeAgentActor(SupervisedActor):
         agent: Agent,
         group: Group,
         parts: RuntimeParts,
-        snapshot: AgentSnapshot | None = None,
     ) -> None:
         super().__init__(reporter)
         self._address = reporter.address
         self._agent = agent
         self._group = group
         self._parts = parts
-        self._next_seq = 1
-        self._snapshot = snapshot
         self._queue: deque[Run] = deque()
         self._queued: set[str] = set()
         self._windows: dict[str, list[Message]] = {}  # run id -> window handed over with it
@@ -161,10 +156,6 @@ class SleeptimeAgentActor(SupervisedActor):
         self._log = log.bind(agent_id=agent.id, group_id=agent.group_id)
 
     def started(self) -> None:
-        if self._snapshot is not None:
-            self._next_seq = self._snapshot.next_seq
-        else:
-            self._next_seq = self._parts.store.last_sequence(self._agent.id) + 1
         for run in self._parts.tracker.ask(AdoptRuns(agent_id=self._agent.id)):
             self._enqueue(run)
         self._pump()
@@ -206,7 +197,7 @@ class SleeptimeAgentActor(SupervisedActor):
         return not self.busy
 
     def snapshot(self) -> AgentSnapshot:
-        return AgentSnapshot(group=self._group, next_seq=self._next_seq)
+        return AgentSnapshot(group=self._group)
 
     def _enqueue(self, run: Run, window: list[Message] | None = None, first: bool = False) -> None:
         if run.id not in self._queued and (self._current is None or self._current.run_id != run.id):
@@ -302,7 +293,6 @@ class SleeptimeAgentActor(SupervisedActor):
             store=self._parts.store,
             cancel=decision.cancel,
             started=decision.committed,
-            first_seq=self._next_seq,
             window=window,
             injected_failure=self._step_dice is not None
             and self._step_dice.random()
@@ -331,8 +321,6 @@ class SleeptimeAgentActor(SupervisedActor):
             self._hold(done.error)
             return
         self._start_failures = 0
-        if done.messages:
-            self._next_seq = max(self._next_seq, done.messages[-1].sequence + 1)
         status = RunStatus.FAILED if done.error is not None else RunStatus.COMPLETED
         self._parts.tracker.tell(
             FinishRun(
@@ -360,7 +348,6 @@ class SleeptimeAgentActor(SupervisedActor):
         current.decision.cancel.set()
         self._parts.pool.abandon(current.future)
         self._current = None
-        self._next_seq += 1  # the transcript's sequence stays reserved for the late step
         error = f"run exceeded the group's run_timeout of {self._group.run_timeout:g}s"
         self._parts.tracker.tell(
             FinishRun(
