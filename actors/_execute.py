@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from actors._protocol import StepDone
 from actors._transcript import render_transcript
 from actors.kinds._base import AgentBehaviour, AgentContext, Memory, StepFailed, StepResult
 from messages import (
@@ -14,7 +15,6 @@ from messages import (
     Message,
     MessageCreate,
     Run,
-    StepDone,
     StopReason,
     StoreUnavailable,
     TextContent,

@@ -18,6 +18,7 @@ import pykka
 import structlog
 
 from actors._pool import StepPool
+from actors._protocol import FailGroupRuns
 from actors._scheduler import Scheduler
 from actors._supervision import (
     Address,
@@ -31,7 +32,7 @@ from actors.group import GroupActor
 from actors.kinds._base import AgentKinds
 from actors.sleeptime_agent import AgentSnapshot, SleeptimeAgentActor, StepsInFlight
 from actors.tracker import CancelFlags, RunTrackerActor, RunWaiters
-from messages import AgentNotFound, FailGroupRuns, GroupFailed, RuntimeStopped
+from messages import AgentNotFound, GroupFailed, RuntimeStopped
 from persistence import GroupState, Store
 
 log = structlog.get_logger("sleeptime.directory")

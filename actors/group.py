@@ -15,26 +15,28 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from actors._execute import as_output, stamp
+from actors._protocol import (
+    AssignRun,
+    ChangeSettings,
+    DispatchRuns,
+    GroupChanged,
+    KindRegistered,
+    RunsCreated,
+    TakeTurn,
+)
 from actors._supervision import CrashReporter, SupervisedActor
 from actors.kinds._base import AgentBehaviour, AgentContext, Memory, StepFailed, stream_of
 from actors.rules import claim_window, decide_fire
 from messages import (
-    AssignRun,
-    ChangeSettings,
-    DispatchRuns,
     Group,
-    GroupChanged,
     GroupFailed,
-    KindRegistered,
     Message,
     MessageCreate,
     PrimaryAgentError,
     Run,
-    RunsCreated,
     RunStatus,
     SleeptimeError,
     StoreUnavailable,
-    TakeTurn,
     TurnResult,
 )
 from persistence import GroupState, StaleTurn, TurnWrite, utcnow

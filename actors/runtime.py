@@ -28,6 +28,14 @@ from actors._invariants import InvariantReport, check_invariants
 from actors._logging import ensure_logging
 from actors._parts import ActorDirectory, RuntimeParts
 from actors._pool import StepPool
+from actors._protocol import (
+    CancelRun,
+    ChangeSettings,
+    KindRegistered,
+    TakeTurn,
+    TurnMode,
+    WatchRuns,
+)
 from actors._scheduler import Scheduler
 from actors._supervision import Chaos, RestartPolicy, Supervisor
 from actors.kinds import builtin_kinds
@@ -40,12 +48,9 @@ from messages import (
     Block,
     BlockCreate,
     Blocks,
-    CancelRun,
-    ChangeSettings,
     Group,
     GroupCreate,
     GroupSettings,
-    KindRegistered,
     Message,
     MessageCreate,
     ReadOnlyRuntime,
@@ -54,11 +59,8 @@ from messages import (
     RunStatus,
     RunsTimeout,
     RuntimeStopped,
-    TakeTurn,
-    TurnMode,
     TurnResult,
     TurnTimeout,
-    WatchRuns,
     check_id,
     new_id,
 )

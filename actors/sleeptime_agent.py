@@ -26,26 +26,28 @@ import pydantic
 import structlog
 
 from actors._execute import execute_run
-from actors._scheduler import Timer
-from actors._supervision import Address, CrashReporter, SupervisedActor
-from actors.kinds._base import AgentBehaviour
-from messages import (
+from actors._protocol import (
     AdoptRuns,
-    Agent,
-    AgentConfigError,
     AssignRun,
     FinishRun,
-    Group,
     GroupChanged,
     KindRegistered,
-    Message,
-    Run,
     RunDeadline,
-    RunStatus,
     StartAborted,
     StartDecision,
     StartRun,
     StepDone,
+)
+from actors._scheduler import Timer
+from actors._supervision import Address, CrashReporter, SupervisedActor
+from actors.kinds._base import AgentBehaviour
+from messages import (
+    Agent,
+    AgentConfigError,
+    Group,
+    Message,
+    Run,
+    RunStatus,
     StopReason,
     UnknownAgentKind,
 )

@@ -19,29 +19,31 @@ from typing import Any
 
 import structlog
 
-from actors._scheduler import Scheduler
-from actors._supervision import Address, CrashReporter, SupervisedActor
-from actors.rules import GiveUp, Requeue, after_interruption
-from messages import (
+from actors._protocol import (
     AdoptRuns,
     CancelRun,
     FailGroupRuns,
     FinishRun,
-    GroupNotFound,
     RetryTransition,
-    Run,
-    RunNotFound,
     RunsCreated,
-    RunStatus,
     StartAborted,
     StartDecision,
     StartRun,
-    StopReason,
-    StoreUnavailable,
     TerminalCommitted,
     TransitionFailed,
-    TransitionRefused,
     WatchRuns,
+)
+from actors._scheduler import Scheduler
+from actors._supervision import Address, CrashReporter, SupervisedActor
+from actors.rules import GiveUp, Requeue, after_interruption
+from messages import (
+    GroupNotFound,
+    Run,
+    RunNotFound,
+    RunStatus,
+    StopReason,
+    StoreUnavailable,
+    TransitionRefused,
     check_transition,
     reject,
     resolve,

@@ -25,9 +25,10 @@ from actors import (
     Runtime,
     TurnTimeout,
 )
+from actors._protocol import TakeTurn
 from actors._scheduler import COMPACT_AT_LEAST, Scheduler
 from actors.kinds._base import AgentContext
-from messages import Message, MessageCreate, RunStatus, StopReason, TakeTurn, reject, resolve
+from messages import Message, MessageCreate, RunStatus, StopReason, reject, resolve
 from tests.agents import Echo, user, wait_until
 from tests.invariants import check_group
 from tests.postgres import PostgresCluster

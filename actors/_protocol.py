@@ -1,30 +1,35 @@
-"""What the actors tell or ask each other. Each is frozen; none carries a reference to
-another actor's state, only values (and, where a caller waits, a queue or an event)."""
+"""What the actors tell or ask each other: light frozen objects, apart from the vocabulary.
+
+A request that expects a reply is an `Ask[R]`: it carries the `reply` future its sender
+waits on, typed by what the receiver answers (`TakeTurn` is an `Ask[TurnResult]`). The
+rest are told and answered by nothing. None carries a reference to another actor's state,
+only values (and, where a caller waits, a future, a sink or an event). They are made by
+the runtime from data it checked already, so they are plain slotted dataclasses: making
+one validates nothing.
+
+Example:
+    >>> command = TakeTurn(input=checked, mode="step")
+    >>> address.tell(command); result: TurnResult = command.reply.result()
+"""
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
-from typing import Any, Literal, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field
+from messages import Group, Message, MessageCreate, Run, RunStatus, StopReason, TurnResult
 
-from messages._content import Message, MessageCreate
-from messages._groups import Group
-from messages._runs import Run, RunStatus, StopReason
-
+R = TypeVar("R")
 TurnMode = Literal["step", "stream", "record"]
 
 
-class _Command(BaseModel):
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+class Ask(Generic[R]):
+    """A request answered through its `reply` future, with an `R` (or an exception)."""
 
-
-def _reply() -> Future[Any]:
-    return Future()
-
-
-# -- to a GroupActor ------------------------------------------------------------------
+    __slots__ = ()
+    reply: Future[R]
 
 
 @runtime_checkable
@@ -34,33 +39,40 @@ class MessageSink(Protocol):
     def put(self, item: Message | None, /) -> None: ...
 
 
-class TakeTurn(_Command):
+# -- to a GroupActor ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TakeTurn(Ask[TurnResult]):
     """Run one turn. For `stream`, produced messages go to `sink` as they come, then `None`."""
 
     input: list[MessageCreate]
     mode: TurnMode
     sink: MessageSink | None = None
-    reply: Future[Any] = Field(default_factory=_reply)
+    reply: Future[TurnResult] = field(default_factory=Future)
 
 
-class ChangeSettings(_Command):
+@dataclass(frozen=True, slots=True)
+class ChangeSettings(Ask[Group]):
     """Change a group's settings between two turns; replies with the updated Group."""
 
     changes: dict[str, Any]
-    reply: Future[Any] = Field(default_factory=_reply)
+    reply: Future[Group] = field(default_factory=Future)
 
 
-class DispatchRuns(_Command):
+@dataclass(frozen=True, slots=True)
+class DispatchRuns:
     """Hand committed runs to their agents again, after a failed attempt."""
 
     runs: list[Run]
     attempt: int
 
 
-# -- to a SleeptimeAgentActor ---------------------------------------------------------
+# -- to a SleeptimeAgentActor -------------------------------------------------------------
 
 
-class AssignRun(_Command):
+@dataclass(frozen=True, slots=True)
+class AssignRun:
     """A run of this agent was created and committed; queue it.
 
     `window` is the primary messages of the run's window when the group still held them,
@@ -71,7 +83,8 @@ class AssignRun(_Command):
     window: list[Message] | None = None
 
 
-class StepDone(_Command):
+@dataclass(frozen=True, slots=True)
+class StepDone:
     """The agent's step for a run returned (or raised).
 
     `started` is False when the run never reached its agent because the store was
@@ -87,42 +100,40 @@ class StepDone(_Command):
     started: bool = True
 
 
-class RunDeadline(_Command):
+@dataclass(frozen=True, slots=True)
+class RunDeadline:
     """The run's `run_timeout` elapsed."""
 
     run_id: str
     attempt: int
 
 
-class GroupChanged(_Command):
+@dataclass(frozen=True, slots=True)
+class GroupChanged:
     """The group's settings changed (transcript preamble, limits, timeout)."""
 
     group: Group
 
 
-class KindRegistered(_Command):
+@dataclass(frozen=True, slots=True)
+class KindRegistered:
     """An agent kind was registered; runs that waited for it can start."""
 
     kind: str
 
 
-# -- to the RunTrackerActor -----------------------------------------------------------
+# -- to the RunTrackerActor ---------------------------------------------------------------
 
 
-class RunsCreated(_Command):
+@dataclass(frozen=True, slots=True)
+class RunsCreated:
     """Runs committed by a turn; the tracker now follows them."""
 
     runs: list[Run]
 
 
-class StartRun(_Command):
-    """Ask to move a run to `running`; the reply is a `StartDecision`."""
-
-    run_id: str
-    reply: Future[Any] = Field(default_factory=_reply)
-
-
-class StartDecision(_Command):
+@dataclass(frozen=True, slots=True)
+class StartDecision:
     """Whether the run may start, and if so its cancel flag and the start's commit.
 
     `retry`: not now (the store is unavailable), ask again later; otherwise a run that
@@ -136,7 +147,16 @@ class StartDecision(_Command):
     retry: bool = False
 
 
-class StartAborted(_Command):
+@dataclass(frozen=True, slots=True)
+class StartRun(Ask[StartDecision]):
+    """Ask to move a run to `running`; the reply is a `StartDecision`."""
+
+    run_id: str
+    reply: Future[StartDecision] = field(default_factory=Future)
+
+
+@dataclass(frozen=True, slots=True)
+class StartAborted:
     """The run's agent never stepped it: the store was unavailable at its start.
 
     The run is queued again; the store may hold it `created` (the start never landed) or
@@ -146,7 +166,8 @@ class StartAborted(_Command):
     attempt: int
 
 
-class FinishRun(_Command):
+@dataclass(frozen=True, slots=True)
+class FinishRun:
     """A run ended as its agent saw it; refused (and logged) if it is already terminal."""
 
     run_id: str
@@ -154,24 +175,27 @@ class FinishRun(_Command):
     status: RunStatus
     stop_reason: StopReason
     error: str | None = None
-    messages: list[Message] = []
+    messages: list[Message] = field(default_factory=list)
 
 
-class CancelRun(_Command):
+@dataclass(frozen=True, slots=True)
+class CancelRun(Ask[Future[None] | None]):
     """Cancel a run; the reply is the commit future of the change, or None if none."""
 
     run_id: str
-    reply: Future[Any] = Field(default_factory=_reply)
+    reply: Future[Future[None] | None] = field(default_factory=Future)
 
 
-class WatchRuns(_Command):
+@dataclass(frozen=True, slots=True)
+class WatchRuns(Ask[list[Future[None]]]):
     """The reply is one future per run id, resolved once that run is terminal and committed."""
 
     run_ids: list[str]
-    reply: Future[Any] = Field(default_factory=_reply)
+    reply: Future[list[Future[None]]] = field(default_factory=Future)
 
 
-class AdoptRuns(_Command):
+@dataclass(frozen=True, slots=True)
+class AdoptRuns(Ask[list[Run]]):
     """A sleeptime agent's actor (re)started: the reply is its queued runs, oldest first.
 
     A run it was running when its previous incarnation died is re-queued first
@@ -179,23 +203,26 @@ class AdoptRuns(_Command):
     """
 
     agent_id: str
-    reply: Future[Any] = Field(default_factory=_reply)
+    reply: Future[list[Run]] = field(default_factory=Future)
 
 
-class FailGroupRuns(_Command):
+@dataclass(frozen=True, slots=True)
+class FailGroupRuns:
     """The group escalated: fail its open runs with the reason."""
 
     group_id: str
     reason: str
 
 
-class TerminalCommitted(_Command):
+@dataclass(frozen=True, slots=True)
+class TerminalCommitted:
     """A terminal status of this run is now durable (sent by the tracker to itself)."""
 
     run_id: str
 
 
-class TransitionFailed(_Command):
+@dataclass(frozen=True, slots=True)
+class TransitionFailed:
     """A status change could not be written (sent by the tracker to itself).
 
     `retryable` when the database was unavailable: the same write may succeed later.
@@ -206,7 +233,8 @@ class TransitionFailed(_Command):
     retryable: bool
 
 
-class RetryTransition(_Command):
+@dataclass(frozen=True, slots=True)
+class RetryTransition:
     """Write a run's pending terminal status again after a failed write."""
 
     run_id: str
