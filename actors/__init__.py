@@ -14,18 +14,18 @@ from actors._logging import configure_logging
 from actors._supervision import Chaos, RestartPolicy
 from actors._transcript import DEFAULT_PREAMBLE, render_transcript
 from actors.group import GroupActor
-from actors.kinds._base import (
+from actors.kinds._registry import AgentKinds
+from actors.rules import decide_fire
+from actors.runtime import DEFAULT_MEMORY_PERSONA, Runtime, TurnStream
+from actors.sdk import (
     AgentBehaviour,
     AgentContext,
     AgentFactory,
-    AgentKinds,
     Memory,
     StepFailed,
     StepResult,
     ToolResult,
 )
-from actors.rules import decide_fire
-from actors.runtime import DEFAULT_MEMORY_PERSONA, Runtime, TurnStream
 from actors.sleeptime_agent import SleeptimeAgentActor
 from actors.tracker import RunTrackerActor
 from messages import (

@@ -9,7 +9,7 @@ from typing import Any
 
 from actors._protocol import StepDone
 from actors._transcript import render_transcript
-from actors.kinds._base import AgentBehaviour, AgentContext, Memory, StepFailed, StepResult
+from actors.sdk import AgentBehaviour, AgentContext, Memory, StepFailed, StepResult
 from messages import (
     Group,
     Message,

@@ -29,7 +29,7 @@ from actors._supervision import (
     Supervisor,
 )
 from actors.group import GroupActor
-from actors.kinds._base import AgentKinds
+from actors.kinds._registry import AgentKinds
 from actors.sleeptime_agent import AgentSnapshot, SleeptimeAgentActor, StepsInFlight
 from actors.tracker import CancelFlags, RunTrackerActor, RunWaiters
 from messages import AgentNotFound, GroupFailed, RuntimeStopped

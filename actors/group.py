@@ -25,8 +25,8 @@ from actors._protocol import (
     TakeTurn,
 )
 from actors._supervision import CrashReporter, SupervisedActor
-from actors.kinds._base import AgentBehaviour, AgentContext, Memory, StepFailed, stream_of
 from actors.rules import claim_window, decide_fire
+from actors.sdk import AgentBehaviour, AgentContext, Memory, StepFailed, stream_of
 from messages import (
     Group,
     GroupFailed,

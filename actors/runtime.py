@@ -39,8 +39,9 @@ from actors._protocol import (
 from actors._scheduler import Scheduler
 from actors._supervision import Chaos, RestartPolicy, Supervisor
 from actors.kinds import builtin_kinds
-from actors.kinds._base import AgentFactory, AgentKinds, AgentRole
+from actors.kinds._registry import AgentKinds
 from actors.rules import new_group
+from actors.sdk import AgentFactory, AgentRole
 from messages import (
     MEMORY_PERSONA,
     Agent,

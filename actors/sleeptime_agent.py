@@ -40,7 +40,7 @@ from actors._protocol import (
 )
 from actors._scheduler import Timer
 from actors._supervision import Address, CrashReporter, SupervisedActor
-from actors.kinds._base import AgentBehaviour
+from actors.sdk import AgentBehaviour
 from messages import (
     Agent,
     AgentConfigError,

@@ -27,7 +27,7 @@ from actors import (
 )
 from actors._protocol import TakeTurn
 from actors._scheduler import COMPACT_AT_LEAST, Scheduler
-from actors.kinds._base import AgentContext
+from actors.sdk import AgentContext
 from messages import Message, MessageCreate, RunStatus, StopReason, reject, resolve
 from tests.agents import Echo, user, wait_until
 from tests.invariants import check_group

@@ -5,21 +5,7 @@ Example:
     >>> agent = builtin_kinds()["simulated"]({"latency_ms": 20, "seed": 7})
 """
 
-from actors.kinds._base import (
-    AGENT_ROLES,
-    AgentBehaviour,
-    AgentContext,
-    AgentFactory,
-    AgentKinds,
-    AgentRole,
-    BlockEditor,
-    Memory,
-    StepFailed,
-    StepResult,
-    ToolResult,
-    parse_config,
-    stream_of,
-)
+from actors.kinds._registry import AgentKinds
 from actors.kinds.memory import MemoryAgent, MemoryConfig, extract_facts
 from actors.kinds.openai_chat import ModelServerError, OpenAIAgent, OpenAIConfig
 from actors.kinds.scripted import ScriptedAgent, ScriptedConfig
@@ -29,6 +15,20 @@ from actors.kinds.simulated import (
     SimulatedConfig,
     SimulatedFailure,
     sample_latency_ms,
+)
+from actors.sdk import (
+    AGENT_ROLES,
+    AgentBehaviour,
+    AgentContext,
+    AgentFactory,
+    AgentRole,
+    BlockEditor,
+    Memory,
+    StepFailed,
+    StepResult,
+    ToolResult,
+    parse_config,
+    stream_of,
 )
 
 

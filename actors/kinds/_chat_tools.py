@@ -17,7 +17,7 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict
 
-from actors.kinds._base import Memory, ToolResult
+from actors.sdk import Memory, ToolResult
 from messages import MessageCreate, ToolCall
 
 _LABEL = {"type": "string", "description": "The label of the memory block, e.g. human."}

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from actors.kinds._base import AgentContext, AgentRole, Memory, ToolResult, parse_config
+from actors.sdk import AgentContext, AgentRole, Memory, ToolResult, parse_config
 from messages import Message, MessageCreate, ToolCall
 
 # A sentence ends at . ! ? ; before a space, except after a title such as "St." or "Dr.".

@@ -42,7 +42,6 @@ from typing import Any, ClassVar
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from actors.kinds._base import AgentContext, AgentRole, StepFailed, StepResult, parse_config
 from actors.kinds._chat_http import (
     ChatEndpoint,
     ChatFailure,
@@ -68,6 +67,7 @@ from actors.kinds._chat_tools import (
     tool_message,
 )
 from actors.kinds._http1 import Proxy
+from actors.sdk import AgentContext, AgentRole, StepFailed, StepResult, parse_config
 from messages import AgentConfigError, Message, MessageCreate, StopReason
 
 log = structlog.get_logger("sleeptime.openai")

@@ -8,7 +8,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.kinds._base import AgentContext, AgentRole, parse_config
+from actors.sdk import AgentContext, AgentRole, parse_config
 from messages import Message, MessageCreate
 
 # "what is my X?", "what's my X?", "do you remember my X?"; X stops at the end of the sentence.

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.kinds._base import AgentContext, AgentRole, parse_config
+from actors.sdk import AgentContext, AgentRole, parse_config
 from messages import Message, MessageCreate
 
 MAX_LATENCY_MS = 86_400_000.0
