@@ -7,10 +7,11 @@ the runtime's internals or the database directly. The commands live in `cli/`: t
 
 Every command that takes `--db` defaults to the runtime's own default, `DEFAULT_URL`
 (sleeptime.db in the working directory): the demo adds its group there and `runs`,
-`groups` and `check` read it.
+`groups` and `check` read it. With no command it runs the demo, with the demo's options.
 
 Example:
     $ python run.py                                  # the demo, a new group in sleeptime.db
+    $ python run.py --frequency 3 --quiet-transcript # the demo, with its options
     $ python run.py groups
     $ python run.py runs
     $ python run.py runs --events run-5c1e...
@@ -25,6 +26,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from pydantic import ValidationError
 
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = CommandParser(
         prog=command_name(),
         description="sleeptime-runtime: a demo, and a look inside its databases.",
-        epilog="Without a command it runs the demo.",
+        epilog="Without a command it runs the demo (and takes the demo's options).",
     )
     add_logging_options(parser, None)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")  # CommandParsers too
@@ -202,14 +204,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _LeadingOptions(argparse.ArgumentParser):
+    """Only the options that may come before a command; a mistake raises, printing nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(add_help=False, exit_on_error=False)
+        add_logging_options(self, None)
+        self.add_argument("-h", "--help", action="store_true")
+
+    def error(self, message: str) -> NoReturn:
+        raise argparse.ArgumentError(None, message)
+
+
+def demo_by_default(arguments: list[str]) -> list[str]:
+    """The arguments, with `demo` in front when they name no command.
+
+    No command runs the demo, so the demo's options work without its name too:
+    `run.py --quiet-transcript` is `run.py demo --quiet-transcript`. What comes first is read
+    past the options allowed before a command (logging, help) to see if a command follows.
+
+    >>> demo_by_default(["--log-level", "info", "groups"])
+    ['--log-level', 'info', 'groups']
+    >>> demo_by_default(["--log-json", "--frequency", "3"])
+    ['demo', '--log-json', '--frequency', '3']
+    """
+    try:
+        leading, rest = _LeadingOptions().parse_known_args(arguments)
+    except argparse.ArgumentError:
+        return arguments  # a bad logging option: the full parser says what is wrong
+    if leading.help or (rest and not rest[0].startswith("-")):
+        return arguments  # the top-level help, or a command (argparse checks its name)
+    return ["demo", *arguments]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the exit code is 0 on success, 2 (with one line on stderr) on error."""
-    arguments = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
+    arguments = demo_by_default(sys.argv[1:] if argv is None else list(argv))
     try:
-        args = parser.parse_args(arguments)
-        if args.command is None:
-            args = parser.parse_args([*arguments, "demo"])
+        args = build_parser().parse_args(arguments)
     except SystemExit as exit_:
         # argparse has printed its usage and message already; return instead of exiting.
         return exit_.code if isinstance(exit_.code, int) else EXIT_ERROR

@@ -190,6 +190,43 @@ def test_no_arguments_runs_the_demo_in_the_default_database(
         rt.stop(drain_timeout=0)
 
 
+def test_the_demos_options_work_without_its_name(tmp_path: Path) -> None:
+    finished = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), "--quiet-transcript", "--frequency", "3"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "<system-reminder>" not in finished.stdout
+    assert turns_that_fired(finished.stdout) == [1, 4]
+    assert f"Database: {tmp_path / 'sleeptime.db'}" in finished.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "parsed"),
+    [
+        ([], ["demo"]),
+        (["--quiet-transcript"], ["demo", "--quiet-transcript"]),
+        (["--log-level", "debug", "--db", "x"], ["demo", "--log-level", "debug", "--db", "x"]),
+        (["--log-json"], ["demo", "--log-json"]),
+        (["--log-level", "debug", "groups"], None),
+        (["--log-json", "runs", "--log-level", "error"], None),
+        (["demo", "--db", "x"], None),
+        (["-h"], None),
+        (["--help"], None),
+        (["frobnicate"], None),  # argparse says it is no command
+        (["--log-level", "loud", "groups"], None),  # argparse says what is wrong
+        (["--log-level"], None),
+    ],
+)
+def test_no_command_means_the_demo(argv: list[str], parsed: list[str] | None) -> None:
+    assert run.demo_by_default(argv) == (argv if parsed is None else parsed)
+
+
 def test_demo_refuses_a_default_database_it_cannot_read_and_keeps_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -361,6 +398,8 @@ def test_unknown_ids_are_one_line_and_exit_2(
         ["demo", "--frequency", "often"],
         ["frobnicate"],
         ["--log-level", "loud", "groups"],
+        ["--frequency", "often"],  # the demo's, without its name
+        ["--quiet-transcript", "groups"],
     ],
 )
 def test_bad_arguments_exit_2_with_usage(
@@ -400,6 +439,8 @@ def test_logging_options_before_or_after_the_command(
         ["loadtest", "--llm-url", "http://127.0.0.1:9/v1", "--model", "m", "--latency-ms", "5"],
         ["demo", "--model", "m"],
         ["demo", "--frequency", "-1"],
+        ["--model", "m"],
+        ["--frequency", "-1"],
     ],
     ids=" ".join,
 )
@@ -645,7 +686,7 @@ def test_the_command_line_uses_only_the_public_api() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["cli.command", "cli.options", "cli.tables", "cli.demo", "cli.inspection"]
+    "module", ["run", "cli.command", "cli.options", "cli.tables", "cli.demo", "cli.inspection"]
 )
 def test_the_examples_in_the_docstrings_hold(module: str) -> None:
     tried = doctest.testmod(importlib.import_module(module))
