@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from loadsim import percentile
+from cli.loadsim import percentile
 
 K = TypeVar("K")
 R = TypeVar("R")

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors import Runtime
 from bench.cases import CaseResult
-from loadsim import percentile
+from cli.loadsim import percentile
 from messages import MessageCreate, Run, RunStatus
 
 ROOT = Path(__file__).resolve().parent.parent

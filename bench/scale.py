@@ -24,7 +24,7 @@ from typing import Any
 from actors import Runtime
 from bench.cases import MESSAGE, SIMULATED
 from bench.drive import drive
-from loadsim import peak_rss_mb
+from cli.loadsim import peak_rss_mb
 
 SAMPLE_EVERY_S = 0.1
 

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actors import Runtime
-from loadsim import percentile
+from cli.loadsim import percentile
 from messages import MessageCreate, RunStatus
 
 SIMULATED = {"kind": "simulated", "config": {"latency_ms": 0, "seed": 1}}

@@ -5,7 +5,7 @@ Example:
 """
 
 from persistence._committer import Committer, Planned, Txn, Write
-from persistence._engine import make_engines, redact
+from persistence._engine import make_engines, parse_url, redact, sqlite_file
 from persistence._models import utcnow
 from persistence._records import GroupState, NewGroup, Transition, TurnWrite
 from persistence._store import StaleTurn, Store
@@ -22,6 +22,8 @@ __all__ = [
     "Txn",
     "Write",
     "make_engines",
+    "parse_url",
     "redact",
+    "sqlite_file",
     "utcnow",
 ]

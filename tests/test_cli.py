@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import doctest
+import importlib
 import os
 import re
 import subprocess
@@ -15,8 +18,11 @@ import pytest
 
 import run
 from actors import Runtime, configure_logging, decide_fire
+from cli.demo import block_diff, fire_reason, firing_turns
+from cli.tables import format_table, short_id
 from messages import Group, Run, RunStatus, StoreUnavailable
-from persistence._engine import driver_hint, parse_url
+from persistence import parse_url, sqlite_file
+from persistence._engine import driver_hint
 
 REPO = Path(run.__file__).resolve().parent
 
@@ -184,6 +190,43 @@ def test_no_arguments_runs_the_demo_in_the_default_database(
         rt.stop(drain_timeout=0)
 
 
+def test_the_demos_options_work_without_its_name(tmp_path: Path) -> None:
+    finished = subprocess.run(
+        [sys.executable, str(REPO / "run.py"), "--quiet-transcript", "--frequency", "3"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert "<system-reminder>" not in finished.stdout
+    assert turns_that_fired(finished.stdout) == [1, 4]
+    assert f"Database: {tmp_path / 'sleeptime.db'}" in finished.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "parsed"),
+    [
+        ([], ["demo"]),
+        (["--quiet-transcript"], ["demo", "--quiet-transcript"]),
+        (["--log-level", "debug", "--db", "x"], ["demo", "--log-level", "debug", "--db", "x"]),
+        (["--log-json"], ["demo", "--log-json"]),
+        (["--log-level", "debug", "groups"], None),
+        (["--log-json", "runs", "--log-level", "error"], None),
+        (["demo", "--db", "x"], None),
+        (["-h"], None),
+        (["--help"], None),
+        (["frobnicate"], None),  # argparse says it is no command
+        (["--log-level", "loud", "groups"], None),  # argparse says what is wrong
+        (["--log-level"], None),
+    ],
+)
+def test_no_command_means_the_demo(argv: list[str], parsed: list[str] | None) -> None:
+    assert run.demo_by_default(argv) == (argv if parsed is None else parsed)
+
+
 def test_demo_refuses_a_default_database_it_cannot_read_and_keeps_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -226,7 +269,7 @@ def test_groups_lists_the_demo_group(demo_db: str, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     header, _, row, footer = out.splitlines()
     assert header.split()[:4] == ["group", "frequency", "counter", "turns"]
-    assert row.split() == [group.id, "2", "1", "6", run.short_id(group.cursor), "1", "active"]
+    assert row.split() == [group.id, "2", "1", "6", short_id(group.cursor), "1", "active"]
     assert footer == "1 group(s)"
 
 
@@ -266,9 +309,9 @@ def test_runs_filters_take_the_short_ids_shown(
 ) -> None:
     group, runs = stored(demo_db)
 
-    assert run.main(["runs", "--db", demo_db, "--group", run.short_id(group.id)]) == 0
+    assert run.main(["runs", "--db", demo_db, "--group", short_id(group.id)]) == 0
     assert capsys.readouterr().out.count(" completed ") == 3
-    sleeper = run.short_id(group.sleeptime_agent_ids[0])
+    sleeper = short_id(group.sleeptime_agent_ids[0])
     assert run.main(["runs", "--db", demo_db, "--agent", sleeper, "--limit", "2"]) == 0
     out = capsys.readouterr().out
     assert runs[2].id in out and runs[0].id not in out  # the newest two
@@ -355,6 +398,8 @@ def test_unknown_ids_are_one_line_and_exit_2(
         ["demo", "--frequency", "often"],
         ["frobnicate"],
         ["--log-level", "loud", "groups"],
+        ["--frequency", "often"],  # the demo's, without its name
+        ["--quiet-transcript", "groups"],
     ],
 )
 def test_bad_arguments_exit_2_with_usage(
@@ -394,6 +439,8 @@ def test_logging_options_before_or_after_the_command(
         ["loadtest", "--llm-url", "http://127.0.0.1:9/v1", "--model", "m", "--latency-ms", "5"],
         ["demo", "--model", "m"],
         ["demo", "--frequency", "-1"],
+        ["--model", "m"],
+        ["--frequency", "-1"],
     ],
     ids=" ".join,
 )
@@ -523,7 +570,7 @@ def test_help_shows_every_default(command: str) -> None:
 
 
 def test_format_table_aligns_columns() -> None:
-    table = run.format_table(["id", "n", "note"], [["a", "1", "x"], ["bcd", "22", ""]], {1})
+    table = format_table(["id", "n", "note"], [["a", "1", "x"], ["bcd", "22", ""]], {1})
 
     assert table.splitlines() == [
         "id    n  note",
@@ -535,18 +582,47 @@ def test_format_table_aligns_columns() -> None:
 
 def test_format_table_refuses_a_ragged_row() -> None:
     with pytest.raises(ValueError, match="2 cells"):
-        run.format_table(["a", "b", "c"], [["1", "2"]])
+        format_table(["a", "b", "c"], [["1", "2"]])
 
 
-def test_firing_turns_agrees_with_the_runtime() -> None:
-    for frequency in [None, 0, 1, 2, 3, 5]:
-        counter, fired = -1, []
-        for turn in range(1, 13):
-            decision = decide_fire(frequency, counter)
-            counter = decision.counter
-            if decision.fired:
-                fired.append(turn)
-        assert run.firing_turns(frequency, 12) == fired, frequency
+FREQUENCIES = [None, 0, 1, 2, 3, 5, 7, 12]
+
+
+def decided(frequency: int | None, counter: int, turns: int) -> list[tuple[int, bool]]:
+    """The counter each of `turns` turns stores and whether it fires, by `decide_fire` alone."""
+    stored = []
+    for _ in range(turns):
+        fired, counter = decide_fire(frequency, counter)
+        stored.append((counter, fired))
+    return stored
+
+
+@pytest.mark.parametrize("frequency", FREQUENCIES)
+def test_firing_turns_agrees_with_the_runtime(frequency: int | None) -> None:
+    fired = [turn for turn, (_, fires) in enumerate(decided(frequency, -1, 40), 1) if fires]
+
+    assert firing_turns(frequency, 40) == fired
+    assert firing_turns(frequency, 0) == []
+
+
+@pytest.mark.parametrize("frequency", FREQUENCIES)
+@pytest.mark.parametrize("start", [-1, 0, 1, 4, 11, 30])  # after update_group: any counter
+def test_fire_reason_names_the_turn_the_runtime_fires_next(
+    frequency: int | None, start: int
+) -> None:
+    stored = decided(frequency, start, 40)
+    fired = [turn for turn, (_, fires) in enumerate(stored, 1) if fires]
+
+    for turn, (counter, fires) in enumerate(stored[:25], 1):
+        reason = fire_reason(frequency, counter, fires, turn)
+        following = re.search(r"fires next on turn (\d+)$", reason)
+        if frequency is None or frequency == 0:
+            assert following is None, reason
+        elif fires:
+            assert reason == f"counter {counter} of {frequency}"
+        else:
+            assert following is not None, reason
+            assert int(following[1]) == min(t for t in fired if t > turn), reason
 
 
 @pytest.mark.parametrize(
@@ -562,14 +638,14 @@ def test_firing_turns_agrees_with_the_runtime() -> None:
 def test_fire_reason(
     frequency: int | None, counter: int, fired: bool, turn: int, expected: str
 ) -> None:
-    assert run.fire_reason(frequency, counter, fired, turn) == expected
+    assert fire_reason(frequency, counter, fired, turn) == expected
 
 
 def test_block_diff_shows_only_changed_lines() -> None:
     before = "name: Ada\nfavorite color: orange"
     after = "name: Ada\nfavorite color: coral\nlives in: Lisbon"
 
-    assert run.block_diff(before, after) == [
+    assert block_diff(before, after) == [
         "- favorite color: orange",
         "+ favorite color: coral",
         "+ lives in: Lisbon",
@@ -579,15 +655,43 @@ def test_block_diff_shows_only_changed_lines() -> None:
 @pytest.mark.parametrize(
     ("url", "path"),
     [
-        ("sqlite:///demo.db", Path("demo.db")),
-        ("sqlite:////tmp/x.db?timeout=5", Path("/tmp/x.db")),
-        ("sqlite+pysqlite:///a/b.db", Path("a/b.db")),
+        ("sqlite:///demo.db", "demo.db"),
+        ("sqlite:////tmp/x.db?timeout=5", "/tmp/x.db"),
+        ("sqlite+pysqlite:///a/b.db", "a/b.db"),
         ("sqlite:///:memory:", None),
         ("postgresql://localhost/db", None),
     ],
 )
-def test_sqlite_path(url: str, path: Path | None) -> None:
-    assert run.sqlite_path(url) == path
+def test_the_file_the_commands_look_for_is_the_runtimes(url: str, path: str | None) -> None:
+    # The demo's "Database:" line and the inspecting commands' "no database at" check ask
+    # persistence which file a URL names, as the runtime does: one parser of URLs.
+    assert sqlite_file(parse_url(url)) == path
+
+
+def test_the_command_line_uses_only_the_public_api() -> None:
+    library = {"actors", "messages", "persistence"}
+    for source in [REPO / "run.py", *sorted((REPO / "cli").glob("*.py"))]:
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module is not None:
+                used = [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                used = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in used:
+                top, *rest = name.split(".")
+                assert top != "sqlalchemy", f"{source.name}: only persistence/ speaks SQL"
+                private = [part for part in rest if part.startswith("_")]
+                assert top not in library or not private, f"{source.name} imports {name}"
+
+
+@pytest.mark.parametrize(
+    "module", ["run", "cli.command", "cli.options", "cli.tables", "cli.demo", "cli.inspection"]
+)
+def test_the_examples_in_the_docstrings_hold(module: str) -> None:
+    tried = doctest.testmod(importlib.import_module(module))
+
+    assert tried.attempted > 0 and tried.failed == 0
 
 
 def test_demo_and_inspection_on_any_backend(

@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-import loadsim
 import run
 from actors import INVARIANTS, Runtime, configure_logging
+from cli import loadsim
+from persistence import parse_url, redact, sqlite_file
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPORT_KEYS = {
@@ -149,8 +150,8 @@ def test_simulate_without_db_uses_a_fresh_sqlite_file_and_says_where(
 
     assert code == 0, out
     url = next(line for line in out.splitlines() if line.startswith("Database: "))[10:]
-    path = run.sqlite_path(url)
-    assert path is not None and path.exists() and tmp_path in path.parents
+    file = sqlite_file(parse_url(url))
+    assert file is not None and Path(file).exists() and tmp_path in Path(file).parents
     assert report["parameters"]["db"] == url
 
 
@@ -331,10 +332,10 @@ def test_only_sleeptime_agents_fail_and_crashes_get_room() -> None:
     assert loadsim.GroupShape().runtime_options() == {}
 
 
-def test_redact_url_hides_only_the_password() -> None:
-    assert run.redact_url("postgresql://ada:s3cr%40t@db/x") == "postgresql://ada:***@db/x"
-    assert run.redact_url("postgresql://ada@db/x") == "postgresql://ada@db/x"
-    assert run.redact_url("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
+def test_the_urls_printed_hide_only_the_password() -> None:
+    assert redact("postgresql://ada:s3cr%40t@db/x") == "postgresql://ada:***@db/x"
+    assert redact("postgresql://ada@db/x") == "postgresql://ada@db/x"
+    assert redact("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
 
 
 def test_simulate_exits_1_when_an_invariant_is_broken_on_purpose(

@@ -1,0 +1,238 @@
+"""The `simulate` and `loadtest` commands: their checks, their runtime, their summary.
+
+`loadsim` drives the turns and measures them; this module turns the options into a
+`loadsim.GroupShape`, starts a runtime over `--db` (or a new SQLite file in a temporary
+directory), prints the summary and writes `--report` and `--plot`. Every option is checked
+before anything is created, so a refused run leaves nothing behind.
+
+Example:
+    $ python run.py simulate --groups 100 --agents 2 --turns 20 --report sim.json
+    $ python run.py loadtest --rate 200 --duration 10 --plot load.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from actors import Runtime, configure_logging
+from cli import loadsim
+from cli.command import EXIT_FAILED, EXIT_OK, CommandError
+from cli.options import llm_endpoint
+from cli.tables import format_table, print_invariants
+from persistence import redact
+
+MAX_OFFERED_TURNS = 10_000_000
+
+
+@contextmanager
+def workload_runtime(
+    args: argparse.Namespace, shape: loadsim.GroupShape
+) -> Iterator[tuple[Runtime, str]]:
+    """A runtime, and its URL, over `--db` or a new SQLite file in a new temporary directory.
+
+    The directory is kept once the runtime has started (the summary prints where, to inspect
+    it); a runtime that could not start takes it away again, so a refused run leaves nothing.
+    Call it after every option is checked: it is the first thing that creates anything.
+    """
+    folder: Path | None = None
+    url: str | None = args.db
+    if url is None:
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=f"sleeptime-{args.command}-"))
+        except OSError as error:
+            raise CommandError(f"no temporary directory for the database: {error}") from error
+        url = f"sqlite:///{folder / 'sleeptime.db'}"
+    try:
+        rt = Runtime.start(url, workers=args.workers, **shape.runtime_options())
+    except BaseException:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    with rt:
+        print(f"Database: {redact(url)}", flush=True)
+        yield rt, url
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse unwritable --report/--plot paths and a missing matplotlib before any work."""
+    for option, path in (("--report", args.report), ("--plot", args.plot)):
+        if path is not None and not path.parent.is_dir():
+            raise CommandError(f"{option} {path}: the directory {path.parent} does not exist")
+    if args.plot is not None and not loadsim.plotting_available():
+        raise CommandError(f"--plot needs matplotlib: {loadsim.PLOT_INSTALL_HINT}")
+
+
+def quiet_expected_warnings(args: argparse.Namespace) -> None:
+    """Log only errors unless asked otherwise: injected crashes would bury the summary."""
+    if args.log_level is None and "SLEEPTIME_LOG_LEVEL" not in os.environ:
+        configure_logging(level="error", json=args.log_json)
+
+
+def group_shape(args: argparse.Namespace) -> loadsim.GroupShape:
+    """The simulated groups the workload options describe."""
+    llm = llm_endpoint(args)
+    if llm is not None:
+        simulated = {"--latency-ms": args.latency_ms, "--jitter-ms": args.jitter_ms}
+        simulated["--failure-rate"] = args.failure_rate
+        given = [option for option, value in simulated.items() if value]
+        if given:
+            raise CommandError(
+                f"{', '.join(given)} shape simulated agents; with --llm-url the model server"
+                " decides latency and failures: leave them out"
+            )
+    return loadsim.GroupShape(
+        agents=args.agents,
+        frequency=args.frequency,
+        latency_ms=args.latency_ms,
+        distribution=args.latency_distribution,
+        jitter_ms=args.jitter_ms,
+        failure_rate=args.failure_rate,
+        crash_rate=args.crash_rate,
+        seed=args.seed,
+        llm=llm,
+    )
+
+
+def parameters(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    """Every option of the command, as the report keeps them."""
+    given = {name: value for name, value in vars(args).items() if name != "handler"}
+    given["db"] = redact(url)
+    return {name: str(v) if isinstance(v, Path) else v for name, v in given.items()}
+
+
+def simulate(args: argparse.Namespace) -> int:
+    """The `simulate` command: G groups x A sleeptime agents x T turns, closed loop."""
+    check_outputs(args)
+    shape = group_shape(args)
+    quiet_expected_warnings(args)
+    args.concurrency = concurrency = args.concurrency or min(args.groups, 32)  # as reported
+    title = (
+        f"simulate: {args.groups} groups x {args.agents} sleeptime agent(s) x {args.turns} "
+        f"turns, frequency {_frequency_text(args.frequency)}, concurrency {concurrency}, "
+        f"seed {args.seed}"
+    )
+    print(title, flush=True)
+    with workload_runtime(args, shape) as (rt, url):
+        outcome = loadsim.simulate(
+            rt,
+            shape,
+            groups=args.groups,
+            turns=args.turns,
+            concurrency=concurrency,
+            wait_timeout=args.wait_timeout,
+            progress=not args.no_progress,
+        )
+    return conclude(args, url, outcome, title)
+
+
+def loadtest(args: argparse.Namespace) -> int:
+    """The `loadtest` command: turns arrive at a rate for a duration, open loop."""
+    offered = args.rate * args.duration
+    if not 1 <= offered <= MAX_OFFERED_TURNS:
+        raise CommandError(
+            f"--rate {args.rate:g} for --duration {args.duration:g} s offers {offered:g} turns;"
+            f" a load test offers from 1 to {MAX_OFFERED_TURNS:,} (the arrival times are"
+            " drawn before the first turn)"
+        )
+    check_outputs(args)
+    shape = group_shape(args)
+    quiet_expected_warnings(args)
+    title = (
+        f"loadtest: {args.rate:g} turns/s ({args.arrivals}) for {args.duration:g} s over "
+        f"{args.groups} groups x {args.agents} sleeptime agent(s), frequency "
+        f"{_frequency_text(args.frequency)}, seed {args.seed}"
+    )
+    if shape.llm is not None:
+        title += f"; openai agents, {shape.llm.describe()}"
+    print(title, flush=True)
+    with workload_runtime(args, shape) as (rt, url):
+        outcome = loadsim.loadtest(
+            rt,
+            shape,
+            groups=args.groups,
+            rate=args.rate,
+            duration=args.duration,
+            arrivals=args.arrivals,
+            max_in_flight=args.max_in_flight,
+            wait_timeout=args.wait_timeout,
+            progress=not args.no_progress,
+        )
+    return conclude(args, url, outcome, title)
+
+
+def conclude(args: argparse.Namespace, url: str, outcome: loadsim.Outcome, title: str) -> int:
+    """Print the summary, write the report and the plot; 0 only if the outcome is ok."""
+    report = loadsim.build_report(outcome, parameters(args, url))
+    print()
+    print_summary(report)
+    if args.report is not None:
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"Report: {args.report}")
+    if args.plot is not None:
+        loadsim.plot(outcome, args.plot, title)
+        print(f"Plot: {args.plot}")
+    return EXIT_OK if outcome.ok else EXIT_FAILED
+
+
+def _frequency_text(frequency: int | None) -> str:
+    return "none (every turn)" if frequency is None else str(frequency)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    """The figures, the latency percentiles and the invariants of a simulation's report."""
+    runs: dict[str, int] = report["runs"]
+    figures = [
+        ("turns", str(report["turns"])),
+        ("turns/s", f"{report['turns_per_second']:.1f}"),
+    ]
+    if "offered_rate" in report:
+        figures += [
+            ("offered rate (turns/s)", f"{report['offered_rate']:g}"),
+            ("achieved rate (turns/s)", f"{report['achieved_rate']:.1f}"),
+            ("arrivals", str(report["arrivals"])),
+            ("late starts (all callers busy)", str(report["late_starts"])),
+        ]
+    figures += [
+        ("time taking turns", f"{report['turns_elapsed_s']:.2f} s"),
+        ("time until every run ended", f"{report['elapsed_s']:.2f} s"),
+        *((f"runs {status}", str(count)) for status, count in runs.items()),
+        ("turn errors", str(report["errors"]["count"])),
+        ("peak RSS", f"{report['peak_rss_mb']:.1f} MB"),
+        ("peak threads", str(report["peak_threads"])),
+        ("actor restarts", str(report["restarts"])),
+        ("injected crashes", str(report["injected_crashes"])),
+        ("escalated groups", str(report["escalations"])),
+    ]
+    print(format_table(["figure", "value"], [list(row) for row in figures], right={1}))
+    print()
+    latency = dict(report["latency_ms"])
+    if "start_delay_ms" in report:
+        latency["start_delay"] = report["start_delay_ms"]
+    labels = {
+        "turn": "turn" + (" (from scheduled arrival)" if "offered_rate" in report else ""),
+        "created_to_running": "run created -> running",
+        "created_to_terminal": "run created -> terminal",
+        "start_delay": "turn start delay",
+    }
+    rows = [
+        [labels[name], *(_ms(figures_ms[q]) for q in ("p50", "p95", "p99", "max"))]
+        for name, figures_ms in latency.items()
+    ]
+    headers = ["latency (ms)", "p50", "p95", "p99", "max"]
+    print(format_table(headers, rows, right={1, 2, 3, 4}))
+    for message in report["errors"]["first"]:
+        print(f"error: {message}")
+    print()
+    print_invariants(report["invariants"], report["violations"])
