@@ -30,8 +30,7 @@ from typing import NoReturn
 
 from pydantic import ValidationError
 
-from actors import configure_logging
-from actors.runtime import DEFAULT_URL  # Runtime.start's own default: one default everywhere
+from actors import DEFAULT_URL, configure_logging
 from cli import loadsim
 from cli.command import (
     EXIT_ERROR,

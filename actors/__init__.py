@@ -15,8 +15,8 @@ from actors._supervision import Chaos, RestartPolicy
 from actors._transcript import DEFAULT_PREAMBLE, render_transcript
 from actors.group import GroupActor
 from actors.kinds._registry import AgentKinds
-from actors.rules import decide_fire
-from actors.runtime import DEFAULT_MEMORY_PERSONA, Runtime, TurnStream
+from actors.rules import INITIAL_COUNTER, decide_fire
+from actors.runtime import DEFAULT_MEMORY_PERSONA, DEFAULT_URL, Runtime, TurnStream
 from actors.sdk import (
     AgentBehaviour,
     AgentContext,
@@ -54,6 +54,8 @@ from messages import (
 __all__ = [
     "DEFAULT_MEMORY_PERSONA",
     "DEFAULT_PREAMBLE",
+    "DEFAULT_URL",
+    "INITIAL_COUNTER",
     "INVARIANTS",
     "AgentBehaviour",
     "AgentConfigError",

@@ -23,8 +23,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TextIO
 
-from actors import Runtime, decide_fire
-from actors.runtime import DEFAULT_URL  # Runtime.start's own default: one default everywhere
+from actors import DEFAULT_URL, INITIAL_COUNTER, Runtime, decide_fire
 from cli.command import EXIT_FAILED, EXIT_OK, command_name
 from cli.loadsim import LLMEndpoint
 from cli.options import llm_endpoint
@@ -34,7 +33,6 @@ from persistence import parse_url, redact, sqlite_file
 
 DEMO_WAIT_SECONDS = 30.0
 LLM_WAIT_SECONDS = 600.0  # a sleeptime run of a real model takes several model calls
-NEW_GROUP_COUNTER = -1  # a new group's counter, before its first turn (SPEC 4)
 
 # The demo's user turns. With frequency 2 the sleeptime agent reads turns 1, 2-3 and 4-5
 # after turns 1, 3 and 5, so the answers go "don't know" (3), "orange" (5, out of date:
@@ -57,7 +55,7 @@ def upcoming(frequency: int | None, counter: int, turn: int = 0) -> Iterator[tup
 
     The decision is the runtime's own (`actors.decide_fire`), taken turn after turn.
 
-    >>> list(islice(upcoming(2, NEW_GROUP_COUNTER), 3))
+    >>> list(islice(upcoming(2, INITIAL_COUNTER), 3))
     [(1, True), (2, False), (3, True)]
     """
     while True:
@@ -68,7 +66,7 @@ def upcoming(frequency: int | None, counter: int, turn: int = 0) -> Iterator[tup
 
 def firing_turns(frequency: int | None, turns: int) -> list[int]:
     """The turns, of the first `turns`, on which a new group with this frequency fires."""
-    first = islice(upcoming(frequency, NEW_GROUP_COUNTER), turns)
+    first = islice(upcoming(frequency, INITIAL_COUNTER), turns)
     return [turn for turn, fired in first if fired]
 
 
