@@ -18,7 +18,7 @@ Example:
     >>> decide_fire(2, INITIAL_COUNTER)
     FireDecision(fired=True, counter=0)
     >>> after_interruption(attempt=3, max_attempts=3)
-    GiveUp(error='interrupted 3 time(s), the group's max_attempts')
+    GiveUp(error="interrupted 3 time(s), the group's max_attempts")
 """
 
 from __future__ import annotations

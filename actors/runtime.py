@@ -43,6 +43,8 @@ from actors.kinds._registry import AgentKinds
 from actors.rules import new_group
 from actors.sdk import AgentFactory, AgentRole
 from messages import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_RUN_TIMEOUT,
     MEMORY_PERSONA,
     Agent,
     AgentSpec,
@@ -379,8 +381,8 @@ class Runtime:
         blocks: Mapping[str, str | BlockCreate | Mapping[str, Any]] | None = None,
         preamble: str | None = None,
         transcript_max_messages: int | None = None,
-        run_timeout: float = 600.0,
-        max_attempts: int = 3,
+        run_timeout: float = DEFAULT_RUN_TIMEOUT,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> Group:
         """Create a group: a primary agent, its sleeptime agents, shared memory blocks.
 
