@@ -156,3 +156,11 @@ def test_an_interrupted_run_is_tried_at_most_max_attempts_times(
         assert outcome.attempt == attempt + 1 <= max_attempts
     else:
         assert attempt >= max_attempts
+
+
+def test_the_examples_in_the_rules_hold() -> None:
+    import doctest
+
+    import actors.rules
+
+    assert doctest.testmod(actors.rules).failed == 0
