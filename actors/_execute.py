@@ -23,10 +23,6 @@ from messages import (
 from persistence import Store, utcnow
 
 
-class InjectedFailure(Exception):  # the name says what it is
-    """An agent step failed on purpose by the chaos setting."""
-
-
 def stamp(
     create: MessageCreate,
     *,
@@ -78,7 +74,6 @@ def execute_run(
     cancel: threading.Event,
     started: Future[None],
     first_seq: int,
-    injected_failure: bool = False,
     window: list[Message] | None = None,
 ) -> StepDone:
     """Build the transcript of the run's window, step the agent, and report the outcome.
@@ -122,8 +117,6 @@ def execute_run(
             cancel_event=cancel,
             recent_history=lambda limit: store.recent_messages(run.agent_id, limit),
         )
-        if injected_failure:
-            raise InjectedFailure("chaos: this step fails on purpose (failure_rate)")
         try:
             produced, stop_reason = as_output(behaviour.step(context, [transcript]))
         except StepFailed as failure:

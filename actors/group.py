@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from actors._execute import as_output, stamp
-from actors._supervision import CrashReporter, SupervisedActor
+from actors._supervised import CrashReporter, SupervisedActor
 from actors._trigger import decide_fire
 from actors.kinds._base import AgentBehaviour, AgentContext, Memory, StepFailed, stream_of
 from messages import (

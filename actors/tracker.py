@@ -16,8 +16,9 @@ from typing import Any
 
 import structlog
 
+from actors._address import Address
 from actors._scheduler import Scheduler
-from actors._supervision import Address, CrashReporter, SupervisedActor
+from actors._supervised import CrashReporter, SupervisedActor
 from messages import (
     AdoptRuns,
     CancelRun,
@@ -39,6 +40,7 @@ from messages import (
     TransitionRefused,
     WatchRuns,
     check_transition,
+    reject,
     resolve,
 )
 from persistence import Store, Transition, utcnow
@@ -70,6 +72,14 @@ class RunWaiters:
     def run_ids(self) -> list[str]:
         with self._lock:
             return list(self._waiting)
+
+    def fail(self, error: Exception) -> None:
+        """Answer every waiting caller with `error` (no tracker will resolve them)."""
+        with self._lock:
+            futures = [f for waiting in self._waiting.values() for f in waiting]
+            self._waiting.clear()
+        for future in futures:
+            reject(future, error)
 
 
 class CancelFlags:

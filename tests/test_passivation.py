@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from actors import AgentFactory, Chaos, Runtime
-from actors._supervision import Supervisor
+from actors._supervisor import Supervisor
 from messages import RunStatus, StopReason
 from tests.agents import Echo, Recorder, user
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from actors import AgentFactory, Chaos, GroupFailed, RestartPolicy, Runtime
 from actors._scheduler import Scheduler
-from actors._supervision import ChildSpec, CrashReporter, SupervisedActor, Supervisor
+from actors._supervised import CrashReporter, SupervisedActor
+from actors._supervisor import ChildSpec, Supervisor
 from messages import RunStatus, SleeptimeError
 from tests.agents import Echo, Recorder, user, wait_until
 
