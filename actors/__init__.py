@@ -9,9 +9,10 @@ Example:
     ...     result = rt.step(group.id, [MessageCreate(role="user", content="hello")])
 """
 
+from actors._chaos import Chaos
 from actors._invariants import INVARIANTS, InvariantReport
 from actors._logging import configure_logging
-from actors._supervision import Chaos, RestartPolicy
+from actors._restart import RestartPolicy
 from actors._transcript import DEFAULT_PREAMBLE, render_transcript
 from actors.group import GroupActor
 from actors.kinds._registry import AgentKinds
@@ -41,6 +42,7 @@ from messages import (
     ReadOnlyRuntime,
     RunNotFound,
     RunsTimeout,
+    RuntimeFailed,
     RuntimeStopped,
     SchemaMismatch,
     SleeptimeError,
@@ -80,6 +82,7 @@ __all__ = [
     "RunTrackerActor",
     "RunsTimeout",
     "Runtime",
+    "RuntimeFailed",
     "RuntimeStopped",
     "SchemaMismatch",
     "SleeptimeAgentActor",

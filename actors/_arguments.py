@@ -14,7 +14,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, InstanceOf, StrictBool, TypeAdapter
 
-from actors._supervision import Chaos, RestartPolicy
+from actors._chaos import Chaos
+from actors._restart import RestartPolicy
 from messages import INT32_MAX, Id, Kind, RunStatus, Text
 
 MAX_WORKERS = 1024

@@ -23,10 +23,6 @@ from messages import (
 from persistence import Store, utcnow
 
 
-class InjectedFailure(Exception):  # the name says what it is
-    """An agent step failed on purpose by the chaos setting."""
-
-
 def stamp(
     create: MessageCreate,
     *,
@@ -80,7 +76,6 @@ def execute_run(
     store: Store,
     cancel: threading.Event,
     started: Future[None],
-    injected_failure: bool = False,
     window: list[Message] | None = None,
 ) -> StepDone:
     """Build the transcript of the run's window, step the agent, and report the outcome.
@@ -124,8 +119,6 @@ def execute_run(
             cancel_event=cancel,
             recent_history=lambda limit: store.recent_messages(run.agent_id, limit),
         )
-        if injected_failure:
-            raise InjectedFailure("chaos: this step fails on purpose (failure_rate)")
         try:
             produced, stop_reason = as_output(behaviour.step(context, [transcript]))
         except StepFailed as failure:

@@ -2,8 +2,13 @@
 
 The directory finds the address of a group's or sleeptime agent's actor and has the
 supervisor start one from the store when there is none (first use). Each child spec
-says how to start a fresh incarnation and what escalation means: the group is marked
-failed, its open runs fail, and its actors stop; the rest of the runtime goes on.
+says how to start a fresh incarnation and what escalation means: for a group or agent,
+the group is marked failed, its open runs fail, and its actors stop; the rest of the
+runtime goes on. For the run tracker, which every run change goes through, the whole
+runtime stops taking work and says why (`RuntimeFailed`); what is stored stays intact.
+
+The directory is also where chaos is wired in, from outside the actors: a crashing
+wrapper around each actor's receive, and a failing wrapper around each sleeptime agent.
 """
 
 from __future__ import annotations
@@ -17,28 +22,35 @@ from typing import Any
 import pykka
 import structlog
 
+from actors._address import Address
+from actors._chaos import Chaos, CrashInjection, failing_steps
 from actors._pool import StepPool
 from actors._protocol import FailGroupRuns
+from actors._restart import RestartPolicy
 from actors._scheduler import Scheduler
-from actors._supervision import (
-    Address,
-    Chaos,
-    ChildSpec,
-    CrashReporter,
-    RestartPolicy,
-    Supervisor,
-)
+from actors._supervised import CrashReporter
+from actors._supervisor import ChildSpec, Supervisor
 from actors.group import GroupActor
 from actors.kinds._registry import AgentKinds
 from actors.sleeptime_agent import AgentSnapshot, SleeptimeAgentActor, StepsInFlight
 from actors.tracker import CancelFlags, RunTrackerActor, RunWaiters
-from messages import AgentNotFound, GroupFailed, RuntimeStopped
+from messages import AgentNotFound, GroupFailed, RuntimeFailed, RuntimeStopped
 from persistence import GroupState, Store
 
 log = structlog.get_logger("sleeptime.directory")
 
-# The tracker is the heart of the runtime: it is restarted however often it crashes.
-TRACKER_POLICY = RestartPolicy(max_restarts=1_000_000, within_seconds=1.0)
+TRACKER_POLICY = RestartPolicy(
+    max_restarts=20,
+    within_seconds=10.0,
+    backoff_base=0.01,
+    backoff_max=0.25,
+    jitter=0.2,
+    reset_on_progress=True,
+)
+"""The run tracker's. Every run waits for it, so it is restarted soon and as often as it
+crashes while it still gets work done; a crash loop (more than 20 crashes within 10 s
+with no message handled between them) escalates, within about 5 s: its backoff stops at
+0.25 s, so 21 crashes fit in the window."""
 
 
 @dataclass
@@ -54,9 +66,15 @@ class RuntimeParts:
     waiters: RunWaiters = field(default_factory=RunWaiters)
     flags: CancelFlags = field(default_factory=CancelFlags)
     steps: StepsInFlight = field(default_factory=StepsInFlight)
+    crashes: CrashInjection = field(init=False)
+    failure: str | None = field(default=None, init=False)
+    """Why the runtime takes no more work (its run tracker escalated); None while it does."""
     supervisor: Supervisor = field(init=False)
     tracker: Address = field(init=False)
     directory: ActorDirectory = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.crashes = CrashInjection(self.chaos)
 
 
 def _once(first: Any, load: Callable[[], Any]) -> Callable[[], tuple[Any, bool]]:
@@ -99,11 +117,25 @@ class ActorDirectory:
             ChildSpec(
                 "tracker",
                 start,
-                escalate=lambda reason: log.critical("tracker_escalated", reason=reason),
+                escalate=self._tracker_failed,
                 policy=TRACKER_POLICY,
-                refuse=lambda reason: RuntimeStopped(),
+                refuse=RuntimeFailed,
+                wrap=parts.crashes.wrapper,
             )
         )
+
+    def _tracker_failed(self, reason: str) -> None:
+        """The tracker crashed too often: the runtime takes no more work, and says why.
+
+        Every actor is stopped after what it had queued, and every later call that would
+        take work raises RuntimeFailed; nothing stored is changed, so the runs still open
+        are recovered by the next start."""
+        parts = self._parts
+        parts.failure = reason
+        log.critical("tracker_escalated", reason=reason)
+        refusal = RuntimeFailed(reason)
+        parts.supervisor.shut_down(refusal)
+        parts.waiters.fail(refusal)
 
     def group(self, group_id: str) -> Address:
         """The group's address (GroupNotFound if the store has no such group)."""
@@ -132,6 +164,7 @@ class ActorDirectory:
                     policy=parts.policy,
                     refuse=lambda reason: GroupFailed(group_id, reason),
                     passivates=True,
+                    wrap=parts.crashes.wrapper,
                 )
             )
 
@@ -149,12 +182,14 @@ class ActorDirectory:
             group = _once(store.get_group(agent.group_id), lambda: store.get_group(agent.group_id))
 
             def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
+                incarnation = reporter.address.incarnation
+                build = failing_steps(parts.kinds.build, parts.chaos, agent.id, incarnation)
                 if isinstance(reporter.snapshot, AgentSnapshot):
                     return SleeptimeAgentActor.start(
-                        reporter, agent, reporter.snapshot.group, parts
+                        reporter, agent, reporter.snapshot.group, parts, build=build
                     )
                 loaded, _ = group()
-                return SleeptimeAgentActor.start(reporter, agent, loaded, parts)
+                return SleeptimeAgentActor.start(reporter, agent, loaded, parts, build=build)
 
             return parts.supervisor.supervise(
                 ChildSpec(
@@ -165,6 +200,7 @@ class ActorDirectory:
                     refuse=lambda reason: GroupFailed(agent.group_id, reason),
                     passivates=True,
                     parent=f"group:{agent.group_id}",
+                    wrap=parts.crashes.wrapper,
                 )
             )
 
@@ -186,6 +222,7 @@ class ActorDirectory:
     def _escalate(self, group_id: str, reason: str) -> None:
         """Too many crashes: the group fails with the reason, the rest goes on."""
         parts = self._parts
+        log.error("group_escalated", group_id=group_id, reason=reason)
         try:
             parts.store.fail_group(group_id, reason).result()
         except Exception as error:

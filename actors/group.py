@@ -24,7 +24,7 @@ from actors._protocol import (
     RunsCreated,
     TakeTurn,
 )
-from actors._supervision import CrashReporter, SupervisedActor
+from actors._supervised import CrashReporter, SupervisedActor
 from actors.rules import claim_window, decide_fire
 from actors.sdk import AgentBehaviour, AgentContext, Memory, StepFailed, stream_of
 from messages import (

@@ -24,6 +24,7 @@ import structlog
 from pydantic import ConfigDict, Field, TypeAdapter
 
 from actors._arguments import GROUP_IDS, TURN_TIMEOUT, RunFilters, RunWait, StartOptions
+from actors._chaos import Chaos
 from actors._invariants import InvariantReport, check_invariants
 from actors._logging import ensure_logging
 from actors._parts import ActorDirectory, RuntimeParts
@@ -36,8 +37,9 @@ from actors._protocol import (
     TurnMode,
     WatchRuns,
 )
+from actors._restart import RestartPolicy
 from actors._scheduler import Scheduler
-from actors._supervision import Chaos, RestartPolicy, Supervisor
+from actors._supervisor import Supervisor
 from actors.kinds import builtin_kinds
 from actors.kinds._registry import AgentKinds
 from actors.rules import new_group
@@ -61,6 +63,7 @@ from messages import (
     RunEvent,
     RunStatus,
     RunsTimeout,
+    RuntimeFailed,
     RuntimeStopped,
     TurnResult,
     TurnTimeout,
@@ -195,7 +198,7 @@ class Runtime:
             policy=restart_policy or RestartPolicy(),
             chaos=chaos,
         )
-        self._parts.supervisor = Supervisor(scheduler, chaos)
+        self._parts.supervisor = Supervisor(scheduler)
         self._directory = ActorDirectory(self._parts)
         self._parts.directory = self._directory
 
@@ -368,6 +371,8 @@ class Runtime:
     def _check(self, action: str | None = None) -> None:
         if self._stopped.is_set():
             raise RuntimeStopped()
+        if action is not None and self._parts.failure is not None:
+            raise RuntimeFailed(self._parts.failure)  # its tracker escalated: no more work
         if action is not None and self.read_only:
             raise ReadOnlyRuntime(action)
 
@@ -602,6 +607,8 @@ class Runtime:
         if not_done:
             open_ids = [i for i, f in zip(ids, futures, strict=True) if f in not_done]
             raise RunsTimeout(list(dict.fromkeys(open_ids)), timeout or 0.0)
+        for future in futures:
+            future.result()  # RuntimeFailed if the tracker escalated while we waited
         runs = self._store.get_runs(ids)
         return [runs[i] for i in ids]
 
@@ -704,7 +711,7 @@ class Runtime:
             "passivations": self._parts.supervisor.passivations,
             "activations": self._parts.supervisor.activations,
             "restarts": self._parts.supervisor.restarts,
-            "injected_crashes": self._parts.supervisor.injected,
+            "injected_crashes": self._parts.crashes.injected,
             "escalations": self._parts.supervisor.escalations,
             "step_threads": self._parts.pool.threads,
             "starts_postponed": self._parts.steps.postponed,

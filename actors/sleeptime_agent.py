@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pydantic
 import structlog
 
+from actors._address import Address
 from actors._execute import execute_run
 from actors._protocol import (
     AdoptRuns,
@@ -39,7 +41,7 @@ from actors._protocol import (
     StepDone,
 )
 from actors._scheduler import Timer
-from actors._supervision import Address, CrashReporter, SupervisedActor
+from actors._supervised import CrashReporter, SupervisedActor
 from actors.sdk import AgentBehaviour
 from messages import (
     Agent,
@@ -134,6 +136,7 @@ class SleeptimeAgentActor(SupervisedActor):
         agent: Agent,
         group: Group,
         parts: RuntimeParts,
+        build: Callable[[str, Mapping[str, Any]], AgentBehaviour] | None = None,
     ) -> None:
         super().__init__(reporter)
         self._address = reporter.address
@@ -149,12 +152,7 @@ class SleeptimeAgentActor(SupervisedActor):
         self._awaited: Future[StepDone] | None = None  # an earlier step we wait for
         self._behaviour: AgentBehaviour | None = None
         self._build_error: str | None = None
-        chaos = parts.chaos
-        self._step_dice = (
-            chaos.dice(f"steps/{agent.id}", reporter.address.incarnation)
-            if (chaos is not None and chaos.failure_rate > 0)
-            else None
-        )
+        self._build = build or parts.kinds.build  # the wiring may wrap what it builds
         self._log = log.bind(agent_id=agent.id, group_id=agent.group_id)
 
     def started(self) -> None:
@@ -263,7 +261,7 @@ class SleeptimeAgentActor(SupervisedActor):
         if self._behaviour is not None or self._build_error is not None:
             return True
         try:
-            self._behaviour = self._parts.kinds.build(self._agent.kind, self._agent.config)
+            self._behaviour = self._build(self._agent.kind, self._agent.config)
         except UnknownAgentKind as error:
             self._log.warning("waiting_for_kind", kind=self._agent.kind, detail=str(error))
             return False
@@ -296,9 +294,6 @@ class SleeptimeAgentActor(SupervisedActor):
             cancel=decision.cancel,
             started=decision.committed,
             window=window,
-            injected_failure=self._step_dice is not None
-            and self._step_dice.random()
-            < (self._parts.chaos.failure_rate if self._parts.chaos else 0.0),
         )
         future = self._parts.pool.submit(job)
         timeout = self._group.run_timeout

@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from actors._address import Address
 from actors._protocol import (
     AdoptRuns,
     CancelRun,
@@ -34,7 +35,7 @@ from actors._protocol import (
     WatchRuns,
 )
 from actors._scheduler import Scheduler
-from actors._supervision import Address, CrashReporter, SupervisedActor
+from actors._supervised import CrashReporter, SupervisedActor
 from actors.rules import GiveUp, Requeue, after_interruption
 from messages import (
     GroupNotFound,
@@ -77,6 +78,14 @@ class RunWaiters:
     def run_ids(self) -> list[str]:
         with self._lock:
             return list(self._waiting)
+
+    def fail(self, error: Exception) -> None:
+        """Answer every waiting caller with `error` (no tracker will resolve them)."""
+        with self._lock:
+            futures = [f for waiting in self._waiting.values() for f in waiting]
+            self._waiting.clear()
+        for future in futures:
+            reject(future, error)
 
 
 class CancelFlags:

@@ -184,3 +184,17 @@ class AgentRoleError(SleeptimeError):
             f"agent kind {kind!r} cannot be a {role} agent: it supports {roles} only; "
             f"use another kind for the {role} agent"
         )
+
+
+class RuntimeFailed(SleeptimeError):
+    """The runtime's run tracker crashed too often: the runtime takes no more work.
+
+    What is stored stays as it is; runs still open are recovered by the next start."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(
+            f"the runtime's run tracker failed ({reason}) and the runtime takes no more "
+            "work: stop it and start a new process; open runs stay stored and are "
+            "recovered by the next start"
+        )

@@ -9,9 +9,42 @@ import pytest
 from pydantic import ValidationError
 
 from actors import AgentFactory, Chaos, Runtime
-from actors._supervision import Supervisor
+from actors._passivation import Idle, to_passivate
+from actors._supervisor import Supervisor
 from messages import RunStatus, StopReason
 from tests.agents import Echo, Recorder, user
+
+
+@pytest.mark.parametrize(
+    ("children", "active", "idle_after", "max_active", "chosen"),
+    [
+        ([Idle("group:a", None, 0.0)], {"group:a"}, 99.0, None, ["group:a"]),  # idle long enough
+        ([Idle("group:a", None, 1.0)], {"group:a"}, 99.0, None, []),  # told 99 s ago: not yet
+        ([Idle("group:a", None, 0.0)], {"group:a"}, None, None, []),  # no limit
+        ([Idle("agent:x", "group:a", 99.0)], {"agent:x"}, None, None, ["agent:x"]),  # parent gone
+        ([Idle("agent:x", "group:a", 99.0)], {"agent:x", "group:a"}, None, None, []),
+        (  # beyond the cap, the least recently told go first; agents are not counted in it
+            [
+                Idle("group:a", None, 50.0),
+                Idle("group:b", None, 10.0),
+                Idle("group:c", None, 30.0),
+                Idle("agent:x", "group:a", 0.0),
+            ],
+            {"group:a", "group:b", "group:c", "agent:x"},
+            None,
+            1,
+            ["group:b", "group:c"],
+        ),
+    ],
+)
+def test_which_children_passivate(
+    children: list[Idle],
+    active: set[str],
+    idle_after: float | None,
+    max_active: int | None,
+    chosen: list[str],
+) -> None:
+    assert to_passivate(children, active, 100.0, idle_after, max_active, "group:") == chosen
 
 
 def _supervisor(rt: Runtime) -> Supervisor:

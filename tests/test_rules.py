@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import itertools
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from actors import rules
 from actors.rules import (
     INITIAL_COUNTER,
     GiveUp,
@@ -159,8 +161,4 @@ def test_an_interrupted_run_is_tried_at_most_max_attempts_times(
 
 
 def test_the_examples_in_the_rules_hold() -> None:
-    import doctest
-
-    import actors.rules
-
-    assert doctest.testmod(actors.rules).failed == 0
+    assert doctest.testmod(rules).failed == 0

@@ -1,8 +1,9 @@
-"""Supervision: restarts with state from the store, nothing dropped, escalation, backoff."""
+"""Supervision: restarts with state from the store, nothing dropped, escalation, backoff.
+
+The restart decision itself is tested in test_restart_policy.py."""
 
 from __future__ import annotations
 
-import random
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -11,41 +12,13 @@ from typing import Any
 
 import pykka
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from actors import AgentFactory, Chaos, GroupFailed, RestartPolicy, Runtime
 from actors._scheduler import Scheduler
-from actors._supervision import ChildSpec, CrashReporter, SupervisedActor, Supervisor
+from actors._supervised import CrashReporter, SupervisedActor
+from actors._supervisor import ChildSpec, Supervisor
 from messages import RunStatus, SleeptimeError
 from tests.agents import Echo, Recorder, user, wait_until
-
-# -- the policy, as a pure function ---------------------------------------------------------
-
-
-@given(
-    st.integers(1, 30),
-    st.floats(0.001, 1.0),
-    st.floats(0.001, 60.0),
-    st.floats(0, 0.9),
-    st.integers(0, 2**32),
-)
-def test_backoff_doubles_up_to_its_cap_within_the_jitter(
-    restart: int, base: float, cap: float, jitter: float, seed: int
-) -> None:
-    policy = RestartPolicy(backoff_base=base, backoff_max=cap, jitter=jitter)
-    nominal = min(cap, base * 2.0 ** (restart - 1))
-    delay = policy.backoff(restart, random.Random(seed))
-    assert nominal * (1 - jitter) - 1e-12 <= delay <= nominal * (1 + jitter) + 1e-12
-
-
-@pytest.mark.parametrize(
-    "bad", [{"max_restarts": -1}, {"within_seconds": 0}, {"jitter": 1.0}, {"backoff_base": -1}]
-)
-def test_nonsense_policies_are_refused(bad: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
-        RestartPolicy(**bad)  # type: ignore[arg-type]
-
 
 # -- the supervisor, on a small actor whose "store" is a dict -------------------------------
 
@@ -322,3 +295,47 @@ def test_a_busy_child_is_asked_to_passivate_at_most_every_nudge_interval(
     assert address.ask(Total(), timeout=10) == 3
     assert (supervisor.passivations, supervisor.activations) == (1, 1)
     supervisor.stop("counter", SleeptimeError("stopped"))
+
+
+def test_a_child_that_gets_work_done_between_crashes_is_not_in_a_crash_loop(
+    scheduler: RecordingScheduler,
+) -> None:
+    supervisor, store, escalated = Supervisor(scheduler), {}, []  # type: ignore[var-annotated]
+    policy = RestartPolicy(
+        max_restarts=2, within_seconds=60, backoff_base=0.001, jitter=0, reset_on_progress=True
+    )
+    address = _counter(supervisor, store, policy, escalated)
+    for _ in range(6):  # each incarnation handles a message, then crashes
+        address.tell(Add(1))
+        address.tell(Explode())
+    assert address.ask(Total(), timeout=10) == 6
+    assert escalated == [] and supervisor.restarts == 6
+    assert set(scheduler.delays) == {0.001}  # the backoff starts again after progress
+    for _ in range(3):  # crashes with nothing handled between them: a crash loop
+        address.tell(Explode())
+    with pytest.raises(SleeptimeError, match="counter gone"):
+        address.ask(Total(), timeout=10)
+    assert len(escalated) == 1 and "3 crashes within 60s" in escalated[0]
+
+
+def test_a_shut_down_supervisor_refuses_every_child_and_starts_none(
+    scheduler: RecordingScheduler,
+) -> None:
+    supervisor, store, escalated = Supervisor(scheduler), {}, []  # type: ignore[var-annotated]
+    address = _counter(supervisor, store, RestartPolicy(), escalated)
+    address.tell(Add(2))
+    assert address.ask(Total(), timeout=10) == 2
+    supervisor.shut_down(SleeptimeError("gave up"))
+    with pytest.raises(SleeptimeError, match="gave up"):
+        address.ask(Total(), timeout=10)
+    starts: list[CrashReporter] = []
+
+    def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
+        starts.append(reporter)
+        return Counter.start(reporter, store)
+
+    later = supervisor.supervise(ChildSpec("later", start, escalate=escalated.append))
+    with pytest.raises(SleeptimeError, match="gave up"):
+        later.ask(Total(), timeout=10)
+    assert starts == [] and escalated == []
+    assert supervisor.wait_until(lambda s: s.active_count() == 0, timeout=10)

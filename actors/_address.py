@@ -1,0 +1,185 @@
+"""The Address: the stable handle of a supervised actor, valid across its incarnations.
+
+Messages told while the actor restarts (or while it is passivated) wait in the address
+and are delivered to the next incarnation, after the ones the dead incarnation had not
+handled, so nothing is silently dropped. An address whose child was stopped or escalated
+refuses every message: one carrying a `reply` future gets the refusal as its reply.
+
+Senders use `tell`, `ask` and `tell_if_active`; the supervisor moves the address between
+incarnations with `attach`, `detach`, `passivate`, `nudge` and `close`.
+
+Example:
+    >>> address.tell(AssignRun(run=run))
+    >>> total = address.ask(Total(), timeout=10)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import pykka
+
+from actors._pykka import drain_inbox, inbox_empty
+from messages import reject
+
+
+def _nothing() -> None:
+    """What waking an address does until its supervisor says otherwise."""
+
+
+class Address:
+    """The stable handle of a supervised actor, valid across its restarts.
+
+    A passivated child has no instance; the first message told to it starts one (in
+    the teller's thread, through `on_wake`), and waits here until it is up, like during
+    a restart.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_lock",
+        "_on_wake",
+        "_passive",
+        "_ref",
+        "_refusal",
+        "identity",
+        "incarnation",
+        "last_told",
+    )
+
+    def __init__(self, identity: str, on_wake: Callable[[], None] = _nothing) -> None:
+        self.identity = identity
+        self.incarnation = 0
+        self.last_told = time.monotonic()
+        self._lock = threading.Lock()
+        self._ref: pykka.ActorRef[Any] | None = None
+        self._buffer: deque[Any] = deque()
+        self._refusal: Exception | None = None
+        self._passive = False
+        self._on_wake = on_wake
+
+    # -- senders --------------------------------------------------------------------------
+
+    def tell(self, message: Any) -> None:
+        """Deliver now, or after the restart under way; refuse if the child is gone."""
+        with self._lock:
+            if self._refusal is not None:
+                _refuse(message, self._refusal)
+                return
+            self.last_told = time.monotonic()
+            if self._ref is not None and not self._buffer:
+                try:
+                    self._ref.tell(message)
+                    return
+                except pykka.ActorDeadError:
+                    pass  # it just crashed: its report will restart it
+            self._buffer.append(message)
+            wake, self._passive = self._passive, False
+        if wake:
+            self._on_wake()
+
+    def tell_if_active(self, message: Any, on_passive: Callable[[], None] | None = None) -> bool:
+        """Tell, unless the child is passivated or gone (then the message is dropped:
+        for news that a new instance reads from the store anyway). `on_passive` runs
+        when it is passivated, before anything can start it again."""
+        with self._lock:
+            if self._passive or self._refusal is not None:
+                if self._passive and on_passive is not None:
+                    on_passive()
+                return False
+        self.tell(message)
+        return True
+
+    def ask(self, message: Any, timeout: float | None = None) -> Any:
+        """Tell a message that carries a `reply` future, and wait for that reply."""
+        reply: Future[Any] = message.reply
+        self.tell(message)
+        return reply.result(timeout)
+
+    @property
+    def active(self) -> bool:
+        """Whether an incarnation is running (not restarting, passivated or gone)."""
+        with self._lock:
+            return self._ref is not None
+
+    @property
+    def refused(self) -> bool:
+        """Whether the child is gone for good: every message is refused."""
+        with self._lock:
+            return self._refusal is not None
+
+    # -- the supervisor's side ------------------------------------------------------------
+
+    def attach(self, ref: pykka.ActorRef[Any]) -> bool:
+        """The new incarnation is up: hand it everything that waited, in order. False if
+        the address was closed meanwhile (the supervisor then stops the incarnation)."""
+        with self._lock:
+            if self._refusal is not None:
+                return False
+            self._ref = ref
+            while self._buffer:
+                message = self._buffer.popleft()
+                try:
+                    ref.tell(message)
+                except pykka.ActorDeadError:
+                    self._buffer.appendleft(message)  # crashed already; the next one gets it
+                    break
+            return True
+
+    def detach(self, inbox: Any | None, first: list[Any]) -> None:
+        """The current incarnation died: keep what it had not handled, ahead of the rest.
+
+        `first` are messages it took but did not handle; `inbox` is None when the
+        incarnation never started (its start raised). A closed address refuses them."""
+        with self._lock:
+            self._ref = None
+            pending = [*first, *(drain_inbox(inbox) if inbox is not None else [])]
+            refusal = self._refusal
+            if refusal is None:
+                self._buffer.extendleft(reversed(pending))
+        if refusal is not None:
+            for message in pending:
+                _refuse(message, refusal)
+
+    def passivate(self, inbox: Any) -> bool:
+        """Let go of the idle instance, unless a message is waiting for it; the next
+        message wakes the child."""
+        with self._lock:
+            if self._ref is None or self._buffer or not inbox_empty(inbox):
+                return False
+            self._ref = None
+            self._passive = True
+            return True
+
+    def nudge(self, message: Any) -> None:
+        """Tell the running instance, if any, without counting as use or waking it."""
+        with self._lock:
+            if self._ref is None or self._buffer:
+                return
+            try:
+                self._ref.tell(message)
+            except pykka.ActorDeadError:
+                pass
+
+    def close(self, refusal: Exception) -> pykka.ActorRef[Any] | None:
+        """No incarnation will come: refuse what waits and what comes. Returns the
+        running instance, if any, for the supervisor to stop."""
+        with self._lock:
+            self._refusal = refusal
+            waiting = list(self._buffer)
+            self._buffer.clear()
+            ref, self._ref = self._ref, None
+        for message in waiting:
+            _refuse(message, refusal)
+        return ref
+
+
+def _refuse(message: Any, refusal: Exception) -> None:
+    reply = getattr(message, "reply", None)
+    if isinstance(reply, Future):
+        reject(reply, refusal)

@@ -1,0 +1,187 @@
+"""SupervisedActor, the base of the runtime's actors, and what its supervisor hands it.
+
+An actor implements `receive(message)` (and may implement `started()`, `idle()`,
+`snapshot()`); it never knows how it is restarted. A message with a `reply` future gets
+the return value, or the exception, as its reply; an exception escaping a message without
+one is a crash, reported through the `CrashReporter` to the supervisor, which hands the
+messages this incarnation had not handled to the next one.
+
+The wiring may put a `ReceiveWrapper` around an incarnation's receive (Akka's "behaviour
++ wrapper"): chaos crashes actors that way, and the actors themselves take no part in it.
+
+Example:
+    >>> class Counter(SupervisedActor):
+    ...     def receive(self, message):
+    ...         ...
+    >>> supervisor.supervise(ChildSpec("counter", lambda reporter: Counter.start(reporter), ...))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import pykka
+
+from actors._address import Address
+from actors._passivation import Passivate
+from actors._pykka import stop_now
+from messages import reject, resolve
+
+ReceiveWrapper = Callable[[Any, Callable[[Any], Any]], Any]
+"""Called with each message and the actor's own handling of it; returns what that returns.
+Raising `CrashedBeforeReceive` instead of calling it crashes the actor, message unhandled."""
+
+
+class ActorRaised(Exception):
+    """An actor's code raised a BaseException that is no Exception (`SystemExit`, say).
+
+    pykka answers those by stopping every actor of the process; here it is one actor's
+    crash like any other, restarted by its supervisor."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        super().__init__(f"{type(error).__name__}: {error}")
+
+
+def contained(error: BaseException) -> Exception:
+    """`error` as an Exception that fails only the actor, turn or run that raised it."""
+    return error if isinstance(error, Exception) else ActorRaised(error)
+
+
+class CrashedBeforeReceive(Exception):
+    """Raised by a receive wrapper before the message reached the actor's code: the actor
+    crashes, and the next incarnation gets the message, as if it had never been told."""
+
+
+class CrashReporter:
+    """What the supervisor hands one incarnation: its address, where to report a crash or
+    a passivation, and how it was started.
+
+    `activation` says it was started again after a passivation, not a crash; `snapshot`
+    is then the state the last instance left (exact, as nothing else changes it), so the
+    new one need not read it back (None otherwise). `wrap` goes around its receive.
+    """
+
+    __slots__ = ("_on_crash", "_on_passivate", "activation", "address", "snapshot", "wrap")
+
+    def __init__(
+        self,
+        address: Address,
+        on_crash: Callable[[BaseException, Any, list[Any], bool], None],
+        on_passivate: Callable[[Any, Any], bool],
+        activation: bool = False,
+        snapshot: Any = None,
+        wrap: ReceiveWrapper | None = None,
+    ) -> None:
+        self.address = address
+        self._on_crash = on_crash
+        self._on_passivate = on_passivate
+        self.activation = activation
+        self.snapshot = snapshot
+        self.wrap = wrap
+
+    def crashed(
+        self, error: BaseException, inbox: Any, unhandled: list[Any], progressed: bool = False
+    ) -> None:
+        """The incarnation died of `error`; `unhandled` and its `inbox` go to the next.
+        `progressed`: it had handled a message (the restart policy may count that)."""
+        self._on_crash(error, inbox, unhandled, progressed)
+
+    def passivate(self, inbox: Any, snapshot: Any = None) -> bool:
+        """Whether the idle instance may stop now (it must, if True); `snapshot` is
+        handed to the next instance."""
+        return self._on_passivate(inbox, snapshot)
+
+
+class SupervisedActor(pykka.ThreadingActor):
+    """Base of the runtime's actors: messages in, replies through futures, crashes reported.
+
+    A subclass implements `receive(message)` (and may implement `started()`). A message
+    with a `reply` future gets the return value, or the exception, as its reply; an
+    exception from a message without one is a crash, reported to the supervisor, which
+    redelivers the messages this incarnation had not handled to the next one.
+    """
+
+    use_daemon_thread = True
+
+    def __init__(self, reporter: CrashReporter | None = None) -> None:
+        super().__init__()
+        self._reporter = reporter
+        self._wrap = None if reporter is None else reporter.wrap
+        self._unhandled: list[Any] = []
+        self._progressed = False  # handled a message: this incarnation got work done
+
+    def started(self) -> None:
+        """Load what the actor needs; runs in its own thread before any message."""
+
+    def receive(self, message: Any) -> Any:
+        raise NotImplementedError
+
+    def idle(self) -> bool:
+        """Whether the actor may be passivated now: nothing of its own under way that a
+        new instance, started from the store, would not take over."""
+        return True
+
+    def snapshot(self) -> Any:
+        """What the next instance may start from instead of reading the store (None:
+        read it). Only state that nothing but this actor changes belongs here."""
+        return None
+
+    def on_start(self) -> None:
+        try:
+            self.started()
+        except BaseException as error:
+            failure = contained(error)
+            self._report(failure)
+            raise failure from error
+
+    def on_receive(self, message: Any) -> Any:
+        try:
+            return self._on_receive(message)
+        except BaseException as error:
+            if isinstance(error, Exception):
+                raise
+            # pykka would stop every actor of the process: make it this actor's crash.
+            raise ActorRaised(error) from error
+
+    def _on_receive(self, message: Any) -> Any:
+        if isinstance(message, Passivate):
+            if (
+                self._reporter is not None
+                and self.idle()
+                and self._reporter.passivate(self.actor_inbox, self.snapshot())
+            ):
+                stop_now(self)  # nothing else can reach this instance any more
+            return None
+        if self._wrap is None:
+            outcome = self._handle(message)
+        else:
+            try:
+                outcome = self._wrap(message, self._handle)
+            except CrashedBeforeReceive:
+                self._unhandled = [message]  # nothing of it ran: the next incarnation takes it
+                raise
+        self._progressed = True
+        return outcome
+
+    def _handle(self, message: Any) -> Any:
+        reply = getattr(message, "reply", None)
+        if not isinstance(reply, Future):
+            return self.receive(message)
+        try:
+            outcome = self.receive(message)
+        except BaseException as error:
+            reject(reply, contained(error))
+        else:
+            resolve(reply, outcome)
+        return None
+
+    def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        self._report(exception_value)
+
+    def _report(self, error: BaseException) -> None:
+        if self._reporter is not None:
+            self._reporter.crashed(error, self.actor_inbox, self._unhandled, self._progressed)
+            self._unhandled = []
