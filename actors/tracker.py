@@ -13,9 +13,11 @@ the open runs. Waiters and cancel flags live outside it and survive its restarts
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -52,8 +54,27 @@ from messages import (
 from persistence import Store, Transition, utcnow
 
 log = structlog.get_logger("sleeptime.tracker")
+T = TypeVar("T")
 
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # then every 30 s, while the runtime lives
+STORE_PATIENCE_S = 60.0
+"""How long a restarted tracker waits for an unavailable store before it counts as crashed."""
+
+
+def _when_store_answers(load: Callable[[], T], patience: float) -> T:
+    """`load()`, tried again with a growing pause while the store is unavailable, for up
+    to `patience` seconds; then its StoreUnavailable is raised."""
+    deadline = time.monotonic() + patience
+    pause, wait = 0.05, threading.Event()
+    while True:
+        try:
+            return load()
+        except StoreUnavailable as error:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("tracker_waiting_for_store", error=str(error), retry_in_s=pause)
+            wait.wait(pause)
+            pause = min(2.0, pause * 2)
 
 
 class RunWaiters:
@@ -163,8 +184,10 @@ class RunTrackerActor(SupervisedActor):
 
     def started(self) -> None:
         try:
-            self._store.committer.run(lambda connection: None)  # what was queued is settled
-            for run in self._store.open_runs():
+            # A restart during an outage of the store waits for it (up to a bound), so
+            # an outage never counts as a crash loop; a runtime's first start does not wait.
+            patience = 0.0 if self._recovered is not None else STORE_PATIENCE_S
+            for run in _when_store_answers(self._load, patience):
                 self._open[run.id] = _Open(run, run.status, run.attempt)
             for run_id in self._waiters.run_ids():
                 if run_id not in self._open:
@@ -177,6 +200,10 @@ class RunTrackerActor(SupervisedActor):
             raise
         if self._recovered is not None:
             resolve(self._recovered, None)
+
+    def _load(self) -> list[Run]:
+        self._store.committer.run(lambda connection: None)  # what was queued is settled
+        return self._store.open_runs()
 
     def _recover(self) -> None:
         """The runtime is starting: a run an earlier process left `running` was interrupted

@@ -367,3 +367,26 @@ def test_turn_timeout_names_the_group_and_the_turn_still_completes(db_url: str) 
         for bad in (0, -1, float("nan"), float("inf"), "soon"):
             with pytest.raises(ValueError):  # pydantic's ValidationError is a ValueError
                 rt.step(group.id, [user("x")], timeout=bad)  # type: ignore[arg-type]
+
+
+def test_a_tracker_restarted_during_an_outage_waits_for_the_store(
+    backend: str, request: pytest.FixtureRequest, db_url: str
+) -> None:
+    if backend != "postgresql":
+        pytest.skip("a server restart is a PostgreSQL matter")
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    with Runtime.start(db_url) as rt:
+        group = rt.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+        cluster.stop("fast")
+        try:
+            rt._parts.tracker.tell(object())  # a message it does not handle: it crashes
+            assert wait_until(lambda: rt.stats()["restarts"] >= 1)
+            # Its restarts wait for the store instead of crash-looping into RuntimeFailed.
+            assert not wait_until(lambda: rt._parts.failure is not None, timeout=8)
+        finally:
+            cluster.start()
+        result = rt.step(group.id, [user("my favorite color is teal")], timeout=30)
+        assert [r.status for r in rt.wait_for_runs(result.run_ids, timeout=30)] == [
+            RunStatus.COMPLETED
+        ]
+        assert rt.stats()["escalations"] == 0
