@@ -105,10 +105,13 @@ def measure_runtime(
 
         warm = drive(ids, 1, threads, step)
         rt.wait_for_runs([r for ids_ in warm.results for r in ids_], timeout=RUNS_TIMEOUT_S)
+        cpu_began = time.process_time()
         done = drive(ids, turns_per_group, threads, step)
         run_ids = [r for ids_ in done.results for r in ids_]
         runs = rt.wait_for_runs(run_ids, timeout=RUNS_TIMEOUT_S)
         all_done_s = time.perf_counter() - done.started
+        # The whole process's CPU (callers included) until every run of the turns ended.
+        cpu_ms_per_turn = (time.process_time() - cpu_began) * 1000 / max(1, done.calls)
         began = time.perf_counter()
         report = rt.check_invariants(ids)
         invariants_s = time.perf_counter() - began
@@ -124,6 +127,7 @@ def measure_runtime(
     )
     _latencies(result, done)
     writes_per_txn = stats["writes"] / max(1, stats["transactions"])
+    result.notes.append(f"{cpu_ms_per_turn:.2f} ms CPU/turn")
     result.notes.append(f"{writes_per_txn:.1f} writes/txn")
     if stats.get("passivations"):
         result.notes.append(f"{stats['passivations']:,} passivations")
@@ -143,6 +147,7 @@ def measure_runtime(
             "invariant_violations": report.violations[:5],
             "stats": stats,
             "writes_per_transaction": writes_per_txn,
+            "cpu_ms_per_turn": cpu_ms_per_turn,
         }
     )
     return result

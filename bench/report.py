@@ -15,6 +15,8 @@ from bench.llm import TARGET_CPU_MS_PER_TURN, TARGET_TURNS_PER_S
 
 TARGET_LIMIT_RATIO = 0.3
 TARGET_NAIVE_RATIO = 10.0
+TARGET_LIMIT_RATIO_14 = 0.15  # issue 14's, on the way to issue 6's
+TARGET_RUNTIME_CPU_MS = 1.0  # issue 14: a third of the ~3 ms a turn cost before it
 TARGET_RSS_MB = 1.5 * 1024
 TARGET_THREADS = 1000
 TARGET_GROUPS = 10_000
@@ -121,6 +123,16 @@ def llm_targets(case: CaseResult | None) -> list[Target]:
     ]
 
 
+def _cpu_target(case: CaseResult | None) -> Target:
+    name = f"runtime CPU <= {TARGET_RUNTIME_CPU_MS:g} ms/turn (100 groups; issue 14)"
+    cpu = None if case is None else case.details.get("cpu_ms_per_turn")
+    if cpu is None:
+        return Target(name, None, "not measured")
+    return Target(
+        name, cpu <= TARGET_RUNTIME_CPU_MS, f"{cpu:.2f} ms ({cpu / TARGET_RUNTIME_CPU_MS:.2f}x)"
+    )
+
+
 def targets(cases: dict[str, CaseResult], scale: dict[str, Any] | None) -> list[Target]:
     """The issue's target lines, PASS/MISS with the margin."""
     found = ratios(cases)
@@ -138,6 +150,13 @@ def targets(cases: dict[str, CaseResult], scale: dict[str, Any] | None) -> list[
             TARGET_NAIVE_RATIO,
             None if naive is None else naive.turns_per_s,
         ),
+        _ratio_target(
+            "runtime >= 0.15x limit (100 groups; issue 14)",
+            found.get("runtime_100/limit"),
+            TARGET_LIMIT_RATIO_14,
+            None if limit is None else limit.turns_per_s,
+        ),
+        _cpu_target(cases.get("runtime_100")),
     ]
     if scale is None:
         return [*lines, Target("10,000 groups", None, "not measured")]
