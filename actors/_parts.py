@@ -30,9 +30,9 @@ from actors._restart import RestartPolicy
 from actors._scheduler import Scheduler
 from actors._supervised import CrashReporter
 from actors._supervisor import ChildSpec, Supervisor
-from actors.group import GroupActor
+from actors.group import GroupActor, GroupWiring
 from actors.kinds._registry import AgentKinds
-from actors.sleeptime_agent import AgentSnapshot, SleeptimeAgentActor, StepsInFlight
+from actors.sleeptime_agent import AgentSnapshot, AgentWiring, SleeptimeAgentActor, StepsInFlight
 from actors.tracker import CancelFlags, RunTrackerActor, RunWaiters
 from messages import AgentNotFound, GroupFailed, RuntimeFailed, RuntimeStopped
 from persistence import GroupState, Store
@@ -146,15 +146,23 @@ class ActorDirectory:
                 return address
             store, parts = self._parts.store, self._parts
             state = _once(store.group_state(group_id), lambda: store.group_state(group_id))
+            wiring = GroupWiring(
+                store=store,
+                build_agent=parts.kinds.build,
+                tracker=parts.tracker,
+                agent=self.agent,
+                notify_agent=self.tell_if_alive,
+                scheduler=parts.scheduler,
+            )
 
             def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
                 if isinstance(reporter.snapshot, GroupState):
-                    return GroupActor.start(reporter, reporter.snapshot, parts)
+                    return GroupActor.start(reporter, reporter.snapshot, wiring)
                 loaded, again = state()
                 # After a crash, runs it committed may not be handed over yet; a group is
                 # passivated only when everything it committed was handed over.
                 hand_over = again and not reporter.activation
-                return GroupActor.start(reporter, loaded, parts, hand_over=hand_over)
+                return GroupActor.start(reporter, loaded, wiring, hand_over=hand_over)
 
             return parts.supervisor.supervise(
                 ChildSpec(
@@ -183,13 +191,20 @@ class ActorDirectory:
 
             def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
                 incarnation = reporter.address.incarnation
-                build = failing_steps(parts.kinds.build, parts.chaos, agent.id, incarnation)
+                wiring = AgentWiring(
+                    store=store,
+                    build=failing_steps(parts.kinds.build, parts.chaos, agent.id, incarnation),
+                    tracker=parts.tracker,
+                    pool=parts.pool,
+                    scheduler=parts.scheduler,
+                    steps=parts.steps,
+                )
                 if isinstance(reporter.snapshot, AgentSnapshot):
                     return SleeptimeAgentActor.start(
-                        reporter, agent, reporter.snapshot.group, parts, build=build
+                        reporter, agent, reporter.snapshot.group, wiring
                     )
                 loaded, _ = group()
-                return SleeptimeAgentActor.start(reporter, agent, loaded, parts, build=build)
+                return SleeptimeAgentActor.start(reporter, agent, loaded, wiring)
 
             return parts.supervisor.supervise(
                 ChildSpec(

@@ -8,12 +8,14 @@ that is not stored, and a crash leaves the whole turn stored or none of it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
+from actors._address import Address
 from actors._execute import as_output, stamp
 from actors._protocol import (
     AssignRun,
@@ -24,6 +26,7 @@ from actors._protocol import (
     RunsCreated,
     TakeTurn,
 )
+from actors._scheduler import Scheduler
 from actors._supervised import CrashReporter, SupervisedActor
 from actors.rules import claim_window, decide_fire
 from actors.sdk import AgentBehaviour, AgentContext, Memory, StepFailed, stream_of
@@ -39,10 +42,23 @@ from messages import (
     StoreUnavailable,
     TurnResult,
 )
-from persistence import GroupState, StaleTurn, TurnWrite, utcnow
+from persistence import GroupState, StaleTurn, Store, TurnWrite, utcnow
 
-if TYPE_CHECKING:
-    from actors._parts import RuntimeParts
+
+@dataclass(frozen=True, slots=True)
+class GroupWiring:
+    """What a GroupActor uses besides its own state, as the runtime wires it."""
+
+    store: Store
+    build_agent: Callable[[str, Mapping[str, Any]], AgentBehaviour]
+    """Build the primary agent of a kind from its config."""
+    tracker: Address
+    agent: Callable[[str], Address]
+    """The address of a sleeptime agent's actor (started on demand)."""
+    notify_agent: Callable[[str, Any], None]
+    """Tell a sleeptime agent's running actor, if any (a passivated one reads the store)."""
+    scheduler: Scheduler
+
 
 log = structlog.get_logger("sleeptime.group")
 
@@ -62,13 +78,13 @@ class GroupActor(SupervisedActor):
         self,
         reporter: CrashReporter,
         state: GroupState,
-        parts: RuntimeParts,
+        wiring: GroupWiring,
         hand_over: bool = False,
     ) -> None:
         super().__init__(reporter)
         self._address = reporter.address
         self._hand_over = hand_over
-        self._parts = parts
+        self._wiring = wiring
         self._adopt(state)
         self._behaviour: AgentBehaviour | None = None
         self._stale = False
@@ -224,10 +240,10 @@ class GroupActor(SupervisedActor):
             group_id=self._group.id,
             run_id=None,
             memory=Memory(
-                partial(self._parts.store.get_blocks, self._primary.id), self._parts.store
+                partial(self._wiring.store.get_blocks, self._primary.id), self._wiring.store
             ),
-            history=lambda: self._parts.store.list_messages(self._primary.id),
-            recent_history=partial(self._parts.store.recent_messages, self._primary.id),
+            history=lambda: self._wiring.store.list_messages(self._primary.id),
+            recent_history=partial(self._wiring.store.recent_messages, self._primary.id),
         )
         if streaming:
             for item in stream_of(behaviour, context, stored):
@@ -249,12 +265,12 @@ class GroupActor(SupervisedActor):
 
     def _primary_behaviour(self) -> AgentBehaviour:
         if self._behaviour is None:
-            self._behaviour = self._parts.kinds.build(self._primary.kind, self._primary.config)
+            self._behaviour = self._wiring.build_agent(self._primary.kind, self._primary.config)
         return self._behaviour
 
     def _commit(self, write: TurnWrite) -> None:
         try:
-            self._parts.store.record_turn(write).result()
+            self._wiring.store.record_turn(write).result()
         except StaleTurn as stale:
             # Someone else moved this group: take the stored state as the truth.
             self._reload()
@@ -269,8 +285,10 @@ class GroupActor(SupervisedActor):
 
     def _reload(self) -> None:
         """Take the group's state from the store, and hand over runs not yet started."""
-        self._adopt(self._parts.store.group_state(self._group.id))
-        waiting = self._parts.store.list_runs(group_id=self._group.id, statuses=[RunStatus.CREATED])
+        self._adopt(self._wiring.store.group_state(self._group.id))
+        waiting = self._wiring.store.list_runs(
+            group_id=self._group.id, statuses=[RunStatus.CREATED]
+        )
         self._dispatch(waiting)
         self._stale = False
         self._log.info("group_reloaded", turns=self._group.turns, runs_handed_over=len(waiting))
@@ -287,11 +305,11 @@ class GroupActor(SupervisedActor):
             return
         if attempt == 0:
             # The tracker hears of the runs before any agent can ask to start one.
-            self._parts.tracker.tell(RunsCreated(runs=runs))
+            self._wiring.tracker.tell(RunsCreated(runs=runs))
         undelivered = []
         for run in runs:
             try:
-                self._parts.directory.agent(run.agent_id).tell(AssignRun(run=run, window=window))
+                self._wiring.agent(run.agent_id).tell(AssignRun(run=run, window=window))
             except Exception as error:
                 self._log.error("dispatch_failed", run_id=run.id, error=str(error))
                 undelivered.append(run)
@@ -299,16 +317,16 @@ class GroupActor(SupervisedActor):
             delay = min(30.0, 0.5 * 2**attempt)
             command = DispatchRuns(runs=undelivered, attempt=attempt + 1)
             self._redispatches += 1
-            self._parts.scheduler.call_later(delay, partial(self._address.tell, command))
+            self._wiring.scheduler.call_later(delay, partial(self._address.tell, command))
 
     # -- settings -------------------------------------------------------------------------
 
     def _change(self, changes: dict[str, Any]) -> Group:
         changes = {**changes, "updated_at": utcnow()}
-        self._parts.store.update_group(self._group.id, changes).result()
+        self._wiring.store.update_group(self._group.id, changes).result()
         self._group = self._group.model_copy(update=changes)
         for agent_id in self._group.sleeptime_agent_ids:
-            self._parts.directory.tell_if_alive(agent_id, GroupChanged(group=self._group))
+            self._wiring.notify_agent(agent_id, GroupChanged(group=self._group))
         return self._group
 
 

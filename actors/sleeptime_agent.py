@@ -21,13 +21,14 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pydantic
 import structlog
 
 from actors._address import Address
 from actors._execute import execute_run
+from actors._pool import StepPool
 from actors._protocol import (
     AdoptRuns,
     AssignRun,
@@ -40,7 +41,7 @@ from actors._protocol import (
     StartRun,
     StepDone,
 )
-from actors._scheduler import Timer
+from actors._scheduler import Scheduler, Timer
 from actors._supervised import CrashReporter, SupervisedActor
 from actors.sdk import AgentBehaviour
 from messages import (
@@ -53,9 +54,21 @@ from messages import (
     StopReason,
     UnknownAgentKind,
 )
+from persistence import Store
 
-if TYPE_CHECKING:
-    from actors._parts import RuntimeParts
+
+@dataclass(frozen=True, slots=True)
+class AgentWiring:
+    """What a SleeptimeAgentActor uses besides its own state, as the runtime wires it."""
+
+    store: Store
+    build: Callable[[str, Mapping[str, Any]], AgentBehaviour]
+    """Build the agent of a kind from its config (the wiring may wrap what it builds)."""
+    tracker: Address
+    pool: StepPool
+    scheduler: Scheduler
+    steps: StepsInFlight
+
 
 log = structlog.get_logger("sleeptime.agent")
 
@@ -135,14 +148,13 @@ class SleeptimeAgentActor(SupervisedActor):
         reporter: CrashReporter,
         agent: Agent,
         group: Group,
-        parts: RuntimeParts,
-        build: Callable[[str, Mapping[str, Any]], AgentBehaviour] | None = None,
+        wiring: AgentWiring,
     ) -> None:
         super().__init__(reporter)
         self._address = reporter.address
         self._agent = agent
         self._group = group
-        self._parts = parts
+        self._wiring = wiring
         self._queue: deque[Run] = deque()
         self._queued: set[str] = set()
         self._windows: dict[str, list[Message]] = {}  # run id -> window handed over with it
@@ -152,11 +164,10 @@ class SleeptimeAgentActor(SupervisedActor):
         self._awaited: Future[StepDone] | None = None  # an earlier step we wait for
         self._behaviour: AgentBehaviour | None = None
         self._build_error: str | None = None
-        self._build = build or parts.kinds.build  # the wiring may wrap what it builds
         self._log = log.bind(agent_id=agent.id, group_id=agent.group_id)
 
     def started(self) -> None:
-        for run in self._parts.tracker.ask(AdoptRuns(agent_id=self._agent.id)):
+        for run in self._wiring.tracker.ask(AdoptRuns(agent_id=self._agent.id)):
             self._enqueue(run)
         self._pump()
 
@@ -216,7 +227,7 @@ class SleeptimeAgentActor(SupervisedActor):
             run = self._queue.popleft()
             self._queued.discard(run.id)
             window = self._windows.pop(run.id, None)
-            decision: StartDecision = self._parts.tracker.ask(StartRun(run_id=run.id))
+            decision: StartDecision = self._wiring.tracker.ask(StartRun(run_id=run.id))
             if decision.started:
                 self._begin(run, decision, window)
             elif decision.retry:  # the store is away: this run first, once it is back
@@ -230,15 +241,15 @@ class SleeptimeAgentActor(SupervisedActor):
         """Start nothing for a while: the store was unavailable at the last start."""
         delay = START_RETRY_DELAYS[min(self._start_failures, len(START_RETRY_DELAYS) - 1)]
         self._start_failures += 1
-        self._parts.steps.count_postponed()
+        self._wiring.steps.count_postponed()
         self._hold_until = time.monotonic() + delay
-        self._parts.scheduler.call_later(delay, partial(self._address.tell, _EarlierStepEnded()))
+        self._wiring.scheduler.call_later(delay, partial(self._address.tell, _EarlierStepEnded()))
         self._log.warning("run_start_postponed", delay_s=delay, error=reason)
 
     def _earlier_step_executing(self) -> bool:
         """Whether a step of this agent still executes (started by an earlier incarnation,
         or abandoned at its timeout); we then wait for it, up to its run's deadline."""
-        earlier = self._parts.steps.executing(self._agent.id)
+        earlier = self._wiring.steps.executing(self._agent.id)
         if earlier is None:
             return False
         step, deadline = earlier
@@ -252,7 +263,7 @@ class SleeptimeAgentActor(SupervisedActor):
             self._awaited = step
             address = self._address
             step.add_done_callback(lambda _: address.tell(_EarlierStepEnded()))
-            self._parts.scheduler.call_later(remaining, partial(address.tell, _EarlierStepEnded()))
+            self._wiring.scheduler.call_later(remaining, partial(address.tell, _EarlierStepEnded()))
             self._log.info("waiting_for_earlier_step", timeout_in_s=round(remaining, 3))
         return True
 
@@ -261,7 +272,7 @@ class SleeptimeAgentActor(SupervisedActor):
         if self._behaviour is not None or self._build_error is not None:
             return True
         try:
-            self._behaviour = self._build(self._agent.kind, self._agent.config)
+            self._behaviour = self._wiring.build(self._agent.kind, self._agent.config)
         except UnknownAgentKind as error:
             self._log.warning("waiting_for_kind", kind=self._agent.kind, detail=str(error))
             return False
@@ -274,7 +285,7 @@ class SleeptimeAgentActor(SupervisedActor):
         address = self._address
         if self._behaviour is None:
             error = self._build_error or "agent could not be built"
-            self._parts.tracker.tell(
+            self._wiring.tracker.tell(
                 FinishRun(
                     run_id=run.id,
                     attempt=decision.attempt,
@@ -290,15 +301,15 @@ class SleeptimeAgentActor(SupervisedActor):
             attempt=decision.attempt,
             group=self._group,
             behaviour=self._behaviour,
-            store=self._parts.store,
+            store=self._wiring.store,
             cancel=decision.cancel,
             started=decision.committed,
             window=window,
         )
-        future = self._parts.pool.submit(job)
+        future = self._wiring.pool.submit(job)
         timeout = self._group.run_timeout
-        self._parts.steps.track(self._agent.id, future, time.monotonic() + timeout)
-        deadline = self._parts.scheduler.call_later(
+        self._wiring.steps.track(self._agent.id, future, time.monotonic() + timeout)
+        deadline = self._wiring.scheduler.call_later(
             timeout, partial(address.tell, RunDeadline(run_id=run.id, attempt=decision.attempt))
         )
         self._current = _Current(run, window, decision.attempt, decision, future, deadline)
@@ -313,13 +324,13 @@ class SleeptimeAgentActor(SupervisedActor):
         current.deadline.cancel()
         self._current = None
         if not done.started:
-            self._parts.tracker.tell(StartAborted(run_id=done.run_id, attempt=done.attempt))
+            self._wiring.tracker.tell(StartAborted(run_id=done.run_id, attempt=done.attempt))
             self._enqueue(current.run, current.window, first=True)
             self._hold(done.error)
             return
         self._start_failures = 0
         status = RunStatus.FAILED if done.error is not None else RunStatus.COMPLETED
-        self._parts.tracker.tell(
+        self._wiring.tracker.tell(
             FinishRun(
                 run_id=done.run_id,
                 attempt=done.attempt,
@@ -343,10 +354,10 @@ class SleeptimeAgentActor(SupervisedActor):
             return
         assert current.decision.cancel is not None
         current.decision.cancel.set()
-        self._parts.pool.abandon(current.future)
+        self._wiring.pool.abandon(current.future)
         self._current = None
         error = f"run exceeded the group's run_timeout of {self._group.run_timeout:g}s"
-        self._parts.tracker.tell(
+        self._wiring.tracker.tell(
             FinishRun(
                 run_id=run_id,
                 attempt=attempt,
