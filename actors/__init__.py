@@ -14,7 +14,6 @@ from actors._invariants import INVARIANTS, InvariantReport
 from actors._logging import configure_logging
 from actors._restart import RestartPolicy
 from actors._transcript import DEFAULT_PREAMBLE, render_transcript
-from actors.group import GroupActor
 from actors.kinds._registry import AgentKinds
 from actors.rules import INITIAL_COUNTER, decide_fire
 from actors.runtime import DEFAULT_MEMORY_PERSONA, DEFAULT_URL, Runtime, TurnStream
@@ -27,8 +26,6 @@ from actors.sdk import (
     StepResult,
     ToolResult,
 )
-from actors.sleeptime_agent import SleeptimeAgentActor
-from actors.tracker import RunTrackerActor
 from messages import (
     AgentConfigError,
     AgentNotFound,
@@ -68,7 +65,6 @@ __all__ = [
     "AgentRoleError",
     "Chaos",
     "DatabaseInUse",
-    "GroupActor",
     "GroupFailed",
     "GroupNotFound",
     "InvariantReport",
@@ -79,13 +75,11 @@ __all__ = [
     "ReadOnlyRuntime",
     "RestartPolicy",
     "RunNotFound",
-    "RunTrackerActor",
     "RunsTimeout",
     "Runtime",
     "RuntimeFailed",
     "RuntimeStopped",
     "SchemaMismatch",
-    "SleeptimeAgentActor",
     "SleeptimeError",
     "StepFailed",
     "StepResult",

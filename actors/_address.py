@@ -25,7 +25,7 @@ from typing import Any
 import pykka
 
 from actors._pykka import drain_inbox, inbox_empty
-from messages import reject
+from messages._futures import reject
 
 
 def _nothing() -> None:

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, InstanceOf, StrictBool, TypeA
 
 from actors._chaos import Chaos
 from actors._restart import RestartPolicy
-from messages import INT32_MAX, Id, Kind, RunStatus, Text
+from messages import RunStatus
+from messages._text import INT32_MAX, Id, Kind, Text
 
 MAX_WORKERS = 1024
 """Step threads at most: the pool starts them all at once."""

@@ -10,16 +10,8 @@ from typing import Any
 from actors._protocol import StepDone
 from actors._transcript import render_transcript
 from actors.sdk import AgentBehaviour, AgentContext, Memory, StepFailed, StepResult
-from messages import (
-    Group,
-    Message,
-    MessageCreate,
-    Run,
-    StopReason,
-    StoreUnavailable,
-    TextContent,
-    new_id,
-)
+from messages import Group, Message, MessageCreate, Run, StopReason, StoreUnavailable, TextContent
+from messages._ids import new_id
 from persistence import Store, utcnow
 
 

@@ -11,7 +11,8 @@ from collections.abc import Iterable
 
 from pydantic import BaseModel, ConfigDict
 
-from messages import Group, Run, is_legal_history
+from messages import Group, Run
+from messages._runs import is_legal_history
 from persistence import Store
 
 INVARIANTS = (

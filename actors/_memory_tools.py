@@ -8,7 +8,8 @@ stored text does.
 
 from __future__ import annotations
 
-from messages import Block, text_problem
+from messages import Block
+from messages._text import text_problem
 
 
 class MemoryToolError(Exception):

@@ -28,7 +28,7 @@ import pykka
 from actors._address import Address
 from actors._passivation import Passivate
 from actors._pykka import stop_now
-from messages import reject, resolve
+from messages._futures import reject, resolve
 
 ReceiveWrapper = Callable[[Any, Callable[[Any], Any]], Any]
 """Called with each message and the actor's own handling of it; returns what that returns.

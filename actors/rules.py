@@ -29,7 +29,9 @@ from typing import NamedTuple
 
 from actors._memory_tools import insert, replace, rethink
 from actors._transcript import render_transcript
-from messages import Group, GroupSettings, Message, Run, RunStatus, check_transition, new_id
+from messages import Group, GroupSettings, Message, Run, RunStatus
+from messages._ids import new_id
+from messages._runs import check_transition
 
 INITIAL_COUNTER = -1
 """A new group's counter: with frequency N it fires on turns 1, N+1, 2N+1, ..."""

@@ -54,7 +54,6 @@ from messages import (
     BlockCreate,
     Blocks,
     Group,
-    GroupCreate,
     GroupSettings,
     Message,
     MessageCreate,
@@ -67,9 +66,10 @@ from messages import (
     RuntimeStopped,
     TurnResult,
     TurnTimeout,
-    check_id,
-    new_id,
 )
+from messages._groups import GroupCreate
+from messages._ids import new_id
+from messages._text import check_id
 from persistence import NewGroup, Store, utcnow
 
 log = structlog.get_logger("sleeptime.runtime")

@@ -26,14 +26,7 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 from pydantic import BaseModel, ConfigDict
 
 from actors import _memory_tools as tools
-from messages import (
-    Block,
-    Blocks,
-    Message,
-    MessageCreate,
-    StopReason,
-    StoreUnavailable,
-)
+from messages import Block, Blocks, Message, MessageCreate, StopReason, StoreUnavailable
 
 AgentRole = Literal["primary", "sleeptime"]
 AGENT_ROLES: tuple[AgentRole, ...] = ("primary", "sleeptime")

@@ -47,10 +47,9 @@ from messages import (
     StopReason,
     StoreUnavailable,
     TransitionRefused,
-    check_transition,
-    reject,
-    resolve,
 )
+from messages._futures import reject, resolve
+from messages._runs import check_transition
 from persistence import Store, Transition, utcnow
 
 log = structlog.get_logger("sleeptime.tracker")

@@ -1,27 +1,24 @@
 """Persistence: the only package that speaks SQL (SQLAlchemy 2, SQLite or PostgreSQL).
 
+Its users are the runtime's actors: the `Store` (every query, next to the tables it
+touches), the records they hand it, and the helpers that read a database URL.
+
 Example:
     >>> store = Store("sqlite:///sleeptime.db")
 """
 
-from persistence._committer import Committer, Planned, Txn, Write
-from persistence._engine import make_engines, parse_url, redact, sqlite_file
+from persistence._engine import parse_url, redact, sqlite_file
 from persistence._models import utcnow
 from persistence._records import GroupState, NewGroup, Transition, TurnWrite
 from persistence._store import StaleTurn, Store
 
 __all__ = [
-    "Committer",
     "GroupState",
     "NewGroup",
-    "Planned",
     "StaleTurn",
     "Store",
     "Transition",
     "TurnWrite",
-    "Txn",
-    "Write",
-    "make_engines",
     "parse_url",
     "redact",
     "sqlite_file",

@@ -48,7 +48,8 @@ import structlog
 from sqlalchemy import Connection, Engine, Insert, Update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from messages import OwnershipLost, RuntimeStopped, StoreUnavailable, reject, resolve
+from messages import OwnershipLost, RuntimeStopped, StoreUnavailable
+from messages._futures import reject, resolve
 
 T = TypeVar("T")
 Op = Callable[[Connection], T]

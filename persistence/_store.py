@@ -29,7 +29,6 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError
 
 from messages import (
-    STORED,
     Agent,
     AgentNotFound,
     Block,
@@ -44,8 +43,8 @@ from messages import (
     StoreRejected,
     StoreUnavailable,
     TransitionRefused,
-    storable,
 )
+from messages._text import STORED, storable
 from persistence import _schema as schema
 from persistence._block_cache import BlockCache, visible_to
 from persistence._committer import Committer, Planned, Txn, Write, lost_connection

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from actors import Runtime
-from messages import is_legal_history
+from messages._runs import is_legal_history
 
 
 def check_group(rt: Runtime, group_id: str) -> None:

@@ -105,10 +105,14 @@ def test_report_marks_targets_met_and_missed() -> None:
     }
     scale: dict[str, Any] = {"groups": 10_000, "peak_rss_mb": 500.0, "peak_os_threads": 1200}
     scale["invariants_ok"] = True
+    cases["runtime_100"].details["cpu_ms_per_turn"] = 1.5
 
     verdicts = [t.verdict for t in targets(cases, scale)]
 
-    assert verdicts == ["PASS", "MISS", "PASS", "MISS", "PASS"]
+    # limit 0.3x, naive 10x, limit 0.15x, CPU per turn, then the three scale lines
+    assert verdicts == ["PASS", "MISS", "PASS", "MISS", "PASS", "MISS", "PASS"]
+    del cases["runtime_100"].details["cpu_ms_per_turn"]
+    assert [t.verdict for t in targets(cases, scale)][3] == "----"  # not measured
     assert "runtime" in table(list(cases.values()))
 
 

@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, insert, select, update
 
 from actors import Runtime
-from messages import Block, Message, TextContent, new_id
-from persistence import Store, make_engines, utcnow
+from messages import Block, Message, TextContent
+from messages._ids import new_id
+from persistence import Store, utcnow
 from persistence._block_cache import BlockCache
+from persistence._engine import make_engines
 from persistence._store import blocks, messages
 
 

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from actors import Runtime
-from messages import INT32_MAX, RunStatus, SleeptimeError
+from messages import RunStatus, SleeptimeError
+from messages._text import INT32_MAX
 from tests.agents import Echo, user
 from tests.postgres import PostgresCluster
 from tests.tables import TableDump

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 import actors
-from actors import Chaos, GroupActor, RestartPolicy, Runtime, RunTrackerActor, SleeptimeAgentActor
+from actors import Chaos, RestartPolicy, Runtime
 from actors._address import Address
 from actors._chaos import (
     ChaosAgent,
@@ -29,6 +29,9 @@ from actors._execute import execute_run
 from actors._scheduler import Scheduler
 from actors._supervised import CrashReporter, SupervisedActor
 from actors._supervisor import ChildSpec, Supervisor
+from actors.group import GroupActor
+from actors.sleeptime_agent import SleeptimeAgentActor
+from actors.tracker import RunTrackerActor
 from messages import MessageCreate, RunStatus, SleeptimeError, StopReason
 from tests.agents import Echo, user
 

@@ -32,16 +32,9 @@ from sqlalchemy import (
 
 from actors import Runtime
 from messages import RunStatus, StoreRejected
-from persistence import (
-    Committer,
-    Planned,
-    Store,
-    Transition,
-    Txn,
-    Write,
-    make_engines,
-    utcnow,
-)
+from persistence import Store, Transition, utcnow
+from persistence._committer import Committer, Planned, Txn, Write
+from persistence._engine import make_engines
 from tests.agents import Echo, user
 
 metadata = MetaData()

@@ -28,7 +28,8 @@ from actors import (
 from actors._protocol import TakeTurn
 from actors._scheduler import COMPACT_AT_LEAST, Scheduler
 from actors.sdk import AgentContext
-from messages import Message, MessageCreate, RunStatus, StopReason, reject, resolve
+from messages import Message, MessageCreate, RunStatus, StopReason
+from messages._futures import reject, resolve
 from tests.agents import Echo, user, wait_until
 from tests.invariants import check_group
 from tests.postgres import PostgresCluster

@@ -19,7 +19,8 @@ from sqlalchemy.exc import DBAPIError
 
 from actors import AgentContext, DatabaseInUse, OwnershipLost, Runtime, StoreUnavailable
 from messages import Message, MessageCreate, RunStatus
-from persistence import Committer, Store, _ownership
+from persistence import Store, _ownership
+from persistence._committer import Committer
 from persistence._ownership import ADVISORY_KEY
 from tests.agents import user
 from tests.postgres import PostgresCluster

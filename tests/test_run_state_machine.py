@@ -8,14 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from messages import (
-    ALLOWED_TRANSITIONS,
-    TERMINAL_STATUSES,
-    RunStatus,
-    TransitionRefused,
-    check_transition,
-    is_legal_history,
-)
+from messages import ALLOWED_TRANSITIONS, TERMINAL_STATUSES, RunStatus, TransitionRefused
+from messages._runs import check_transition, is_legal_history
 
 CREATED, RUNNING, COMPLETED, FAILED, CANCELLED = (
     RunStatus.CREATED,

@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from actors import AgentContext, RunsTimeout, Runtime, StepFailed, render_transcript
-from messages import MessageCreate, RunStatus, StopReason, is_legal_history
+from messages import MessageCreate, RunStatus, StopReason
+from messages._runs import is_legal_history
 from tests.agents import Echo, Recorder, StepLimited, user
 
 

@@ -18,7 +18,8 @@ from sqlalchemy import create_engine, insert
 from sqlalchemy.pool import NullPool
 
 from actors import AgentContext, PrimaryAgentError, Runtime
-from messages import Message, MessageCreate, RunStatus, StopReason, new_id
+from messages import Message, MessageCreate, RunStatus, StopReason
+from messages._ids import new_id
 from persistence._engine import parse_url
 from persistence._models import MessageRow, utcnow
 from tests.agents import user

@@ -7,17 +7,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from messages import (
-    DEFAULT_BLOCK_LIMIT,
-    INT32_MAX,
-    KIND_MAX_LENGTH,
-    MAX_RUN_TIMEOUT,
-    NAME_MAX_LENGTH,
-    AgentSpec,
-    BlockCreate,
-    GroupCreate,
-    MessageCreate,
-)
+from messages import DEFAULT_BLOCK_LIMIT, MAX_RUN_TIMEOUT, AgentSpec, BlockCreate, MessageCreate
+from messages._groups import GroupCreate
+from messages._text import INT32_MAX, KIND_MAX_LENGTH, NAME_MAX_LENGTH
 
 
 def group(**overrides: Any) -> GroupCreate:

@@ -10,7 +10,8 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.sdk import AGENT_ROLES, AgentBehaviour, AgentFactory, AgentRole
-from messages import AgentConfigError, AgentRoleError, Kind, UnknownAgentKind
+from messages import AgentConfigError, AgentRoleError, UnknownAgentKind
+from messages._text import Kind
 
 
 class _Registration(BaseModel):
