@@ -62,7 +62,10 @@ class Scheduler:
         timer = Timer(self._clock() + max(0.0, delay), fn, self)
         with self._wake:
             heapq.heappush(self._heap, (timer.when, next(self._order), timer))
-            self._wake.notify()
+            # The timer thread sleeps until the earliest timer: wake it only if this one
+            # is now the earliest (a run's deadline, minutes away, rarely is).
+            if self._heap[0][2] is timer:
+                self._wake.notify()
         return timer
 
     def pending(self) -> int:
