@@ -32,6 +32,12 @@ class Ask(Generic[R]):
     reply: Future[R]
 
 
+class Recipient(Protocol):
+    """Who a reply is told to: an actor's address (it outlives the actor's incarnations)."""
+
+    def tell(self, message: Any, /) -> None: ...
+
+
 @runtime_checkable
 class MessageSink(Protocol):
     """Where a streamed turn puts its messages as they come, then `None` at the end."""
@@ -137,7 +143,7 @@ class StartDecision:
     """Whether the run may start, and if so its cancel flag and the start's commit.
 
     `retry`: not now (the store is unavailable), ask again later; otherwise a run that
-    did not start never will (it is terminal or unknown)."""
+    did not start never will (it is terminal or unknown). `token` is the request's."""
 
     started: bool
     attempt: int = 0
@@ -145,14 +151,20 @@ class StartDecision:
     committed: Future[None] | None = None
     reason: str | None = None
     retry: bool = False
+    token: int = 0
 
 
 @dataclass(frozen=True, slots=True)
-class StartRun(Ask[StartDecision]):
-    """Ask to move a run to `running`; the reply is a `StartDecision`."""
+class StartRun:
+    """Ask to move a run to `running`; the tracker tells `reply_to` a `StartDecision`.
+
+    Told, not asked, so the agent's actor never blocks on the tracker; `token` comes back
+    with the decision, so an incarnation acts only on the answers to its own requests.
+    """
 
     run_id: str
-    reply: Future[StartDecision] = field(default_factory=Future)
+    reply_to: Recipient
+    token: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,15 +207,28 @@ class WatchRuns(Ask[list[Future[None]]]):
 
 
 @dataclass(frozen=True, slots=True)
-class AdoptRuns(Ask[list[Run]]):
-    """A sleeptime agent's actor (re)started: the reply is its queued runs, oldest first.
+class AdoptRuns:
+    """A sleeptime agent's actor (re)started: the tracker tells `reply_to` its queued
+    runs, oldest first, as `Adopted` (with this `token`).
 
     A run it was running when its previous incarnation died is re-queued first
     (attempt + 1), or failed as `interrupted` past the group's `max_attempts`.
     """
 
     agent_id: str
-    reply: Future[list[Run]] = field(default_factory=Future)
+    reply_to: Recipient
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Adopted:
+    """The tracker's answer to `AdoptRuns`: the agent's open runs, oldest first.
+
+    `retry`: the tracker could not answer now (the store is unavailable); ask again."""
+
+    runs: list[Run]
+    token: int
+    retry: bool = False
 
 
 @dataclass(frozen=True, slots=True)

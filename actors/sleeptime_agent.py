@@ -14,6 +14,7 @@ of the queue and is started again, with a growing delay, once the store answers.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -30,6 +31,7 @@ from actors._address import Address
 from actors._execute import execute_run
 from actors._pool import StepPool
 from actors._protocol import (
+    Adopted,
     AdoptRuns,
     AssignRun,
     FinishRun,
@@ -117,6 +119,18 @@ class _EarlierStepEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class _AskAgain:
+    """Told to an agent once a wait is over: ask the tracker for its runs again, if the
+    request with this token is still the one it awaits (not a later incarnation's)."""
+
+    token: int
+
+
+_TOKENS = itertools.count(1)
+"""Tokens of the requests agents tell the tracker, unique in the process."""
+
+
+@dataclass(frozen=True, slots=True)
 class AgentSnapshot:
     """What a passivated agent leaves for its next instance: its group's settings."""
 
@@ -162,14 +176,37 @@ class SleeptimeAgentActor(SupervisedActor):
         self._start_failures = 0  # starts in a row that met a store outage
         self._hold_until = 0.0  # no start before this time.monotonic() value
         self._awaited: Future[StepDone] | None = None  # an earlier step we wait for
+        # The request this incarnation awaits the tracker's answer to: its token, and for
+        # a start the run and its window. Nothing starts while one is out.
+        self._asked: tuple[int, Run | None, list[Message] | None] | None = None
         self._behaviour: AgentBehaviour | None = None
         self._build_error: str | None = None
         self._log = log.bind(agent_id=agent.id, group_id=agent.group_id)
 
     def started(self) -> None:
-        for run in self._wiring.tracker.ask(AdoptRuns(agent_id=self._agent.id)):
+        self._ask_for_runs()
+
+    def _ask_for_runs(self, token: int | None = None) -> None:
+        """Ask the tracker for this agent's open runs (the answer is `Adopted`)."""
+        token = next(_TOKENS) if token is None else token
+        self._asked = (token, None, None)
+        self._wiring.tracker.tell(AdoptRuns(self._agent.id, self._address, token))
+
+    def _adopted(self, adopted: Adopted) -> None:
+        if self._asked is None or self._asked[0] != adopted.token:
+            return  # an answer to an earlier incarnation
+        if adopted.retry:  # still awaited: asked again, with a new token, after a while
+            again = next(_TOKENS)
+            self._asked = (again, None, None)
+            self._hold("the tracker could not list the runs", then=_AskAgain(again))
+            return
+        self._asked = None
+        # The adopted runs are older than any assigned since: they go first.
+        assigned = [run for run in self._queue if run.id not in {r.id for r in adopted.runs}]
+        self._queue.clear()
+        self._queued.clear()
+        for run in [*adopted.runs, *assigned]:
             self._enqueue(run)
-        self._pump()
 
     def on_stop(self) -> None:
         if self._current is not None:
@@ -193,8 +230,15 @@ class SleeptimeAgentActor(SupervisedActor):
             case KindRegistered(kind=kind):
                 if kind == self._agent.kind:
                     self._behaviour, self._build_error = None, None
+            case StartDecision():
+                self._decided(message)
+            case Adopted():
+                self._adopted(message)
             case _EarlierStepEnded():
                 pass  # the pump below looks again
+            case _AskAgain(token=token):
+                if self._asked is not None and self._asked[0] == token:
+                    self._ask_for_runs(token)
             case _:
                 raise TypeError(f"a sleeptime agent does not handle {type(message).__name__}")
         self._pump()
@@ -202,7 +246,7 @@ class SleeptimeAgentActor(SupervisedActor):
 
     @property
     def busy(self) -> bool:
-        return self._current is not None or bool(self._queue)
+        return self._current is not None or bool(self._queue) or self._asked is not None
 
     def idle(self) -> bool:
         return not self.busy
@@ -221,29 +265,42 @@ class SleeptimeAgentActor(SupervisedActor):
                 self._windows[run.id] = window
 
     def _pump(self) -> None:
-        while self._current is None and self._queue:
-            if not self._ready() or self._held() or self._earlier_step_executing():
-                return
-            run = self._queue.popleft()
-            self._queued.discard(run.id)
-            window = self._windows.pop(run.id, None)
-            decision: StartDecision = self._wiring.tracker.ask(StartRun(run_id=run.id))
-            if decision.started:
-                self._begin(run, decision, window)
-            elif decision.retry:  # the store is away: this run first, once it is back
-                self._enqueue(run, window, first=True)
-                self._hold(decision.reason)
+        """Ask the tracker to start the next run, if nothing runs or awaits an answer."""
+        if self._current is not None or self._asked is not None or not self._queue:
+            return
+        if not self._ready() or self._held() or self._earlier_step_executing():
+            return
+        run = self._queue.popleft()
+        self._queued.discard(run.id)
+        window = self._windows.pop(run.id, None)
+        token = next(_TOKENS)
+        self._asked = (token, run, window)
+        self._wiring.tracker.tell(StartRun(run.id, self._address, token))
+
+    def _decided(self, decision: StartDecision) -> None:
+        if self._asked is None or self._asked[0] != decision.token:
+            return  # an answer to an earlier incarnation (whose runs the tracker re-queued)
+        _, run, window = self._asked
+        self._asked = None
+        assert run is not None
+        if decision.started:
+            self._begin(run, decision, window)
+        elif decision.retry:  # the store is away: this run first, once it is back
+            self._enqueue(run, window, first=True)
+            self._hold(decision.reason)
 
     def _held(self) -> bool:
         return time.monotonic() < self._hold_until
 
-    def _hold(self, reason: str | None) -> None:
-        """Start nothing for a while: the store was unavailable at the last start."""
+    def _hold(self, reason: str | None, then: _AskAgain | None = None) -> None:
+        """Start nothing for a while: the store was unavailable at the last start. `then`
+        is told once the while is over (by default the pump looks again)."""
         delay = START_RETRY_DELAYS[min(self._start_failures, len(START_RETRY_DELAYS) - 1)]
         self._start_failures += 1
         self._wiring.steps.count_postponed()
         self._hold_until = time.monotonic() + delay
-        self._wiring.scheduler.call_later(delay, partial(self._address.tell, _EarlierStepEnded()))
+        wake: Any = _EarlierStepEnded() if then is None else then
+        self._wiring.scheduler.call_later(delay, partial(self._address.tell, wake))
         self._log.warning("run_start_postponed", delay_s=delay, error=reason)
 
     def _earlier_step_executing(self) -> bool:

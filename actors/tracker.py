@@ -23,6 +23,7 @@ import structlog
 
 from actors._address import Address
 from actors._protocol import (
+    Adopted,
     AdoptRuns,
     CancelRun,
     FailGroupRuns,
@@ -223,8 +224,8 @@ class RunTrackerActor(SupervisedActor):
             case RunsCreated(runs=runs):
                 for run in runs:
                     self._open.setdefault(run.id, _Open(run, run.status, run.attempt))
-            case StartRun(run_id=run_id):
-                return self._start(run_id)
+            case StartRun(run_id=run_id, reply_to=reply_to, token=token):
+                reply_to.tell(self._answer_start(run_id, token))
             case StartAborted(run_id=run_id, attempt=attempt):
                 self._start_aborted(run_id, attempt)
             case FinishRun():
@@ -233,8 +234,8 @@ class RunTrackerActor(SupervisedActor):
                 return self._cancel(run_id)
             case WatchRuns(run_ids=run_ids):
                 return self._watch(run_ids)
-            case AdoptRuns(agent_id=agent_id):
-                return self._adopt(agent_id)
+            case AdoptRuns(agent_id=agent_id, reply_to=reply_to, token=token):
+                reply_to.tell(self._answer_adopt(agent_id, token))
             case FailGroupRuns(group_id=group_id, reason=reason):
                 self._fail_group(group_id, reason)
             case TerminalCommitted(run_id=run_id):
@@ -316,6 +317,24 @@ class RunTrackerActor(SupervisedActor):
         return self._write(
             run_id, run, RunStatus.CANCELLED, reason="cancelled", stop_reason=StopReason.CANCELLED
         )
+
+    # A told request must be answered whatever happens: its sender waits for the answer,
+    # and a crash here would lose the request (only a message no code ran is redelivered).
+
+    def _answer_start(self, run_id: str, token: int) -> StartDecision:
+        try:
+            decision = self._start(run_id)
+        except Exception as error:
+            log.error("start_failed", run_id=run_id, error=repr(error))
+            return StartDecision(started=False, retry=True, reason=repr(error), token=token)
+        return replace(decision, token=token)
+
+    def _answer_adopt(self, agent_id: str, token: int) -> Adopted:
+        try:
+            return Adopted(runs=self._adopt(agent_id), token=token)
+        except Exception as error:
+            log.error("adopt_failed", agent_id=agent_id, error=repr(error))
+            return Adopted(runs=[], token=token, retry=True)
 
     def _adopt(self, agent_id: str) -> list[Run]:
         """Hand a (re)started agent its runs; one it was running is re-queued first."""
