@@ -24,11 +24,10 @@ def stamp(
     turn: int | None = None,
     run_id: str | None = None,
 ) -> Message:
-    """Give a message its id and place in one agent's history.
-
-    `create` was validated when it was made, so the stored form is built without
-    validating it again (this runs for every message of every turn and run)."""
-    return Message.model_construct(
+    """Give a message its id and place in one agent's history."""
+    # Not model_construct: pydantic's compiled validation of these few fields is faster
+    # than its Python-level construct (5.4 against 6.6 us a message, pydantic 2.13).
+    return Message(
         id=new_id("message"),
         agent_id=agent_id,
         group_id=group_id,

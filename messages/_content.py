@@ -135,8 +135,8 @@ class MessageCreate(BaseModel):
 
     def parts(self) -> list[TextContent | ImageContent | ReasoningContent]:
         """The content as a list of parts (a string is one text part)."""
-        if isinstance(self.content, str):  # checked already, as this message's content
-            return [TextContent.model_construct(text=self.content)]
+        if isinstance(self.content, str):
+            return [TextContent(text=self.content)]
         return list(self.content)
 
     def text(self) -> str:
