@@ -20,16 +20,20 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 import pykka
 
+from actors._protocol import Ask
 from actors._pykka import drain_inbox, inbox_empty
 from messages._futures import reject
 
 
 def _nothing() -> None:
     """What waking an address does until its supervisor says otherwise."""
+
+
+R = TypeVar("R")
 
 
 class Address:
@@ -95,11 +99,10 @@ class Address:
         self.tell(message)
         return True
 
-    def ask(self, message: Any, timeout: float | None = None) -> Any:
-        """Tell a message that carries a `reply` future, and wait for that reply."""
-        reply: Future[Any] = message.reply
+    def ask(self, message: Ask[R], timeout: float | None = None) -> R:
+        """Tell a request, and wait for its reply (typed by the request: `Ask[R]` -> R)."""
         self.tell(message)
-        return reply.result(timeout)
+        return message.reply.result(timeout)
 
     @property
     def active(self) -> bool:

@@ -26,6 +26,7 @@ from actors._chaos import (
     failing_steps,
 )
 from actors._execute import execute_run
+from actors._protocol import Ask
 from actors._scheduler import Scheduler
 from actors._supervised import CrashReporter, SupervisedActor
 from actors._supervisor import ChildSpec, Supervisor
@@ -112,7 +113,7 @@ class Note:
 
 
 @dataclass(frozen=True)
-class Notes:
+class Notes(Ask[list[tuple[int, int]]]):
     reply: Future[list[tuple[int, int]]] = field(default_factory=Future)
 
 

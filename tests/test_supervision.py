@@ -14,6 +14,7 @@ import pykka
 import pytest
 
 from actors import AgentFactory, Chaos, GroupFailed, RestartPolicy, Runtime
+from actors._protocol import Ask
 from actors._scheduler import Scheduler
 from actors._supervised import CrashReporter, SupervisedActor
 from actors._supervisor import ChildSpec, Supervisor
@@ -29,7 +30,7 @@ class Add:
 
 
 @dataclass(frozen=True)
-class Total:
+class Total(Ask[int]):
     reply: Future[int] = field(default_factory=Future)
 
 
