@@ -55,7 +55,11 @@ with no message handled between them) escalates, within about 5 s: its backoff s
 
 @dataclass
 class RuntimeParts:
-    """Everything an actor of this runtime may use besides its own state."""
+    """The pieces of one runtime, made once by the `Runtime` (the composition root).
+
+    No actor sees this: the directory gives each actor only what it uses (`GroupWiring`,
+    `AgentWiring`). `tracker` is set when the tracker starts; `failure` when it escalates.
+    """
 
     store: Store
     kinds: AgentKinds
@@ -71,10 +75,10 @@ class RuntimeParts:
     """Why the runtime takes no more work (its run tracker escalated); None while it does."""
     supervisor: Supervisor = field(init=False)
     tracker: Address = field(init=False)
-    directory: ActorDirectory = field(init=False)
 
     def __post_init__(self) -> None:
         self.crashes = CrashInjection(self.chaos)
+        self.supervisor = Supervisor(self.scheduler)
 
 
 def _once(first: Any, load: Callable[[], Any]) -> Callable[[], tuple[Any, bool]]:

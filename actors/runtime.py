@@ -39,7 +39,6 @@ from actors._protocol import (
 )
 from actors._restart import RestartPolicy
 from actors._scheduler import Scheduler
-from actors._supervisor import Supervisor
 from actors.kinds import builtin_kinds
 from actors.kinds._registry import AgentKinds
 from actors.rules import new_group
@@ -198,9 +197,7 @@ class Runtime:
             policy=restart_policy or RestartPolicy(),
             chaos=chaos,
         )
-        self._parts.supervisor = Supervisor(scheduler)
         self._directory = ActorDirectory(self._parts)
-        self._parts.directory = self._directory
 
     @classmethod
     def start(
