@@ -154,7 +154,9 @@ class _Current:
 class SleeptimeAgentActor(SupervisedActor):
     """Executes the runs of one sleeptime agent, one at a time, in creation order.
 
-    Told: `AssignRun`, `StepDone`, `RunDeadline`, `GroupChanged`, `KindRegistered`.
+    Told: `AssignRun`, `StepDone`, `RunDeadline`, `GroupChanged`, `KindRegistered`, and
+    the tracker's answers `Adopted` and `StartDecision`. It never waits on another actor:
+    it tells the tracker `AdoptRuns` (on start) or `StartRun` and goes on when told back.
     """
 
     def __init__(
