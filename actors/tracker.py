@@ -38,7 +38,7 @@ from actors._protocol import (
     WatchRuns,
 )
 from actors._scheduler import Scheduler
-from actors._supervised import CrashReporter, SupervisedActor
+from actors._supervised import CrashReporter, SupervisedActor, contained
 from actors.rules import GiveUp, Requeue, after_interruption
 from messages import (
     GroupNotFound,
@@ -196,7 +196,7 @@ class RunTrackerActor(SupervisedActor):
                 self._recover()
         except BaseException as error:
             if self._recovered is not None:
-                reject(self._recovered, error if isinstance(error, Exception) else Exception(error))
+                reject(self._recovered, contained(error))
             raise
         if self._recovered is not None:
             resolve(self._recovered, None)
