@@ -22,7 +22,7 @@ from messages import Message, MessageCreate, RunStatus
 from persistence import Store, _ownership
 from persistence._committer import Committer
 from persistence._ownership import ADVISORY_KEY
-from tests.agents import user
+from tests.agents import user, wait_until
 from tests.postgres import PostgresCluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,14 +116,18 @@ MAKE_GROUP = "group = rt.create_group(primary={'kind': 'scripted'}, sleeptime=[{
 
 def start_when_free(url: str) -> Runtime:
     """Start a runtime on `url` once its dead owner's lock is gone."""
-    deadline = time.monotonic() + 10
-    while True:  # the server notices the dead connection within moments
+    started: list[Runtime] = []
+
+    def start() -> bool:  # the server notices the dead connection within moments
         try:
-            return Runtime.start(url)
+            started.append(Runtime.start(url))
         except DatabaseInUse:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)  # polling a lock the OS or server frees; nothing to wait on
+            return False
+        return True
+
+    if not wait_until(start, timeout=10, every=0.05):
+        return Runtime.start(url)  # raises DatabaseInUse, naming the holder
+    return started[0]
 
 
 def test_owner_killed_with_sigkill_does_not_block_the_next_start(db_url: str) -> None:
@@ -329,32 +333,30 @@ class Database:
 
     def wait_for_holder(self, unlike: int | None = None, timeout: float = 30) -> int:
         """The backend pid holding the lock, once one (other than `unlike`) does."""
-        deadline = time.monotonic() + timeout
-        while True:
+        seen: list[int] = []
+
+        def taken() -> bool:
             found = self.holder()
             if found is not None and found[0] != unlike:
-                return found[0]
-            assert time.monotonic() < deadline, f"nobody took the lock within {timeout}s"
-            time.sleep(0.05)  # polling the server's lock table; nothing to wait on
+                seen.append(found[0])
+            return bool(seen)
+
+        assert wait_until(taken, timeout, every=0.05), f"nobody took the lock within {timeout}s"
+        return seen[0]
 
     def backend_gone(self, pid: int, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        def gone() -> bool:
             with self.cluster.connect(self.name) as admin:
                 row = admin.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)
                 ).fetchone()
-            if row == (0,):
-                return
-            assert time.monotonic() < deadline, f"backend {pid} still there after {timeout}s"
-            time.sleep(0.05)  # polling the server; nothing to wait on
+            return row == (0,)
+
+        assert wait_until(gone, timeout, every=0.05), f"backend {pid} still there after {timeout}s"
 
 
 def until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not true within {timeout}s"
-        time.sleep(0.02)  # polling what the store says; nothing to wait on
+    assert wait_until(condition, timeout), f"not true within {timeout}s"
 
 
 def writer_backend(rt: Runtime) -> int:
