@@ -65,6 +65,12 @@ TURN_TIMEOUT: TypeAdapter[float | None] = TypeAdapter(
 )
 """The `timeout` of `step`, `record_turn` and `stream`: seconds above 0, or None."""
 
+DRAIN_TIMEOUT: TypeAdapter[float] = TypeAdapter(
+    Annotated[float, Field(ge=0, le=MAX_WAIT_S, allow_inf_nan=False)],
+    config=ConfigDict(title="drain_timeout"),
+)
+"""The `drain_timeout` of `Runtime.stop`: seconds, 0 for none."""
+
 GROUP_IDS: TypeAdapter[list[str] | None] = TypeAdapter(
     list[Id] | None, config=ConfigDict(title="group_ids")
 )

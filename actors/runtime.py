@@ -23,7 +23,14 @@ from typing import Annotated, Any, Self
 import structlog
 from pydantic import ConfigDict, Field, TypeAdapter
 
-from actors._arguments import GROUP_IDS, TURN_TIMEOUT, RunFilters, RunWait, StartOptions
+from actors._arguments import (
+    DRAIN_TIMEOUT,
+    GROUP_IDS,
+    TURN_TIMEOUT,
+    RunFilters,
+    RunWait,
+    StartOptions,
+)
 from actors._chaos import Chaos
 from actors._invariants import InvariantReport, check_invariants
 from actors._logging import ensure_logging
@@ -339,7 +346,10 @@ class Runtime:
         """Finish queued turns, wait up to `drain_timeout` s for open runs, then stop.
 
         Runs still open after that stay stored and are re-queued by the next start.
+        A `drain_timeout` that is not a number of seconds >= 0 raises ValidationError
+        (before anything stops).
         """
+        drain_timeout = DRAIN_TIMEOUT.validate_python(drain_timeout)
         if self._stopped.is_set():
             return
         self._stopped.set()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from actors import Runtime
 from messages import DEFAULT_BLOCK_LIMIT, MAX_RUN_TIMEOUT, AgentSpec, BlockCreate, MessageCreate
 from messages._groups import GroupCreate
 from messages._text import INT32_MAX, KIND_MAX_LENGTH, NAME_MAX_LENGTH
@@ -338,3 +340,15 @@ def test_tool_call_arguments_as_a_dict_must_be_json() -> None:
                 "tool_calls": [{"id": "c", "name": "f", "arguments": {"a": object()}}],
             }
         )
+
+
+def test_stop_refuses_a_drain_timeout_that_is_not_seconds(tmp_path: Path) -> None:
+    rt = Runtime.start(f"sqlite:///{tmp_path / 'stop.db'}")
+    try:
+        for bad in ("soon", -1, float("nan"), None):
+            with pytest.raises(ValidationError):
+                rt.stop(drain_timeout=bad)  # type: ignore[arg-type]
+            assert not rt.stopped  # refused before anything stopped
+    finally:
+        rt.stop(drain_timeout=0)
+    assert rt.stopped
