@@ -1,0 +1,161 @@
+"""Shard leases on PostgreSQL: acquisition, renewal, expiry, release and fencing.
+
+These drive `persistence._leases.Leases` directly against a real server, as several
+members (runtime processes) would, each with its own engine.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy import Engine, create_engine
+
+from persistence import Store
+from persistence._leases import Leases, shard_of
+from tests.agents import wait_until
+from tests.postgres import PostgresCluster
+
+
+@pytest.fixture
+def pg_url(postgres_cluster: PostgresCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = postgres_cluster.create_database(request.node.name)
+    url = postgres_cluster.url(name)
+    Store.migrate(url)
+    try:
+        yield url
+    finally:
+        postgres_cluster.drop_database(name)
+
+
+@pytest.fixture
+def engines(pg_url: str) -> Iterator[list[Engine]]:
+    made: list[Engine] = []
+    yield made
+    for engine in made:
+        engine.dispose()
+
+
+def member(url: str, engines: list[Engine], name: str, lease_s: float = 30.0) -> Leases:
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    engines.append(engine)
+    return Leases(engine, member=name, holder=f"{name} (test)", lease_s=lease_s)
+
+
+def test_the_shard_count_is_fixed_by_the_first_setup(pg_url: str, engines: list[Engine]) -> None:
+    a, b = member(pg_url, engines, "a"), member(pg_url, engines, "b")
+    assert a.setup(8) == 8
+    assert b.setup(64) == 8  # the database's count wins
+    assert a.acquire(limit=100).keys() == set(range(8))
+
+
+def test_a_shard_is_held_by_one_member_and_moves_at_a_new_epoch(
+    pg_url: str, engines: list[Engine]
+) -> None:
+    a, b = member(pg_url, engines, "a"), member(pg_url, engines, "b")
+    a.setup(8)
+    b.setup(8)
+    held = a.acquire(limit=5)
+    assert len(held) == 5 and set(held.values()) == {1}
+    rest = b.acquire(limit=8)
+    assert set(rest) == set(range(8)) - set(held)  # only what nobody holds
+    assert b.acquire(limit=8) == {}
+    assert a.census() == (2, 0)
+
+    given_up = {shard: held[shard] for shard in list(held)[:2]}
+    a.release(given_up)
+    moved = b.acquire(limit=8)
+    assert moved == {shard: epoch + 1 for shard, epoch in given_up.items()}
+    assert a.renew(held) == set(given_up)  # a learns it no longer holds them
+    owner = b.owner(next(iter(moved)))
+    assert owner.member == "b" and owner.holder == "b (test)" and not owner.expired
+
+
+def test_an_expired_lease_is_taken_over_and_its_old_holder_is_fenced(
+    pg_url: str, engines: list[Engine]
+) -> None:
+    a = member(pg_url, engines, "a", lease_s=0.3)
+    b = member(pg_url, engines, "b")
+    a.setup(4)
+    b.setup(4)
+    held = a.acquire(limit=4)
+    assert b.acquire(limit=4) == {}
+    wait_until(lambda: b.census()[1] == 4, timeout=10)  # a stopped renewing: all expired
+    taken = b.acquire(limit=4)
+    assert taken == {shard: epoch + 1 for shard, epoch in held.items()}
+
+    with a._engine.begin() as connection:  # a, back from a pause, tries to write
+        assert a.fence(connection, held) == set(held)
+    assert a.renew(held) == set(held)
+    with b._engine.begin() as connection:
+        assert b.fence(connection, taken) == set()
+
+
+def test_a_lease_expired_but_not_taken_is_still_good_and_renews(
+    pg_url: str, engines: list[Engine]
+) -> None:
+    a = member(pg_url, engines, "a", lease_s=0.2)
+    a.setup(2)
+    held = a.acquire(limit=2)
+    wait_until(lambda: a.owner(0).expired, timeout=10)
+    with a._engine.begin() as connection:  # nobody else wrote: the epoch still holds
+        assert a.fence(connection, held) == set()
+    assert a.renew(held) == set()
+    assert not a.owner(0).expired
+
+
+def test_a_takeover_waits_for_a_fenced_transaction_to_end(
+    pg_url: str, engines: list[Engine]
+) -> None:
+    a = member(pg_url, engines, "a", lease_s=0.2)
+    b = member(pg_url, engines, "b")
+    a.setup(1)
+    b.setup(1)
+    held = a.acquire(limit=1)
+    wait_until(lambda: b.census()[1] == 1, timeout=10)
+    took: dict[int, int] = {}
+    done = threading.Event()
+
+    def take() -> None:
+        took.update(b.acquire(limit=1))
+        done.set()
+
+    with a._engine.begin() as connection:
+        assert a.fence(connection, held) == set()  # the row is locked until the commit
+        thread = threading.Thread(target=take)
+        thread.start()
+        # SKIP LOCKED: the takeover skips a shard a live transaction is writing for.
+        assert done.wait(10)
+        assert took == {}
+    thread.join(10)
+    assert b.acquire(limit=1) == {0: held[0] + 1}
+
+
+def test_membership_counts_live_members_only(pg_url: str, engines: list[Engine]) -> None:
+    a = member(pg_url, engines, "a", lease_s=0.2)
+    b = member(pg_url, engines, "b")
+    a.setup(2)
+    b.setup(2)
+    assert b.census()[0] == 2
+    wait_until(lambda: b.census()[0] == 1, timeout=10)
+    a.renew({})
+    assert b.census()[0] == 2
+    a.leave()
+    assert b.census()[0] == 1
+
+
+@given(st.text(min_size=1, max_size=80), st.integers(min_value=1, max_value=65_536))
+def test_shard_of_is_stable_and_in_range(group_id: str, shards: int) -> None:
+    shard = shard_of(group_id, shards)
+    assert 0 <= shard < shards
+    assert shard == shard_of(group_id, shards)
+
+
+def test_shard_of_spreads_groups_evenly() -> None:
+    counts = [0] * 16
+    for i in range(16_000):
+        counts[shard_of(f"group-{i}", 16)] += 1
+    assert min(counts) > 800 and max(counts) < 1200
