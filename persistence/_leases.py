@@ -21,8 +21,9 @@ owns every shard without leases.
 
 from __future__ import annotations
 
+import threading
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -219,3 +220,75 @@ class Leases:
         rows = connection.execute(_FENCE, {"shards": list(expected), "member": self.member})
         held = {shard for shard, epoch in rows if expected.get(shard) == epoch}
         return set(expected) - held
+
+
+def rebalance(held: int, members: int, free: int, shards: int) -> int:
+    """How many shards a member should take (> 0) or hand over (< 0) now.
+
+    `held`: the member's shards; `members`: live members, itself included; `free`:
+    shards nobody holds (or whose lease expired). Each member aims at its fair share,
+    `ceil(shards / members)`. It takes free shards up to that share; it hands over what
+    it holds beyond the share only while no shard is free (so some member is short),
+    and never more than the excess, so two members never trade the same shards back
+    and forth.
+
+    >>> rebalance(held=0, members=2, free=1024, shards=1024)
+    512
+    >>> rebalance(held=1024, members=2, free=0, shards=1024)
+    -512
+    >>> rebalance(held=512, members=2, free=0, shards=1024)
+    0
+    """
+    members = max(1, members)
+    share = -(-shards // members)
+    if held < share:
+        return min(share - held, free)
+    if held > share and free == 0:
+        return share - held
+    return 0
+
+
+class ShardBook:
+    """The shards this process holds, at the epoch it acquired each: what every write is
+    fenced against. Thread-safe: the lease keeper changes it, writers and callers read it.
+    """
+
+    def __init__(self, shards: int) -> None:
+        self.shards = shards
+        self._lock = threading.Lock()
+        self._held: dict[int, int] = {}
+        self._leaving: set[int] = set()
+
+    def shard_of(self, group_id: str) -> int:
+        return shard_of(group_id, self.shards)
+
+    def held(self) -> dict[int, int]:
+        with self._lock:
+            return dict(self._held)
+
+    def epoch(self, shard: int) -> int | None:
+        """The epoch this process holds `shard` at; None if it does not hold it."""
+        with self._lock:
+            return self._held.get(shard)
+
+    def serves(self, shard: int) -> bool:
+        """Whether new work for `shard` is taken here (held, and not being handed over)."""
+        with self._lock:
+            return shard in self._held and shard not in self._leaving
+
+    def add(self, taken: Mapping[int, int]) -> None:
+        with self._lock:
+            self._held.update(taken)
+            self._leaving.difference_update(taken)
+
+    def leave(self, shards: Iterable[int]) -> None:
+        """Stop taking new work for `shards` (they are being handed over)."""
+        with self._lock:
+            self._leaving.update(shard for shard in shards if shard in self._held)
+
+    def drop(self, shards: Iterable[int]) -> dict[int, int]:
+        """Forget `shards` (released or lost); returns what was held of them."""
+        with self._lock:
+            dropped = {s: self._held.pop(s) for s in list(shards) if s in self._held}
+            self._leaving.difference_update(dropped)
+            return dropped

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, create_engine
 
 from persistence import Store
-from persistence._leases import Leases, shard_of
+from persistence._leases import Leases, ShardBook, rebalance, shard_of
 from tests.agents import wait_until
 from tests.postgres import PostgresCluster
 
@@ -159,3 +159,54 @@ def test_shard_of_spreads_groups_evenly() -> None:
     for i in range(16_000):
         counts[shard_of(f"group-{i}", 16)] += 1
     assert min(counts) > 800 and max(counts) < 1200
+
+
+@pytest.mark.parametrize(
+    ("held", "members", "free", "shards", "move"),
+    [
+        (0, 1, 1024, 1024, 1024),  # alone: everything
+        (0, 2, 1024, 1024, 512),  # first of two
+        (0, 2, 512, 1024, 512),  # second of two takes what is free
+        (1024, 2, 0, 1024, -512),  # a newcomer is short: hand over the excess
+        (512, 2, 0, 1024, 0),  # balanced
+        (512, 3, 0, 1024, -170),  # a third joined: share is 342
+        (342, 3, 0, 1024, 0),
+        (0, 3, 340, 1024, 340),  # take what is free, up to the share
+        (600, 2, 10, 1024, 0),  # above share but shards are free: the short take those
+        (3, 4, 0, 10, 0),  # share 3 of 10 with 4 members: never below it
+        (5, 0, 0, 10, 0),  # no live member seen (its own row late): keep all
+    ],
+)
+def test_rebalance_aims_at_a_fair_share(
+    held: int, members: int, free: int, shards: int, move: int
+) -> None:
+    assert rebalance(held, members, free, shards) == move
+
+
+@given(
+    st.integers(min_value=1, max_value=2048),
+    st.lists(st.integers(min_value=0, max_value=2048), min_size=1, max_size=8),
+)
+def test_rebalancing_converges_to_every_shard_held_once(shards: int, wants: list[int]) -> None:
+    """Members that rebalance in turn end with every shard held, none above its share."""
+    members = len(wants)
+    held = [0] * members
+    for _ in range(4 * members + 4):
+        for i in range(members):
+            move = rebalance(held[i], members, shards - sum(held), shards)
+            held[i] += move
+    assert sum(held) == shards
+    share = -(-shards // members)
+    assert all(h <= share for h in held)
+
+
+def test_the_book_serves_held_shards_until_they_are_handed_over() -> None:
+    book = ShardBook(8)
+    book.add({1: 3, 2: 5})
+    assert book.serves(1) and book.epoch(2) == 5 and not book.serves(3)
+    book.leave([1, 3])
+    assert not book.serves(1) and book.epoch(1) == 3  # still fenced at its epoch
+    assert book.drop([1, 7]) == {1: 3}
+    assert book.held() == {2: 5}
+    book.add({1: 4})
+    assert book.serves(1)
