@@ -1,0 +1,119 @@
+"""The lease keeper: keeps this process's share of the shards, on a thread of its own.
+
+Every `lease_s / 3` seconds it renews the membership and the leases it holds (a shard
+it finds taken over is lost: `on_lost`), then looks at how many members are alive and how
+many shards are free, and moves toward its fair share (`persistence._leases.rebalance`):
+it acquires free or expired shards (`on_acquired`, which recovers their runs as a restart
+would), or, when another member is short, hands over its excess cleanly (`on_hand_over`
+stops taking work for those shards and finishes it; the leases are released after).
+
+Renewal runs apart from the writer and from the actors, so a long batch of writes or a
+busy actor never lets a lease lapse. A renewal that fails (the database is away) is
+tried again at the next tick; leases that expire meanwhile are found lost, by renewal or
+by the fencing of the next write, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import structlog
+
+from persistence._leases import Leases, ShardBook, rebalance
+
+log = structlog.get_logger("sleeptime.shards")
+
+Shards = dict[int, int]
+"""{shard: epoch}"""
+
+
+class ShardKeeper:
+    """Holds a fair share of the shards for one runtime process.
+
+    Example:
+        >>> keeper = ShardKeeper(leases, book, on_acquired=recover, on_lost=drop,
+        ...                      on_hand_over=finish)
+        >>> keeper.start()        # joined, first share taken and recovered
+        >>> keeper.stop()         # every shard handed over and released
+    """
+
+    def __init__(
+        self,
+        leases: Leases,
+        book: ShardBook,
+        *,
+        on_acquired: Callable[[Shards], None],
+        on_lost: Callable[[Shards], None],
+        on_hand_over: Callable[[Shards], None],
+    ) -> None:
+        self._leases = leases
+        self._book = book
+        self._on_acquired = on_acquired
+        self._on_lost = on_lost
+        self._on_hand_over = on_hand_over
+        self._stopping = threading.Event()
+        self._tick_lock = threading.Lock()  # one tick at a time (the thread, or a caller)
+        self._thread = threading.Thread(target=self._loop, name="sleeptime-shards", daemon=True)
+        self.interval = leases.lease_s / 3
+
+    def start(self) -> None:
+        """Join and take a first share (recovered before this returns), then keep it."""
+        self._book.shards = self._leases.setup(self._book.shards)
+        self.tick()
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Hand every shard over cleanly, release the leases and leave."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(max(5.0, 2 * self.interval))
+        with self._tick_lock:
+            held = self._book.held()
+            if held:
+                self._hand_over(held)
+            try:
+                self._leases.leave()
+            except Exception as error:  # its membership expires on its own
+                log.warning("leave_failed", error=str(error))
+
+    def _loop(self) -> None:
+        while not self._stopping.wait(self.interval):
+            try:
+                self.tick()
+            except Exception as error:  # the database is away: the next tick tries again
+                log.warning("lease_tick_failed", error=str(error))
+
+    def tick(self) -> None:
+        """Renew, then move toward the fair share (one step)."""
+        with self._tick_lock:
+            if self._stopping.is_set() and self._thread.is_alive():
+                return
+            held = self._book.held()
+            lost = self._leases.renew(held)
+            if lost:
+                dropped = self._book.drop(lost)
+                log.error("shards_lost", shards=len(dropped))
+                self._on_lost(dropped)
+            members, free = self._leases.census()
+            held = self._book.held()
+            move = rebalance(len(held), members, free, self._book.shards)
+            if move > 0:
+                taken = self._leases.acquire(move)
+                if taken:
+                    self._book.add(taken)
+                    log.info("shards_acquired", shards=len(taken), members=members)
+                    self._on_acquired(taken)
+            elif move < 0:
+                # The highest shards go: members that join later tend to take the same.
+                excess = dict(sorted(held.items())[move:])
+                self._hand_over(excess)
+
+    def _hand_over(self, shards: Shards) -> None:
+        self._book.leave(shards)
+        try:
+            self._on_hand_over(shards)
+        finally:
+            self._book.drop(shards)
+            self._leases.release(shards)
+            log.info("shards_handed_over", shards=len(shards))
