@@ -198,3 +198,41 @@ class RuntimeFailed(SleeptimeError):
             "work: stop it and start a new process; open runs stay stored and are "
             "recovered by the next start"
         )
+
+
+class ShardLost(SleeptimeError):
+    """This process no longer holds the shard of a group it was writing for.
+
+    Its lease expired (the process was paused, or could not reach the database) and
+    another process took the shard over at a newer epoch; nothing was written. The
+    group's work goes on at its new owner: ask `rt.owner_of(group_id)`.
+    """
+
+    def __init__(self, shard: int, detail: str = "taken over by another process") -> None:
+        self.shard = shard
+        super().__init__(
+            f"shard {shard} is no longer held by this process ({detail}); nothing was "
+            "written for it, and its groups are served by their new owner now"
+        )
+
+
+class NotOwner(SleeptimeError):
+    """A call for a group whose shard another process owns (or nobody owns right now).
+
+    `owner` names the owning process (pid and host) and `address` is where it said it
+    can be reached, if it did; both are None while the shard is between owners.
+    """
+
+    def __init__(
+        self, group_id: str, shard: int, owner: str | None = None, address: str | None = None
+    ) -> None:
+        self.group_id = group_id
+        self.shard = shard
+        self.owner = owner
+        self.address = address
+        where = "no process right now (it is moving; try again shortly)"
+        if owner is not None:
+            where = owner if address is None else f"{owner} at {address}"
+        super().__init__(
+            f"group {group_id} (shard {shard}) is served by {where}, not by this process"
+        )
