@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import threading
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
+
+from messages import ShardLost
 
 DEFAULT_SHARDS = 1024
 """Virtual shards of a new database: enough for hundreds of processes with a fair share
@@ -292,3 +294,20 @@ class ShardBook:
             dropped = {s: self._held.pop(s) for s in list(shards) if s in self._held}
             self._leaving.difference_update(dropped)
             return dropped
+
+
+def fence_for(
+    leases: Leases, book: ShardBook
+) -> Callable[[Connection, set[int]], dict[int, Exception]]:
+    """The committer's fence of a process: a shard it does not hold (any more) is refused
+    without asking; one it holds is checked, under lock, against the database."""
+
+    def fence(connection: Connection, shards: set[int]) -> dict[int, Exception]:
+        held = book.held()
+        expected = {shard: held[shard] for shard in shards if shard in held}
+        lost = (shards - expected.keys()) | leases.fence(connection, expected)
+        if lost:
+            book.drop(lost)
+        return {shard: ShardLost(shard) for shard in lost}
+
+    return fence

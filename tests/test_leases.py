@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import Engine, create_engine
 
+from messages import ShardLost
 from persistence import Store
-from persistence._leases import Leases, ShardBook, rebalance, shard_of
+from persistence._committer import Committer
+from persistence._leases import Leases, ShardBook, fence_for, rebalance, shard_of
 from tests.agents import wait_until
 from tests.postgres import PostgresCluster
 
@@ -210,3 +213,41 @@ def test_the_book_serves_held_shards_until_they_are_handed_over() -> None:
     assert book.held() == {2: 5}
     book.add({1: 4})
     assert book.serves(1)
+
+
+def test_the_committer_refuses_only_the_writes_of_a_lost_shard(
+    pg_url: str, engines: list[Engine]
+) -> None:
+    a = member(pg_url, engines, "a", lease_s=0.3)
+    b = member(pg_url, engines, "b")
+    a.setup(2)
+    b.setup(2)
+    book = ShardBook(2)
+    book.add(a.acquire(limit=2))
+    committer = Committer(a._engine, fence=fence_for(a, book))
+    table = "CREATE TABLE notes (shard INT, note TEXT)"
+    committer.run(lambda c: c.exec_driver_sql(table))
+
+    def note(shard: int, text: str) -> Future[object]:
+        return committer.submit(
+            lambda c: c.exec_driver_sql(f"INSERT INTO notes VALUES ({shard}, '{text}')"),
+            shard=shard,
+        )
+
+    note(0, "first").result(10)
+    note(1, "first").result(10)
+    wait_until(lambda: b.census()[1] == 2, timeout=10)  # a paused: both expired
+    a.renew({0: book.epoch(0) or 0})  # a renews shard 0 only; b takes shard 1
+    assert b.acquire(limit=2).keys() == {1}
+    kept, refused = note(0, "second"), note(1, "second")
+    assert kept.result(10) is not None
+    with pytest.raises(ShardLost) as lost:
+        refused.result(10)
+    assert lost.value.shard == 1
+    assert book.held().keys() == {0}  # never written for again
+    with pytest.raises(ShardLost):
+        note(1, "third").result(10)
+    committer.close()
+    with a._engine.connect() as connection:
+        rows = connection.exec_driver_sql("SELECT shard, note FROM notes ORDER BY 1, 2").all()
+    assert [tuple(r) for r in rows] == [(0, "first"), (0, "second"), (1, "first")]
