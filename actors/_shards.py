@@ -16,6 +16,7 @@ by the fencing of the next write, whichever comes first.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
@@ -52,30 +53,43 @@ class ShardKeeper:
         self._on_acquired = on_acquired
         self._on_lost = on_lost
         self._on_hand_over = on_hand_over
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()  # the thread ends
+        self._leaving = False  # stop() is handing everything over: renew, take nothing
         self._tick_lock = threading.Lock()  # one tick at a time (the thread, or a caller)
         self._thread = threading.Thread(target=self._loop, name="sleeptime-shards", daemon=True)
         self.interval = leases.lease_s / 3
 
-    def start(self) -> None:
-        """Join and take a first share (recovered before this returns), then keep it."""
+    def start(self, settle_s: float = 0.0) -> None:
+        """Join and take a first share; `keep()` then keeps it in the background.
+
+        With `settle_s`, tick until this member holds its fair share or nothing more can
+        come to it, for up to that many seconds: after a crash of the only process, its
+        leases must expire before a new one can take them, and a newcomer waits for the
+        others to hand it their excess.
+        """
         self._book.shards = self._leases.setup(self._book.shards)
-        self.tick()
+        deadline = time.monotonic() + settle_s
+        while not self.tick() and time.monotonic() < deadline:
+            self._stopping.wait(min(0.2, self.interval))
+
+    def keep(self) -> None:
+        """Renew and rebalance every `interval` seconds, on the keeper's own thread."""
         self._thread.start()
 
     def stop(self) -> None:
-        """Hand every shard over cleanly, release the leases and leave."""
+        """Hand every shard over cleanly (renewing the leases meanwhile), release them
+        and leave."""
+        self._leaving = True
+        held = self._book.held()
+        if held:
+            self._hand_over(held)
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join(max(5.0, 2 * self.interval))
-        with self._tick_lock:
-            held = self._book.held()
-            if held:
-                self._hand_over(held)
-            try:
-                self._leases.leave()
-            except Exception as error:  # its membership expires on its own
-                log.warning("leave_failed", error=str(error))
+        try:
+            self._leases.leave()
+        except Exception as error:  # its membership expires on its own
+            log.warning("leave_failed", error=str(error))
 
     def _loop(self) -> None:
         while not self._stopping.wait(self.interval):
@@ -84,17 +98,18 @@ class ShardKeeper:
             except Exception as error:  # the database is away: the next tick tries again
                 log.warning("lease_tick_failed", error=str(error))
 
-    def tick(self) -> None:
-        """Renew, then move toward the fair share (one step)."""
+    def tick(self) -> bool:
+        """Renew, then move toward the fair share (one step); True once this member
+        holds at least its share."""
         with self._tick_lock:
-            if self._stopping.is_set() and self._thread.is_alive():
-                return
             held = self._book.held()
             lost = self._leases.renew(held)
-            if lost:
-                dropped = self._book.drop(lost)
+            dropped = self._book.drop(lost & self._book.held().keys())  # not handed over since
+            if dropped:
                 log.error("shards_lost", shards=len(dropped))
                 self._on_lost(dropped)
+            if self._leaving:
+                return True
             members, free = self._leases.census()
             held = self._book.held()
             move = rebalance(len(held), members, free, self._book.shards)
@@ -104,10 +119,12 @@ class ShardKeeper:
                     self._book.add(taken)
                     log.info("shards_acquired", shards=len(taken), members=members)
                     self._on_acquired(taken)
-            elif move < 0:
+                return len(taken) == move
+            if move < 0:
                 # The highest shards go: members that join later tend to take the same.
-                excess = dict(sorted(held.items())[move:])
-                self._hand_over(excess)
+                self._hand_over(dict(sorted(held.items())[move:]))
+            share = -(-self._book.shards // max(1, members))
+            return len(held) >= share
 
     def _hand_over(self, shards: Shards) -> None:
         self._book.leave(shards)
@@ -115,5 +132,9 @@ class ShardKeeper:
             self._on_hand_over(shards)
         finally:
             self._book.drop(shards)
-            self._leases.release(shards)
-            log.info("shards_handed_over", shards=len(shards))
+            try:
+                self._leases.release(shards)
+            except Exception as error:  # they expire on their own, after one lease
+                log.warning("release_failed", shards=len(shards), error=str(error))
+            else:
+                log.info("shards_handed_over", shards=len(shards))

@@ -54,6 +54,7 @@ from messages._groups import (
     BlockCreate,
     Blocks,
     Group,
+    GroupOwner,
     GroupSettings,
     TurnResult,
 )
@@ -87,6 +88,7 @@ __all__ = [
     "Group",
     "GroupFailed",
     "GroupNotFound",
+    "GroupOwner",
     "GroupSettings",
     "ImageContent",
     "Message",

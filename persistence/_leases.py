@@ -260,6 +260,8 @@ class ShardBook:
         self._lock = threading.Lock()
         self._held: dict[int, int] = {}
         self._leaving: set[int] = set()
+        self.on_lost: Callable[[dict[int, int]], None] | None = None
+        """Told the shards a write found lost (from the writer thread: keep it short)."""
 
     def shard_of(self, group_id: str) -> int:
         return shard_of(group_id, self.shards)
@@ -295,6 +297,12 @@ class ShardBook:
             self._leaving.difference_update(dropped)
             return dropped
 
+    def lose(self, shards: Iterable[int]) -> None:
+        """A write found `shards` taken over: forget them and tell `on_lost`."""
+        dropped = self.drop(shards)
+        if dropped and self.on_lost is not None:
+            self.on_lost(dropped)
+
 
 def fence_for(
     leases: Leases, book: ShardBook
@@ -307,7 +315,7 @@ def fence_for(
         expected = {shard: held[shard] for shard in shards if shard in held}
         lost = (shards - expected.keys()) | leases.fence(connection, expected)
         if lost:
-            book.drop(lost)
+            book.lose(lost)
         return {shard: ShardLost(shard) for shard in lost}
 
     return fence

@@ -49,6 +49,8 @@ class Transition:
     stop_reason: StopReason | None = None
     error: str | None = None
     messages: list[Message] = field(default_factory=list)
+    group_id: str | None = None
+    """The run's group, whose shard the write is fenced by (None: not fenced)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,9 +71,11 @@ def test_a_second_member_gets_half_through_a_clean_hand_over(
 ) -> None:
     a = make(pg_url, members, "a")
     a.keeper.start()
+    a.keeper.keep()
     assert a.told == [("acquired", dict.fromkeys(range(16), 1))]
     b = make(pg_url, members, "b")
     b.keeper.start()
+    b.keeper.keep()
     assert b.told == [] and b.book.held() == {}  # nothing free yet
     a.keeper.tick()  # a sees b short: hands over its excess
     assert a.told[-1] == ("hand_over", dict.fromkeys(range(8, 16), 1))
@@ -99,6 +101,7 @@ def test_a_member_that_stopped_renewing_finds_its_shards_lost(
     assert a.book.held() == dict.fromkeys(range(16), 1)
     b = make(pg_url, members, "b")
     b.keeper.start()
+    b.keeper.keep()
 
     def b_holds_all() -> bool:
         b.keeper.tick()  # a's leases expire: b (alone alive) takes every shard
