@@ -251,11 +251,16 @@ class TransitionFailed:
     """A status change could not be written (sent by the tracker to itself).
 
     `retryable` when the database was unavailable: the same write may succeed later.
+    `refused` when the store refused it: the stored run was not at the status and
+    attempt the change left (its guard missed). `terminal` when the change was to a
+    terminal status.
     """
 
     run_id: str
     error: str
     retryable: bool
+    terminal: bool = True
+    refused: bool = False
 
 
 @dataclass(frozen=True, slots=True)

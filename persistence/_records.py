@@ -38,17 +38,37 @@ class TurnWrite:
 
 @dataclass(frozen=True, slots=True)
 class Transition:
-    """One run status change, with the messages its agent produced (if any)."""
+    """One run status change, with the messages its agent produced (if any).
+
+    It is written only if the stored run is still at `old` and at `expected_attempt`, so
+    a late write from an earlier attempt is refused. `attempt` is the attempt the run is
+    at afterwards: `expected_attempt + 1` for a re-queue (running -> created), else
+    `expected_attempt` (the stored attempt never goes back).
+
+    Example:
+        >>> Transition(run_id, RunStatus.RUNNING, RunStatus.CREATED, utcnow(),
+        ...            attempt=2, expected_attempt=1, reason="interrupted")
+    """
 
     run_id: str
     old: RunStatus
     new: RunStatus
     at: datetime
     attempt: int
+    expected_attempt: int
     reason: str | None = None
     stop_reason: StopReason | None = None
     error: str | None = None
     messages: list[Message] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        step = 1 if self.new is RunStatus.CREATED else 0  # only a re-queue leads to created
+        if self.attempt != self.expected_attempt + step:
+            raise ValueError(
+                f"a change of run {self.run_id} to {self.new.value!r} from attempt "
+                f"{self.expected_attempt} leaves it at attempt {self.expected_attempt + step}, "
+                f"not {self.attempt}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,20 +128,28 @@ _WRITE_BLOCK = (
     .where(blocks.c.id == bindparam("block_id"), blocks.c.version == bindparam("expected"))
     .values(value=bindparam("value"), version=bindparam("version"), updated_at=bindparam("at"))
 )
-# Each status change is guarded by the statuses it may leave, so the database itself
-# refuses a second start or any change after a terminal status, whoever asks.
+# Each status change is guarded by the statuses it may leave and by the attempt it belongs
+# to, so the database itself refuses a second start, any change after a terminal status and
+# a late write from an earlier attempt, whoever asks; the stored attempt never goes back.
 _START_RUN = (
     update(runs)
-    .where(runs.c.id == bindparam("run_id"), runs.c.status == RunStatus.CREATED.value)
-    .values(status=bindparam("status"), attempt=bindparam("attempt"), started_at=bindparam("at"))
+    .where(
+        runs.c.id == bindparam("run_id"),
+        runs.c.status == RunStatus.CREATED.value,
+        runs.c.attempt == bindparam("expected_attempt"),
+    )
+    .values(status=bindparam("status"), started_at=bindparam("at"))
 )
 _END_RUN = (
     update(runs)
-    # Spelled as OR, not IN: an expanding IN could not be merged into one executemany.
-    .where(runs.c.id == bindparam("run_id"), or_(*(runs.c.status == s for s in OPEN_STATUSES)))
+    .where(
+        runs.c.id == bindparam("run_id"),
+        # Spelled as OR, not IN: an expanding IN could not be merged into one executemany.
+        or_(*(runs.c.status == s for s in OPEN_STATUSES)),
+        runs.c.attempt == bindparam("expected_attempt"),
+    )
     .values(
         status=bindparam("status"),
-        attempt=bindparam("attempt"),
         completed_at=bindparam("at"),
         stop_reason=bindparam("stop_reason"),
         error=bindparam("error"),
@@ -149,7 +157,11 @@ _END_RUN = (
 )
 _REQUEUE_RUN = (
     update(runs)
-    .where(runs.c.id == bindparam("run_id"), runs.c.status == RunStatus.RUNNING.value)
+    .where(
+        runs.c.id == bindparam("run_id"),
+        runs.c.status == RunStatus.RUNNING.value,
+        runs.c.attempt == bindparam("expected_attempt"),
+    )
     .values(status=bindparam("status"), attempt=bindparam("attempt"))
 )
 _SELECT_RUN = select(runs).where(runs.c.id == bindparam("run_id"))
@@ -555,11 +567,14 @@ class Store:
     # -- runs -----------------------------------------------------------------------------
 
     def apply_transition(self, change: Transition) -> Future[None]:
-        """Write one status change (refused if the stored status moved meanwhile)."""
+        """Write one status change; its future fails with TransitionRefused (and nothing
+        of it is stored) unless the stored run is at `change.old` and
+        `change.expected_attempt`."""
         params = {
             "run_id": change.run_id,
             "status": change.new.value,
             "attempt": change.attempt,
+            "expected_attempt": change.expected_attempt,
             "at": change.at,
             "stop_reason": None if change.stop_reason is None else change.stop_reason.value,
             # An agent's error text may hold what no database stores (a NUL, a surrogate).
@@ -582,7 +597,7 @@ class Store:
             Write(
                 guard=(statement, params),
                 refusal=lambda: TransitionRefused(
-                    change.run_id, change.old.value, change.new.value
+                    change.run_id, change.old.value, change.new.value, change.expected_attempt
                 ),
                 inserts=[(_INSERT_EVENTS, [event])],
                 appends=[_message_values(m) for m in change.messages],
