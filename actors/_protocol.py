@@ -50,11 +50,15 @@ class MessageSink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class TakeTurn(Ask[TurnResult]):
-    """Run one turn. For `stream`, produced messages go to `sink` as they come, then `None`."""
+    """Run one turn. For `stream`, produced messages go to `sink` as they come, then `None`.
+
+    With a `request_id` the group already answered, the turn is not taken again: the
+    first call's answer is given (its messages to the sink first, for `stream`)."""
 
     input: list[MessageCreate]
     mode: TurnMode
     sink: MessageSink | None = None
+    request_id: str | None = None
     reply: Future[TurnResult] = field(default_factory=Future)
 
 

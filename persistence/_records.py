@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from messages import Agent, Block, Group, Message, Run, RunStatus, StopReason
+from messages import Agent, Block, Group, Message, Run, RunStatus, StopReason, TurnResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,11 +18,27 @@ class NewGroup:
 
 
 @dataclass(frozen=True, slots=True)
+class TurnRequest:
+    """The answer to a turn taken with a request id: what its caller was told.
+
+    `error` is the primary agent's failure as the caller read it (the detail of its
+    `PrimaryAgentError`), None if it did not fail. Stored with the turn, so a retry with
+    the same request id is told the same, even after a crash between commit and reply.
+    """
+
+    request_id: str
+    result: TurnResult
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TurnWrite:
     """One turn: its messages, the counter bump, the cursor move and its runs, atomically.
 
     `expected_turns` is the turn count the writer started from; the write is refused if
     the stored count moved meanwhile, so two writers can never both count a turn.
+    `request`, for a turn taken with a request id, is its answer, stored in the same
+    transaction.
     """
 
     group_id: str
@@ -34,6 +50,7 @@ class TurnWrite:
     messages: list[Message]
     runs: list[Run]
     at: datetime
+    request: TurnRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)

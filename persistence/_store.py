@@ -43,6 +43,7 @@ from messages import (
     StoreRejected,
     StoreUnavailable,
     TransitionRefused,
+    TurnResult,
 )
 from messages._text import STORED, storable
 from persistence import _schema as schema
@@ -56,10 +57,11 @@ from persistence._models import (
     MessageRow,
     RunEventRow,
     RunRow,
+    TurnRequestRow,
     utcnow,
 )
 from persistence._ownership import DatabaseFile, Ownership
-from persistence._records import GroupState, NewGroup, Transition, TurnWrite
+from persistence._records import GroupState, NewGroup, Transition, TurnRequest, TurnWrite
 
 T = TypeVar("T")
 OPEN_STATUSES = (RunStatus.CREATED.value, RunStatus.RUNNING.value)
@@ -71,6 +73,7 @@ blocks = cast(Table, BlockRow.__table__)
 messages = cast(Table, MessageRow.__table__)
 runs = cast(Table, RunRow.__table__)
 run_events = cast(Table, RunEventRow.__table__)
+turn_requests = cast(Table, TurnRequestRow.__table__)
 
 _MOVE_GROUP = (
     update(groups)
@@ -87,6 +90,14 @@ _MOVE_GROUP = (
 _INSERT_MESSAGES = insert(messages)
 _INSERT_RUNS = insert(runs)
 _INSERT_EVENTS = insert(run_events)
+_INSERT_TURN_REQUESTS = insert(turn_requests)
+_SELECT_TURN_REQUEST = select(turn_requests.c.turn, turn_requests.c.result).where(
+    turn_requests.c.group_id == bindparam("group_id"),
+    turn_requests.c.request_id == bindparam("request_id"),
+)
+_SELECT_MESSAGES = select(messages).where(
+    messages.c.id.in_(bindparam("message_ids", expanding=True))
+)
 _SELECT_WINDOW = (
     select(messages)
     .where(
@@ -218,7 +229,7 @@ class Store:
         self.committer = Committer(
             self._writer,
             translate=self._translate,
-            insert_order=(_INSERT_MESSAGES, _INSERT_RUNS, _INSERT_EVENTS),
+            insert_order=(_INSERT_MESSAGES, _INSERT_RUNS, _INSERT_EVENTS, _INSERT_TURN_REQUESTS),
             append=(_INSERT_MESSAGES, self._number),
             heartbeat=None if self._ownership is None else self._ownership.heartbeat,
         )
@@ -548,6 +559,7 @@ class Store:
             }
             for r in turn.runs
         ]
+        request_rows = [] if turn.request is None else [_turn_request_values(turn)]
 
         return self.committer.submit(
             Write(
@@ -559,10 +571,48 @@ class Store:
                     (_INSERT_MESSAGES, rows),
                     (_INSERT_RUNS, run_rows),
                     (_INSERT_EVENTS, event_rows),
+                    (_INSERT_TURN_REQUESTS, request_rows),
                 ],
                 keys=[turn.group_id, *(r.id for r in turn.runs)],
             )
         )
+
+    def find_turn_request(self, group_id: str, request_id: str) -> TurnRequest | None:
+        """The answer to the group's turn taken with `request_id`, or None if there is none.
+
+        The result is the first call's: the same turn, messages, `fired` and run ids."""
+
+        def query(connection: Connection) -> TurnRequest | None:
+            found = connection.execute(
+                _SELECT_TURN_REQUEST, {"group_id": group_id, "request_id": request_id}
+            ).first()
+            if found is None:
+                return None
+            turn, answer = found
+            message_ids: list[str] = answer["message_ids"]
+            by_id = {}
+            if message_ids:
+                rows = connection.execute(_SELECT_MESSAGES, {"message_ids": message_ids})
+                by_id = {r["id"]: _message(r) for r in rows.mappings()}
+            result = TurnResult(
+                group_id=group_id,
+                turn=turn,
+                messages=[by_id[i] for i in message_ids if i in by_id],
+                fired=answer["fired"],
+                run_ids=answer["run_ids"],
+            )
+            return TurnRequest(request_id=request_id, result=result, error=answer["error"])
+
+        return self._read(query)
+
+    def request_ids(self, group_id: str) -> list[tuple[str, int]]:
+        """(request id, turn) of each turn of the group taken with a request id."""
+        statement = (
+            select(turn_requests.c.request_id, turn_requests.c.turn)
+            .where(turn_requests.c.group_id == group_id)
+            .order_by(turn_requests.c.turn)
+        )
+        return self._read(lambda c: [(r[0], r[1]) for r in c.execute(statement).all()])
 
     # -- runs -----------------------------------------------------------------------------
 
@@ -790,6 +840,25 @@ def _message_values(message: Message) -> dict[str, Any]:
     values = message.model_dump(mode="json", exclude={"created_at"})
     values["content"] = [p.model_dump(mode="json", exclude_none=True) for p in message.content]
     return {**values, "created_at": message.created_at}
+
+
+def _turn_request_values(turn: TurnWrite) -> dict[str, Any]:
+    """The row of a turn's request: what its caller was told, by reference to the turn."""
+    assert turn.request is not None
+    result = turn.request.result
+    answer = {
+        "message_ids": [m.id for m in result.messages],
+        "fired": result.fired,
+        "run_ids": result.run_ids,
+        "error": None if turn.request.error is None else storable(turn.request.error),
+    }
+    return {
+        "group_id": turn.group_id,
+        "request_id": turn.request.request_id,
+        "turn": turn.turns,
+        "result": answer,
+        "created_at": turn.at,
+    }
 
 
 def _run(row: RowMapping) -> Run:
