@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
+from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -720,18 +721,19 @@ class Store:
         )
         return self._read(lambda c: [_run(r) for r in c.execute(statement).mappings()])
 
-    def event_paths(self, group_id: str) -> dict[str, list[str]]:
-        """Every run of the group with its recorded statuses, oldest first."""
+    def event_histories(self, group_id: str) -> dict[str, list[tuple[str, int, datetime]]]:
+        """Every run of the group with its recorded events, (status, attempt, at), in the
+        order they were written; statuses as stored, so a damaged one can be reported."""
         statement = (
-            select(run_events.c.run_id, run_events.c.status)
+            select(run_events.c.run_id, run_events.c.status, run_events.c.attempt, run_events.c.at)
             .join(runs, runs.c.id == run_events.c.run_id)
             .where(runs.c.group_id == group_id)
             .order_by(run_events.c.run_id, run_events.c.id)
         )
-        paths: dict[str, list[str]] = {}
-        for run_id, status in self._read(lambda c: c.execute(statement).all()):
-            paths.setdefault(run_id, []).append(status)
-        return paths
+        histories: dict[str, list[tuple[str, int, datetime]]] = {}
+        for run_id, status, attempt, at in self._read(lambda c: c.execute(statement).all()):
+            histories.setdefault(run_id, []).append((status, attempt, at))
+        return histories
 
     def turn_numbers(self, agent_id: str) -> list[tuple[int, int | None, str]]:
         """(sequence, turn, id) of each message of an agent, oldest first."""
@@ -747,16 +749,7 @@ class Store:
             if connection.execute(_SELECT_RUN, {"run_id": run_id}).first() is None:
                 raise RunNotFound(run_id)
             rows = connection.execute(_SELECT_EVENTS, {"run_id": run_id}).mappings()
-            return [
-                RunEvent(
-                    run_id=r["run_id"],
-                    status=RunStatus(r["status"]),
-                    at=r["at"],
-                    attempt=r["attempt"],
-                    reason=r["reason"],
-                )
-                for r in rows
-            ]
+            return [_run_event(r) for r in rows]
 
         return self._read(query)
 
@@ -840,6 +833,16 @@ def _message_values(message: Message) -> dict[str, Any]:
     values = message.model_dump(mode="json", exclude={"created_at"})
     values["content"] = [p.model_dump(mode="json", exclude_none=True) for p in message.content]
     return {**values, "created_at": message.created_at}
+
+
+def _run_event(row: RowMapping) -> RunEvent:
+    return RunEvent(
+        run_id=row["run_id"],
+        status=RunStatus(row["status"]),
+        at=row["at"],
+        attempt=row["attempt"],
+        reason=row["reason"],
+    )
 
 
 def _turn_request_values(turn: TurnWrite) -> dict[str, Any]:
