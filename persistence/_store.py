@@ -581,7 +581,8 @@ class Store:
     def find_turn_request(self, group_id: str, request_id: str) -> TurnRequest | None:
         """The answer to the group's turn taken with `request_id`, or None if there is none.
 
-        The result is the first call's: the same turn, messages, `fired` and run ids."""
+        The result is the first call's: the same turn, `fired`, run ids and messages (read
+        back from the turn's stored messages, by id)."""
 
         def query(connection: Connection) -> TurnRequest | None:
             found = connection.execute(
@@ -853,6 +854,7 @@ def _turn_request_values(turn: TurnWrite) -> dict[str, Any]:
         "message_ids": [m.id for m in result.messages],
         "fired": result.fired,
         "run_ids": result.run_ids,
+        # An agent's error text may hold what no database stores (a NUL, a surrogate).
         "error": None if turn.request.error is None else storable(turn.request.error),
     }
     return {
