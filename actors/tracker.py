@@ -4,10 +4,12 @@ Recovery too: a run an earlier process (or a crashed actor) left `running` is re
 or failed here, as `rules.after_interruption` decides, when its agent's actor adopts it.
 
 It keeps every open run in memory, refuses transitions the state machine does not allow
-(and logs them), writes the allowed ones through the committer without waiting, and
-resolves `wait_for_runs` only once a terminal status is committed. Its state comes from
-the store: a restarted tracker first lets every write already queued commit, then loads
-the open runs. Waiters and cancel flags live outside it and survive its restarts.
+(and logs them), writes the allowed ones through the committer without waiting (each
+guarded by the status and attempt it holds the run at, so the store refuses a late write
+of an earlier attempt), and resolves `wait_for_runs` only once a terminal status is
+committed. Its state comes from the store: a restarted tracker first lets every write
+already queued commit, then loads the open runs. Waiters and cancel flags live outside it
+and survive its restarts.
 """
 
 from __future__ import annotations
@@ -306,8 +308,7 @@ class RunTrackerActor(SupervisedActor):
             return
         try:
             self._read_back(run)
-        except StoreUnavailable as error:
-            run.unsure = True
+        except StoreUnavailable as error:  # still unsure: read back at its next change
             log.warning("read_back_failed", run_id=run.run.id, error=str(error))
 
     def _finish(self, finish: FinishRun) -> None:
