@@ -73,6 +73,10 @@ TURN_TIMEOUT: TypeAdapter[float | None] = TypeAdapter(
 )
 """The `timeout` of `step`, `record_turn` and `stream`: seconds above 0, or None."""
 
+REQUEST_ID: TypeAdapter[str | None] = TypeAdapter(Id | None, config=ConfigDict(title="request_id"))
+"""The `request_id` of `step`, `record_turn` and `stream`: an id (text of 1 to 64
+characters, under the text rule), or None for a turn that is never retried."""
+
 DRAIN_TIMEOUT: TypeAdapter[float] = TypeAdapter(
     Annotated[float, Field(ge=0, le=MAX_WAIT_S, allow_inf_nan=False)],
     config=ConfigDict(title="drain_timeout"),

@@ -1,17 +1,21 @@
-"""The invariants of SPEC 4-6, checked over what a runtime stored.
+"""The invariants of SPEC 4-6 and 15, checked over what a runtime stored.
 
 Call it once the runs have finished (`Runtime.stop` drains them, or `wait_for_runs`):
-an open run is itself a violation.
+an open run is itself a violation. Each check reads the store only; the pure ones
+(`attempts_decrease`, `overlapping_runs`, `request_problems`) take rows and can be
+called directly.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from itertools import pairwise
 
 from pydantic import BaseModel, ConfigDict
 
-from messages import Group, Run
+from messages import TERMINAL_STATUSES, Group, Run
 from messages._runs import is_legal_history
 from persistence import Store
 
@@ -22,7 +26,13 @@ INVARIANTS = (
     "counters_consistent",
     "one_run_per_agent_per_fire",
     "windows_contiguous_disjoint_covering",
+    "attempts_monotonic",
+    "agent_runs_disjoint",
+    "request_ids_unique",
 )
+_TERMINAL = {status.value for status in TERMINAL_STATUSES}
+Event = tuple[str, int, datetime]
+"""A recorded run event as the store gives it: (status, attempt, at)."""
 
 
 class InvariantReport(BaseModel):
@@ -62,13 +72,26 @@ def check_invariants(
 
 
 def _check_group(store: Store, group: Group, runs: list[Run], found: dict[str, list[str]]) -> None:
-    paths = store.event_paths(group.id)
+    histories = store.event_histories(group.id)
     for run in runs:
         if not run.status.terminal:
             found["runs_terminal"].append(f"run {run.id} is {run.status.value}")
-        path = paths.get(run.id, [])
+        events = histories.get(run.id, [])
+        path = [status for status, _, _ in events]
         if not is_legal_history(path) or path[-1] != run.status.value:
             found["histories_legal"].append(f"run {run.id}: {' -> '.join(path)}")
+        if attempts_decrease(events):
+            attempts = " -> ".join(str(attempt) for _, attempt, _ in events)
+            found["attempts_monotonic"].append(f"run {run.id}: attempts {attempts}")
+    for agent_id in group.sleeptime_agent_ids:
+        mine = [r for r in runs if r.agent_id == agent_id]
+        found["agent_runs_disjoint"] += [
+            f"agent {agent_id}: {problem}" for problem in overlapping_runs(mine, histories)
+        ]
+    found["request_ids_unique"] += [
+        f"group {group.id}: {problem}"
+        for problem in request_problems(store.request_ids(group.id), group.turns)
+    ]
 
     history = store.turn_numbers(group.primary_agent_id)
     sequences = [seq for seq, _, _ in history]
@@ -122,3 +145,57 @@ def _check_group(store: Store, group: Group, runs: list[Run], found: dict[str, l
             found["windows_contiguous_disjoint_covering"].append(
                 f"agent {agent_id}: windows end at {covered}, the cursor is at {cursor_seq}"
             )
+
+
+def attempts_decrease(events: Sequence[Event]) -> bool:
+    """Whether a run's attempt ever goes back along its events (oldest first)."""
+    return any(later[1] < earlier[1] for earlier, later in pairwise(events))
+
+
+def overlapping_runs(runs: Sequence[Run], histories: dict[str, list[Event]]) -> list[str]:
+    """Where runs of one agent overlap in time: sorted by when they started, each must
+    end at or before the next one starts. Only runs that started count; a run's own
+    `started_at` / `completed_at` are used, else its events' times (its last `running`
+    event, its terminal event); a run that started and never ended overlaps any later one.
+    """
+    spans: list[tuple[datetime, datetime | None, str]] = []
+    for run in runs:
+        events = histories.get(run.id, [])
+        started = run.started_at or max(
+            (at for status, _, at in events if status == "running"), default=None
+        )
+        if started is None:
+            continue  # never started: cancelled or failed while created
+        ended = run.completed_at or next(
+            (at for status, _, at in reversed(events) if status in _TERMINAL), None
+        )
+        spans.append((started, ended, run.id))
+    spans.sort(key=lambda span: span[0])
+    problems = []
+    for (_, ended, run_id), (next_start, _, next_id) in pairwise(spans):
+        if ended is None or ended > next_start:
+            end = "never ended" if ended is None else f"ended {ended.isoformat()}"
+            problems.append(
+                f"run {run_id} {end}, after run {next_id} started {next_start.isoformat()}"
+            )
+    return problems
+
+
+def request_problems(requests: Sequence[tuple[str, int]], turns: int) -> list[str]:
+    """What is wrong with a group's recorded requests, (request id, turn) each: a request
+    id recorded more than once, or not with a turn of its own among the group's turns."""
+    problems = []
+    seen: dict[str, int] = {}
+    by_turn: dict[int, str] = {}
+    for request_id, turn in requests:
+        if request_id in seen:
+            problems.append(
+                f"request {request_id!r} recorded more than once (turns {seen[request_id]}, {turn})"
+            )
+        seen.setdefault(request_id, turn)
+        if not 1 <= turn <= turns:
+            problems.append(f"request {request_id!r} names turn {turn} of {turns}")
+        elif turn in by_turn and by_turn[turn] != request_id:
+            problems.append(f"requests {by_turn[turn]!r} and {request_id!r} both name turn {turn}")
+        by_turn.setdefault(turn, request_id)
+    return problems

@@ -50,11 +50,15 @@ class MessageSink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class TakeTurn(Ask[TurnResult]):
-    """Run one turn. For `stream`, produced messages go to `sink` as they come, then `None`."""
+    """Run one turn. For `stream`, produced messages go to `sink` as they come, then `None`.
+
+    With a `request_id` the group already answered, the turn is not taken again: the
+    first call's answer is given (its messages to the sink first, for `stream`)."""
 
     input: list[MessageCreate]
     mode: TurnMode
     sink: MessageSink | None = None
+    request_id: str | None = None
     reply: Future[TurnResult] = field(default_factory=Future)
 
 
@@ -251,11 +255,16 @@ class TransitionFailed:
     """A status change could not be written (sent by the tracker to itself).
 
     `retryable` when the database was unavailable: the same write may succeed later.
+    `refused` when the store refused it: the stored run was not at the status and
+    attempt the change left (its guard missed). `terminal` when the change was to a
+    terminal status.
     """
 
     run_id: str
     error: str
     retryable: bool
+    terminal: bool = True
+    refused: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,11 @@ A turn runs the primary agent (or takes recorded messages), decides whether slee
 fires, and commits input, output, counter, cursor and runs in one transaction. Only then
 are the runs handed to the tracker and the sleeptime agents, so no work starts on a run
 that is not stored, and a crash leaves the whole turn stored or none of it.
+
+A turn taken with a request id commits its answer with it; a retry with that id finds the
+answer in the store and gets it again, without a turn. The group's turns are serialized
+here, so looking the id up and then writing it cannot race within the process; the
+table's primary key refuses a second writer.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from messages import (
     StoreUnavailable,
     TurnResult,
 )
-from persistence import GroupState, StaleTurn, Store, TurnWrite, utcnow
+from persistence import GroupState, StaleTurn, Store, TurnRequest, TurnWrite, utcnow
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +152,10 @@ class GroupActor(SupervisedActor):
         if self._stale:
             self._reload()  # raises StoreUnavailable while the store is still away
         group = self._group
+        if command.request_id is not None:
+            answered = self._wiring.store.find_turn_request(group.id, command.request_id)
+            if answered is not None:
+                return self._answer_again(answered, sink)
         if group.status == "failed":
             raise GroupFailed(group.id, group.failure_reason or "stopped")
         turn, now = group.turns + 1, utcnow()
@@ -174,6 +183,14 @@ class GroupActor(SupervisedActor):
         runs, cursor, cursor_seq = claim_window(
             group, self._cursor_seq, turn, recorded, decision.fired, bool(output), now
         )
+        result = TurnResult(
+            group_id=group.id,
+            turn=turn,
+            messages=recorded if command.mode == "record" else output,
+            fired=decision.fired,
+            run_ids=[r.id for r in runs],
+        )
+        detail = None if error is None else f"{type(error).__name__}: {error}"
         write = TurnWrite(
             group_id=group.id,
             expected_turns=group.turns,
@@ -184,6 +201,9 @@ class GroupActor(SupervisedActor):
             messages=recorded,
             runs=runs,
             at=now,
+            request=None
+            if command.request_id is None
+            else TurnRequest(command.request_id, result, detail),
         )
         self._commit(write)
         self._group = group.model_copy(
@@ -205,16 +225,20 @@ class GroupActor(SupervisedActor):
             runs=len(runs),
             error=None if error is None else repr(error),
         )
-        result = TurnResult(
-            group_id=group.id,
-            turn=turn,
-            messages=recorded if command.mode == "record" else output,
-            fired=decision.fired,
-            run_ids=[r.id for r in runs],
-        )
-        if error is not None:
-            raise PrimaryAgentError(group.id, f"{type(error).__name__}: {error}", result) from error
+        if detail is not None:
+            raise PrimaryAgentError(group.id, detail, result) from error
         return result
+
+    def _answer_again(self, answered: TurnRequest, sink: _Sink) -> TurnResult:
+        """A retry of a turn already recorded: the first call's answer (its messages to a
+        stream's sink first), and nothing recorded. The retry's own input is not looked
+        at: a request id names one turn, whatever is sent with it again."""
+        for message in answered.result.messages:
+            sink.offer(message)
+        self._log.info("turn_retried", request_id=answered.request_id, turn=answered.result.turn)
+        if answered.error is not None:
+            raise PrimaryAgentError(self._group.id, answered.error, answered.result)
+        return answered.result
 
     def _window(self, recorded: list[Message], runs: list[Run]) -> list[Message] | None:
         """Keep the committed messages after the cursor; the runs' window if complete."""

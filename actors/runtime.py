@@ -27,6 +27,7 @@ from pydantic import ConfigDict, Field, TypeAdapter
 from actors._arguments import (
     DRAIN_TIMEOUT,
     GROUP_IDS,
+    REQUEST_ID,
     TURN_TIMEOUT,
     RunFilters,
     RunWait,
@@ -700,53 +701,82 @@ class Runtime:
         group_id: str,
         messages: Sequence[MessageCreate | Mapping[str, Any]],
         timeout: float | None = None,
+        *,
+        request_id: str | None = None,
     ) -> TurnResult:
         """Run the primary agent on `messages` and apply the sleeptime rules (SPEC 4-7).
 
         Raises PrimaryAgentError (with the recorded turn as `.result`) if the agent failed,
         and TurnTimeout if the turn has not ended after `timeout` seconds (the turn itself
         still completes and is recorded).
+
+        `request_id` makes the call safe to retry: a call with the request id of a turn
+        this group already recorded takes no turn and records nothing; it returns that
+        first call's result (or raises its PrimaryAgentError, carrying that result), even
+        after a crash between its commit and its reply, whatever `messages` it is given.
         """
-        return self._turn(group_id, messages, "step", timeout)
+        return self._turn(group_id, messages, "step", timeout, request_id)
 
     def record_turn(
         self,
         group_id: str,
         messages: Sequence[MessageCreate | Mapping[str, Any]],
         timeout: float | None = None,
+        *,
+        request_id: str | None = None,
     ) -> TurnResult:
         """Store one already-produced turn (input and output) and apply the sleeptime rules.
 
         Raises TurnTimeout if it is not recorded after `timeout` seconds (it still is, later).
+        With `request_id`, a retry returns the first call's result and records nothing
+        (see `step`).
         """
-        return self._turn(group_id, messages, "record", timeout)
+        return self._turn(group_id, messages, "record", timeout, request_id)
 
     def stream(
         self,
         group_id: str,
         messages: Sequence[MessageCreate | Mapping[str, Any]],
         timeout: float | None = None,
+        *,
+        request_id: str | None = None,
     ) -> TurnStream:
         """Like `step`, yielding the output messages as the primary agent produces them.
 
         With `timeout`, iterating (or reading `.result`) raises TurnTimeout once that many
         seconds passed since this call; the turn itself still completes and is recorded.
+        With `request_id`, a retry yields the first call's messages, then has its result
+        (see `step`).
         """
         group_id = check_id(group_id, "group_id")
+        request_id = REQUEST_ID.validate_python(request_id)
         self._check("take a turn")
         limit = TURN_TIMEOUT.validate_python(timeout)
         sink: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
-        command = TakeTurn(input=_MESSAGES.validate_python(messages), mode="stream", sink=sink)
+        command = TakeTurn(
+            input=_MESSAGES.validate_python(messages),
+            mode="stream",
+            sink=sink,
+            request_id=request_id,
+        )
         reply = self._send_group(group_id, command)
         return TurnStream(sink, reply, group_id, limit)
 
     def _turn(
-        self, group_id: str, messages: Sequence[Any], mode: TurnMode, timeout: float | None
+        self,
+        group_id: str,
+        messages: Sequence[Any],
+        mode: TurnMode,
+        timeout: float | None,
+        request_id: str | None,
     ) -> TurnResult:
         group_id = check_id(group_id, "group_id")
+        request_id = REQUEST_ID.validate_python(request_id)
         self._check("take a turn")
         limit = TURN_TIMEOUT.validate_python(timeout)
-        command = TakeTurn(input=_MESSAGES.validate_python(messages), mode=mode)
+        command = TakeTurn(
+            input=_MESSAGES.validate_python(messages), mode=mode, request_id=request_id
+        )
         reply = self._send_group(group_id, command)
         deadline = None if limit is None else time.monotonic() + limit
         return _outcome(reply, group_id, limit, deadline)

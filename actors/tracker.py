@@ -4,10 +4,12 @@ Recovery too: a run an earlier process (or a crashed actor) left `running` is re
 or failed here, as `rules.after_interruption` decides, when its agent's actor adopts it.
 
 It keeps every open run in memory, refuses transitions the state machine does not allow
-(and logs them), writes the allowed ones through the committer without waiting, and
-resolves `wait_for_runs` only once a terminal status is committed. Its state comes from
-the store: a restarted tracker first lets every write already queued commit, then loads
-the open runs. Waiters and cancel flags live outside it and survive its restarts.
+(and logs them), writes the allowed ones through the committer without waiting (each
+guarded by the status and attempt it holds the run at, so the store refuses a late write
+of an earlier attempt), and resolves `wait_for_runs` only once a terminal status is
+committed. Its state comes from the store: a restarted tracker first lets every write
+already queued commit, then loads the open runs. Waiters and cancel flags live outside it
+and survive its restarts.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from actors._scheduler import Scheduler
 from actors._supervised import CrashReporter, SupervisedActor, contained
 from actors.rules import GiveUp, Requeue, after_interruption
 from messages import (
+    ALLOWED_TRANSITIONS,
     GroupNotFound,
     Run,
     RunNotFound,
@@ -158,8 +161,8 @@ class _Open:
     settled: Future[None] | None = None
     retries: int = 0
     unsure: bool = False
-    """A start was aborted by a store outage: whether it landed is read back before the
-    next start."""
+    """A start or re-queue of this run failed (a store outage, a commit whose outcome is
+    unknown): the stored status and attempt are read back before its next change."""
 
 
 class RunTrackerActor(SupervisedActor):
@@ -264,8 +267,8 @@ class RunTrackerActor(SupervisedActor):
                 self._drop_shards(shards, error)
             case TerminalCommitted(run_id=run_id):
                 self._settle(run_id)
-            case TransitionFailed(run_id=run_id, error=error, retryable=retryable):
-                self._retry(run_id, error, retryable)
+            case TransitionFailed():
+                self._retry(message)
             case RetryTransition(run_id=run_id):
                 found = self._open.get(run_id)
                 if found is not None and found.pending is not None:
@@ -280,7 +283,7 @@ class RunTrackerActor(SupervisedActor):
         run = self._open.get(run_id)
         if run is not None and run.unsure:
             try:
-                self._settle_aborted_start(run)
+                self._read_back(run)
             except StoreUnavailable as error:
                 return StartDecision(started=False, retry=True, reason=str(error))
         if run is None or run.status is not RunStatus.CREATED:
@@ -300,18 +303,41 @@ class RunTrackerActor(SupervisedActor):
         found.status, found.unsure = RunStatus.CREATED, True
         log.info("run_start_aborted", run_id=run_id, attempt=attempt)
 
-    def _settle_aborted_start(self, run: _Open) -> None:
-        """Read back whether an aborted start landed; if it did, the run was interrupted."""
+    def _read_back(self, run: _Open) -> None:
+        """Take the stored status and attempt of a run whose last start or re-queue may
+        not have landed (`unsure`) as the truth.
+
+        An attempt stored `running` that this tracker had already left (an aborted start
+        that landed after all, a re-queue that never did) was interrupted: it is
+        re-queued (attempt + 1) or failed past max_attempts, as after a crash. Raises
+        StoreUnavailable (the run stays unsure).
+        """
+        if run.status.terminal:  # its terminal write, retried until it lands, decides
+            run.unsure = False
+            return
         stored = self._store.get_run(run.run.id)
         run.unsure = False
-        if stored.status is RunStatus.RUNNING and stored.attempt == run.attempt:
-            run.status = RunStatus.RUNNING
-            self._interrupt(run)  # re-queued (attempt + 1), or failed past max_attempts
-        elif stored.status is not RunStatus.CREATED:
-            self._resync(run.run.id, run)
+        left = stored.status is RunStatus.RUNNING and (
+            run.status is RunStatus.CREATED or stored.attempt < run.attempt
+        )
+        self._take_stored(run, stored)
+        if left:
+            self._interrupt(run)
+
+    def _read_back_if_unsure(self, run: _Open | None) -> None:
+        """`_read_back` before a change the tracker must base on the stored attempt; while
+        the store is away the change goes ahead on what the tracker knows (a guard that
+        misses is repaired when its refusal comes back)."""
+        if run is None or not run.unsure:
+            return
+        try:
+            self._read_back(run)
+        except StoreUnavailable as error:  # still unsure: read back at its next change
+            log.warning("read_back_failed", run_id=run.run.id, error=str(error))
 
     def _finish(self, finish: FinishRun) -> None:
         run = self._open.get(finish.run_id)
+        self._read_back_if_unsure(run)
         try:
             if run is None or run.attempt != finish.attempt:
                 raise TransitionRefused(finish.run_id, "terminal or re-queued", finish.status.value)
@@ -340,6 +366,9 @@ class RunTrackerActor(SupervisedActor):
             if not self._holds(stored.group_id):
                 raise self._store.not_owner(stored.group_id)
             run = self._open[run_id] = _Open(stored, stored.status, stored.attempt)
+        self._read_back_if_unsure(run)
+        if run_id not in self._open:
+            return None
         if run.status.terminal:
             return run.settled
         self._flags.raise_flag(run_id)
@@ -401,9 +430,10 @@ class RunTrackerActor(SupervisedActor):
                     error=error,
                 )
             case Requeue(attempt=attempt):
-                found.attempt = attempt
                 log.info("run_requeued", run_id=run_id, attempt=attempt)
-                return self._write(run_id, found, RunStatus.CREATED, reason="interrupted")
+                return self._write(
+                    run_id, found, RunStatus.CREATED, reason="interrupted", attempt=attempt
+                )
 
     # -- shards ---------------------------------------------------------------------------
 
@@ -459,21 +489,25 @@ class RunTrackerActor(SupervisedActor):
         stop_reason: StopReason | None = None,
         error: str | None = None,
         messages: list[Any] | None = None,
+        attempt: int | None = None,
     ) -> Future[None]:
+        """Record `run` moving to `new`, guarded by the status and attempt the tracker
+        holds it at; `attempt` is the attempt it moves to (a re-queue's; else the same)."""
         check_transition(run_id, run.status, new)
         change = Transition(
             run_id=run_id,
             old=run.status,
             new=new,
             at=utcnow(),
-            attempt=run.attempt,
+            attempt=run.attempt if attempt is None else attempt,
+            expected_attempt=run.attempt,
             reason=reason,
             stop_reason=stop_reason,
             error=error,
             messages=messages or [],
             group_id=run.run.group_id,
         )
-        run.status = new
+        run.status, run.attempt = new, change.attempt
         return self._submit(run_id, run, change)
 
     def _submit(self, run_id: str, run: _Open, change: Transition) -> Future[None]:
@@ -485,8 +519,15 @@ class RunTrackerActor(SupervisedActor):
         def committed(done: Future[None]) -> None:
             error = done.exception()
             if error is not None:
-                retryable = isinstance(error, StoreUnavailable)
-                address.tell(TransitionFailed(run_id=run_id, error=str(error), retryable=retryable))
+                address.tell(
+                    TransitionFailed(
+                        run_id=run_id,
+                        error=str(error),
+                        retryable=isinstance(error, StoreUnavailable),
+                        terminal=change.new.terminal,
+                        refused=isinstance(error, TransitionRefused),
+                    )
+                )
             elif change.new.terminal:
                 address.tell(TerminalCommitted(run_id=run_id))
 
@@ -498,24 +539,31 @@ class RunTrackerActor(SupervisedActor):
             self._flags.forget(run_id)
             self._waiters.resolve(run_id)
 
-    def _retry(self, run_id: str, error: str, retryable: bool) -> None:
-        """A write failed: a terminal one is written again until it lands (a run must
-        end); a start or re-queue that failed is left to the terminal write that follows,
-        whose guard accepts any open status."""
+    def _retry(self, failed: TransitionFailed) -> None:
+        """A write failed. A terminal one is written again until it lands (a run must
+        end); a start or re-queue that failed leaves the run `unsure`, read back before
+        its next change, since every later write is guarded by the attempt it left."""
+        run_id, error = failed.run_id, failed.error
         run = self._open.get(run_id)
         if run is None:
             return
         if self._store.book.epoch(self._store.shard_of(run.run.group_id)) is None:
             return  # its shard was lost: the runtime drops its runs (DropShards)
-        if run.pending is None:
+        if not failed.terminal:
+            run.unsure = True
             log.warning("transition_not_recorded", run_id=run_id, error=error)
             return
-        if retryable:
+        if run.pending is None:
+            return  # taken back from the store meanwhile
+        if failed.retryable:
             delay = RETRY_DELAYS[min(run.retries, len(RETRY_DELAYS) - 1)]
             run.retries += 1
             log.warning("transition_retry", run_id=run_id, error=error, delay_s=delay)
             address = self._address
             self._scheduler.call_later(delay, lambda: address.tell(RetryTransition(run_id=run_id)))
+            return
+        if failed.refused:
+            self._refused(run_id, run, run.pending, error)
             return
         if run.pending.messages:
             # The run must end even if its history cannot be written: end it without.
@@ -527,8 +575,55 @@ class RunTrackerActor(SupervisedActor):
             )
             self._submit(run_id, run, replace(run.pending, messages=[]))
             return
-        log.warning("transition_refused_by_store", run_id=run_id, error=error)
+        log.warning("transition_rejected_by_store", run_id=run_id, error=error)
         self._resync(run_id, run)
+
+    def _refused(self, run_id: str, run: _Open, change: Transition, error: str) -> None:
+        """The store refused a terminal change: the stored run is not at the status and
+        attempt the tracker held it at. Nothing of the change is applied (what its agent
+        did is kept in its history), and the stored run is taken as the truth.
+
+        If the tracker's own re-queue of the stored attempt never landed, it is made
+        again, and the change, which belongs to the attempt that re-queue leads to, is
+        written for it; a change of any other attempt stays refused.
+        """
+        log.warning(
+            "transition_refused_by_store",
+            run_id=run_id,
+            status=change.new.value,
+            attempt=change.expected_attempt,
+            error=error,
+        )
+        run.pending = None
+        if change.messages:
+            self._store.store_messages(change.messages)
+        try:
+            stored = self._store.get_run(run_id)
+        except (RunNotFound, StoreUnavailable) as failure:
+            log.error("resync_failed", run_id=run_id, error=str(failure))
+            return
+        requeue_lost = (
+            stored.status is RunStatus.RUNNING and stored.attempt < change.expected_attempt
+        )
+        self._take_stored(run, stored)
+        if stored.status.terminal:
+            return
+        if requeue_lost:
+            self._interrupt(run)
+        if (
+            run.attempt == change.attempt
+            and change.new in ALLOWED_TRANSITIONS[run.status]
+            and run_id in self._open
+        ):
+            log.info("transition_rewritten", run_id=run_id, attempt=run.attempt)
+            self._write(
+                run_id,
+                run,
+                change.new,
+                reason=change.reason or change.new.value,
+                stop_reason=change.stop_reason,
+                error=change.error,
+            )
 
     def _resync(self, run_id: str, run: _Open) -> None:
         try:
@@ -536,9 +631,13 @@ class RunTrackerActor(SupervisedActor):
         except (RunNotFound, StoreUnavailable) as error:
             log.error("resync_failed", run_id=run_id, error=str(error))
             return
+        self._take_stored(run, stored)
+
+    def _take_stored(self, run: _Open, stored: Run) -> None:
+        """Hold the run at its stored status and attempt (settled if that is terminal)."""
         run.status, run.attempt, run.pending = stored.status, stored.attempt, None
         if stored.status.terminal:
-            self._settle(run_id)
+            self._settle(stored.id)
 
     # -- waiting --------------------------------------------------------------------------
 

@@ -54,11 +54,19 @@ class ReadOnlyRuntime(SleeptimeError):
 
 
 class TransitionRefused(SleeptimeError):
-    """A run status change that the state machine does not allow."""
+    """A run status change that the state machine does not allow, or one the store
+    refused because the stored run is no longer at that status and `attempt` (a late
+    write from an earlier attempt)."""
 
-    def __init__(self, run_id: str, current: str, new: str) -> None:
-        self.run_id, self.current, self.new = run_id, current, new
-        super().__init__(f"run {run_id} cannot go from {current!r} to {new!r}")
+    def __init__(self, run_id: str, current: str, new: str, attempt: int | None = None) -> None:
+        self.run_id, self.current, self.new, self.attempt = run_id, current, new, attempt
+        if attempt is None:
+            super().__init__(f"run {run_id} cannot go from {current!r} to {new!r}")
+        else:
+            super().__init__(
+                f"run {run_id} cannot go from {current!r} at attempt {attempt} to {new!r}: "
+                "the stored run has another status or a later attempt"
+            )
 
 
 class UnknownAgentKind(SleeptimeError):

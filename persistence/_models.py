@@ -158,6 +158,23 @@ class RunEventRow(Base):
     reason: Mapped[str | None] = mapped_column(Text)
 
 
+class TurnRequestRow(Base):
+    """The answer to a turn taken with a request id, written in the turn's transaction.
+
+    `result` holds what the caller was told, by reference to the stored turn: the ids of
+    the messages it returned, `fired`, the run ids, and the primary agent's `error` (None
+    if it did not fail). The primary key refuses a second turn for one request.
+    """
+
+    __tablename__ = "turn_requests"
+
+    group_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    turn: Mapped[int]
+    result: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+
+
 class ShardSettingRow(Base):
     """Settings fixed when a database is first served by leases (the shard count)."""
 

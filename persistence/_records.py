@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from messages import Agent, Block, Group, Message, Run, RunStatus, StopReason
+from messages import Agent, Block, Group, Message, Run, RunStatus, StopReason, TurnResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,11 +18,27 @@ class NewGroup:
 
 
 @dataclass(frozen=True, slots=True)
+class TurnRequest:
+    """The answer to a turn taken with a request id: what its caller was told.
+
+    `error` is the primary agent's failure as the caller read it (the detail of its
+    `PrimaryAgentError`), None if it did not fail. Stored with the turn, so a retry with
+    the same request id is told the same, even after a crash between commit and reply.
+    """
+
+    request_id: str
+    result: TurnResult
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TurnWrite:
     """One turn: its messages, the counter bump, the cursor move and its runs, atomically.
 
     `expected_turns` is the turn count the writer started from; the write is refused if
     the stored count moved meanwhile, so two writers can never both count a turn.
+    `request`, for a turn taken with a request id, is its answer, stored in the same
+    transaction.
     """
 
     group_id: str
@@ -34,23 +50,44 @@ class TurnWrite:
     messages: list[Message]
     runs: list[Run]
     at: datetime
+    request: TurnRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Transition:
-    """One run status change, with the messages its agent produced (if any)."""
+    """One run status change, with the messages its agent produced (if any).
+
+    It is written only if the stored run is still at `old` and at `expected_attempt`, so
+    a late write from an earlier attempt is refused. `attempt` is the attempt the run is
+    at afterwards: `expected_attempt + 1` for a re-queue (running -> created), else
+    `expected_attempt` (the stored attempt never goes back).
+
+    Example:
+        >>> Transition(run_id, RunStatus.RUNNING, RunStatus.CREATED, utcnow(),
+        ...            attempt=2, expected_attempt=1, reason="interrupted")
+    """
 
     run_id: str
     old: RunStatus
     new: RunStatus
     at: datetime
     attempt: int
+    expected_attempt: int
     reason: str | None = None
     stop_reason: StopReason | None = None
     error: str | None = None
     messages: list[Message] = field(default_factory=list)
     group_id: str | None = None
     """The run's group, whose shard the write is fenced by (None: not fenced)."""
+
+    def __post_init__(self) -> None:
+        step = 1 if self.new is RunStatus.CREATED else 0  # only a re-queue leads to created
+        if self.attempt != self.expected_attempt + step:
+            raise ValueError(
+                f"a change of run {self.run_id} to {self.new.value!r} from attempt "
+                f"{self.expected_attempt} leaves it at attempt {self.expected_attempt + step}, "
+                f"not {self.attempt}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
+from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar, cast
 
@@ -44,6 +45,7 @@ from messages import (
     StoreRejected,
     StoreUnavailable,
     TransitionRefused,
+    TurnResult,
 )
 from messages._ids import new_id
 from messages._text import STORED, storable
@@ -66,10 +68,11 @@ from persistence._models import (
     MessageRow,
     RunEventRow,
     RunRow,
+    TurnRequestRow,
     utcnow,
 )
 from persistence._ownership import DatabaseFile, Ownership
-from persistence._records import GroupState, NewGroup, Transition, TurnWrite
+from persistence._records import GroupState, NewGroup, Transition, TurnRequest, TurnWrite
 
 T = TypeVar("T")
 OPEN_STATUSES = (RunStatus.CREATED.value, RunStatus.RUNNING.value)
@@ -81,6 +84,7 @@ blocks = cast(Table, BlockRow.__table__)
 messages = cast(Table, MessageRow.__table__)
 runs = cast(Table, RunRow.__table__)
 run_events = cast(Table, RunEventRow.__table__)
+turn_requests = cast(Table, TurnRequestRow.__table__)
 
 _MOVE_GROUP = (
     update(groups)
@@ -97,6 +101,14 @@ _MOVE_GROUP = (
 _INSERT_MESSAGES = insert(messages)
 _INSERT_RUNS = insert(runs)
 _INSERT_EVENTS = insert(run_events)
+_INSERT_TURN_REQUESTS = insert(turn_requests)
+_SELECT_TURN_REQUEST = select(turn_requests.c.turn, turn_requests.c.result).where(
+    turn_requests.c.group_id == bindparam("group_id"),
+    turn_requests.c.request_id == bindparam("request_id"),
+)
+_SELECT_MESSAGES = select(messages).where(
+    messages.c.id.in_(bindparam("message_ids", expanding=True))
+)
 _SELECT_WINDOW = (
     select(messages)
     .where(
@@ -139,20 +151,28 @@ _WRITE_BLOCK = (
     .where(blocks.c.id == bindparam("block_id"), blocks.c.version == bindparam("expected"))
     .values(value=bindparam("value"), version=bindparam("version"), updated_at=bindparam("at"))
 )
-# Each status change is guarded by the statuses it may leave, so the database itself
-# refuses a second start or any change after a terminal status, whoever asks.
+# Each status change is guarded by the statuses it may leave and by the attempt it belongs
+# to, so the database itself refuses a second start, any change after a terminal status and
+# a late write from an earlier attempt, whoever asks; the stored attempt never goes back.
 _START_RUN = (
     update(runs)
-    .where(runs.c.id == bindparam("run_id"), runs.c.status == RunStatus.CREATED.value)
-    .values(status=bindparam("status"), attempt=bindparam("attempt"), started_at=bindparam("at"))
+    .where(
+        runs.c.id == bindparam("run_id"),
+        runs.c.status == RunStatus.CREATED.value,
+        runs.c.attempt == bindparam("expected_attempt"),
+    )
+    .values(status=bindparam("status"), started_at=bindparam("at"))
 )
 _END_RUN = (
     update(runs)
-    # Spelled as OR, not IN: an expanding IN could not be merged into one executemany.
-    .where(runs.c.id == bindparam("run_id"), or_(*(runs.c.status == s for s in OPEN_STATUSES)))
+    .where(
+        runs.c.id == bindparam("run_id"),
+        # Spelled as OR, not IN: an expanding IN could not be merged into one executemany.
+        or_(*(runs.c.status == s for s in OPEN_STATUSES)),
+        runs.c.attempt == bindparam("expected_attempt"),
+    )
     .values(
         status=bindparam("status"),
-        attempt=bindparam("attempt"),
         completed_at=bindparam("at"),
         stop_reason=bindparam("stop_reason"),
         error=bindparam("error"),
@@ -160,7 +180,11 @@ _END_RUN = (
 )
 _REQUEUE_RUN = (
     update(runs)
-    .where(runs.c.id == bindparam("run_id"), runs.c.status == RunStatus.RUNNING.value)
+    .where(
+        runs.c.id == bindparam("run_id"),
+        runs.c.status == RunStatus.RUNNING.value,
+        runs.c.attempt == bindparam("expected_attempt"),
+    )
     .values(status=bindparam("status"), attempt=bindparam("attempt"))
 )
 _SELECT_RUN = select(runs).where(runs.c.id == bindparam("run_id"))
@@ -250,7 +274,7 @@ class Store:
         self.committer = Committer(
             self._writer,
             translate=self._translate,
-            insert_order=(_INSERT_MESSAGES, _INSERT_RUNS, _INSERT_EVENTS),
+            insert_order=(_INSERT_MESSAGES, _INSERT_RUNS, _INSERT_EVENTS, _INSERT_TURN_REQUESTS),
             append=(_INSERT_MESSAGES, self._number),
             fence=fence,
         )
@@ -648,6 +672,7 @@ class Store:
             }
             for r in turn.runs
         ]
+        request_rows = [] if turn.request is None else [_turn_request_values(turn)]
 
         return self.committer.submit(
             Write(
@@ -659,20 +684,62 @@ class Store:
                     (_INSERT_MESSAGES, rows),
                     (_INSERT_RUNS, run_rows),
                     (_INSERT_EVENTS, event_rows),
+                    (_INSERT_TURN_REQUESTS, request_rows),
                 ],
                 keys=[turn.group_id, *(r.id for r in turn.runs)],
                 shard=self.shard_of(turn.group_id),
             )
         )
 
+    def find_turn_request(self, group_id: str, request_id: str) -> TurnRequest | None:
+        """The answer to the group's turn taken with `request_id`, or None if there is none.
+
+        The result is the first call's: the same turn, `fired`, run ids and messages (read
+        back from the turn's stored messages, by id)."""
+
+        def query(connection: Connection) -> TurnRequest | None:
+            found = connection.execute(
+                _SELECT_TURN_REQUEST, {"group_id": group_id, "request_id": request_id}
+            ).first()
+            if found is None:
+                return None
+            turn, answer = found
+            message_ids: list[str] = answer["message_ids"]
+            by_id = {}
+            if message_ids:
+                rows = connection.execute(_SELECT_MESSAGES, {"message_ids": message_ids})
+                by_id = {r["id"]: _message(r) for r in rows.mappings()}
+            result = TurnResult(
+                group_id=group_id,
+                turn=turn,
+                messages=[by_id[i] for i in message_ids if i in by_id],
+                fired=answer["fired"],
+                run_ids=answer["run_ids"],
+            )
+            return TurnRequest(request_id=request_id, result=result, error=answer["error"])
+
+        return self._read(query)
+
+    def request_ids(self, group_id: str) -> list[tuple[str, int]]:
+        """(request id, turn) of each turn of the group taken with a request id."""
+        statement = (
+            select(turn_requests.c.request_id, turn_requests.c.turn)
+            .where(turn_requests.c.group_id == group_id)
+            .order_by(turn_requests.c.turn)
+        )
+        return self._read(lambda c: [(r[0], r[1]) for r in c.execute(statement).all()])
+
     # -- runs -----------------------------------------------------------------------------
 
     def apply_transition(self, change: Transition) -> Future[None]:
-        """Write one status change (refused if the stored status moved meanwhile)."""
+        """Write one status change; its future fails with TransitionRefused (and nothing
+        of it is stored) unless the stored run is at `change.old` and
+        `change.expected_attempt`."""
         params = {
             "run_id": change.run_id,
             "status": change.new.value,
             "attempt": change.attempt,
+            "expected_attempt": change.expected_attempt,
             "at": change.at,
             "stop_reason": None if change.stop_reason is None else change.stop_reason.value,
             # An agent's error text may hold what no database stores (a NUL, a surrogate).
@@ -695,7 +762,7 @@ class Store:
             Write(
                 guard=(statement, params),
                 refusal=lambda: TransitionRefused(
-                    change.run_id, change.old.value, change.new.value
+                    change.run_id, change.old.value, change.new.value, change.expected_attempt
                 ),
                 inserts=[(_INSERT_EVENTS, [event])],
                 appends=[_message_values(m) for m in change.messages],
@@ -772,18 +839,19 @@ class Store:
         )
         return self._read(lambda c: [_run(r) for r in c.execute(statement).mappings()])
 
-    def event_paths(self, group_id: str) -> dict[str, list[str]]:
-        """Every run of the group with its recorded statuses, oldest first."""
+    def event_histories(self, group_id: str) -> dict[str, list[tuple[str, int, datetime]]]:
+        """Every run of the group with its recorded events, (status, attempt, at), in the
+        order they were written; statuses as stored, so a damaged one can be reported."""
         statement = (
-            select(run_events.c.run_id, run_events.c.status)
+            select(run_events.c.run_id, run_events.c.status, run_events.c.attempt, run_events.c.at)
             .join(runs, runs.c.id == run_events.c.run_id)
             .where(runs.c.group_id == group_id)
             .order_by(run_events.c.run_id, run_events.c.id)
         )
-        paths: dict[str, list[str]] = {}
-        for run_id, status in self._read(lambda c: c.execute(statement).all()):
-            paths.setdefault(run_id, []).append(status)
-        return paths
+        histories: dict[str, list[tuple[str, int, datetime]]] = {}
+        for run_id, status, attempt, at in self._read(lambda c: c.execute(statement).all()):
+            histories.setdefault(run_id, []).append((status, attempt, at))
+        return histories
 
     def turn_numbers(self, agent_id: str) -> list[tuple[int, int | None, str]]:
         """(sequence, turn, id) of each message of an agent, oldest first."""
@@ -799,16 +867,7 @@ class Store:
             if connection.execute(_SELECT_RUN, {"run_id": run_id}).first() is None:
                 raise RunNotFound(run_id)
             rows = connection.execute(_SELECT_EVENTS, {"run_id": run_id}).mappings()
-            return [
-                RunEvent(
-                    run_id=r["run_id"],
-                    status=RunStatus(r["status"]),
-                    at=r["at"],
-                    attempt=r["attempt"],
-                    reason=r["reason"],
-                )
-                for r in rows
-            ]
+            return [_run_event(r) for r in rows]
 
         return self._read(query)
 
@@ -889,9 +948,51 @@ def _message(row: RowMapping) -> Message:
 
 
 def _message_values(message: Message) -> dict[str, Any]:
-    values = message.model_dump(mode="json", exclude={"created_at"})
-    values["content"] = [p.model_dump(mode="json", exclude_none=True) for p in message.content]
-    return {**values, "created_at": message.created_at}
+    """The message's row: what `model_dump(mode="json")` gives (content parts without
+    their None fields), but `created_at` as it is, for its column type to store.
+
+    Read from the fields as they are, several times cheaper than dumping: every field of
+    a message, a part and a tool call is a str, an int or None, the same in JSON
+    (tests/test_message_rows.py compares the two).
+    """
+    values = dict(vars(message))
+    values["content"] = [
+        {name: value for name, value in vars(part).items() if value is not None}
+        for part in message.content
+    ]
+    if message.tool_calls is not None:
+        values["tool_calls"] = [dict(vars(call)) for call in message.tool_calls]
+    return values
+
+
+def _run_event(row: RowMapping) -> RunEvent:
+    return RunEvent(
+        run_id=row["run_id"],
+        status=RunStatus(row["status"]),
+        at=row["at"],
+        attempt=row["attempt"],
+        reason=row["reason"],
+    )
+
+
+def _turn_request_values(turn: TurnWrite) -> dict[str, Any]:
+    """The row of a turn's request: what its caller was told, by reference to the turn."""
+    assert turn.request is not None
+    result = turn.request.result
+    answer = {
+        "message_ids": [m.id for m in result.messages],
+        "fired": result.fired,
+        "run_ids": result.run_ids,
+        # An agent's error text may hold what no database stores (a NUL, a surrogate).
+        "error": None if turn.request.error is None else storable(turn.request.error),
+    }
+    return {
+        "group_id": turn.group_id,
+        "request_id": turn.request.request_id,
+        "turn": turn.turns,
+        "result": answer,
+        "created_at": turn.at,
+    }
 
 
 def _run(row: RowMapping) -> Run:

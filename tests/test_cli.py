@@ -15,9 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 
 import run
-from actors import Runtime, configure_logging, decide_fire
+from actors import INVARIANTS, Runtime, configure_logging, decide_fire
 from cli.demo import block_diff, fire_reason, firing_turns
 from cli.tables import format_table, short_id
 from messages import Group, Run, RunStatus, StoreUnavailable
@@ -285,6 +286,32 @@ def test_runs_lists_the_demo_runs(demo_db: str, capsys: pytest.CaptureFixture[st
     assert [row[3:5] for row in rows] == [["completed", "end_turn"]] * 3
     assert [row[7] for row in rows] == ["7-10", "3-6", "1-2"]
     assert lines[-1] == "3 run(s), newest first"
+
+
+def test_check_lists_every_invariant_and_fails_on_a_broken_one(
+    demo_db: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, runs = stored(demo_db)
+
+    assert run.main(["check", "--db", demo_db]) == 0
+    out = capsys.readouterr().out
+    results = dict(line.split() for line in out.splitlines() if line.split()[-1:] == ["pass"])
+    assert results == dict.fromkeys(INVARIANTS, "pass")
+    assert f"All {len(INVARIANTS)} invariants hold." in out
+
+    engine = sqlalchemy.create_engine(parse_url(demo_db))
+    with engine.begin() as connection:  # a late write of attempt 1 after attempt 2
+        connection.execute(
+            sqlalchemy.text(
+                "UPDATE run_events SET attempt = 2 WHERE run_id = :run AND status = 'running'"
+            ),
+            {"run": runs[0].id},
+        )
+    engine.dispose()
+    assert run.main(["check", "--db", demo_db]) == 1
+    out = capsys.readouterr().out
+    assert "1 invariant(s) FAILED: attempts_monotonic" in out
+    assert f"violation: attempts_monotonic: run {runs[0].id}: attempts 1 -> 2 -> 1" in out
 
 
 @pytest.mark.parametrize(

@@ -314,7 +314,10 @@ def test_the_store_merges_turns_and_run_changes_of_many_groups(db_url: str) -> N
         now = utcnow()
 
         def change(run_id: str, old: RunStatus, new: RunStatus, attempt: int = 1) -> Transition:
-            return Transition(run_id=run_id, old=old, new=new, at=now, attempt=attempt)
+            expected = attempt - 1 if new is RunStatus.CREATED else attempt
+            return Transition(
+                run_id=run_id, old=old, new=new, at=now, attempt=attempt, expected_attempt=expected
+            )
 
         created, running = RunStatus.CREATED, RunStatus.RUNNING
         for steps in (

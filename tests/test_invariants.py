@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import create_engine, text
 
 from actors import INVARIANTS, Runtime
+from actors._invariants import Event, attempts_decrease, overlapping_runs, request_problems
+from messages import Run, RunStatus
 from persistence._engine import parse_url
 from tests.agents import user
 
 Damage = Callable[[dict[str, str]], str]
 
+# Each damage is one or more statements (split at ";"), with :run the group's last run
+# (its second agent's), :first its first run (the first agent's) and :group the group.
 DAMAGE: list[tuple[str, str, str]] = [
     ("runs_terminal", "UPDATE runs SET status = 'running' WHERE id = :run", "is running"),
     (
@@ -28,10 +33,58 @@ DAMAGE: list[tuple[str, str, str]] = [
         "UPDATE runs SET window_first_seq = window_first_seq + 1 WHERE id = :run",
         "window",
     ),
+    (
+        "attempts_monotonic",
+        "UPDATE run_events SET attempt = 2 WHERE run_id = :run AND status = 'created'",
+        "attempts 2 -> 1 -> 1",
+    ),
+    (
+        "agent_runs_disjoint",  # the last run started before the agent's earlier ones ended
+        "UPDATE runs SET started_at = (SELECT created_at FROM runs WHERE id = :first) "
+        "WHERE id = :run",
+        "started",
+    ),
+    (
+        "agent_runs_disjoint",  # the same, seen in the events of runs without timestamps
+        "UPDATE runs SET started_at = NULL, completed_at = NULL WHERE group_id = :group;"
+        "UPDATE run_events SET at = (SELECT min(e.at) FROM run_events e) "
+        "WHERE run_id = :run AND status = 'running'",
+        "started",
+    ),
+    (
+        "agent_runs_disjoint",  # a run that started and never ended, with later runs
+        "UPDATE runs SET completed_at = NULL WHERE id = :first;"
+        "DELETE FROM run_events WHERE run_id = :first AND status = 'completed'",
+        "never ended",
+    ),
+    (
+        "request_ids_unique",  # the primary key gone, a request recorded twice
+        "CREATE TABLE loose AS SELECT * FROM turn_requests;"
+        "DROP TABLE turn_requests;"
+        "ALTER TABLE loose RENAME TO turn_requests;"
+        "INSERT INTO turn_requests SELECT * FROM turn_requests WHERE request_id = 'req-0'",
+        "'req-0' recorded more than once",
+    ),
+    (
+        "request_ids_unique",
+        "UPDATE turn_requests SET turn = 1 WHERE group_id = :group AND request_id = 'req-4'",
+        "both name turn 1",
+    ),
+    (
+        "request_ids_unique",
+        "UPDATE turn_requests SET turn = 9 WHERE group_id = :group AND request_id = 'req-4'",
+        "names turn 9 of 5",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("check", "statement", "says"), DAMAGE, ids=[d[0] for d in DAMAGE])
+DAMAGE_IDS = [
+    check if [d[0] for d in DAMAGE[:i]].count(check) == 0 else f"{check}-{i}"
+    for i, (check, _, _) in enumerate(DAMAGE)
+]
+
+
+@pytest.mark.parametrize(("check", "statement", "says"), DAMAGE, ids=DAMAGE_IDS)
 def test_each_kind_of_damage_is_found(db_url: str, check: str, statement: str, says: str) -> None:
     with Runtime.start(db_url) as rt:
         group = rt.create_group(
@@ -39,16 +92,90 @@ def test_each_kind_of_damage_is_found(db_url: str, check: str, statement: str, s
             sleeptime=[{"kind": "memory"}, {"kind": "memory"}],
             frequency=2,
         )
-        run_ids = [r for n in range(5) for r in rt.step(group.id, [user(f"hi {n}")]).run_ids]
+        run_ids = [
+            r
+            for n in range(5)
+            for r in rt.step(group.id, [user(f"hi {n}")], request_id=f"req-{n}").run_ids
+        ]
         rt.wait_for_runs(run_ids, timeout=30)
         healthy = rt.check_invariants()
         assert healthy.ok and healthy.runs == 6 and set(healthy.checks) == set(INVARIANTS)
     engine = create_engine(parse_url(db_url))
     with engine.begin() as connection:
-        connection.execute(text(statement), {"run": run_ids[-1], "group": group.id})
+        for part in statement.split(";"):
+            names = {"run": run_ids[-1], "first": run_ids[0], "group": group.id}
+            connection.execute(text(part), {k: v for k, v in names.items() if f":{k}" in part})
     engine.dispose()
     with Runtime.start(db_url, read_only=True) as rt:
         report = rt.check_invariants([group.id])
     assert not report.ok
     assert report.checks[check] is False
     assert any(v.startswith(check) and says in v for v in report.violations), report.violations
+
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def test_attempts_may_only_grow_along_the_events() -> None:
+    assert not attempts_decrease([])
+    assert not attempts_decrease([("created", 1, T0), ("running", 1, T0), ("created", 2, T0)])
+    assert attempts_decrease([("created", 2, T0), ("running", 1, T0)])
+
+
+def ran(run_id: str, started: float | None, ended: float | None) -> Run:
+    return Run(
+        id=run_id,
+        group_id="group-g",
+        agent_id="agent-a",
+        status=RunStatus.COMPLETED,
+        turn=1,
+        window_first_seq=1,
+        window_last_seq=1,
+        created_at=T0,
+        started_at=None if started is None else at(started),
+        completed_at=None if ended is None else at(ended),
+    )
+
+
+OVERLAPS = [
+    ([ran("a", 0, 1), ran("b", 1, 2), ran("c", 5, 6)], []),  # back to back is fine
+    ([ran("a", 0, 3), ran("b", 2, 4)], ["run a ended"]),
+    ([ran("b", 2, 4), ran("a", 0, 3)], ["run a ended"]),  # sorted by start, not by id
+    ([ran("a", 0, None), ran("b", 2, 4)], ["run a never ended"]),
+    ([ran("a", None, 9), ran("b", 2, 4)], []),  # a never started (cancelled while created)
+]
+
+
+@pytest.mark.parametrize(("runs", "found"), OVERLAPS)
+def test_runs_of_one_agent_must_not_overlap(runs: list[Run], found: list[str]) -> None:
+    problems = overlapping_runs(runs, {})
+    assert len(problems) == len(found)
+    assert all(p.startswith(f) for p, f in zip(problems, found, strict=True)), problems
+
+
+def test_overlaps_fall_back_to_the_events_times() -> None:
+    events: dict[str, list[Event]] = {
+        "a": [("created", 1, at(0)), ("running", 1, at(1)), ("completed", 1, at(5))],
+        "b": [("created", 1, at(0)), ("running", 1, at(3)), ("completed", 1, at(6))],
+    }
+    problems = overlapping_runs([ran("a", None, None), ran("b", None, None)], events)
+    assert len(problems) == 1 and problems[0].startswith("run a ended")
+
+
+REQUESTS = [
+    ([("r1", 1), ("r2", 2)], 2, []),
+    ([("r1", 1), ("r1", 2)], 2, ["request 'r1' recorded more than once (turns 1, 2)"]),
+    ([("r1", 1), ("r2", 1)], 2, ["requests 'r1' and 'r2' both name turn 1"]),
+    ([("r1", 3)], 2, ["request 'r1' names turn 3 of 2"]),
+]
+
+
+@pytest.mark.parametrize(("requests", "turns", "found"), REQUESTS)
+def test_each_request_id_is_recorded_once_with_a_turn_of_its_own(
+    requests: list[tuple[str, int]], turns: int, found: list[str]
+) -> None:
+    assert request_problems(requests, turns) == found

@@ -112,6 +112,7 @@ PUBLIC: dict[str, set[str]] = {
         "NewGroup",
         "StaleTurn",
         "Transition",
+        "TurnRequest",
         "TurnWrite",
         "parse_url",
         "redact",
