@@ -55,7 +55,9 @@ T = TypeVar("T")
 Op = Callable[[Connection], T]
 Rows = list[dict[str, Any]]
 Numberer = Callable[[Connection, Rows, "Txn"], Rows]
-Fence = Callable[[Connection, set[int]], dict[int, Exception]]
+Lease = tuple[int, int]
+"""(shard, epoch): the lease a write is fenced by."""
+Fence = Callable[[Connection, set[Lease]], dict[Lease, Exception]]
 
 log = structlog.get_logger("sleeptime.committer")
 
@@ -70,11 +72,12 @@ class Write:
       history inside the transaction;
     - `keys`: the rows this write changes; writes sharing a key are never merged, so
       their order is kept;
-    - `shard`: the shard of the group it writes for, if the committer fences writes
-      (see `Committer`): refused with the fence's error once that shard is lost.
+    - `lease`: (shard, epoch), the lease of the group it writes for, if the committer
+      fences writes (see `Committer`): refused unless this process still holds that shard
+      at that epoch when the transaction runs.
     """
 
-    __slots__ = ("appends", "guard", "inserts", "keys", "refusal", "shard")
+    __slots__ = ("appends", "guard", "inserts", "keys", "lease", "refusal")
 
     def __init__(
         self,
@@ -84,7 +87,7 @@ class Write:
         inserts: Sequence[tuple[Insert, Rows]] = (),
         appends: Rows | None = None,
         keys: Sequence[str] = (),
-        shard: int | None = None,
+        lease: Lease | None = None,
     ) -> None:
         if (guard is None) != (refusal is None):
             raise ValueError("a guarded write needs a refusal, and a refusal needs a guard")
@@ -93,7 +96,7 @@ class Write:
         self.inserts = [(statement, rows) for statement, rows in inserts if rows]
         self.appends = appends or []
         self.keys = keys
-        self.shard = shard
+        self.lease = lease
 
 
 class Txn:
@@ -131,17 +134,17 @@ class Planned(Generic[T]):
     caller without rolling anything back; one it raises fails the transaction.
     """
 
-    __slots__ = ("keys", "plan", "shard")
+    __slots__ = ("keys", "lease", "plan")
 
     def __init__(
         self,
         plan: Callable[[Connection, Txn], tuple[Write | None, T]],
         keys: Sequence[str],
-        shard: int | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self.plan = plan
         self.keys = keys
-        self.shard = shard
+        self.lease = lease
 
 
 Work = Callable[[Connection], Any] | Write | Planned[Any]
@@ -152,20 +155,20 @@ class _GuardMissed(Exception):
 
 
 class _Job:
-    __slots__ = ("future", "keys", "shard", "work")
+    __slots__ = ("future", "keys", "lease", "work")
 
     def __init__(
         self,
         work: Work,
         future: Future[Any],
         keys: Sequence[str] | None,
-        shard: int | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self.work = work
         self.future = future
         # None: an op that may touch any row, so every write before it is flushed first.
         self.keys = work.keys if isinstance(work, Write | Planned) else keys
-        self.shard = work.shard if isinstance(work, Write | Planned) else shard
+        self.lease = work.lease if isinstance(work, Write | Planned) else lease
 
 
 class Committer:
@@ -190,9 +193,9 @@ class Committer:
         first); `append`: the INSERT of messages and the function that numbers rows to
         append, (connection, rows, txn) -> rows with their `sequence`; `heartbeat`:
         (seconds, op), the op to run (uncounted) after that long without a write;
-        `fence`: (connection, shards) -> {shard: error} for the shards this process no
-        longer holds, run first in every transaction that writes for a shard (the work
-        for a refused shard fails with its error, the rest commits)."""
+        `fence`: (connection, leases) -> {lease: error} for the (shard, epoch) leases
+        this process no longer holds, run first in every transaction that writes under
+        a lease (the work under a refused lease fails with its error, the rest commits)."""
         self._engine = engine
         self._translate = translate
         self._append = append
@@ -215,7 +218,7 @@ class Committer:
         self,
         work: Op[T] | Write | Planned[T],
         keys: Sequence[str] | None = None,
-        shard: int | None = None,
+        lease: Lease | None = None,
     ) -> Future[T]:
         """Queue `work`; its future resolves with its result once it is committed
         (an op's return value; None for a `Write`; a plan's result for a `Planned`).
@@ -223,17 +226,17 @@ class Committer:
         `keys` (ops only; the others carry their own): the only rows the op reads or
         changes, named as writes name them. Such an op runs where it stands in its batch,
         before the merged writes queued ahead of it unless one of them shares a key.
-        `shard` (ops only): the shard the op writes for, fenced as a write's.
+        `lease` (ops only): the (shard, epoch) the op writes under, fenced as a write's.
         """
-        if (keys is not None or shard is not None) and isinstance(work, Write | Planned):
-            raise ValueError(f"a {type(work).__name__} carries its own keys and shard")
+        if (keys is not None or lease is not None) and isinstance(work, Write | Planned):
+            raise ValueError(f"a {type(work).__name__} carries its own keys and lease")
         if isinstance(work, Write) and work.appends and self._append is None:
             raise ValueError("this committer was made without an appender")
         future: Future[T] = Future()
         with self._close_lock:
             if self._closed:
                 raise RuntimeStopped()
-            self._queue.put(_Job(work, future, keys, shard))
+            self._queue.put(_Job(work, future, keys, lease))
         return future
 
     def run(self, work: Op[T] | Planned[T], keys: Sequence[str] | None = None) -> T:
@@ -341,7 +344,7 @@ class Committer:
             transaction = connection.begin()
             try:
                 refused = self._fenced(connection, jobs)
-                live = [job for job in jobs if job.shard not in refused] if refused else jobs
+                live = [job for job in jobs if job.lease not in refused] if refused else jobs
                 if merged:
                     done = self._merged(connection, live, txn)
                 else:
@@ -364,17 +367,17 @@ class Committer:
             return outcomes
         raise AssertionError("unreachable")
 
-    def _fenced(self, connection: Connection, jobs: list[_Job]) -> dict[int, Exception]:
-        """The shards of `jobs` this process no longer holds, with the error their work
-        fails with; the rows of the others stay locked until the transaction ends."""
+    def _fenced(self, connection: Connection, jobs: list[_Job]) -> dict[Lease, Exception]:
+        """The leases of `jobs` this process no longer holds, with the error their work
+        fails with; the lease rows stay locked until the transaction ends."""
         if self._fence is None:
             return {}
-        shards = {job.shard for job in jobs if job.shard is not None}
-        if not shards:
+        leases = {job.lease for job in jobs if job.lease is not None}
+        if not leases:
             return {}
-        refused = self._fence(connection, shards)
+        refused = self._fence(connection, leases)
         if refused:
-            log.error("fenced_writes_refused", shards=sorted(refused))
+            log.error("fenced_writes_refused", leases=sorted(refused))
         return refused
 
     def _connect(self) -> Connection:
@@ -479,13 +482,13 @@ class Committer:
 
 
 def _with_refusals(
-    jobs: list[_Job], refused: dict[int, Exception], done: list[tuple[bool, Any]]
+    jobs: list[_Job], refused: dict[Lease, Exception], done: list[tuple[bool, Any]]
 ) -> list[tuple[bool, Any]]:
     """Every job's outcome in order: the fenced ones refused, the others as they ran."""
     if not refused:
         return done
     ran = iter(done)
-    return [(False, refused[job.shard]) if job.shard in refused else next(ran) for job in jobs]
+    return [(False, refused[job.lease]) if job.lease in refused else next(ran) for job in jobs]
 
 
 def _settle(job: _Job, ok: bool, value: Any) -> None:

@@ -217,11 +217,16 @@ class Leases:
     def fence(self, connection: Connection, expected: Mapping[int, int]) -> set[int]:
         """Inside a writing transaction: lock the lease rows of `expected`'s shards until
         it ends, and return the shards not held by this member at the expected epoch."""
-        if not expected:
-            return set()
-        rows = connection.execute(_FENCE, {"shards": list(expected), "member": self.member})
-        held = {shard for shard, epoch in rows if expected.get(shard) == epoch}
-        return set(expected) - held
+        held = self.held_epochs(connection, set(expected))
+        return {shard for shard, epoch in expected.items() if held.get(shard) != epoch}
+
+    def held_epochs(self, connection: Connection, shards: set[int]) -> dict[int, int]:
+        """Inside a writing transaction: lock the lease rows of `shards` until it ends,
+        and return the epoch this member holds each at (none for those it does not)."""
+        if not shards:
+            return {}
+        rows = connection.execute(_FENCE, {"shards": sorted(shards), "member": self.member})
+        return {int(shard): int(epoch) for shard, epoch in rows}
 
 
 def rebalance(held: int, members: int, free: int, shards: int) -> int:
@@ -306,16 +311,23 @@ class ShardBook:
 
 def fence_for(
     leases: Leases, book: ShardBook
-) -> Callable[[Connection, set[int]], dict[int, Exception]]:
-    """The committer's fence of a process: a shard it does not hold (any more) is refused
-    without asking; one it holds is checked, under lock, against the database."""
+) -> Callable[[Connection, set[tuple[int, int]]], dict[tuple[int, int], Exception]]:
+    """The committer's fence of a process: a write made under (shard, epoch) commits only
+    if this process holds that shard at that very epoch now, as the database says, under
+    a lock held until the transaction ends. A shard the database no longer gives this
+    process at the epoch it holds it at is lost (`ShardBook.lose`)."""
 
-    def fence(connection: Connection, shards: set[int]) -> dict[int, Exception]:
+    def fence(
+        connection: Connection, wanted: set[tuple[int, int]]
+    ) -> dict[tuple[int, int], Exception]:
+        stored = leases.held_epochs(connection, {shard for shard, _ in wanted})
+        refused: dict[tuple[int, int], Exception] = {
+            (shard, epoch): ShardLost(shard)
+            for shard, epoch in wanted
+            if stored.get(shard) != epoch
+        }
         held = book.held()
-        expected = {shard: held[shard] for shard in shards if shard in held}
-        lost = (shards - expected.keys()) | leases.fence(connection, expected)
-        if lost:
-            book.lose(lost)
-        return {shard: ShardLost(shard) for shard in lost}
+        book.lose({s for s, _ in refused if s in held and stored.get(s) != held[s]})
+        return refused
 
     return fence

@@ -156,6 +156,9 @@ class RunEventRow(Base):
     at: Mapped[datetime]
     attempt: Mapped[int]
     reason: Mapped[str | None] = mapped_column(Text)
+    epoch: Mapped[int | None] = mapped_column(BigInteger)
+    """The lease epoch of the run's shard the event was written under (0 on SQLite;
+    None before revision 0004): along a shard's events it never goes down."""
 
 
 class TurnRequestRow(Base):

@@ -287,6 +287,13 @@ class Store:
         handing it over)."""
         return self.book.serves(self.shard_of(group_id))
 
+    def lease_of(self, group_id: str) -> tuple[int, int]:
+        """(shard, epoch) a write for the group is made under: the epoch this process
+        holds the group's shard at (-1 if it does not: the write will be refused)."""
+        shard = self.shard_of(group_id)
+        epoch = self.book.epoch(shard)
+        return shard, -1 if epoch is None else epoch
+
     def owner_of(self, group_id: str) -> ShardOwner:
         """Who holds the group's shard, as the database says (this process on SQLite)."""
         shard = self.shard_of(group_id)
@@ -460,7 +467,7 @@ class Store:
                 insert(blocks), [_block_values(b, i) for i, b in enumerate(new.blocks)]
             )
 
-        return self.committer.submit(op, shard=self.shard_of(new.group.id))
+        return self.committer.submit(op, lease=self.lease_of(new.group.id))
 
     def get_group(self, group_id: str) -> Group:
         return self._read(lambda c: _load_group(c, group_id)[0])
@@ -498,7 +505,7 @@ class Store:
             if result.rowcount != 1:
                 raise GroupNotFound(group_id)
 
-        return self.committer.submit(op, shard=self.shard_of(group_id))
+        return self.committer.submit(op, lease=self.lease_of(group_id))
 
     def fail_group(self, group_id: str, reason: str) -> Future[None]:
         """Mark the group failed: it takes no more turns."""
@@ -574,9 +581,9 @@ class Store:
             )
             return write, edited
 
-        shard = self.shard_of(self._group_of_block(block_id))
+        lease = self.lease_of(self._group_of_block(block_id))
         try:
-            outcome = self.committer.run(Planned(plan, keys=[block_id], shard=shard))
+            outcome = self.committer.run(Planned(plan, keys=[block_id], lease=lease))
         except BaseException:
             if cache is not None:
                 cache.forget(block_id)  # it may have committed all the same
@@ -662,6 +669,7 @@ class Store:
         }
         rows = [_message_values(m) for m in turn.messages]
         run_rows = [_run_values(r) for r in turn.runs]
+        lease = self.lease_of(turn.group_id)
         event_rows = [
             {
                 "run_id": r.id,
@@ -669,6 +677,7 @@ class Store:
                 "at": r.created_at,
                 "attempt": r.attempt,
                 "reason": "created",
+                "epoch": lease[1],
             }
             for r in turn.runs
         ]
@@ -687,7 +696,7 @@ class Store:
                     (_INSERT_TURN_REQUESTS, request_rows),
                 ],
                 keys=[turn.group_id, *(r.id for r in turn.runs)],
-                shard=self.shard_of(turn.group_id),
+                lease=lease,
             )
         )
 
@@ -751,12 +760,14 @@ class Store:
             statement = _END_RUN
         else:
             statement = _REQUEUE_RUN
+        lease = None if change.group_id is None else self.lease_of(change.group_id)
         event = {
             "run_id": change.run_id,
             "status": change.new.value,
             "at": change.at,
             "attempt": change.attempt,
             "reason": None if change.reason is None else storable(change.reason),
+            "epoch": None if lease is None else lease[1],
         }
         return self.committer.submit(
             Write(
@@ -767,15 +778,15 @@ class Store:
                 inserts=[(_INSERT_EVENTS, [event])],
                 appends=[_message_values(m) for m in change.messages],
                 keys=[change.run_id],
-                shard=None if change.group_id is None else self.shard_of(change.group_id),
+                lease=lease,
             )
         )
 
     def store_messages(self, stored: Sequence[Message]) -> Future[None]:
         """Append messages to agents' histories (e.g. those of a run refused late)."""
-        shard = self.shard_of(stored[0].group_id) if stored else None
+        lease = self.lease_of(stored[0].group_id) if stored else None
         return self.committer.submit(
-            Write(appends=[_message_values(m) for m in stored], shard=shard)
+            Write(appends=[_message_values(m) for m in stored], lease=lease)
         )
 
     def get_run(self, run_id: str) -> Run:
@@ -852,6 +863,16 @@ class Store:
         for run_id, status, attempt, at in self._read(lambda c: c.execute(statement).all()):
             histories.setdefault(run_id, []).append((status, attempt, at))
         return histories
+
+    def event_epochs(self, group_id: str) -> list[tuple[int, int | None]]:
+        """(event id, lease epoch) of every run event of the group, in writing order."""
+        statement = (
+            select(run_events.c.id, run_events.c.epoch)
+            .join(runs, runs.c.id == run_events.c.run_id)
+            .where(runs.c.group_id == group_id)
+            .order_by(run_events.c.id)
+        )
+        return self._read(lambda c: [(int(r[0]), r[1]) for r in c.execute(statement).all()])
 
     def turn_numbers(self, agent_id: str) -> list[tuple[int, int | None, str]]:
         """(sequence, turn, id) of each message of an agent, oldest first."""

@@ -231,7 +231,7 @@ def test_the_committer_refuses_only_the_writes_of_a_lost_shard(
     def note(shard: int, text: str) -> Future[object]:
         return committer.submit(
             lambda c: c.exec_driver_sql(f"INSERT INTO notes VALUES ({shard}, '{text}')"),
-            shard=shard,
+            lease=(shard, book.epoch(shard) or -1),  # the epoch held when it is made
         )
 
     note(0, "first").result(10)

@@ -2,8 +2,9 @@
 
 `shard_settings` keeps the shard count (fixed when leases are first set up),
 `shard_leases` one row per shard (owner, fencing epoch, expiry), `shard_members` the
-processes that share the shards. A SQLite database gets the tables too (one schema for
-both), but one process owns a SQLite file and never reads them.
+processes that share the shards; `run_events.epoch` the lease epoch each event was
+written under. A SQLite database gets the tables too (one schema for both), but one
+process owns a SQLite file and never reads them.
 
 Revision ID: 0004
 Revises: 0003
@@ -21,6 +22,8 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("run_events") as batch:
+        batch.add_column(sa.Column("epoch", sa.BigInteger(), nullable=True))
     op.create_table(
         "shard_settings",
         sa.Column("name", sa.String(64), primary_key=True),
@@ -45,6 +48,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("run_events") as batch:
+        batch.drop_column("epoch")
     op.drop_table("shard_members")
     op.drop_table("shard_leases")
     op.drop_table("shard_settings")
