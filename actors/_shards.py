@@ -100,7 +100,7 @@ class ShardKeeper:
 
     def tick(self) -> bool:
         """Renew, then move toward the fair share (one step); True once this member
-        holds at least its share."""
+        holds at least `shards // members`."""
         with self._tick_lock:
             held = self._book.held()
             lost = self._leases.renew(held)
@@ -110,21 +110,20 @@ class ShardKeeper:
                 self._on_lost(dropped)
             if self._leaving:
                 return True
-            members, free = self._leases.census()
+            members, free, fewest = self._leases.census()
             held = self._book.held()
-            move = rebalance(len(held), members, free, self._book.shards)
+            move = rebalance(len(held), members, free, self._book.shards, fewest)
             if move > 0:
                 taken = self._leases.acquire(move)
                 if taken:
                     self._book.add(taken)
                     log.info("shards_acquired", shards=len(taken), members=members)
                     self._on_acquired(taken)
-                return len(taken) == move
+                return len(held) + len(taken) >= self._book.shards // max(1, members)
             if move < 0:
                 # The highest shards go: members that join later tend to take the same.
                 self._hand_over(dict(sorted(held.items())[move:]))
-            share = -(-self._book.shards // max(1, members))
-            return len(held) >= share
+            return len(held) >= self._book.shards // max(1, members)
 
     def _hand_over(self, shards: Shards) -> None:
         self._book.leave(shards)

@@ -102,6 +102,11 @@ _RELEASE = text(
     "WHERE shard = :shard AND member = :member AND epoch = :epoch"
 )
 _COUNT_FREE = text(f"SELECT count(*) FROM shard_leases WHERE member IS NULL OR expires_at < {_NOW}")
+_FEWEST_HELD = text(
+    "SELECT min(held) FROM (SELECT m.member, count(l.shard) AS held FROM shard_members m "
+    f"LEFT JOIN shard_leases l ON l.member = m.member AND l.expires_at > {_NOW} "
+    f"WHERE m.expires_at > {_NOW} GROUP BY m.member) AS counts"
+)
 _OWNER = text(
     f"SELECT shard, member, holder, address, epoch, expires_at, expires_at < {_NOW} AS expired "
     "FROM shard_leases WHERE shard = :shard"
@@ -193,13 +198,15 @@ class Leases:
         with self._engine.begin() as connection:
             connection.execute(_LEAVE, {"member": self.member})
 
-    def census(self) -> tuple[int, int]:
-        """(live members, shards free or expired), as the database sees them now."""
+    def census(self) -> tuple[int, int, int]:
+        """(live members, shards free or expired, fewest shards a live member holds), as
+        the database sees them now."""
         with self._engine.begin() as connection:
             connection.execute(_FORGET_DEAD_MEMBERS, {"grace": max(60.0, 10 * self.lease_s)})
             members = int(connection.execute(_LIVE_MEMBERS).scalar_one())
             free = int(connection.execute(_COUNT_FREE).scalar_one())
-        return members, free
+            fewest = connection.execute(_FEWEST_HELD).scalar()
+        return members, free, int(fewest or 0)
 
     def owner(self, shard: int) -> ShardOwner:
         with self._engine.connect() as connection:
@@ -229,15 +236,16 @@ class Leases:
         return {int(shard): int(epoch) for shard, epoch in rows}
 
 
-def rebalance(held: int, members: int, free: int, shards: int) -> int:
+def rebalance(held: int, members: int, free: int, shards: int, fewest: int | None = None) -> int:
     """How many shards a member should take (> 0) or hand over (< 0) now.
 
     `held`: the member's shards; `members`: live members, itself included; `free`:
-    shards nobody holds (or whose lease expired). Each member aims at its fair share,
-    `ceil(shards / members)`. It takes free shards up to that share; it hands over what
-    it holds beyond the share only while no shard is free (so some member is short),
-    and never more than the excess, so two members never trade the same shards back
-    and forth.
+    shards nobody holds (or whose lease expired); `fewest`: the fewest shards a live
+    member holds (None: not known). A fair share is `shards // members`, or one more.
+    A member takes free shards up to `ceil(shards / members)`. While no shard is free,
+    it hands over what it holds beyond that, and, while some member holds fewer than
+    `shards // members`, what it holds beyond that; never more, so members never trade
+    the same shards back and forth.
 
     >>> rebalance(held=0, members=2, free=1024, shards=1024)
     512
@@ -247,11 +255,13 @@ def rebalance(held: int, members: int, free: int, shards: int) -> int:
     0
     """
     members = max(1, members)
-    share = -(-shards // members)
+    floor, share = shards // members, -(-shards // members)
     if held < share:
         return min(share - held, free)
-    if held > share and free == 0:
+    if free == 0 and held > share:
         return share - held
+    if free == 0 and fewest is not None and fewest < floor and held > floor:
+        return floor - held
     return 0
 
 

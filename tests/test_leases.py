@@ -66,7 +66,7 @@ def test_a_shard_is_held_by_one_member_and_moves_at_a_new_epoch(
     rest = b.acquire(limit=8)
     assert set(rest) == set(range(8)) - set(held)  # only what nobody holds
     assert b.acquire(limit=8) == {}
-    assert a.census() == (2, 0)
+    assert a.census() == (2, 0, 3)
 
     given_up = {shard: held[shard] for shard in list(held)[:2]}
     a.release(given_up)
@@ -186,6 +186,19 @@ def test_rebalance_aims_at_a_fair_share(
     assert rebalance(held, members, free, shards) == move
 
 
+@pytest.mark.parametrize(
+    ("held", "fewest", "move"),
+    [
+        (22, 20, -1),  # 64 over 3: a member at 20 is below 21, so the 22s go to 21
+        (22, 21, 0),  # 22, 21, 21: balanced
+        (21, 20, 0),  # at the floor already: nothing more to give
+        (32, 0, -10),  # beyond the share: the excess first
+    ],
+)
+def test_members_above_the_floor_give_to_one_below_it(held: int, fewest: int, move: int) -> None:
+    assert rebalance(held, members=3, free=0, shards=64, fewest=fewest) == move
+
+
 @given(
     st.integers(min_value=1, max_value=2048),
     st.lists(st.integers(min_value=0, max_value=2048), min_size=1, max_size=8),
@@ -196,11 +209,11 @@ def test_rebalancing_converges_to_every_shard_held_once(shards: int, wants: list
     held = [0] * members
     for _ in range(4 * members + 4):
         for i in range(members):
-            move = rebalance(held[i], members, shards - sum(held), shards)
+            move = rebalance(held[i], members, shards - sum(held), shards, min(held))
             held[i] += move
     assert sum(held) == shards
     share = -(-shards // members)
-    assert all(h <= share for h in held)
+    assert all(shards // members <= h <= share for h in held)
 
 
 def test_the_book_serves_held_shards_until_they_are_handed_over() -> None:
