@@ -38,6 +38,9 @@ class StartOptions(BaseModel):
     restart_policy: InstanceOf[RestartPolicy] | None = None
     passivate_after: float | None = Field(gt=0, allow_inf_nan=False)
     max_active_groups: int | None = Field(ge=1, le=INT32_MAX)
+    max_turns_in_flight: int | None = Field(ge=1, le=INT32_MAX)
+    max_queued_turns: int | None = Field(ge=1, le=INT32_MAX)
+    permit_timeout: float | None = Field(gt=0, le=MAX_WAIT_S, allow_inf_nan=False)
 
 
 class RunFilters(BaseModel):
