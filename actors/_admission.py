@@ -94,8 +94,8 @@ class TurnTicket:
         self._admission._when_granted(self, callback)
 
     def send(self) -> bool:
-        """It is being sent: from now on only `end` frees it. False if it was withdrawn
-        (or never given a permit): then it must not be sent."""
+        """It is (being) sent: from now on only `end` frees it (calling it again changes
+        nothing). False if it was withdrawn or holds no permit: then it must not be sent."""
         return self._admission._send(self)
 
     def withdraw(self) -> None:
@@ -172,10 +172,9 @@ class TurnAdmission:
 
     def _send(self, ticket: TurnTicket) -> bool:
         with self._lock:
-            if ticket._state is not _State.GRANTED:
-                return False
-            ticket._state = _State.SENT
-            return True
+            if ticket._state is _State.GRANTED:
+                ticket._state = _State.SENT
+            return ticket._state is _State.SENT
 
     def _withdraw(self, ticket: TurnTicket) -> None:
         with self._lock:

@@ -77,3 +77,10 @@ DRAIN_TIMEOUT: TypeAdapter[float] = TypeAdapter(
 GROUP_IDS: TypeAdapter[list[str] | None] = TypeAdapter(
     list[Id] | None, config=ConfigDict(title="group_ids")
 )
+
+MAX_BLOCKING_THREADS = 256
+BLOCKING_THREADS: TypeAdapter[int] = TypeAdapter(
+    Annotated[int, Field(strict=True, ge=1, le=MAX_BLOCKING_THREADS)],
+    config=ConfigDict(title="blocking_threads"),
+)
+"""The `blocking_threads` of `AsyncRuntime.start` and `wrap`: its executor's threads."""

@@ -48,6 +48,8 @@ PUBLIC: dict[str, set[str]] = {
         # the runtime and its settings
         "Runtime",
         "TurnStream",
+        "AsyncRuntime",
+        "AsyncTurnStream",
         "Chaos",
         "RestartPolicy",
         "DEFAULT_URL",
