@@ -37,7 +37,14 @@ from pydantic import InstanceOf, TypeAdapter
 
 from actors._admission import TurnTicket, permit_wait
 from actors._arguments import BLOCKING_THREADS, DRAIN_TIMEOUT, RunWait
-from actors._bridge import LoopSink, tell_loop, wait_all_done, wait_done, wait_signal
+from actors._bridge import (
+    LoopSink,
+    inbox_of,
+    resolve_signal,
+    wait_all_done,
+    wait_done,
+    wait_signal,
+)
 from actors._protocol import TurnMode
 from actors.kinds._registry import AgentKinds
 from actors.runtime import DEFAULT_URL, Runtime, TurnCall
@@ -358,9 +365,10 @@ class AsyncRuntime:
         """Wait on the loop for the ticket's permit; RuntimeBusy past `permit_timeout`."""
         loop = asyncio.get_running_loop()
         granted: asyncio.Future[None] = loop.create_future()
+        inbox = inbox_of(loop)
 
         def tell() -> None:  # in the thread that freed the permit
-            if not tell_loop(loop, granted):
+            if not inbox.post(resolve_signal, granted):
                 ticket.withdraw()  # the loop closed: nobody will send it
 
         ticket.when_granted(tell)
