@@ -619,9 +619,10 @@ class Runtime:
         try:
             return _outcome(reply, call.group_id, call.timeout, call.deadline)
         finally:
+            # Free its place now, not only in the reply's callback, which may run after
+            # this thread woke: this thread's next turn must find the group's place free.
             if reply.done():
-                ticket.end()  # now, not in the reply's callback: this thread's next turn
-                # must find the group's place free
+                ticket.end()
 
     # The steps of a turn call, shared by this API and the asyncio one (`AsyncRuntime`),
     # which waits for its permit on its loop and sends from a thread that may block.
@@ -634,7 +635,10 @@ class Runtime:
         timeout: float | None,
         sink: MessageSink | None = None,
     ) -> TurnCall:
-        """Check a turn call (ValidationError, RuntimeStopped, ...); nothing is sent."""
+        """Check a turn call (ValidationError, RuntimeStopped, ...); nothing is sent.
+
+        Both APIs build their turns here, and `AsyncRuntime` passes its callers' keyword
+        arguments on as they are: an argument a turn call grows belongs here, once."""
         group_id = check_id(group_id, "group_id")
         self._check("take a turn")
         limit = TURN_TIMEOUT.validate_python(timeout)
