@@ -57,6 +57,7 @@ TARGET_LAG_P99_MS = 10.0
 TARGET_RATIO = 1.0
 TURNS_PER_GROUP = 30
 QUICK_TURNS_PER_GROUP = 10
+QUIET_GC_THRESHOLD = 100_000
 
 
 def percentile_ms(values: list[float], percent: float) -> float | None:
@@ -215,8 +216,15 @@ async def async_phase(art: AsyncRuntime, ids: list[str], turns_per_caller: int) 
     )
 
 
-def measure(url: str, turns_per_group: int = TURNS_PER_GROUP, workers: int = 32) -> dict[str, Any]:
-    """Both phases on one runtime: their figures, and the runtime's own threads."""
+def measure(
+    url: str, turns_per_group: int = TURNS_PER_GROUP, workers: int = 32, quiet_gc: bool = False
+) -> dict[str, Any]:
+    """Both phases on one runtime: their figures, and the runtime's own threads.
+
+    With `quiet_gc`, the garbage collector is set as a latency-minded service would set
+    it once warm: what exists is frozen (`gc.freeze()`: its passes no longer walk it) and
+    the young generation is collected every `QUIET_GC_THRESHOLD` allocations, not 700.
+    """
     turns_per_caller = max(1, turns_per_group * GROUPS // CALLERS)
     rt = Runtime.start(url, workers=workers)
     art = AsyncRuntime.wrap(rt)
@@ -228,6 +236,10 @@ def measure(url: str, turns_per_group: int = TURNS_PER_GROUP, workers: int = 32)
         warm = drive(ids, 1, THREADS, lambda g: rt.step(g, MESSAGE).run_ids)
         rt.wait_for_runs([r for ids_ in warm.results for r in ids_], timeout=RUNS_TIMEOUT_S)
         own_threads = threading.active_count()  # every group's and agent's actor is up
+        thresholds = gc.get_threshold()
+        if quiet_gc:
+            gc.freeze()
+            gc.set_threshold(QUIET_GC_THRESHOLD, *thresholds[1:])
 
         sync = sync_phase(rt, ids, turns_per_group)
         sync_runs = rt.wait_for_runs(sync.run_ids, timeout=RUNS_TIMEOUT_S)
@@ -236,8 +248,11 @@ def measure(url: str, turns_per_group: int = TURNS_PER_GROUP, workers: int = 32)
         stats = rt.stats()
     finally:
         asyncio.run(art.stop(drain_timeout=30))
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
     return {
         "database": make_url(url).get_backend_name(),
+        "quiet_gc": quiet_gc,
         "groups": GROUPS,
         "sync": sync.to_json(),
         "async": phase.to_json(),
@@ -349,8 +364,9 @@ def render(figures: dict[str, Any]) -> str:
 
     out = [
         f"asyncio API against the synchronous one: {figures['groups']} groups, zero-latency "
-        f"simulated agents, on {figures['database']}; the sync row's loop lag is an idle "
-        "loop's in the same process",
+        f"simulated agents, on {figures['database']}"
+        + (", quiet GC (frozen once warm, gen 0 every 100,000)" if figures["quiet_gc"] else "")
+        + "; the sync row's loop lag is an idle loop's in the same process",
         "",
         row(header),
         "  ".join("-" * width for width in widths),
@@ -374,12 +390,17 @@ def main() -> int:
         action="store_true",
         help=f"{QUICK_TURNS_PER_GROUP} turns per group, not {TURNS_PER_GROUP}",
     )
+    parser.add_argument(
+        "--quiet-gc",
+        action="store_true",
+        help=f"once warm, gc.freeze() and collect gen 0 every {QUIET_GC_THRESHOLD:,} allocations",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args()
     turns = QUICK_TURNS_PER_GROUP if args.quick else TURNS_PER_GROUP
     with tempfile.TemporaryDirectory(prefix="sleeptime-bench-async-") as tmp:
         url = args.db or f"sqlite:///{Path(tmp) / 'async.db'}"
-        figures = measure(url, turns)
+        figures = measure(url, turns, quiet_gc=args.quiet_gc)
     print(render(figures))
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

@@ -152,6 +152,7 @@ def test_async_turns_reports_its_rows_and_targets() -> None:
     }
     figures = {
         "database": "sqlite",
+        "quiet_gc": False,
         "groups": 100,
         "sync": {**phase, "api": "sync, 100 threads", "turns_per_s": 600.0},
         "async": {
