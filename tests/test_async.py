@@ -543,3 +543,22 @@ def test_start_checks_its_own_options_and_passes_the_rest_on(db_url: str) -> Non
         assert art.stopped
 
     run(main())
+
+
+def test_a_start_whose_caller_was_cancelled_leaves_nothing_running(db_url: str) -> None:
+    async def cancelled() -> None:
+        starting = asyncio.ensure_future(AsyncRuntime.start(db_url))
+        await asyncio.sleep(0)  # it begins: the runtime starts on its thread
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+
+    def database_free() -> bool:
+        try:
+            Runtime.start(db_url).stop()
+        except DatabaseInUse:
+            return False
+        return True
+
+    run(cancelled())
+    assert wait_until(database_free, timeout=30, every=0.1)  # stopped once it had started
