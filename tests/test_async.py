@@ -77,12 +77,13 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 async def new_groups(
     art: AsyncRuntime, count: int, primary: dict[str, Any] = GATED, frequency: int = 0
 ) -> list[str]:
-    """`count` groups whose actors run (one turn each), so a turn is told on the loop."""
-    ids = [
-        (await art.create_group(primary=primary, sleeptime=[SIMULATED], frequency=frequency)).id
-        for _ in range(count)
-    ]
-    await asyncio.gather(*(art.step(group_id, [user("warm up")]) for group_id in ids))
+    """`count` groups whose actors run (one turn each, one after the other, so a tight
+    bound on turns in flight never makes one wait), so a turn is told on the loop."""
+    ids = []
+    for _ in range(count):
+        group = await art.create_group(primary=primary, sleeptime=[SIMULATED], frequency=frequency)
+        await art.step(group.id, [user("warm up")])
+        ids.append(group.id)
     return ids
 
 
@@ -266,16 +267,16 @@ def test_permits_are_never_leaked_by_cancellation(db_url: str) -> None:
             holding = [asyncio.ensure_future(art.step(g, [user("hold")])) for g in (first, second)]
             await until(lambda: art.stats()["turns_in_flight"] == 2)
             waiting = [asyncio.ensure_future(art.step(third, [user(f"w{n}")])) for n in range(10)]
+            await until(lambda: art.stats()["turns_waiting"] == 10)
             impatient = [
                 asyncio.ensure_future(art.step(third, [user("short")], timeout=0.2))
                 for _ in range(3)
             ]
-            await until(lambda: art.stats()["turns_waiting"] == 13)
-            for caller in waiting[:4]:
-                caller.cancel()
             for caller in impatient:  # their own timeout ends the wait for a permit
                 with pytest.raises(RuntimeBusy):
                     await caller
+            for caller in waiting[:4]:
+                caller.cancel()
             await until(lambda: art.stats()["turns_waiting"] == 6)
             gated.gate.set()
             await asyncio.gather(*holding, *waiting[4:])
