@@ -288,7 +288,7 @@ def run_cases(
         figures = async_turns.measure(
             _runtime_url(db, work, "async"), plan.async_turns_per_group, plan.workers
         )
-        cases["async_sync"], cases["async"] = async_turns.rows(figures)
+        cases.update(async_turns.rows(figures))
     return cases, scale
 
 

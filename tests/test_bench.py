@@ -168,9 +168,21 @@ def test_async_turns_reports_its_rows_and_targets() -> None:
         "runs_not_completed": 0,
         "restarts": 0,
     }
-    lag, threads, ratio = async_turns.targets(figures)
-    assert (lag.passed, threads.passed, ratio.passed) == (True, False, True)  # 241 > 236 + 4
-    sync_row, async_row = async_turns.rows(figures)
-    assert (sync_row.turns_per_s, async_row.turns_per_s) == (600.0, 600.0)  # 3,000 in 5 s
+    figures["bounded"] = 16
+    figures["async_bounded"] = {
+        **phase,
+        "api": "async, 1,000 coroutines, max_turns_in_flight=16",
+        "callers": 1000,
+        "loop_lag_p99_ms": 12.0,
+        "turns_per_s": 540.0,
+    }
+    lag, ratio, bounded_lag, bounded_ratio, threads = async_turns.targets(figures)
+    assert (lag.passed, ratio.passed, threads.passed) == (True, True, False)  # 241 > 236 + 4
+    assert (bounded_lag.passed, bounded_ratio.passed) == (False, False)
+    assert "max_turns_in_flight=16" in bounded_lag.name
+    rows = async_turns.rows(figures)
+    assert list(rows) == ["async_sync", "async", "async_bounded"]
+    assert rows["async"].turns_per_s == 600.0  # 3,000 in 5 s
     shown = async_turns.render(figures)
     assert "async / sync turns/s: 1.10x" in shown and "MISS  async: threads" in shown
+    assert "max_turns_in_flight=16" in shown
