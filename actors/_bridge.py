@@ -38,13 +38,14 @@ class LoopInbox:
     """Callbacks that the runtime's threads hand to one event loop, run on it in order.
 
     `post` from any thread; the loop is woken once (`call_soon_threadsafe`) for whatever
-    was posted until it runs them. Get a loop's inbox with `inbox_of(loop)`.
+    was posted until it runs them. Get a loop's inbox with `inbox_of(loop)`. It holds its
+    loop weakly, so that a finished loop is freed along with its inbox.
     """
 
-    __slots__ = ("__weakref__", "_items", "_lock", "_loop", "_waking")
+    __slots__ = ("_items", "_lock", "_loop", "_waking")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self._loop = weakref.ref(loop)
         self._lock = threading.Lock()
         self._items: list[tuple[Callable[[Any], object], Any]] = []
         self._waking = False
@@ -52,7 +53,8 @@ class LoopInbox:
     def post(self, callback: Callable[[Any], object], argument: Any) -> bool:
         """Run `callback(argument)` on the loop soon. False if the loop is closed (then
         nothing runs: nobody is left to tell)."""
-        if self._loop.is_closed():
+        loop = self._loop()
+        if loop is None or loop.is_closed():
             return False
         with self._lock:
             self._items.append((callback, argument))
@@ -60,12 +62,12 @@ class LoopInbox:
                 return True  # the wake-up on its way takes this one too
             self._waking = True
         try:
-            self._loop.call_soon_threadsafe(self._run)
+            loop.call_soon_threadsafe(self._run, loop)
         except RuntimeError:  # closed just now
             return False
         return True
 
-    def _run(self) -> None:
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
             items, self._items = self._items, []
             self._waking = False
@@ -73,7 +75,7 @@ class LoopInbox:
             try:
                 callback(argument)
             except Exception as error:  # one bad callback must not starve the others
-                self._loop.call_exception_handler(
+                loop.call_exception_handler(
                     {"message": "a callback from the runtime failed", "exception": error}
                 )
 
