@@ -245,7 +245,9 @@ def test_the_asyncio_api_takes_a_request_id_too(db_url: str) -> None:
 
     async def main() -> None:
         async with await AsyncRuntime.start(db_url) as rt:
-            group = await rt.create_group(primary={"kind": "scripted"}, sleeptime=[])
+            group = await rt.create_group(
+                primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}]
+            )
             first = await rt.step(group.id, [user("hi")], request_id="async-1")
             again = await rt.step(group.id, [user("hi, again")], request_id="async-1")
             assert again == first
