@@ -7,6 +7,10 @@ Example:
     ...     group = rt.create_group(primary={"kind": "scripted"},
     ...                             sleeptime=[{"kind": "memory"}], frequency=2)
     ...     result = rt.step(group.id, [MessageCreate(role="user", content="hello")])
+
+On an event loop, `AsyncRuntime` has the same calls, awaited:
+    >>> async with await AsyncRuntime.start("sqlite:///sleeptime.db") as rt:
+    ...     result = await rt.step(group.id, [MessageCreate(role="user", content="hello")])
 """
 
 from actors._chaos import Chaos
@@ -14,6 +18,7 @@ from actors._invariants import INVARIANTS, InvariantReport
 from actors._logging import configure_logging
 from actors._restart import RestartPolicy
 from actors._transcript import DEFAULT_PREAMBLE, render_transcript
+from actors.async_runtime import AsyncRuntime, AsyncTurnStream
 from actors.kinds._registry import AgentKinds
 from actors.rules import INITIAL_COUNTER, decide_fire
 from actors.runtime import DEFAULT_MEMORY_PERSONA, DEFAULT_URL, Runtime, TurnStream
@@ -31,6 +36,7 @@ from messages import (
     AgentNotFound,
     AgentRoleError,
     DatabaseInUse,
+    GroupBusy,
     GroupFailed,
     GroupNotFound,
     NotFoundError,
@@ -40,6 +46,7 @@ from messages import (
     ReadOnlyRuntime,
     RunNotFound,
     RunsTimeout,
+    RuntimeBusy,
     RuntimeFailed,
     RuntimeStopped,
     SchemaMismatch,
@@ -65,8 +72,11 @@ __all__ = [
     "AgentKinds",
     "AgentNotFound",
     "AgentRoleError",
+    "AsyncRuntime",
+    "AsyncTurnStream",
     "Chaos",
     "DatabaseInUse",
+    "GroupBusy",
     "GroupFailed",
     "GroupNotFound",
     "InvariantReport",
@@ -80,6 +90,7 @@ __all__ = [
     "RunNotFound",
     "RunsTimeout",
     "Runtime",
+    "RuntimeBusy",
     "RuntimeFailed",
     "RuntimeStopped",
     "SchemaMismatch",

@@ -46,6 +46,9 @@ class StartOptions(BaseModel):
     shards: int = Field(ge=1, le=MAX_SHARDS)
     lease_s: float = Field(ge=MIN_LEASE_S, le=MAX_LEASE_S, allow_inf_nan=False)
     address: Text | None = None
+    max_turns_in_flight: int | None = Field(ge=1, le=INT32_MAX)
+    max_queued_turns: int | None = Field(ge=1, le=INT32_MAX)
+    permit_timeout: float | None = Field(gt=0, le=MAX_WAIT_S, allow_inf_nan=False)
 
 
 class RunFilters(BaseModel):
@@ -86,3 +89,10 @@ DRAIN_TIMEOUT: TypeAdapter[float] = TypeAdapter(
 GROUP_IDS: TypeAdapter[list[str] | None] = TypeAdapter(
     list[Id] | None, config=ConfigDict(title="group_ids")
 )
+
+MAX_BLOCKING_THREADS = 256
+BLOCKING_THREADS: TypeAdapter[int] = TypeAdapter(
+    Annotated[int, Field(strict=True, ge=1, le=MAX_BLOCKING_THREADS)],
+    config=ConfigDict(title="blocking_threads"),
+)
+"""The `blocking_threads` of `AsyncRuntime.start` and `wrap`: its executor's threads."""

@@ -17,6 +17,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, wait
+from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import Annotated, Any, Self
@@ -24,6 +25,8 @@ from typing import Annotated, Any, Self
 import structlog
 from pydantic import ConfigDict, Field, TypeAdapter
 
+from actors._address import Address
+from actors._admission import TurnAdmission, TurnTicket, permit_wait
 from actors._arguments import (
     DRAIN_TIMEOUT,
     GROUP_IDS,
@@ -44,6 +47,7 @@ from actors._protocol import (
     ChangeSettings,
     DropShards,
     KindRegistered,
+    MessageSink,
     TakeTurn,
     TurnMode,
     WatchRuns,
@@ -75,12 +79,14 @@ from messages import (
     RunEvent,
     RunStatus,
     RunsTimeout,
+    RuntimeBusy,
     RuntimeFailed,
     RuntimeStopped,
     ShardLost,
     TurnResult,
     TurnTimeout,
 )
+from messages._futures import reject
 from messages._groups import GroupCreate
 from messages._ids import new_id
 from messages._text import check_id
@@ -101,6 +107,12 @@ HAND_OVER_TURNS_S = 30.0
 """How long a hand-over waits for a group's queued turns to finish."""
 MAX_ID_DRAWS = 1_000_000
 ADOPTION_RETRY_S = 1.0
+DEFAULT_MAX_TURNS_IN_FLIGHT = 10_000
+"""Turns sent and not ended, at most, over the whole runtime; more wait for a permit."""
+DEFAULT_MAX_QUEUED_TURNS = 1_000
+"""Turns of one group admitted and not ended, at most; more raise GroupBusy."""
+DEFAULT_PERMIT_TIMEOUT = 30.0
+"""Seconds a turn waits for a permit to be in flight before RuntimeBusy."""
 DEFAULT_MEMORY_PERSONA = (
     "You keep the primary agent's long-term memory. Record durable facts about the user "
     "(name, preferences, plans, circumstances) in the human block, one fact per line, and "
@@ -112,6 +124,19 @@ _MESSAGES: TypeAdapter[list[MessageCreate]] = TypeAdapter(
 _UNSET: Any = object()
 _STREAM_POLL_S = 0.25
 _running: weakref.WeakSet[Runtime] = weakref.WeakSet()
+
+
+@dataclass(frozen=True, slots=True)
+class TurnCall:
+    """One turn call, checked and ready to be admitted and sent; for both APIs.
+
+    `deadline` is when its caller stops waiting (`time.monotonic()`), from its `timeout`.
+    """
+
+    group_id: str
+    command: TakeTurn
+    timeout: float | None
+    deadline: float | None
 
 
 class TurnStream(Iterator[Message]):
@@ -203,8 +228,12 @@ class Runtime:
         restart_policy: RestartPolicy | None = None,
         passivate_after: float | None = None,
         max_active_groups: int | None = None,
+        max_turns_in_flight: int | None = DEFAULT_MAX_TURNS_IN_FLIGHT,
+        max_queued_turns: int | None = DEFAULT_MAX_QUEUED_TURNS,
+        permit_timeout: float | None = DEFAULT_PERMIT_TIMEOUT,
     ) -> None:
         self._store = store
+        self._admission = TurnAdmission(max_turns_in_flight, max_queued_turns, permit_timeout)
         self._passivate_after = passivate_after
         self._max_active_groups = max_active_groups
         self.read_only = read_only
@@ -240,6 +269,9 @@ class Runtime:
         shards: int = DEFAULT_SHARDS,
         lease_s: float = DEFAULT_LEASE_S,
         address: str | None = None,
+        max_turns_in_flight: int | None = DEFAULT_MAX_TURNS_IN_FLIGHT,
+        max_queued_turns: int | None = DEFAULT_MAX_QUEUED_TURNS,
+        permit_timeout: float | None = DEFAULT_PERMIT_TIMEOUT,
     ) -> Runtime:
         """Open (or create) the database at `url`, recover its open runs, and start.
 
@@ -273,6 +305,12 @@ class Runtime:
         its group once its runs are done. The next turn starts them again from the
         store. None turns either limit off.
 
+        Back-pressure: at most `max_turns_in_flight` turns (of every group, from either
+        API) are sent and not ended at once; a turn past it waits for one to end, up to
+        `permit_timeout` seconds (or its own `timeout`), then raises RuntimeBusy, nothing
+        sent. A group takes at most `max_queued_turns` turns queued (waiting or in
+        flight); one more raises GroupBusy at once, nothing sent. None turns a bound off.
+
         An option of the wrong type or out of range (`workers` < 1, `passivate_after`
         <= 0, a kind name that is not text) raises pydantic's ValidationError.
         """
@@ -289,6 +327,9 @@ class Runtime:
             shards=shards,
             lease_s=lease_s,
             address=address,
+            max_turns_in_flight=max_turns_in_flight,
+            max_queued_turns=max_queued_turns,
+            permit_timeout=permit_timeout,
         )
         ensure_logging()
         # Every step thread may read at once, plus the groups and the callers.
@@ -314,6 +355,9 @@ class Runtime:
                 options.restart_policy,
                 options.passivate_after,
                 options.max_active_groups,
+                options.max_turns_in_flight,
+                options.max_queued_turns,
+                options.permit_timeout,
             )
         except BaseException:
             store.close()
@@ -748,19 +792,10 @@ class Runtime:
         With `request_id`, a retry yields the first call's messages, then has its result
         (see `step`).
         """
-        group_id = check_id(group_id, "group_id")
-        request_id = REQUEST_ID.validate_python(request_id)
-        self._check("take a turn")
-        limit = TURN_TIMEOUT.validate_python(timeout)
         sink: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
-        command = TakeTurn(
-            input=_MESSAGES.validate_python(messages),
-            mode="stream",
-            sink=sink,
-            request_id=request_id,
-        )
-        reply = self._send_group(group_id, command)
-        return TurnStream(sink, reply, group_id, limit)
+        call = self._prepare_turn(group_id, messages, "stream", timeout, sink, request_id)
+        reply, _ = self._submit_turn(call)
+        return TurnStream(sink, reply, call.group_id, call.timeout)
 
     def _turn(
         self,
@@ -770,16 +805,81 @@ class Runtime:
         timeout: float | None,
         request_id: str | None,
     ) -> TurnResult:
+        call = self._prepare_turn(group_id, messages, mode, timeout, request_id=request_id)
+        reply, ticket = self._submit_turn(call)
+        try:
+            return _outcome(reply, call.group_id, call.timeout, call.deadline)
+        finally:
+            # Free its place now, not only in the reply's callback, which may run after
+            # this thread woke: this thread's next turn must find the group's place free.
+            if reply.done():
+                ticket.end()
+
+    # The steps of a turn call, shared by this API and the asyncio one (`AsyncRuntime`),
+    # which waits for its permit on its loop and sends from a thread that may block.
+
+    def _prepare_turn(
+        self,
+        group_id: str,
+        messages: Sequence[Any],
+        mode: TurnMode,
+        timeout: float | None,
+        sink: MessageSink | None = None,
+        request_id: str | None = None,
+    ) -> TurnCall:
+        """Check a turn call (ValidationError, RuntimeStopped, ...); nothing is sent.
+
+        Both APIs build their turns here, and `AsyncRuntime` passes its callers' keyword
+        arguments on as they are: an argument a turn call grows belongs here, once."""
         group_id = check_id(group_id, "group_id")
         request_id = REQUEST_ID.validate_python(request_id)
         self._check("take a turn")
         limit = TURN_TIMEOUT.validate_python(timeout)
         command = TakeTurn(
-            input=_MESSAGES.validate_python(messages), mode=mode, request_id=request_id
+            input=_MESSAGES.validate_python(messages),
+            mode=mode,
+            sink=sink,
+            request_id=request_id,
         )
-        reply = self._send_group(group_id, command)
         deadline = None if limit is None else time.monotonic() + limit
-        return _outcome(reply, group_id, limit, deadline)
+        return TurnCall(group_id, command, limit, deadline)
+
+    def _submit_turn(self, call: TurnCall) -> tuple[Future[TurnResult], TurnTicket]:
+        """Admit the turn (GroupBusy), wait in this thread for a permit (RuntimeBusy past
+        `permit_timeout`), and send it."""
+        ticket = self._admission.admit(call.group_id)
+        if not ticket.granted:
+            permit = threading.Event()
+            ticket.when_granted(permit.set)
+            waited = permit_wait(self._admission.permit_timeout, call.deadline)
+            if not permit.wait(waited):
+                ticket.withdraw()  # frees the permit too, if it came just now
+                assert self._admission.max_in_flight is not None
+                raise RuntimeBusy(self._admission.max_in_flight, waited or 0.0)
+        return self._send_turn(call, ticket), ticket
+
+    def _send_turn(
+        self, call: TurnCall, ticket: TurnTicket, address: Address | None = None
+    ) -> Future[TurnResult]:
+        """Send an admitted turn to its group's actor; its place and permit are freed when
+        its reply is done. Without the group's running `address`, this may read the store
+        and start the actor (GroupNotFound): it blocks."""
+        reply = call.command.reply
+        if not ticket.send():
+            raise RuntimeError("a turn withdrawn from admission cannot be sent")
+        reply.add_done_callback(ticket.end)
+        try:
+            (address or self._directory.group(call.group_id)).tell(call.command)
+        except BaseException as error:
+            reject(reply, error)  # which ends the ticket
+            raise
+        return reply
+
+    def _running_group(self, group_id: str) -> Address | None:
+        """The group's address if its actor is running: telling it then blocks nothing.
+        None if it must be started (or restarted) first."""
+        address = self._parts.supervisor.child(f"group:{group_id}")
+        return address if address is not None and address.active else None
 
     def _send_group(self, group_id: str, command: Any) -> Future[Any]:
         """Tell the group's actor; its reply future resolves when the command is done."""
@@ -803,12 +903,11 @@ class Runtime:
         if not ids:
             return []
         deadline = None if timeout is None else time.monotonic() + timeout
-        command = WatchRuns(run_ids=ids)
-        self._parts.tracker.tell(command)
+        watched = self._watch_runs(ids)
         # The timeout holds even if the tracker cannot answer (it is restarting, say).
-        if wait([command.reply], timeout=timeout).not_done:
+        if wait([watched], timeout=timeout).not_done:
             raise RunsTimeout(list(dict.fromkeys(ids)), timeout or 0.0)
-        futures: list[Future[None]] = command.reply.result()
+        futures = watched.result()
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         _, not_done = wait(futures, timeout=remaining)
         if not_done:
@@ -816,8 +915,18 @@ class Runtime:
             raise RunsTimeout(list(dict.fromkeys(open_ids)), timeout or 0.0)
         for future in futures:
             future.result()  # RuntimeFailed if the tracker escalated while we waited
-        runs = self._store.get_runs(ids)
-        return [runs[i] for i in ids]
+        return self._stored_runs(ids)
+
+    def _watch_runs(self, run_ids: list[str]) -> Future[list[Future[None]]]:
+        """Ask the tracker for one future per run, each done once its run is terminal."""
+        command = WatchRuns(run_ids=run_ids)
+        self._parts.tracker.tell(command)
+        return command.reply
+
+    def _stored_runs(self, run_ids: list[str]) -> list[Run]:
+        """The runs as stored, in the order asked."""
+        runs = self._store.get_runs(run_ids)
+        return [runs[i] for i in run_ids]
 
     def get_run(self, run_id: str) -> Run:
         """The run as stored: status, attempt, window, stop reason, error."""
@@ -910,9 +1019,12 @@ class Runtime:
         """Live actors, step threads, restarts, write batches and timers, for monitoring.
 
         `starts_postponed` counts run starts put off while the store was unavailable;
-        `timers` the scheduler's timers (deadlines of running runs, mostly)."""
+        `timers` the scheduler's timers (deadlines of running runs, mostly);
+        `turns_in_flight` the turns sent and not ended, `turns_waiting` those waiting
+        for a permit (`max_turns_in_flight`)."""
         return {
             **self._directory.counts(),
+            **self._admission.counts(),
             "active_groups": self._parts.supervisor.active_count("group:"),
             "active_agents": self._parts.supervisor.active_count("agent:"),
             "passivations": self._parts.supervisor.passivations,

@@ -4,7 +4,8 @@ Measures, in this order: the runtime's durable turns/s at 100 and 1,000 groups; 
 baseline (Letta's orchestration: one SQLAlchemy session per read-modify-write) at 100
 groups; the limit (the same rows with plain sqlite3, batched, one thread); both with many
 callers on one group (lost updates); in a child process, memory and threads at 10,000
-groups; and `openai` agents against a loopback fake model server (`bench/llm.py`).
+groups; `openai` agents against a loopback fake model server (`bench/llm.py`); and the
+asyncio API, 1,000 coroutines on one loop, against the synchronous one (`bench/async_turns.py`).
 Prints a table, the ratios and the targets, and writes everything as JSON.
 
     python bench/run.py                    # the full run (several minutes)
@@ -39,7 +40,7 @@ from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import llm, report
+from bench import async_turns, llm, report
 from bench.cases import (
     CaseResult,
     measure_limit,
@@ -62,6 +63,7 @@ CASES = (
     "naive_contended",
     "scale",
     "llm",
+    "async",
 )
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
@@ -84,6 +86,7 @@ class Plan:
     scale_timeout_s: float
     repeats: int
     llm_turns_per_group: int = 300
+    async_turns_per_group: int = async_turns.TURNS_PER_GROUP
     threads: int = 64
     workers: int = 32
     naive_background_workers: int = 32
@@ -117,6 +120,7 @@ QUICK = Plan(
     scale_timeout_s=300,
     repeats=1,
     llm_turns_per_group=50,
+    async_turns_per_group=async_turns.QUICK_TURNS_PER_GROUP,
 )
 
 
@@ -279,11 +283,21 @@ def run_cases(
             llm.DELAY_MS,
             plan.workers,
         )
+    if "async" in wanted:
+        announce("asyncio API: 1,000 coroutines on one loop, against 100 threads")
+        figures = async_turns.measure(
+            _runtime_url(db, work, "async"), plan.async_turns_per_group, plan.workers
+        )
+        cases.update(async_turns.rows(figures))
     return cases, scale
 
 
-def llm_lines(cases: dict[str, CaseResult]) -> list[report.Target]:
-    return report.llm_targets(cases.get("llm")) if "llm" in cases else []
+def case_targets(cases: dict[str, CaseResult]) -> list[report.Target]:
+    """The target lines of the cases that report their own: `llm` and `async`."""
+    lines = report.llm_targets(cases.get("llm")) if "llm" in cases else []
+    if "async" in cases:
+        lines += async_turns.targets(cases["async"].details)
+    return lines
 
 
 def render(
@@ -303,7 +317,7 @@ def render(
     for name, value in report.ratios(cases).items():
         lines.append(f"{name:<34} {value:.3f}x")
     lines += ["", *report.scale_lines(scale), "", "targets:"]
-    for target in [*report.targets(cases, scale), *llm_lines(cases)]:
+    for target in [*report.targets(cases, scale), *case_targets(cases)]:
         lines.append(f"  {target.verdict}  {target.name:<42} {target.detail}")
     return "\n".join(lines)
 
@@ -340,7 +354,7 @@ def main() -> int:
         environment = _environment(work)
         cases, scale = run_cases(plan, wanted, args.db, work)
     print(render(cases, scale, args.quick, args.db))
-    lines = [*report.targets(cases, scale), *llm_lines(cases)]
+    lines = [*report.targets(cases, scale), *case_targets(cases)]
     document = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "quick": args.quick,

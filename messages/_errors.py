@@ -161,6 +161,36 @@ class TurnTimeout(SleeptimeError, TimeoutError):
         )
 
 
+class GroupBusy(SleeptimeError):
+    """The group already has `limit` turns queued (`max_queued_turns`): nothing was sent.
+
+    A web service answers it with HTTP 429: the caller should retry a little later."""
+
+    def __init__(self, group_id: str, limit: int) -> None:
+        self.group_id = group_id
+        self.limit = limit
+        super().__init__(
+            f"group {group_id} already has {limit} turn(s) queued (max_queued_turns={limit}); "
+            "nothing was sent: retry later, or start the runtime with a larger max_queued_turns"
+        )
+
+
+class RuntimeBusy(SleeptimeError):
+    """`limit` turns were in flight (`max_turns_in_flight`) and none ended within
+    `waited` seconds of the call: nothing was sent.
+
+    A web service answers it with HTTP 503 (or 429): the caller should retry later."""
+
+    def __init__(self, limit: int, waited: float) -> None:
+        self.limit = limit
+        self.waited = waited
+        super().__init__(
+            f"the runtime has {limit} turn(s) in flight (max_turns_in_flight={limit}) and "
+            f"none ended within {waited:g}s; nothing was sent: retry later, or start the "
+            "runtime with a larger max_turns_in_flight or permit_timeout"
+        )
+
+
 class SchemaMismatch(SleeptimeError):
     """The database's schema is not the one this code uses."""
 

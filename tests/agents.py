@@ -99,6 +99,38 @@ class Streamer:
             raise RuntimeError("the primary agent broke mid-stream")
 
 
+class Gated:
+    """A primary agent that answers once its gate opens; every agent of the kind shares it.
+
+    Its stream yields `part 0`, waits for the gate, then yields `part 1` and `part 2`.
+    `entered` is released each time a turn reaches the agent. The gate starts open.
+    """
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Semaphore(0)
+
+    def factory(self, config: dict[str, Any]) -> Gated:
+        return self
+
+    def step(self, context: AgentContext, messages: Sequence[Message]) -> list[MessageCreate]:
+        self.entered.release()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return [MessageCreate(role="assistant", content=f"answer to {messages[-1].text()}")]
+
+    def stream(self, context: AgentContext, messages: Sequence[Message]) -> Iterator[MessageCreate]:
+        yield MessageCreate(role="assistant", content="part 0")
+        self.entered.release()
+        assert self.gate.wait(30), "the test never opened the gate"
+        yield MessageCreate(role="assistant", content="part 1")
+        yield MessageCreate(role="assistant", content="part 2")
+
+    def wait_entered(self, count: int = 1, timeout: float = 10.0) -> None:
+        for _ in range(count):
+            assert self.entered.acquire(timeout=timeout), "no turn reached the agent in time"
+
+
 class StepLimited:
     """A sleeptime agent that always reaches its step limit."""
 

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from bench import llm
+from bench import async_turns, llm
 from bench.cases import CaseResult
 from bench.drive import drive
 from bench.limit import count_rows, write_turns
@@ -132,3 +132,57 @@ def test_the_llm_case_drives_openai_agents_on_the_fake_and_reports_the_targets(
         "llm: <= 5 ms runtime CPU per turn",
     ]
     assert all("the target is for PostgreSQL" in line.detail for line in lines)
+
+
+def test_async_turns_reports_its_rows_and_targets() -> None:
+    phase = {
+        "callers": 100,
+        "turns": 3000,
+        "seconds": 5.0,
+        "cpu_ms_per_turn": 1.7,
+        "p50_ms": 150.0,
+        "p99_ms": 300.0,
+        "peak_threads": 236,
+        "loop_lag_p50_ms": 1.0,
+        "loop_lag_p99_ms": 8.0,
+        "loop_lag_max_ms": 20.0,
+        "gc_pause_total_ms": 100.0,
+        "gc_pause_max_ms": 15.0,
+        "errors": 0,
+    }
+    figures = {
+        "database": "sqlite",
+        "quiet_gc": False,
+        "groups": 100,
+        "sync": {**phase, "api": "sync, 100 threads", "turns_per_s": 600.0},
+        "async": {
+            **phase,
+            "api": "async, 1,000 coroutines",
+            "callers": 1000,
+            "peak_threads": 241,
+            "turns_per_s": 660.0,
+        },
+        "ratio_async_to_sync": 1.1,
+        "runtime_threads": 236,
+        "blocking_threads": 4,
+        "runs_not_completed": 0,
+        "restarts": 0,
+    }
+    figures["bounded"] = 16
+    figures["async_bounded"] = {
+        **phase,
+        "api": "async, 1,000 coroutines, max_turns_in_flight=16",
+        "callers": 1000,
+        "loop_lag_p99_ms": 12.0,
+        "turns_per_s": 540.0,
+    }
+    lag, ratio, bounded_lag, bounded_ratio, threads = async_turns.targets(figures)
+    assert (lag.passed, ratio.passed, threads.passed) == (True, True, False)  # 241 > 236 + 4
+    assert (bounded_lag.passed, bounded_ratio.passed) == (False, False)
+    assert "max_turns_in_flight=16" in bounded_lag.name
+    rows = async_turns.rows(figures)
+    assert list(rows) == ["async_sync", "async", "async_bounded"]
+    assert rows["async"].turns_per_s == 600.0  # 3,000 in 5 s
+    shown = async_turns.render(figures)
+    assert "async / sync turns/s: 1.10x" in shown and "MISS  async: threads" in shown
+    assert "max_turns_in_flight=16" in shown

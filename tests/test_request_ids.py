@@ -8,6 +8,7 @@ between its commit and its reply.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from sqlalchemy import create_engine, text
 
-from actors import PrimaryAgentError, Runtime
+from actors import AsyncRuntime, PrimaryAgentError, Runtime
 from messages import Group, MessageCreate, TurnResult
 from persistence._engine import parse_url
 from tests.agents import Echo, Streamer, user
@@ -237,3 +238,19 @@ def test_any_sequence_of_retries_stores_one_turn_per_distinct_request_id(
     rt.wait_for_runs(run_ids, timeout=30)
     report = rt.check_invariants([group.id])
     assert report.ok, report.violations
+
+
+def test_the_asyncio_api_takes_a_request_id_too(db_url: str) -> None:
+    """AsyncRuntime passes `request_id` on: a retry gets the first result, one turn."""
+
+    async def main() -> None:
+        async with await AsyncRuntime.start(db_url) as rt:
+            group = await rt.create_group(
+                primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}]
+            )
+            first = await rt.step(group.id, [user("hi")], request_id="async-1")
+            again = await rt.step(group.id, [user("hi, again")], request_id="async-1")
+            assert again == first
+            assert (await rt.get_group(group.id)).turns == 1
+
+    asyncio.run(main())

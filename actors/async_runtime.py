@@ -1,0 +1,436 @@
+"""The AsyncRuntime: the Runtime for services on an asyncio event loop (SPEC 14).
+
+Every call of `Runtime` (SPEC 11), awaited, with the same arguments, results and errors;
+the event loop is never blocked and no thread is held per waiting call.
+
+- A turn (`step`, `record_turn`, `stream`) is checked and admitted on the loop, waits for
+  its permit on the loop, and is told to its group's actor there when the actor runs;
+  its reply reaches the coroutine through `call_soon_threadsafe` (`actors._bridge`).
+- Work that must block (the first turn of a group whose actor is not running reads the
+  store and starts it; store reads; `create_group`; `stop`) runs on a small executor of
+  `blocking_threads` threads that the AsyncRuntime owns.
+- Cancelling a coroutine never changes what the runtime does: a turn that was sent (or
+  handed to the executor to be sent) is completed and recorded; one still waiting for a
+  permit is withdrawn, and its place and permit go to the next caller.
+
+Example:
+    >>> async with await AsyncRuntime.start("sqlite:///sleeptime.db") as rt:
+    ...     group = await rt.create_group(primary={"kind": "scripted"},
+    ...                                   sleeptime=[{"kind": "memory"}], frequency=2)
+    ...     result = await rt.step(group.id, [MessageCreate(role="user", content="hi")])
+    ...     async for message in rt.stream(group.id, [MessageCreate(role="user", content="hey")]):
+    ...         print(message.text())
+    ...     runs = await rt.wait_for_runs(result.run_ids, timeout=30)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+
+from pydantic import InstanceOf, TypeAdapter
+
+from actors._admission import TurnTicket, permit_wait
+from actors._arguments import BLOCKING_THREADS, DRAIN_TIMEOUT, RunWait
+from actors._bridge import (
+    LoopSink,
+    inbox_of,
+    resolve_signal,
+    wait_all_done,
+    wait_done,
+    wait_signal,
+)
+from actors._protocol import TurnMode
+from actors.kinds._registry import AgentKinds
+from actors.runtime import DEFAULT_URL, Runtime, TurnCall
+from messages import (
+    Message,
+    MessageCreate,
+    Run,
+    RunsTimeout,
+    RuntimeBusy,
+    RuntimeStopped,
+    TurnResult,
+    TurnTimeout,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+DEFAULT_BLOCKING_THREADS = 4
+"""Threads of an AsyncRuntime's executor: store reads, first touches of groups, stop."""
+
+_RUNTIME: TypeAdapter[Runtime] = TypeAdapter(InstanceOf[Runtime])
+
+
+def _in_executor(
+    method: Callable[Concatenate[Runtime, P], R],
+) -> Callable[Concatenate[AsyncRuntime, P], Coroutine[Any, Any, R]]:
+    """`Runtime.<method>`, awaited: run on the AsyncRuntime's executor, with the same
+    arguments, result and errors (the arguments are passed on as they are)."""
+
+    @functools.wraps(method)
+    async def call(self: AsyncRuntime, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._blocking(method, self._runtime, *args, **kwargs)
+
+    call.__doc__ = f"`Runtime.{method.__name__}`, awaited (on the executor).\n\n{method.__doc__}"
+    return call
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+class AsyncTurnStream(AsyncIterator[Message]):
+    """A streamed turn's messages as its primary agent produces them; the turn runs to its
+    end whatever the consumer does.
+
+    `async for` it for the messages; `await result()` is the turn's `TurnResult` (or its
+    error); `await aclose()` stops listening without stopping the turn. Errors found
+    before the turn was sent (GroupNotFound for a group whose actor was not running,
+    RuntimeBusy) are raised by the first iteration, `result()` or `sent()`. With a
+    `timeout`, each raises TurnTimeout once that many seconds passed since the call.
+    """
+
+    def __init__(self, call: TurnCall, sink: LoopSink, sending: asyncio.Task[Future[TurnResult]]):
+        self._call = call
+        self._sink = sink
+        self._sending = sending
+        self._ended = False
+        self._closed = False
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Message:
+        if self._closed or self._ended:
+            raise StopAsyncIteration
+        queue = self._sink.queue
+        if queue.empty():
+            try:
+                item = await asyncio.wait_for(queue.get(), _remaining(self._call.deadline))
+            except TimeoutError:
+                raise self._late() from None
+        else:
+            item = queue.get_nowait()
+        if item is None:  # the end: from the group, or because the turn was never sent
+            self._ended = True
+            await self.result()  # raises the turn's error, if any, to the consumer
+            raise StopAsyncIteration
+        return item
+
+    async def sent(self) -> None:
+        """Wait until the turn is sent to its group (from then on it is recorded whatever
+        happens); raises what kept it from being sent."""
+        # asyncio.wait, not await: cancelling this caller must not cancel the sending.
+        _, pending = await asyncio.wait({self._sending}, timeout=_remaining(self._call.deadline))
+        if pending:
+            raise self._late()
+        self._sending.result()
+
+    async def result(self) -> TurnResult:
+        """The whole turn's result, once it has ended (raises the turn's error)."""
+        await self.sent()
+        reply = self._sending.result()
+        if not await wait_done(reply, _remaining(self._call.deadline)):
+            raise self._late()
+        return reply.result()
+
+    async def aclose(self) -> None:
+        """Stop consuming; the turn still completes and is recorded."""
+        self._closed = True
+        self._sink.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _late(self) -> TurnTimeout:
+        assert self._call.timeout is not None
+        return TurnTimeout(self._call.group_id, self._call.timeout)
+
+
+class AsyncRuntime:
+    """A running sleeptime runtime, for coroutines: `Runtime`'s calls, awaited.
+
+    Start one with `await AsyncRuntime.start(url, ...)`, or put one over a running
+    `Runtime` with `AsyncRuntime.wrap(runtime)` (both faces then drive the same runtime,
+    under the same bounds); `async with` it, or `await stop()` at the end. It may be used
+    from any event loop, and from several.
+    """
+
+    def __init__(self, runtime: Runtime, blocking_threads: int = DEFAULT_BLOCKING_THREADS):
+        self._runtime = _RUNTIME.validate_python(runtime)
+        self._executor = ThreadPoolExecutor(
+            BLOCKING_THREADS.validate_python(blocking_threads),
+            thread_name_prefix="sleeptime-async",
+        )
+        self._sending: set[asyncio.Task[Any]] = set()  # streams' sends, held until done
+
+    @classmethod
+    async def start(
+        cls,
+        url: str = DEFAULT_URL,
+        *,
+        blocking_threads: int = DEFAULT_BLOCKING_THREADS,
+        **options: Any,
+    ) -> AsyncRuntime:
+        """`Runtime.start(url, **options)` on a thread, then an AsyncRuntime over it.
+
+        The options are `Runtime.start`'s, passed on as they are (`kinds`, `workers`,
+        `read_only`, `max_turns_in_flight`, `max_queued_turns`, `permit_timeout`, ...),
+        with the same errors. `blocking_threads` is the size of the executor on which
+        blocking work runs. A caller cancelled while the runtime starts leaves nothing
+        running: the runtime is stopped once it has started.
+        """
+        threads = BLOCKING_THREADS.validate_python(blocking_threads)
+        starting = ThreadPoolExecutor(1, thread_name_prefix="sleeptime-async-start")
+        job = starting.submit(functools.partial(Runtime.start, url, **options))
+        starting.shutdown(wait=False)
+        try:
+            await wait_done(job)
+        except BaseException:
+            job.add_done_callback(_stop_started)
+            raise
+        return cls(job.result(), threads)
+
+    @classmethod
+    def wrap(
+        cls, runtime: Runtime, *, blocking_threads: int = DEFAULT_BLOCKING_THREADS
+    ) -> AsyncRuntime:
+        """An AsyncRuntime over a running `Runtime`, which goes on serving its own callers;
+        both share its bounds (`max_turns_in_flight`, `max_queued_turns`). `stop()` on
+        either stops the runtime."""
+        return cls(runtime, blocking_threads)
+
+    @staticmethod
+    async def migrate(url: str) -> tuple[str | None, str]:
+        """`Runtime.migrate(url)` on a thread: upgrade the database's schema."""
+        return await asyncio.to_thread(Runtime.migrate, url)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def runtime(self) -> Runtime:
+        """The synchronous `Runtime` underneath (for code on threads)."""
+        return self._runtime
+
+    @property
+    def agents(self) -> AgentKinds:
+        """The agent kinds of this runtime: `rt.agents.register(name, factory)`."""
+        return self._runtime.agents
+
+    @property
+    def read_only(self) -> bool:
+        return self._runtime.read_only
+
+    @property
+    def stopped(self) -> bool:
+        return self._runtime.stopped
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """`Runtime.stop`, on a thread: finish queued turns, wait up to `drain_timeout` s
+        for open runs, then stop; then the executor's threads leave."""
+        drain_timeout = DRAIN_TIMEOUT.validate_python(drain_timeout)
+        try:
+            job = self._executor.submit(self._runtime.stop, drain_timeout)
+        except RuntimeError:
+            return  # stopped already
+        # Even if this caller is cancelled, the threads leave once the runtime stopped.
+        job.add_done_callback(lambda _: self._executor.shutdown(wait=False))
+        await wait_done(job)
+        job.result()
+
+    def stats(self) -> dict[str, int]:
+        """`Runtime.stats()`: counters held in memory, so nothing to await."""
+        return self._runtime.stats()
+
+    # -- turns ----------------------------------------------------------------------------
+
+    async def step(
+        self,
+        group_id: str,
+        messages: Sequence[MessageCreate | Mapping[str, Any]],
+        timeout: float | None = None,
+        **options: Any,
+    ) -> TurnResult:
+        """`Runtime.step`, awaited: run the primary agent on `messages` and apply the
+        sleeptime rules (SPEC 4-7); the same arguments (passed on as they are), result
+        and errors (PrimaryAgentError, TurnTimeout, GroupBusy, RuntimeBusy, ...)."""
+        return await self._take_turn(self._prepare(group_id, messages, "step", timeout, options))
+
+    async def record_turn(
+        self,
+        group_id: str,
+        messages: Sequence[MessageCreate | Mapping[str, Any]],
+        timeout: float | None = None,
+        **options: Any,
+    ) -> TurnResult:
+        """`Runtime.record_turn`, awaited: store one already-produced turn and apply the
+        sleeptime rules."""
+        return await self._take_turn(self._prepare(group_id, messages, "record", timeout, options))
+
+    def stream(
+        self,
+        group_id: str,
+        messages: Sequence[MessageCreate | Mapping[str, Any]],
+        timeout: float | None = None,
+        **options: Any,
+    ) -> AsyncTurnStream:
+        """`Runtime.stream`, for `async for`: the output messages as the primary agent
+        produces them. Call it on the loop: the turn is on its way at once, whether or
+        not the stream is read. Malformed input, a stopped runtime and GroupBusy raise
+        here; the rest comes out of the stream (see AsyncTurnStream)."""
+        loop = asyncio.get_running_loop()
+        sink = LoopSink(loop)
+        call = self._runtime._prepare_turn(
+            group_id, messages, "stream", timeout, sink=sink, **options
+        )
+        ticket = self._runtime._admission.admit(call.group_id)
+        sending = loop.create_task(self._send(call, ticket))
+        self._sending.add(sending)
+        sending.add_done_callback(functools.partial(self._sent, sink, ticket))
+        return AsyncTurnStream(call, sink, sending)
+
+    def _sent(
+        self, sink: LoopSink, ticket: TurnTicket, sending: asyncio.Task[Future[TurnResult]]
+    ) -> None:
+        """A stream's send ended: its end comes with the reply, or now if it failed."""
+        self._sending.discard(sending)
+        if sending.cancelled() or sending.exception() is not None:  # retrieved: not logged
+            ticket.withdraw()  # a task cancelled before it ran holds its place: free it
+            sink.end()
+        else:
+            sending.result().add_done_callback(sink.end)
+
+    def _prepare(
+        self,
+        group_id: str,
+        messages: Sequence[Any],
+        mode: TurnMode,
+        timeout: float | None,
+        options: dict[str, Any],
+    ) -> TurnCall:
+        return self._runtime._prepare_turn(group_id, messages, mode, timeout, **options)
+
+    async def _take_turn(self, call: TurnCall) -> TurnResult:
+        reply = await self._send(call, self._runtime._admission.admit(call.group_id))
+        if not await wait_done(reply, _remaining(call.deadline)):
+            assert call.timeout is not None
+            raise TurnTimeout(call.group_id, call.timeout)  # the turn still ends, recorded
+        return reply.result()
+
+    async def _send(self, call: TurnCall, ticket: TurnTicket) -> Future[TurnResult]:
+        """Wait for the turn's permit, then send it: on the loop if its group's actor
+        runs, else on the executor (it is started from the store there)."""
+        runtime = self._runtime
+        if not ticket.granted:
+            try:
+                await self._permit(call, ticket)
+            except BaseException:
+                ticket.withdraw()  # cancelled or timed out: its place and permit go on
+                raise
+        address = runtime._running_group(call.group_id)
+        if address is not None:
+            return runtime._send_turn(call, ticket, address)
+        try:
+            job = self._executor.submit(runtime._send_turn, call, ticket)
+        except RuntimeError:  # the executor was shut down: the runtime is stopped
+            ticket.withdraw()
+            raise RuntimeStopped() from None
+        # Handed over: the turn is sent whatever happens to this coroutine from now on.
+        ticket.send()
+        await wait_done(job)
+        return job.result()
+
+    async def _permit(self, call: TurnCall, ticket: TurnTicket) -> None:
+        """Wait on the loop for the ticket's permit; RuntimeBusy past `permit_timeout`."""
+        loop = asyncio.get_running_loop()
+        granted: asyncio.Future[None] = loop.create_future()
+        inbox = inbox_of(loop)
+
+        def tell() -> None:  # in the thread that freed the permit
+            if not inbox.post(resolve_signal, granted):
+                ticket.withdraw()  # the loop closed: nobody will send it
+
+        ticket.when_granted(tell)
+        admission = self._runtime._admission
+        waited = permit_wait(admission.permit_timeout, call.deadline)
+        if not await wait_signal(granted, waited):
+            assert admission.max_in_flight is not None
+            raise RuntimeBusy(admission.max_in_flight, waited or 0.0)
+
+    # -- runs -----------------------------------------------------------------------------
+
+    async def wait_for_runs(
+        self, run_ids: Sequence[str], timeout: float | None = None
+    ) -> list[Run]:
+        """`Runtime.wait_for_runs`, awaited: every run terminal, in the order asked;
+        RunsTimeout naming the runs still open once `timeout` seconds passed."""
+        asked = RunWait(run_ids=run_ids, timeout=timeout)
+        ids, timeout = asked.run_ids, asked.timeout
+        self._runtime._check()
+        if not ids:
+            return []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        watched = self._runtime._watch_runs(ids)
+        if not await wait_done(watched, timeout):
+            raise RunsTimeout(list(dict.fromkeys(ids)), timeout or 0.0)
+        futures = watched.result()
+        if not await wait_all_done(futures, _remaining(deadline)):
+            open_ids = [i for i, f in zip(ids, futures, strict=True) if not f.done()]
+            raise RunsTimeout(list(dict.fromkeys(open_ids)), timeout or 0.0)
+        for future in futures:
+            future.result()  # RuntimeFailed if the tracker escalated while we waited
+        return await self._blocking(self._runtime._stored_runs, ids)
+
+    get_run = _in_executor(Runtime.get_run)
+    list_runs = _in_executor(Runtime.list_runs)
+    count_runs = _in_executor(Runtime.count_runs)
+    run_events = _in_executor(Runtime.run_events)
+    cancel_run = _in_executor(Runtime.cancel_run)
+
+    # -- groups, memory and history -------------------------------------------------------
+
+    create_group = _in_executor(Runtime.create_group)
+    get_group = _in_executor(Runtime.get_group)
+    list_groups = _in_executor(Runtime.list_groups)
+    update_group = _in_executor(Runtime.update_group)
+    get_agent = _in_executor(Runtime.get_agent)
+    get_blocks = _in_executor(Runtime.get_blocks)
+    list_messages = _in_executor(Runtime.list_messages)
+    check_invariants = _in_executor(Runtime.check_invariants)
+
+    async def _blocking(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run `fn` on the executor and wait for it on the loop. A cancelled caller
+        leaves it running to its end (nobody reads its result)."""
+        try:
+            job = self._executor.submit(fn, *args, **kwargs)
+        except RuntimeError:  # shut down: the runtime was stopped through this face
+            raise RuntimeStopped() from None
+        await wait_done(job)
+        return job.result()
+
+
+def _stop_started(job: Future[Runtime]) -> None:
+    """A start whose caller was cancelled: stop what it started."""
+    if job.exception() is None:
+        job.result().stop(drain_timeout=0)
