@@ -135,8 +135,10 @@ class DatabaseInUse(SleeptimeError):
 class OwnershipLost(SleeptimeError):
     """This runtime found its database owned by another one, and stopped writing to it.
 
-    Raised by every call that would write once the runtime lost its ownership (for
-    example its PostgreSQL lock died with a server restart and another runtime took it).
+    Raised by every call that would write once the writer's connection was refused the
+    database's ownership. PostgreSQL databases are shared under shard leases since
+    revision 0004, where a lost shard raises `ShardLost` instead; this stays for writers
+    whose engine refuses a connection (and for code that catches it).
     Stop this runtime; the owner recovers its open runs.
     """
 

@@ -563,3 +563,10 @@ def test_a_start_whose_caller_was_cancelled_leaves_nothing_running(db_url: str) 
 
     run(cancelled())
     assert wait_until(database_free, timeout=30, every=0.1)  # stopped once it had started
+
+
+def test_the_asyncio_api_has_every_public_call_of_the_runtime() -> None:
+    """SPEC 14: AsyncRuntime mirrors Runtime call for call, SPEC 15's `owner_of` included."""
+    public = {name for name in dir(Runtime) if not name.startswith("_")}
+    missing = sorted(name for name in public if not hasattr(AsyncRuntime, name))
+    assert missing == []
