@@ -491,8 +491,11 @@ def test_every_error_arrives_as_the_same_type_through_both_apis(db_url: str) -> 
                 lambda: rt.step(group.id, [user("x")], colour="red"),  # type: ignore[call-arg]
                 lambda: art.step(group.id, [user("x")], colour="red"),
             ),
-            (DatabaseInUse, lambda: Runtime.start(db_url), lambda: AsyncRuntime.start(db_url)),
         ]
+        if db_url.startswith("sqlite"):  # on PostgreSQL a second process shares the shards
+            cases.append(
+                (DatabaseInUse, lambda: Runtime.start(db_url), lambda: AsyncRuntime.start(db_url))
+            )
         for expected, sync_call, async_call in cases:
             with pytest.raises(expected) as sync_error:
                 sync_call()
