@@ -18,11 +18,16 @@ from actors._chaos import Chaos
 from actors._restart import RestartPolicy
 from messages import RunStatus
 from messages._text import INT32_MAX, Id, Kind, Text
+from persistence import MAX_SHARDS
 
 MAX_WORKERS = 1024
 """Step threads at most: the pool starts them all at once."""
 MAX_WAIT_S = 1e9
 """The longest `wait_for_runs` timeout (about 30 years; None waits for ever)."""
+
+
+MIN_LEASE_S = 0.2
+MAX_LEASE_S = 3600.0
 
 
 class StartOptions(BaseModel):
@@ -38,6 +43,9 @@ class StartOptions(BaseModel):
     restart_policy: InstanceOf[RestartPolicy] | None = None
     passivate_after: float | None = Field(gt=0, allow_inf_nan=False)
     max_active_groups: int | None = Field(ge=1, le=INT32_MAX)
+    shards: int = Field(ge=1, le=MAX_SHARDS)
+    lease_s: float = Field(ge=MIN_LEASE_S, le=MAX_LEASE_S, allow_inf_nan=False)
+    address: Text | None = None
     max_turns_in_flight: int | None = Field(ge=1, le=INT32_MAX)
     max_queued_turns: int | None = Field(ge=1, le=INT32_MAX)
     permit_timeout: float | None = Field(gt=0, le=MAX_WAIT_S, allow_inf_nan=False)

@@ -29,6 +29,7 @@ INVARIANTS = (
     "attempts_monotonic",
     "agent_runs_disjoint",
     "request_ids_unique",
+    "epochs_monotonic",
 )
 _TERMINAL = {status.value for status in TERMINAL_STATUSES}
 Event = tuple[str, int, datetime]
@@ -92,6 +93,9 @@ def _check_group(store: Store, group: Group, runs: list[Run], found: dict[str, l
         f"group {group.id}: {problem}"
         for problem in request_problems(store.request_ids(group.id), group.turns)
     ]
+    found["epochs_monotonic"] += [
+        f"group {group.id}: {problem}" for problem in stale_writes(store.event_epochs(group.id))
+    ]
 
     history = store.turn_numbers(group.primary_agent_id)
     sequences = [seq for seq, _, _ in history]
@@ -145,6 +149,25 @@ def _check_group(store: Store, group: Group, runs: list[Run], found: dict[str, l
             found["windows_contiguous_disjoint_covering"].append(
                 f"agent {agent_id}: windows end at {covered}, the cursor is at {cursor_seq}"
             )
+
+
+def stale_writes(epochs: Sequence[tuple[int, int | None]]) -> list[str]:
+    """Writes accepted from a stale lease: along a group's run events, in the order they
+    were written ((event id, epoch) pairs), the epoch of its shard's lease never goes back
+    (events written before epochs were recorded, None, are skipped)."""
+    problems = []
+    newest: tuple[int, int] | None = None
+    for event_id, epoch in epochs:
+        if epoch is None:
+            continue
+        if newest is not None and epoch < newest[1]:
+            problems.append(
+                f"event {event_id} written under epoch {epoch} after event {newest[0]} "
+                f"under epoch {newest[1]}"
+            )
+        elif newest is None or epoch > newest[1]:
+            newest = (event_id, epoch)
+    return problems
 
 
 def attempts_decrease(events: Sequence[Event]) -> bool:

@@ -142,8 +142,11 @@ class ActorDirectory:
         parts.waiters.fail(refusal)
 
     def group(self, group_id: str) -> Address:
-        """The group's address (GroupNotFound if the store has no such group)."""
+        """The group's address (GroupNotFound if the store has no such group, NotOwner
+        if another process serves it)."""
         identity = f"group:{group_id}"
+        if not self._parts.store.serves(group_id):
+            raise self._parts.store.not_owner(group_id)
         with self._lock:
             address = self._parts.supervisor.child(identity)
             if address is not None:
@@ -255,6 +258,34 @@ class ActorDirectory:
         for identity in [f"group:{group_id}", *members]:
             parts.supervisor.close(identity, refusal)
         log.error("group_failed", group_id=group_id, reason=reason)
+
+    def stop_groups(
+        self,
+        chosen: Callable[[str], bool],
+        refusal: Callable[[str], Exception],
+        timeout: float | None,
+        kinds: tuple[str, ...] = ("group:", "agent:"),
+    ) -> None:
+        """Stop the actors of the groups `chosen(group_id)` picks, and then their agents'
+        (each after what it queued); later messages are refused with `refusal(group_id)`.
+        `kinds` says which (groups, agents or both); with `timeout` None, do not wait
+        for them to stop."""
+        supervisor = self._parts.supervisor
+        groups: list[tuple[str, str]] = []
+        agents: list[tuple[str, str]] = []
+        for identity in supervisor.identities():
+            if identity.startswith("group:"):
+                group_id = identity.removeprefix("group:")
+            elif identity.startswith("agent:"):
+                group_id = (supervisor.parent_of(identity) or "group:").removeprefix("group:")
+            else:
+                continue
+            if group_id and identity.startswith(kinds) and chosen(group_id):
+                (groups if identity.startswith("group:") else agents).append((identity, group_id))
+        for identity, group_id in [*groups, *agents]:
+            supervisor.stop(
+                identity, refusal(group_id), timeout=timeout or 0.0, wait=timeout is not None
+            )
 
     def stop(self, prefix: str, timeout: float) -> None:
         """Stop every child whose identity starts with `prefix`, after what it queued."""

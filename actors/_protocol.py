@@ -272,3 +272,25 @@ class RetryTransition:
     """Write a run's pending terminal status again after a failed write."""
 
     run_id: str
+
+
+# -- shards (to the RunTrackerActor) ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AdoptShards(Ask[list[str]]):
+    """This process acquired `shards`: follow their open runs, recovering those left
+    `running` as a restart does; replies with the agent ids that have open runs."""
+
+    shards: frozenset[int]
+    reply: Future[list[str]] = field(default_factory=Future)
+
+
+@dataclass(frozen=True, slots=True)
+class DropShards(Ask[None]):
+    """This process no longer holds `shards`: forget their runs (their waiters get
+    `error`); their new owner carries them on."""
+
+    shards: frozenset[int]
+    error: Exception
+    reply: Future[None] = field(default_factory=Future)

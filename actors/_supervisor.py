@@ -127,6 +127,12 @@ class Supervisor:
         with self._lock:
             return list(self._children)
 
+    def parent_of(self, identity: str) -> str | None:
+        """The identity of the child `identity` works for (see `ChildSpec.parent`)."""
+        with self._lock:
+            found = self._children.get(identity)
+            return None if found is None else found.spec.parent
+
     def stop(
         self, identity: str, refusal: Exception, timeout: float = 10.0, wait: bool = True
     ) -> None:

@@ -414,6 +414,7 @@ class AsyncRuntime:
     get_group = _in_executor(Runtime.get_group)
     list_groups = _in_executor(Runtime.list_groups)
     update_group = _in_executor(Runtime.update_group)
+    owner_of = _in_executor(Runtime.owner_of)
     get_agent = _in_executor(Runtime.get_agent)
     get_blocks = _in_executor(Runtime.get_blocks)
     list_messages = _in_executor(Runtime.list_messages)

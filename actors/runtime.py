@@ -15,9 +15,10 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
+from functools import partial
 from types import TracebackType
 from typing import Annotated, Any, Self
 
@@ -41,8 +42,10 @@ from actors._logging import ensure_logging
 from actors._parts import ActorDirectory, RuntimeParts
 from actors._pool import StepPool
 from actors._protocol import (
+    AdoptShards,
     CancelRun,
     ChangeSettings,
+    DropShards,
     KindRegistered,
     MessageSink,
     TakeTurn,
@@ -51,6 +54,7 @@ from actors._protocol import (
 )
 from actors._restart import RestartPolicy
 from actors._scheduler import Scheduler
+from actors._shards import ShardKeeper
 from actors.kinds import builtin_kinds
 from actors.kinds._registry import AgentKinds
 from actors.rules import new_group
@@ -65,9 +69,11 @@ from messages import (
     BlockCreate,
     Blocks,
     Group,
+    GroupOwner,
     GroupSettings,
     Message,
     MessageCreate,
+    NotOwner,
     ReadOnlyRuntime,
     Run,
     RunEvent,
@@ -76,6 +82,7 @@ from messages import (
     RuntimeBusy,
     RuntimeFailed,
     RuntimeStopped,
+    ShardLost,
     TurnResult,
     TurnTimeout,
 )
@@ -83,7 +90,7 @@ from messages._futures import reject
 from messages._groups import GroupCreate
 from messages._ids import new_id
 from messages._text import check_id
-from persistence import NewGroup, Store, utcnow
+from persistence import DEFAULT_SHARDS, NewGroup, Store, utcnow
 
 log = structlog.get_logger("sleeptime.runtime")
 
@@ -93,6 +100,13 @@ DEFAULT_PASSIVATE_AFTER = 300.0
 DEFAULT_MAX_ACTIVE_GROUPS = 256
 """Groups with live actors at most (each holds a thread, and one per busy agent)."""
 REAP_INTERVAL_S = 0.1
+DEFAULT_LEASE_S = 10.0
+"""How long a shard's lease lasts unrenewed (PostgreSQL): the longest a dead process's
+groups wait for a new owner, and the longest pause a process survives."""
+HAND_OVER_TURNS_S = 30.0
+"""How long a hand-over waits for a group's queued turns to finish."""
+MAX_ID_DRAWS = 1_000_000
+ADOPTION_RETRY_S = 1.0
 DEFAULT_MAX_TURNS_IN_FLIGHT = 10_000
 """Turns sent and not ended, at most, over the whole runtime; more wait for a permit."""
 DEFAULT_MAX_QUEUED_TURNS = 1_000
@@ -235,6 +249,9 @@ class Runtime:
             chaos=chaos,
         )
         self._directory = ActorDirectory(self._parts)
+        self._keeper: ShardKeeper | None = None
+        self._hand_over_timeout = 0.0  # how long a hand-over waits for open runs (s)
+        self._adopting = False  # shards acquired are adopted by the tracker (once it runs)
 
     @classmethod
     def start(
@@ -249,6 +266,9 @@ class Runtime:
         restart_policy: RestartPolicy | None = None,
         passivate_after: float | None = DEFAULT_PASSIVATE_AFTER,
         max_active_groups: int | None = DEFAULT_MAX_ACTIVE_GROUPS,
+        shards: int = DEFAULT_SHARDS,
+        lease_s: float = DEFAULT_LEASE_S,
+        address: str | None = None,
         max_turns_in_flight: int | None = DEFAULT_MAX_TURNS_IN_FLIGHT,
         max_queued_turns: int | None = DEFAULT_MAX_QUEUED_TURNS,
         permit_timeout: float | None = DEFAULT_PERMIT_TIMEOUT,
@@ -260,8 +280,18 @@ class Runtime:
         database is only read (for inspection): no recovery, no run executes, and every
         call that would change something raises ReadOnlyRuntime.
 
-        One runtime owns a database at a time: a second start raises DatabaseInUse. The
-        schema is migrated to this code's revision on start; with `auto_upgrade=False` an
+        One runtime owns a SQLite file at a time: a second start raises DatabaseInUse.
+        On PostgreSQL several runtimes share the database (SPEC 15): the groups fall in
+        `shards` virtual shards (fixed when the database is first served), and each
+        process serves the groups of the shards it holds leases on, renewed every
+        `lease_s / 3` seconds; a process whose lease lapsed (paused, cut off) loses its
+        shards to the others after `lease_s`. Joining processes take a fair share; a
+        stopping one hands its shards over. A call about a group served elsewhere raises
+        NotOwner naming the owner (and the `address` it advertised). `start` returns once
+        this process holds its share (after a crash, once the dead process's leases
+        expired), or after about `1.5 * lease_s` in any case.
+
+        The schema is migrated to this code's revision on start; with `auto_upgrade=False` an
         older database is refused (SchemaMismatch) instead, and `Runtime.migrate(url)`
         upgrades it.
 
@@ -294,6 +324,9 @@ class Runtime:
             restart_policy=restart_policy,
             passivate_after=passivate_after,
             max_active_groups=max_active_groups,
+            shards=shards,
+            lease_s=lease_s,
+            address=address,
             max_turns_in_flight=max_turns_in_flight,
             max_queued_turns=max_queued_turns,
             permit_timeout=permit_timeout,
@@ -305,6 +338,9 @@ class Runtime:
             read_only=options.read_only,
             auto_upgrade=options.auto_upgrade,
             readers=options.workers + 8,
+            shards=options.shards,
+            lease_s=options.lease_s,
+            address=options.address,
         )
         try:
             registry = AgentKinds()
@@ -330,7 +366,13 @@ class Runtime:
             if options.read_only:
                 runtime._directory.start_tracker()
             else:
+                # On PostgreSQL the first share is taken before the tracker starts, so
+                # its first incarnation recovers it as it recovers a SQLite file's runs.
+                runtime._join(settle_s=1.5 * options.lease_s + 1.0)
                 runtime._recover()
+                if runtime._keeper is not None:
+                    runtime._adopting = True
+                    runtime._keeper.keep()
         except BaseException:
             runtime.stop(drain_timeout=0)  # what was started stops, the store is closed
             raise
@@ -353,11 +395,123 @@ class Runtime:
         self._directory.start_tracker(recovered)
         recovered.result()  # the tracker re-queued (or failed) what was left running
         self.agents.on_register(lambda kind: self._directory.broadcast(KindRegistered(kind=kind)))
-        open_runs = self._store.open_runs()
+        book = self._store.book  # on PostgreSQL, shards come later (`_acquired`)
+        open_runs = [r for r in self._store.open_runs() if book.serves(book.shard_of(r.group_id))]
         for agent_id in dict.fromkeys(run.agent_id for run in open_runs):
             self._directory.agent(agent_id)
         if self._passivate_after is not None or self._max_active_groups is not None:
             self._parts.scheduler.call_later(REAP_INTERVAL_S, self._reap)
+
+    # -- shards (SPEC 15) -----------------------------------------------------------------
+
+    def _join(self, settle_s: float) -> None:
+        """On PostgreSQL: join the processes sharing the database and take a share."""
+        leases = self._store.leases
+        if leases is None:
+            return  # a SQLite file: this process holds every shard
+        self._store.book.on_lost = self._lost_by_write
+        # A rebalancing hand-over runs on the keeper's thread: it must not hold back the
+        # renewal of the other leases.
+        self._hand_over_timeout = leases.lease_s / 4
+        self._keeper = ShardKeeper(
+            leases,
+            self._store.book,
+            on_acquired=self._acquired,
+            on_lost=self._lost,
+            on_hand_over=self._hand_over,
+        )
+        self._keeper.start(settle_s=settle_s)
+
+    def _acquired(self, shards: Mapping[int, int]) -> None:
+        """Shards came to this process: recover their runs as a restart would (those
+        left running are re-queued or failed), then start the agents that have runs."""
+        self._store.shards_moved()
+        if not self._adopting:
+            return  # starting: the tracker's first incarnation loads every held shard
+        try:
+            agent_ids = self._parts.tracker.ask(AdoptShards(shards=frozenset(shards)))
+        except RuntimeFailed:
+            return  # every later call says why
+        except Exception as error:  # the store is away, say: adopt them a little later
+            log.warning("shard_adoption_postponed", shards=len(shards), error=repr(error))
+            still = {s: e for s, e in shards.items() if self._store.book.epoch(s) == e}
+            if still and not self._stopped.is_set():
+                retry = partial(self._acquired, still)
+                self._parts.scheduler.call_later(ADOPTION_RETRY_S, retry)
+            return
+        for agent_id in agent_ids:
+            try:
+                self._directory.agent(agent_id)
+            except Exception as error:  # its runs wait for the agent's next start
+                log.error("agent_not_started", agent_id=agent_id, error=repr(error))
+
+    def _lost(self, shards: Mapping[int, int]) -> None:
+        """Shards were taken over (this process was away too long): stop their actors
+        without waiting, forget their runs; their new owner carries everything on."""
+        chosen = frozenset(shards)
+        in_lost = self._in_shards(chosen)
+        self._directory.stop_groups(
+            in_lost, lambda g: ShardLost(self._store.shard_of(g)), timeout=None
+        )
+        if self._parts.failure is None:
+            self._parts.tracker.tell(DropShards(shards=chosen, error=ShardLost(min(chosen))))
+        self._store.shards_moved()
+
+    def _lost_by_write(self, shards: dict[int, int]) -> None:
+        """A write found shards lost (told from the writer thread): handle it elsewhere."""
+        self._parts.scheduler.call_later(0.0, partial(self._lost, shards))
+
+    def _hand_over(self, shards: Mapping[int, int]) -> None:
+        """Give shards to another process cleanly: no new turns (NotOwner), queued turns
+        finish, open runs get a bounded time to end, then the actors stop."""
+        chosen = frozenset(shards)
+        in_shards = self._in_shards(chosen)
+
+        def moved(group_id: str) -> Exception:  # between owners: try again shortly
+            return NotOwner(group_id, self._store.shard_of(group_id))
+
+        self._directory.stop_groups(in_shards, moved, timeout=HAND_OVER_TURNS_S, kinds=("group:",))
+        timeout = self._hand_over_timeout
+        working = self._parts.failure is None  # else no tracker answers any more
+        if timeout > 0 and working:
+            try:
+                open_ids = [r.id for r in self._store.open_runs() if in_shards(r.group_id)]
+                if open_ids:
+                    futures = self._parts.tracker.ask(WatchRuns(run_ids=open_ids))
+                    _, not_done = wait(futures, timeout=timeout)
+                    if not_done:
+                        log.warning("hand_over_runs_left", runs=len(not_done))
+            except Exception as error:  # the runs stay open, for the next owner
+                log.warning("hand_over_wait_skipped", error=str(error))
+        self._directory.stop_groups(in_shards, moved, timeout=HAND_OVER_TURNS_S)
+        if working:
+            try:
+                self._parts.tracker.ask(DropShards(shards=chosen, error=NotOwner("", min(chosen))))
+            except Exception as error:
+                log.warning("hand_over_drop_failed", error=str(error))
+        self._store.shards_moved()
+
+    def _in_shards(self, shards: frozenset[int]) -> Callable[[str], bool]:
+        shard_of = self._store.shard_of
+        return lambda group_id: shard_of(group_id) in shards
+
+    def owner_of(self, group_id: str) -> GroupOwner:
+        """Who serves the group: its shard, the process holding the shard's lease (pid,
+        host, since when; None while the shard is between owners), the address it
+        advertised, the lease's epoch and expiry, and whether it is this process."""
+        group_id = check_id(group_id, "group_id")
+        self._check()
+        found = self._store.owner_of(group_id)
+        holder = None if found.member is None or found.expired else found.holder
+        return GroupOwner(
+            group_id=group_id,
+            shard=found.shard,
+            owner=holder,
+            address=None if holder is None else found.address,
+            epoch=found.epoch,
+            expires_at=found.expires_at,
+            here=self._store.serves(group_id),
+        )
 
     def _reap(self) -> None:
         """Passivate idle groups and agents (on the scheduler thread, every interval)."""
@@ -398,8 +552,13 @@ class Runtime:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self._keeper is not None:
+            # Every shard is handed over: queued turns finish, runs get the drain time.
+            self._hand_over_timeout = drain_timeout
+            self._keeper.stop()
         self._directory.stop("group:", timeout=60.0)
-        if drain_timeout > 0 and not self.read_only:  # a read-only runtime runs nothing
+        # A read-only runtime runs nothing; a shard keeper drained as it handed over.
+        if drain_timeout > 0 and not self.read_only and self._keeper is None:
             self._drain(drain_timeout)
         self._directory.stop("agent:", timeout=5.0)
         self._parts.supervisor.stop("tracker", RuntimeStopped(), timeout=10.0)
@@ -460,7 +619,7 @@ class Runtime:
                 "max_attempts": max_attempts,
             }
         )
-        group_id, now = new_id("group"), utcnow()
+        group_id, now = self._new_group_id(), utcnow()
         agents = [self._agent(spec.primary, group_id, "primary", now)]
         personas = []
         for index, sleeper in enumerate(spec.sleeptime):
@@ -507,6 +666,17 @@ class Runtime:
             frequency=spec.frequency,
         )
         return group
+
+    def _new_group_id(self) -> str:
+        """A fresh group id in a shard this process serves (SPEC 15: a group is created
+        where it will be served); NotOwner if it serves none right now."""
+        if not self._store.book.held():
+            raise NotOwner("(new group)", -1)
+        for _ in range(MAX_ID_DRAWS):
+            group_id = new_id("group")
+            if self._store.serves(group_id):
+                return group_id
+        raise NotOwner("(new group)", -1)
 
     def _agent(
         self, spec: AgentSpec, group_id: str, role: AgentRole, now: Any, index: int = 0

@@ -27,7 +27,9 @@ from actors._address import Address
 from actors._protocol import (
     Adopted,
     AdoptRuns,
+    AdoptShards,
     CancelRun,
+    DropShards,
     FailGroupRuns,
     FinishRun,
     RetryTransition,
@@ -102,6 +104,14 @@ class RunWaiters:
     def run_ids(self) -> list[str]:
         with self._lock:
             return list(self._waiting)
+
+    def fail_runs(self, run_ids: set[str], error: Exception) -> None:
+        """Answer the callers waiting for `run_ids` with `error` (this process will not
+        see those runs end: their shard moved)."""
+        with self._lock:
+            futures = [f for run_id in run_ids for f in self._waiting.pop(run_id, [])]
+        for future in futures:
+            reject(future, error)
 
     def fail(self, error: Exception) -> None:
         """Answer every waiting caller with `error` (no tracker will resolve them)."""
@@ -204,15 +214,25 @@ class RunTrackerActor(SupervisedActor):
         if self._recovered is not None:
             resolve(self._recovered, None)
 
-    def _load(self) -> list[Run]:
-        self._store.committer.run(lambda connection: None)  # what was queued is settled
-        return self._store.open_runs()
+    def _load(self, shards: frozenset[int] | None = None) -> list[Run]:
+        """The open runs of the shards this process holds (of `shards` only, if given),
+        once what was queued is settled."""
+        self._store.committer.run(lambda connection: None)
+        book = self._store.book
+        return [
+            run
+            for run in self._store.open_runs()
+            if book.epoch(shard := book.shard_of(run.group_id)) is not None
+            and (shards is None or shard in shards)
+        ]
 
-    def _recover(self) -> None:
-        """The runtime is starting: a run an earlier process left `running` was interrupted
-        by its end. Each is re-queued or failed, in the order the runs were created."""
+    def _recover(self, runs: list[Run] | None = None) -> None:
+        """A run an earlier process (or the shard's earlier owner) left `running` was
+        interrupted by its end. Each is re-queued or failed, in the order the runs were
+        created (all of them, or those of `runs`)."""
+        chosen = self._open.values() if runs is None else [self._open[r.id] for r in runs]
         interrupted = sorted(
-            (found for found in self._open.values() if found.status is RunStatus.RUNNING),
+            (found for found in chosen if found.status is RunStatus.RUNNING),
             key=lambda found: (found.run.created_at, found.run.turn),
         )
         limits: dict[str, int] = {}  # group id -> max_attempts, read once
@@ -241,6 +261,10 @@ class RunTrackerActor(SupervisedActor):
                 reply_to.tell(self._answer_adopt(agent_id, token))
             case FailGroupRuns(group_id=group_id, reason=reason):
                 self._fail_group(group_id, reason)
+            case AdoptShards(shards=shards):
+                return self._adopt_shards(shards)
+            case DropShards(shards=shards, error=error):
+                self._drop_shards(shards, error)
             case TerminalCommitted(run_id=run_id):
                 self._settle(run_id)
             case TransitionFailed():
@@ -335,8 +359,15 @@ class RunTrackerActor(SupervisedActor):
 
     def _cancel(self, run_id: str) -> Future[None] | None:
         run = self._open.get(run_id)
+        if run is None:
+            stored = self._store.get_run(run_id)
+            if stored.status.terminal:
+                return None
+            if not self._holds(stored.group_id):
+                raise self._store.not_owner(stored.group_id)
+            run = self._open[run_id] = _Open(stored, stored.status, stored.attempt)
         self._read_back_if_unsure(run)
-        if run is None or run_id not in self._open:
+        if run_id not in self._open:
             return None
         if run.status.terminal:
             return run.settled
@@ -404,6 +435,37 @@ class RunTrackerActor(SupervisedActor):
                     run_id, found, RunStatus.CREATED, reason="interrupted", attempt=attempt
                 )
 
+    # -- shards ---------------------------------------------------------------------------
+
+    def _holds(self, group_id: str) -> bool:
+        return self._store.book.epoch(self._store.shard_of(group_id)) is not None
+
+    def _adopt_shards(self, shards: frozenset[int]) -> list[str]:
+        """Follow the open runs of newly held `shards`, recovering those left running."""
+        found = [run for run in self._load(shards) if run.id not in self._open]
+        for run in found:
+            self._open[run.id] = _Open(run, run.status, run.attempt)
+        self._recover(found)
+        if found:
+            log.info("shard_runs_adopted", shards=len(shards), runs=len(found))
+        return list(dict.fromkeys(run.agent_id for run in found))
+
+    def _drop_shards(self, shards: frozenset[int], error: Exception) -> None:
+        """Forget the runs of `shards`: their new owner carries them on."""
+        book = self._store.book
+        gone = {
+            run_id
+            for run_id, found in self._open.items()
+            if book.shard_of(found.run.group_id) in shards
+        }
+        for run_id in gone:
+            self._flags.raise_flag(run_id)  # whatever still steps here stops
+            self._flags.forget(run_id)
+            del self._open[run_id]
+        self._waiters.fail_runs(gone, error)
+        if gone:
+            log.warning("shard_runs_dropped", shards=len(shards), runs=len(gone))
+
     def _fail_group(self, group_id: str, reason: str) -> None:
         for run_id, found in list(self._open.items()):
             if found.run.group_id == group_id and not found.status.terminal:
@@ -443,6 +505,7 @@ class RunTrackerActor(SupervisedActor):
             stop_reason=stop_reason,
             error=error,
             messages=messages or [],
+            group_id=run.run.group_id,
         )
         run.status, run.attempt = new, change.attempt
         return self._submit(run_id, run, change)
@@ -484,6 +547,8 @@ class RunTrackerActor(SupervisedActor):
         run = self._open.get(run_id)
         if run is None:
             return
+        if self._store.book.epoch(self._store.shard_of(run.run.group_id)) is None:
+            return  # its shard was lost: the runtime drops its runs (DropShards)
         if not failed.terminal:
             run.unsure = True
             log.warning("transition_not_recorded", run_id=run_id, error=error)
@@ -590,6 +655,8 @@ class RunTrackerActor(SupervisedActor):
                 continue
             if run_id not in self._open:  # open in the store but not followed: follow it
                 found = stored[run_id]
+                if not self._holds(found.group_id):
+                    raise self._store.not_owner(found.group_id)
                 self._open[run_id] = _Open(found, found.status, found.attempt)
             futures[run_id] = self._waiters.add(run_id)
         return [futures[run_id] for run_id in run_ids]

@@ -135,8 +135,10 @@ class DatabaseInUse(SleeptimeError):
 class OwnershipLost(SleeptimeError):
     """This runtime found its database owned by another one, and stopped writing to it.
 
-    Raised by every call that would write once the runtime lost its ownership (for
-    example its PostgreSQL lock died with a server restart and another runtime took it).
+    Raised by every call that would write once the writer's connection was refused the
+    database's ownership. PostgreSQL databases are shared under shard leases since
+    revision 0004, where a lost shard raises `ShardLost` instead; this stays for writers
+    whose engine refuses a connection (and for code that catches it).
     Stop this runtime; the owner recovers its open runs.
     """
 
@@ -235,4 +237,42 @@ class RuntimeFailed(SleeptimeError):
             f"the runtime's run tracker failed ({reason}) and the runtime takes no more "
             "work: stop it and start a new process; open runs stay stored and are "
             "recovered by the next start"
+        )
+
+
+class ShardLost(SleeptimeError):
+    """This process no longer holds the shard of a group it was writing for.
+
+    Its lease expired (the process was paused, or could not reach the database) and
+    another process took the shard over at a newer epoch; nothing was written. The
+    group's work goes on at its new owner: ask `rt.owner_of(group_id)`.
+    """
+
+    def __init__(self, shard: int, detail: str = "taken over by another process") -> None:
+        self.shard = shard
+        super().__init__(
+            f"shard {shard} is no longer held by this process ({detail}); nothing was "
+            "written for it, and its groups are served by their new owner now"
+        )
+
+
+class NotOwner(SleeptimeError):
+    """A call for a group whose shard another process owns (or nobody owns right now).
+
+    `owner` names the owning process (pid and host) and `address` is where it said it
+    can be reached, if it did; both are None while the shard is between owners.
+    """
+
+    def __init__(
+        self, group_id: str, shard: int, owner: str | None = None, address: str | None = None
+    ) -> None:
+        self.group_id = group_id
+        self.shard = shard
+        self.owner = owner
+        self.address = address
+        where = "no process right now (it is moving; try again shortly)"
+        if owner is not None:
+            where = owner if address is None else f"{owner} at {address}"
+        super().__init__(
+            f"group {group_id} (shard {shard}) is served by {where}, not by this process"
         )

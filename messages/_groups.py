@@ -233,6 +233,24 @@ class Group(BaseModel):
         )
 
 
+class GroupOwner(BaseModel):
+    """Who serves a group: the process holding its shard's lease (SPEC 15).
+
+    `owner` names that process (pid, host, since when) and `address` is where it said
+    it can be reached; both are None while the shard is between owners. `here` is True
+    when the process that answered serves the group itself.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    group_id: str
+    shard: int
+    owner: str | None
+    address: str | None
+    epoch: int
+    expires_at: datetime | None
+    here: bool
+
+
 class TurnResult(BaseModel):
     """What one turn produced and whether sleeptime fired.
 

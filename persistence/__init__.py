@@ -8,13 +8,19 @@ Example:
 """
 
 from persistence._engine import parse_url, redact, sqlite_file
+from persistence._leases import DEFAULT_SHARDS, MAX_SHARDS, Leases, ShardBook, ShardOwner
 from persistence._models import utcnow
 from persistence._records import GroupState, NewGroup, Transition, TurnRequest, TurnWrite
 from persistence._store import StaleTurn, Store
 
 __all__ = [
+    "DEFAULT_SHARDS",
+    "MAX_SHARDS",
     "GroupState",
+    "Leases",
     "NewGroup",
+    "ShardBook",
+    "ShardOwner",
     "StaleTurn",
     "Store",
     "Transition",

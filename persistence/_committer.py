@@ -55,6 +55,9 @@ T = TypeVar("T")
 Op = Callable[[Connection], T]
 Rows = list[dict[str, Any]]
 Numberer = Callable[[Connection, Rows, "Txn"], Rows]
+Lease = tuple[int, int]
+"""(shard, epoch): the lease a write is fenced by."""
+Fence = Callable[[Connection, set[Lease]], dict[Lease, Exception]]
 
 log = structlog.get_logger("sleeptime.committer")
 
@@ -68,10 +71,13 @@ class Write:
     - `appends`: message rows without a sequence, numbered after their agent's stored
       history inside the transaction;
     - `keys`: the rows this write changes; writes sharing a key are never merged, so
-      their order is kept.
+      their order is kept;
+    - `lease`: (shard, epoch), the lease of the group it writes for, if the committer
+      fences writes (see `Committer`): refused unless this process still holds that shard
+      at that epoch when the transaction runs.
     """
 
-    __slots__ = ("appends", "guard", "inserts", "keys", "refusal")
+    __slots__ = ("appends", "guard", "inserts", "keys", "lease", "refusal")
 
     def __init__(
         self,
@@ -81,6 +87,7 @@ class Write:
         inserts: Sequence[tuple[Insert, Rows]] = (),
         appends: Rows | None = None,
         keys: Sequence[str] = (),
+        lease: Lease | None = None,
     ) -> None:
         if (guard is None) != (refusal is None):
             raise ValueError("a guarded write needs a refusal, and a refusal needs a guard")
@@ -89,6 +96,7 @@ class Write:
         self.inserts = [(statement, rows) for statement, rows in inserts if rows]
         self.appends = appends or []
         self.keys = keys
+        self.lease = lease
 
 
 class Txn:
@@ -126,13 +134,17 @@ class Planned(Generic[T]):
     caller without rolling anything back; one it raises fails the transaction.
     """
 
-    __slots__ = ("keys", "plan")
+    __slots__ = ("keys", "lease", "plan")
 
     def __init__(
-        self, plan: Callable[[Connection, Txn], tuple[Write | None, T]], keys: Sequence[str]
+        self,
+        plan: Callable[[Connection, Txn], tuple[Write | None, T]],
+        keys: Sequence[str],
+        lease: Lease | None = None,
     ) -> None:
         self.plan = plan
         self.keys = keys
+        self.lease = lease
 
 
 Work = Callable[[Connection], Any] | Write | Planned[Any]
@@ -143,13 +155,20 @@ class _GuardMissed(Exception):
 
 
 class _Job:
-    __slots__ = ("future", "keys", "work")
+    __slots__ = ("future", "keys", "lease", "work")
 
-    def __init__(self, work: Work, future: Future[Any], keys: Sequence[str] | None) -> None:
+    def __init__(
+        self,
+        work: Work,
+        future: Future[Any],
+        keys: Sequence[str] | None,
+        lease: Lease | None = None,
+    ) -> None:
         self.work = work
         self.future = future
         # None: an op that may touch any row, so every write before it is flushed first.
         self.keys = work.keys if isinstance(work, Write | Planned) else keys
+        self.lease = work.lease if isinstance(work, Write | Planned) else lease
 
 
 class Committer:
@@ -168,11 +187,15 @@ class Committer:
         append: tuple[Insert, Numberer] | None = None,
         max_batch: int = 512,
         heartbeat: tuple[float, Op[object]] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         """`insert_order`: the INSERTs in an order that respects foreign keys (parents
         first); `append`: the INSERT of messages and the function that numbers rows to
         append, (connection, rows, txn) -> rows with their `sequence`; `heartbeat`:
-        (seconds, op), the op to run (uncounted) after that long without a write."""
+        (seconds, op), the op to run (uncounted) after that long without a write;
+        `fence`: (connection, leases) -> {lease: error} for the (shard, epoch) leases
+        this process no longer holds, run first in every transaction that writes under
+        a lease (the work under a refused lease fails with its error, the rest commits)."""
         self._engine = engine
         self._translate = translate
         self._append = append
@@ -183,6 +206,7 @@ class Committer:
         self._close_lock = threading.Lock()
         self._connection: Connection | None = None  # the writer's own, held across batches
         self._heartbeat = heartbeat
+        self._fence = fence
         self._lost: OwnershipLost | None = None  # once set, nothing is written again
         self.transactions = 0
         self.ops = 0
@@ -191,7 +215,10 @@ class Committer:
         self._thread.start()
 
     def submit(
-        self, work: Op[T] | Write | Planned[T], keys: Sequence[str] | None = None
+        self,
+        work: Op[T] | Write | Planned[T],
+        keys: Sequence[str] | None = None,
+        lease: Lease | None = None,
     ) -> Future[T]:
         """Queue `work`; its future resolves with its result once it is committed
         (an op's return value; None for a `Write`; a plan's result for a `Planned`).
@@ -199,16 +226,17 @@ class Committer:
         `keys` (ops only; the others carry their own): the only rows the op reads or
         changes, named as writes name them. Such an op runs where it stands in its batch,
         before the merged writes queued ahead of it unless one of them shares a key.
+        `lease` (ops only): the (shard, epoch) the op writes under, fenced as a write's.
         """
-        if keys is not None and isinstance(work, Write | Planned):
-            raise ValueError(f"a {type(work).__name__} carries its own keys")
+        if (keys is not None or lease is not None) and isinstance(work, Write | Planned):
+            raise ValueError(f"a {type(work).__name__} carries its own keys and lease")
         if isinstance(work, Write) and work.appends and self._append is None:
             raise ValueError("this committer was made without an appender")
         future: Future[T] = Future()
         with self._close_lock:
             if self._closed:
                 raise RuntimeStopped()
-            self._queue.put(_Job(work, future, keys))
+            self._queue.put(_Job(work, future, keys, lease))
         return future
 
     def run(self, work: Op[T] | Planned[T], keys: Sequence[str] | None = None) -> T:
@@ -315,10 +343,13 @@ class Committer:
             txn = Txn(exact=not merged)
             transaction = connection.begin()
             try:
+                refused = self._fenced(connection, jobs)
+                live = [job for job in jobs if job.lease not in refused] if refused else jobs
                 if merged:
-                    outcomes = self._merged(connection, jobs, txn)
+                    done = self._merged(connection, live, txn)
                 else:
-                    outcomes = [self._one(connection, job.work, txn) for job in jobs]
+                    done = [self._one(connection, job.work, txn) for job in live]
+                outcomes = _with_refusals(jobs, refused, done)
             except BaseException as error:
                 self._roll_back(transaction)
                 if attempt == 1 and isinstance(error, DBAPIError) and error.connection_invalidated:
@@ -335,6 +366,19 @@ class Committer:
             txn.committed()
             return outcomes
         raise AssertionError("unreachable")
+
+    def _fenced(self, connection: Connection, jobs: list[_Job]) -> dict[Lease, Exception]:
+        """The leases of `jobs` this process no longer holds, with the error their work
+        fails with; the lease rows stay locked until the transaction ends."""
+        if self._fence is None:
+            return {}
+        leases = {job.lease for job in jobs if job.lease is not None}
+        if not leases:
+            return {}
+        refused = self._fence(connection, leases)
+        if refused:
+            log.error("fenced_writes_refused", leases=sorted(refused))
+        return refused
 
     def _connect(self) -> Connection:
         """The writer's connection: the one held, or a new one (which the engine checks,
@@ -435,6 +479,16 @@ class Committer:
         for statement in sorted(inserts, key=lambda s: self._rank.get(id(s), len(self._rank))):
             self.statements += 1
             connection.execute(statement, inserts[statement])
+
+
+def _with_refusals(
+    jobs: list[_Job], refused: dict[Lease, Exception], done: list[tuple[bool, Any]]
+) -> list[tuple[bool, Any]]:
+    """Every job's outcome in order: the fenced ones refused, the others as they ran."""
+    if not refused:
+        return done
+    ran = iter(done)
+    return [(False, refused[job.lease]) if job.lease in refused else next(ran) for job in jobs]
 
 
 def _settle(job: _Job, ok: bool, value: Any) -> None:

@@ -142,6 +142,19 @@ def make_engines(url: str, readers: int = 8) -> tuple[Engine, Engine]:
     return writer, reader
 
 
+def make_lease_engine(url: str) -> Engine:
+    """A small engine of a server database for the lease keeper, apart from the writer,
+    so renewing a lease never waits behind a batch of writes."""
+    options = {
+        "pool_pre_ping": True,
+        "connect_args": {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "application_name": "sleeptime-leases",
+        },
+    }
+    return create_engine(parse_url(url), pool_size=2, max_overflow=2, **options)
+
+
 def driver_hint(url: URL) -> str:
     """What to install for the PostgreSQL driver `url` names, in parentheses; else "".
 

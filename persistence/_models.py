@@ -156,6 +156,9 @@ class RunEventRow(Base):
     at: Mapped[datetime]
     attempt: Mapped[int]
     reason: Mapped[str | None] = mapped_column(Text)
+    epoch: Mapped[int | None] = mapped_column(BigInteger)
+    """The lease epoch of the run's shard the event was written under (0 on SQLite;
+    None before revision 0004): along a shard's events it never goes down."""
 
 
 class TurnRequestRow(Base):
@@ -173,3 +176,36 @@ class TurnRequestRow(Base):
     turn: Mapped[int]
     result: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
+
+
+class ShardSettingRow(Base):
+    """Settings fixed when a database is first served by leases (the shard count)."""
+
+    __tablename__ = "shard_settings"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class ShardLeaseRow(Base):
+    """Who owns each shard, at which fencing epoch, until when (the database's clock)."""
+
+    __tablename__ = "shard_leases"
+
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    member: Mapped[str | None] = mapped_column(String(64))
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[datetime | None]
+    holder: Mapped[str | None] = mapped_column(Text)
+    address: Mapped[str | None] = mapped_column(Text)
+
+
+class ShardMemberRow(Base):
+    """The runtime processes sharing the shards, each until its membership expires."""
+
+    __tablename__ = "shard_members"
+
+    member: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(Text)
+    address: Mapped[str | None] = mapped_column(Text)
+    expires_at: Mapped[datetime]

@@ -1,41 +1,33 @@
-"""One runtime owns a database at a time.
+"""Who may write a database: one process per SQLite file; shard leases on PostgreSQL.
 
-The lock is one the operating system or the server frees when its holder dies, even by
-SIGKILL, so a crashed runtime never blocks the next start.
-
-- SQLite: an exclusive `flock` on the database file itself, so every name of the file
-  (a symlink, a hard link, a relative path) meets the same lock. Linux keeps `flock` locks
-  apart from the POSIX locks SQLite takes, but a process loses *all* its POSIX locks on a
-  file when it closes *any* descriptor of it: that would let another process delete the
-  write-ahead log under a live owner. So each process opens a database file once, shares
-  that descriptor between its stores, and closes it only when the last of them is done.
-- PostgreSQL: a session-level advisory lock held by the writer's own connection. Every
-  new connection of the writer takes it before its first use, so one that reconnects
-  after a server restart holds it again, or finds another runtime holding it: then the
-  ownership is lost for good, and every later write fails with `OwnershipLost`.
+- SQLite: one runtime owns the file, under an exclusive `flock` on the database file
+  itself, so every name of the file (a symlink, a hard link, a relative path) meets the
+  same lock, and the operating system frees it when its holder dies, even by SIGKILL.
+  Linux keeps `flock` locks apart from the POSIX locks SQLite takes, but a process loses
+  *all* its POSIX locks on a file when it closes *any* descriptor of it: that would let
+  another process delete the write-ahead log under a live owner. So each process opens a
+  database file once, shares that descriptor between its stores, and closes it only when
+  the last of them is done.
+- PostgreSQL: several runtimes share the database, each owning the groups of the shards
+  it holds leases on (`persistence._leases`); every write is fenced by its shard's lease,
+  so nothing here locks the database as a whole.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import re
 import socket
 import threading
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from itertools import count
 from pathlib import Path
-from typing import Any
 
 import structlog
-from sqlalchemy import URL, Connection, Engine, event
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy import URL
 
-from messages import DatabaseInUse, OwnershipLost, StoreUnavailable
-from persistence._engine import is_sqlite, redact, sqlite_file
+from messages import DatabaseInUse, StoreUnavailable
+from persistence._engine import redact, sqlite_file
 
 log = structlog.get_logger("sleeptime.ownership")
 
@@ -54,129 +46,11 @@ _serials = count(1)
 
 _COMPACT = "%Y%m%dT%H%M%SZ"  # in application_name, where bytes are few
 _SHOWN = "%Y-%m-%d %H:%M:%SZ"
+_STARTED = datetime.now(UTC).strftime(_SHOWN)  # when this process loaded the runtime
 
 
 def _holder(pid: int, host: str, since: str) -> str:
     return f"pid {pid} on {host} since {since}"
-
-
-# -- PostgreSQL ---------------------------------------------------------------------------
-
-_NAMED = re.compile(r"sleeptime (\d+)\.\d+ (\d{8}T\d{6}Z) (.*)")
-
-
-def application_name(pid: int, serial: int, since: str, host: str) -> str:
-    """The writer's application_name: who owns the database, in at most 63 bytes.
-
-    `serial` tells apart the owners one process had; the host, last, is what gets cut.
-    """
-    head = f"sleeptime {pid}.{serial} {since} "
-    room = APPLICATION_NAME_BYTES - len(head.encode())
-    return head + host.encode()[:room].decode(errors="ignore")
-
-
-def describe_holder(name: str | None, backend: int | None, client: str | None) -> str:
-    """Who holds the lock, from the holder's application_name (or its session)."""
-    found = _NAMED.fullmatch(name or "")
-    if found is not None:
-        pid, since, host = found.groups()
-        shown = datetime.strptime(since, _COMPACT).strftime(_SHOWN)
-        return _holder(int(pid), host or "an unnamed host", shown)
-    if backend is None:
-        return "another runtime"
-    return f"server session {backend} from {client or 'a local socket'}"
-
-
-_FIND_HOLDER = (
-    "SELECT a.application_name, a.pid, a.client_addr::text FROM pg_locks l "
-    "JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND l.granted "
-    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-    "AND l.objsubid = 1 AND (l.classid::bigint << 32 | l.objid::bigint) = %(key)s"
-)
-
-
-def _try_lock(dbapi_connection: Any, name: str) -> tuple[str | None, int | None, str | None] | None:
-    """Take the lock on this session (named `name`): None if taken, else who holds it
-    as (application_name, server pid, client address), all None if nobody could be seen."""
-    with dbapi_connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT set_config('application_name', %(name)s, false), pg_try_advisory_lock(%(key)s)",
-            {"name": name, "key": ADVISORY_KEY},
-        )
-        taken = cursor.fetchone()[1]
-        found = None if taken else cursor.execute(_FIND_HOLDER, {"key": ADVISORY_KEY}).fetchone()
-    dbapi_connection.commit()  # keeps the name; a session lock outlives its transaction
-    if taken:
-        return None
-    return found or (None, None, None)
-
-
-class _ServerLock:
-    """The advisory lock, taken by each new connection of the writer engine."""
-
-    def __init__(self, url: URL, writer: Engine) -> None:
-        """Take the lock now, through `writer`: DatabaseInUse if another runtime has it."""
-        self._url = redact(url)
-        self._writer = writer
-        since = datetime.now(UTC).strftime(_COMPACT)
-        self._name = application_name(os.getpid(), next(_serials), since, socket.gethostname())
-        self._taken = False  # once: a refusal is DatabaseInUse before, OwnershipLost after
-        self._lost: str | None = None  # who took the database, once it is lost for good
-        self._mutex = threading.Lock()
-        event.listen(writer, "checkout", self._checkout)
-        try:
-            with writer.connect():
-                pass  # take it now, so a second start fails at once
-        except DBAPIError as error:
-            self.release()
-            raise StoreUnavailable(self._url, str(error.orig).strip()) from error
-        except BaseException:
-            self.release()
-            raise
-
-    def _checkout(
-        self, dbapi_connection: Any, record: ConnectionPoolEntry, _: PoolProxiedConnection
-    ) -> None:
-        """Before any use of a writer connection: it holds the lock, or it is not used.
-
-        Raising here makes the pool throw the connection away (closing it).
-        """
-        if record.info.get("sleeptime_owner"):
-            return  # this connection took it; the lock lives as long as its session
-        with self._mutex:
-            if self._lost is not None:
-                raise OwnershipLost(self._url, self._lost)
-            self._take(dbapi_connection)
-            if self._taken:
-                log.info("ownership_retaken", url=self._url)
-            self._taken = True
-            record.info["sleeptime_owner"] = True
-
-    def _take(self, dbapi_connection: Any) -> None:
-        deadline = time.monotonic() + OWN_SESSION_WAIT_S
-        while True:
-            holder = _try_lock(dbapi_connection, self._name)
-            if holder is None:
-                return
-            # Our own earlier session on its way out, or a holder gone by the time we
-            # looked: not (yet) another owner, so try again for a moment.
-            ours = holder[0] == self._name or holder == (None, None, None)
-            if not ours or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        who = describe_holder(*holder)
-        if not self._taken:
-            raise DatabaseInUse(self._url, who)
-        if holder[0] == self._name:
-            raise StoreUnavailable(self._url, "a dead connection of this runtime still holds it")
-        self._lost = f"its lock is held by {who}"
-        log.critical("ownership_lost", url=self._url, holder=who)
-        raise OwnershipLost(self._url, self._lost)
-
-    def release(self) -> None:
-        # The lock itself goes with the writer's connections, when the engine is disposed.
-        if event.contains(self._writer, "checkout", self._checkout):
-            event.remove(self._writer, "checkout", self._checkout)
 
 
 # -- SQLite -------------------------------------------------------------------------------
@@ -309,25 +183,21 @@ def _process_start(pid: int) -> str | None:
 
 
 class Ownership:
-    """Holds the database until `release()` (or until this process dies).
+    """The right of this process to write a database, until `release()` (or its death).
 
     Made before any connection to the database is opened: a SQLite file is locked at
-    once, since through another name of the file (a hard link) SQLite would use another
-    write-ahead log, and might write. A server database is taken by `attach(writer)`,
-    whose connections (the only ones that write) then hold the lock. Both raise
-    DatabaseInUse, naming who holds it, when another runtime owns the database.
+    once (DatabaseInUse, naming who holds it, if another runtime owns it), since through
+    another name of the file (a hard link) SQLite would use another write-ahead log, and
+    might write. On PostgreSQL nothing is locked: the shards' leases say who writes what.
 
     Example:
         >>> ownership = Ownership(url)
         >>> writer, reader = make_engines(url)
-        >>> ownership.attach(writer)
-        >>> committer = Committer(writer, heartbeat=ownership.heartbeat)
     """
 
     def __init__(self, url: URL) -> None:
         self._url = url
         self._file: DatabaseFile | None = None
-        self._server: _ServerLock | None = None
         path = sqlite_file(url)
         if path is not None:
             file = DatabaseFile(path, create=True, url=redact(url))
@@ -338,33 +208,14 @@ class Ownership:
                 raise
             self._file = file
 
-    def attach(self, writer: Engine) -> None:
-        """Make `writer`'s connections hold the lock of a server database, and take it
-        now (nothing to do for a SQLite file, locked already)."""
-        if not is_sqlite(self._url):
-            self._server = _ServerLock(self._url, writer)
-
-    @property
-    def heartbeat(self) -> tuple[float, Callable[[Connection], object]] | None:
-        """(seconds, op) for the writer to run when it had nothing to write that long:
-        on PostgreSQL it reconnects a writer whose session died (a server restart), which
-        takes the lock again at once rather than at the next write. None on SQLite."""
-        if self._server is None:
-            return None
-        return CHECK_INTERVAL_S, _ping
+    @staticmethod
+    def describe_this_process() -> str:
+        """This process as other processes read it: pid, host, and since when."""
+        return _holder(os.getpid(), socket.gethostname(), _STARTED)
 
     def release(self) -> None:
-        """Let the next runtime own the database (call it once the writer's connections
-        are closed: on PostgreSQL they hold the lock)."""
+        """Let the next runtime own a SQLite file (nothing to do on PostgreSQL)."""
         if self._file is not None:
             self._file.unlock()
             self._file.close()
             self._file = None
-        if self._server is not None:
-            self._server.release()
-            self._server = None
-
-
-def _ping(connection: Connection) -> object:
-    # The session is the lock: a live connection still holds it.
-    return connection.exec_driver_sql("SELECT 1").scalar()

@@ -77,6 +77,8 @@ class Transition:
     stop_reason: StopReason | None = None
     error: str | None = None
     messages: list[Message] = field(default_factory=list)
+    group_id: str | None = None
+    """The run's group, whose shard the write is fenced by (None: not fenced)."""
 
     def __post_init__(self) -> None:
         step = 1 if self.new is RunStatus.CREATED else 0  # only a re-queue leads to created

@@ -21,6 +21,8 @@ from messages import SchemaMismatch
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 FIRST_REVISION = "0001"
+MIGRATION_LOCK = 0x5_1EE9_713E
+"""The advisory lock key migrations on PostgreSQL take for their transaction."""
 UPGRADE_HINT = "upgrade it with `sleeptime migrate --db URL` (or Runtime.migrate(url))"
 
 
@@ -77,9 +79,17 @@ def check(engine: Engine, *, auto_upgrade: bool) -> str | None:
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:
-    """Migrate to the newest revision in one transaction; return (from, to)."""
+    """Migrate to the newest revision in one transaction; return (from, to).
+
+    On PostgreSQL the transaction first takes an advisory lock (freed when it ends), so
+    processes starting together on a fresh database migrate it once, one after another.
+    """
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         before = current_revision(connection)
+        if before == head_revision():
+            return before, before
         config = _config(connection)
         if (
             before == FIRST_REVISION

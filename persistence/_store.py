@@ -37,6 +37,7 @@ from messages import (
     Group,
     GroupNotFound,
     Message,
+    NotOwner,
     Run,
     RunEvent,
     RunNotFound,
@@ -46,11 +47,20 @@ from messages import (
     TransitionRefused,
     TurnResult,
 )
+from messages._ids import new_id
 from messages._text import STORED, storable
 from persistence import _schema as schema
 from persistence._block_cache import BlockCache, visible_to
 from persistence._committer import Committer, Planned, Txn, Write, lost_connection
-from persistence._engine import make_engines, parse_url, redact, refuse_writes, sqlite_file
+from persistence._engine import (
+    make_engines,
+    make_lease_engine,
+    parse_url,
+    redact,
+    refuse_writes,
+    sqlite_file,
+)
+from persistence._leases import DEFAULT_SHARDS, Leases, ShardBook, ShardOwner, fence_for
 from persistence._models import (
     AgentRow,
     BlockRow,
@@ -134,6 +144,7 @@ _SELECT_GROUP_AGENTS = (
 _SELECT_GROUP_BLOCKS = (
     select(blocks).where(blocks.c.group_id == bindparam("group_id")).order_by(blocks.c.position)
 )
+_GROUP_OF_BLOCK = select(blocks.c.group_id).where(blocks.c.id == bindparam("block_id"))
 _LOCK_BLOCK = select(blocks).where(blocks.c.id == bindparam("block_id")).with_for_update()
 _WRITE_BLOCK = (
     update(blocks)
@@ -195,15 +206,32 @@ class Store:
     """
 
     def __init__(
-        self, url: str, *, read_only: bool = False, auto_upgrade: bool = True, readers: int = 8
+        self,
+        url: str,
+        *,
+        read_only: bool = False,
+        auto_upgrade: bool = True,
+        readers: int = 8,
+        shards: int = DEFAULT_SHARDS,
+        lease_s: float = 10.0,
+        address: str | None = None,
     ) -> None:
         """Connect, take ownership of the database (unless read-only) and ready its schema.
 
-        Raises StoreUnavailable (cannot connect), DatabaseInUse (another runtime owns it)
-        or SchemaMismatch (a schema this code cannot use as it is).
+        A SQLite file is owned whole by one process, which holds every shard. On
+        PostgreSQL this store joins the processes sharing the database: `leases` then
+        acquires shards (`shards` is the count a new database gets; `lease_s` how long
+        a lease lasts unrenewed; `address` where callers can reach this process), and
+        every write for a group is fenced by its shard's lease.
+
+        Raises StoreUnavailable (cannot connect), DatabaseInUse (another runtime owns the
+        SQLite file) or SchemaMismatch (a schema this code cannot use as it is).
         """
         parsed = parse_url(url)
         self.url = redact(parsed)
+        self.book = ShardBook(shards)
+        self.leases: Leases | None = None
+        self._lease_engine = None
         # Before anything opens the database: a SQLite file is locked here.
         self._ownership = None if read_only else Ownership(parsed)
         self._viewed = _view(parsed) if read_only else None
@@ -220,20 +248,99 @@ class Store:
             if self._ownership is None:
                 self._guard(lambda: schema.require_current(self._writer))
             else:
-                # On PostgreSQL the writer's connections hold the lock from here on, so
-                # the migration below, and every write after it, runs as the owner.
-                self._ownership.attach(self._writer)
+                # Processes starting together on PostgreSQL migrate one after the other.
                 self._guard(lambda: schema.prepare(self._writer, auto_upgrade=auto_upgrade))
         except BaseException:
             self._release()
             raise
+        fence = None
+        if sqlite_file(parsed) is None:
+            try:
+                self._lease_engine = make_lease_engine(url)
+            except BaseException:
+                self._release()
+                raise
+            self.leases = Leases(
+                self._lease_engine,
+                member=new_id("member"),
+                holder=Ownership.describe_this_process(),
+                lease_s=lease_s,
+                address=address,
+            )
+        if self.leases is not None and not read_only:
+            fence = fence_for(self.leases, self.book)
+        else:  # a SQLite file has one process; a reader writes nothing: both see all
+            self.book.add(dict.fromkeys(range(shards), 0))
         self.committer = Committer(
             self._writer,
             translate=self._translate,
             insert_order=(_INSERT_MESSAGES, _INSERT_RUNS, _INSERT_EVENTS, _INSERT_TURN_REQUESTS),
             append=(_INSERT_MESSAGES, self._number),
-            heartbeat=None if self._ownership is None else self._ownership.heartbeat,
+            fence=fence,
         )
+
+    def shard_of(self, group_id: str) -> int:
+        return self.book.shard_of(group_id)
+
+    def serves(self, group_id: str) -> bool:
+        """Whether this process takes work for the group (it holds its shard, and is not
+        handing it over)."""
+        return self.book.serves(self.shard_of(group_id))
+
+    def lease_of(self, group_id: str) -> tuple[int, int]:
+        """(shard, epoch) a write for the group is made under: the epoch this process
+        holds the group's shard at (-1 if it does not: the write will be refused)."""
+        shard = self.shard_of(group_id)
+        epoch = self.book.epoch(shard)
+        return shard, -1 if epoch is None else epoch
+
+    def owner_of(self, group_id: str) -> ShardOwner:
+        """Who holds the group's shard, as the database says (this process on SQLite)."""
+        shard = self.shard_of(group_id)
+        if self.leases is None:
+            holder = Ownership.describe_this_process()
+            epoch = self.book.epoch(shard)
+            return ShardOwner(
+                shard=shard,
+                member=None if epoch is None else "local",
+                holder=holder,
+                address=None,
+                epoch=epoch or 0,
+                expires_at=None,
+                expired=False,
+            )
+        return self._guard(lambda: self.leases.owner(shard))  # type: ignore[union-attr]
+
+    def not_owner(self, group_id: str) -> NotOwner:
+        """The error for a call about a group this process does not serve, naming the
+        owner if it can be read."""
+        shard = self.shard_of(group_id)
+        try:
+            owner = self.owner_of(group_id)
+        except Exception:  # the error names no owner rather than hiding the real one
+            return NotOwner(group_id, shard)
+        if owner.member is None or owner.expired:
+            return NotOwner(group_id, shard)
+        return NotOwner(group_id, shard, owner.holder, owner.address)
+
+    def take_shards(self) -> dict[int, int]:
+        """Join and take every free shard ({shard: epoch}), for a store used without a
+        runtime (a tool, a test): a runtime's lease keeper does this, fairly, itself.
+        Nothing is renewed: the leases lapse after `lease_s` unless something renews them.
+        On SQLite this process holds every shard already."""
+        if self.leases is not None:
+            self.book.shards = self._guard(lambda: self.leases.setup(self.book.shards))  # type: ignore[union-attr]
+            taken = self._guard(lambda: self.leases.acquire(self.book.shards))  # type: ignore[union-attr]
+            self.book.add(taken)
+            self.shards_moved()
+        return self.book.held()
+
+    def shards_moved(self) -> None:
+        """Shards were acquired or lost: forget what only the owner of a group may
+        remember (its blocks, where its agents' histories end); read it again."""
+        if self._block_cache is not None:
+            self._block_cache.clear()
+        self.committer.submit(lambda connection: self._next_sequence.clear())
 
     def close(self) -> None:
         """Commit what is queued, then release every connection and the ownership."""
@@ -241,8 +348,10 @@ class Store:
         self._release()
 
     def _release(self) -> None:
-        self._writer.dispose()  # on PostgreSQL, this ends the ownership's lock
+        self._writer.dispose()
         self._reader.dispose()
+        if self._lease_engine is not None:
+            self._lease_engine.dispose()
         self._let_go()
 
     def _let_go(self) -> None:
@@ -257,8 +366,9 @@ class Store:
     def migrate(url: str) -> tuple[str | None, str]:
         """Upgrade the database at `url` to this code's schema; return (from, to) revisions.
 
-        It takes the database's ownership for the time it runs, so never under a live
-        runtime.
+        On a SQLite file it takes the file's ownership for the time it runs; on
+        PostgreSQL concurrent migrations wait for each other. Never under a live runtime
+        of an older version.
         """
         parsed = parse_url(url)
         ownership = Ownership(parsed)
@@ -269,7 +379,6 @@ class Store:
             raise
         reader.dispose()
         try:
-            ownership.attach(writer)
             schema.check(writer, auto_upgrade=True)
             try:
                 return schema.upgrade(writer)
@@ -358,7 +467,7 @@ class Store:
                 insert(blocks), [_block_values(b, i) for i, b in enumerate(new.blocks)]
             )
 
-        return self.committer.submit(op)
+        return self.committer.submit(op, lease=self.lease_of(new.group.id))
 
     def get_group(self, group_id: str) -> Group:
         return self._read(lambda c: _load_group(c, group_id)[0])
@@ -396,7 +505,7 @@ class Store:
             if result.rowcount != 1:
                 raise GroupNotFound(group_id)
 
-        return self.committer.submit(op)
+        return self.committer.submit(op, lease=self.lease_of(group_id))
 
     def fail_group(self, group_id: str, reason: str) -> Future[None]:
         """Mark the group failed: it takes no more turns."""
@@ -472,8 +581,9 @@ class Store:
             )
             return write, edited
 
+        lease = self.lease_of(self._group_of_block(block_id))
         try:
-            outcome = self.committer.run(Planned(plan, keys=[block_id]))
+            outcome = self.committer.run(Planned(plan, keys=[block_id], lease=lease))
         except BaseException:
             if cache is not None:
                 cache.forget(block_id)  # it may have committed all the same
@@ -481,6 +591,15 @@ class Store:
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
+
+    def _group_of_block(self, block_id: str) -> str:
+        known = None if self._block_cache is None else self._block_cache.committed(block_id)
+        if known is not None:
+            return known.group_id
+        found = self._read(lambda c: c.execute(_GROUP_OF_BLOCK, {"block_id": block_id}).scalar())
+        if found is None:
+            raise StoreRejected(self.url, f"no block {block_id}")
+        return str(found)
 
     def _current_block(self, connection: Connection, txn: Txn, block_id: str) -> Block:
         """The block as this transaction sees it: after its own earlier edits, else as
@@ -550,6 +669,7 @@ class Store:
         }
         rows = [_message_values(m) for m in turn.messages]
         run_rows = [_run_values(r) for r in turn.runs]
+        lease = self.lease_of(turn.group_id)
         event_rows = [
             {
                 "run_id": r.id,
@@ -557,6 +677,7 @@ class Store:
                 "at": r.created_at,
                 "attempt": r.attempt,
                 "reason": "created",
+                "epoch": lease[1],
             }
             for r in turn.runs
         ]
@@ -575,6 +696,7 @@ class Store:
                     (_INSERT_TURN_REQUESTS, request_rows),
                 ],
                 keys=[turn.group_id, *(r.id for r in turn.runs)],
+                lease=lease,
             )
         )
 
@@ -638,12 +760,14 @@ class Store:
             statement = _END_RUN
         else:
             statement = _REQUEUE_RUN
+        lease = None if change.group_id is None else self.lease_of(change.group_id)
         event = {
             "run_id": change.run_id,
             "status": change.new.value,
             "at": change.at,
             "attempt": change.attempt,
             "reason": None if change.reason is None else storable(change.reason),
+            "epoch": None if lease is None else lease[1],
         }
         return self.committer.submit(
             Write(
@@ -654,12 +778,16 @@ class Store:
                 inserts=[(_INSERT_EVENTS, [event])],
                 appends=[_message_values(m) for m in change.messages],
                 keys=[change.run_id],
+                lease=lease,
             )
         )
 
     def store_messages(self, stored: Sequence[Message]) -> Future[None]:
         """Append messages to agents' histories (e.g. those of a run refused late)."""
-        return self.committer.submit(Write(appends=[_message_values(m) for m in stored]))
+        lease = self.lease_of(stored[0].group_id) if stored else None
+        return self.committer.submit(
+            Write(appends=[_message_values(m) for m in stored], lease=lease)
+        )
 
     def get_run(self, run_id: str) -> Run:
         def query(connection: Connection) -> Run:
@@ -735,6 +863,16 @@ class Store:
         for run_id, status, attempt, at in self._read(lambda c: c.execute(statement).all()):
             histories.setdefault(run_id, []).append((status, attempt, at))
         return histories
+
+    def event_epochs(self, group_id: str) -> list[tuple[int, int | None]]:
+        """(event id, lease epoch) of every run event of the group, in writing order."""
+        statement = (
+            select(run_events.c.id, run_events.c.epoch)
+            .join(runs, runs.c.id == run_events.c.run_id)
+            .where(runs.c.group_id == group_id)
+            .order_by(run_events.c.id)
+        )
+        return self._read(lambda c: [(int(r[0]), r[1]) for r in c.execute(statement).all()])
 
     def turn_numbers(self, agent_id: str) -> list[tuple[int, int | None, str]]:
         """(sequence, turn, id) of each message of an agent, oldest first."""

@@ -105,6 +105,7 @@ def group(db_url: str) -> Iterator[tuple[str, str, str]]:
 def store(db_url: str, group: tuple[str, str, str]) -> Iterator[Store]:
     """The store that owns the database, as a runtime holds it."""
     owner = Store(db_url)
+    owner.take_shards()  # on PostgreSQL, as a runtime would
     yield owner
     owner.close()
 

@@ -309,6 +309,7 @@ def test_the_store_merges_turns_and_run_changes_of_many_groups(db_url: str) -> N
     finally:
         rt.stop(drain_timeout=0)  # their kind is missing: they would never finish
     store = Store(db_url)
+    store.take_shards()  # on PostgreSQL, as a runtime would
     try:
         now = utcnow()
 

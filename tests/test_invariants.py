@@ -9,7 +9,13 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from actors import INVARIANTS, Runtime
-from actors._invariants import Event, attempts_decrease, overlapping_runs, request_problems
+from actors._invariants import (
+    Event,
+    attempts_decrease,
+    overlapping_runs,
+    request_problems,
+    stale_writes,
+)
 from messages import Run, RunStatus
 from persistence._engine import parse_url
 from tests.agents import user
@@ -74,6 +80,11 @@ DAMAGE: list[tuple[str, str, str]] = [
         "request_ids_unique",
         "UPDATE turn_requests SET turn = 9 WHERE group_id = :group AND request_id = 'req-4'",
         "names turn 9 of 5",
+    ),
+    (
+        "epochs_monotonic",  # an event accepted from a lease older than one before it
+        "UPDATE run_events SET epoch = epoch + 5 WHERE id = (SELECT min(id) FROM run_events)",
+        "written under epoch",
     ),
 ]
 
@@ -179,3 +190,22 @@ def test_each_request_id_is_recorded_once_with_a_turn_of_its_own(
     requests: list[tuple[str, int]], turns: int, found: list[str]
 ) -> None:
     assert request_problems(requests, turns) == found
+
+
+@pytest.mark.parametrize(
+    ("epochs", "found"),
+    [
+        ([], []),
+        ([(1, 0), (2, 0), (3, 0)], []),  # SQLite: one process, epoch 0 throughout
+        ([(1, None), (2, 3), (3, 3), (4, 4)], []),  # older rows without an epoch, a takeover
+        ([(1, 3), (2, 4), (3, 3)], ["event 3 written under epoch 3 after event 2 under epoch 4"]),
+        (
+            [(1, 4), (2, None), (3, 2), (4, 5)],
+            ["event 3 written under epoch 2 after event 1 under epoch 4"],
+        ),
+    ],
+)
+def test_no_write_is_accepted_from_a_stale_epoch(
+    epochs: list[tuple[int, int | None]], found: list[str]
+) -> None:
+    assert stale_writes(epochs) == found

@@ -1,4 +1,7 @@
-"""One runtime owns a database at a time, and a dead owner never blocks the next one."""
+"""One runtime owns a SQLite file at a time, and a dead owner never blocks the next one.
+
+On PostgreSQL several runtimes share a database, each owning its shards: tests/test_shards.py.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +12,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.exc import DBAPIError
 
-from actors import AgentContext, DatabaseInUse, OwnershipLost, Runtime, StoreUnavailable
-from messages import Message, MessageCreate, RunStatus
-from persistence import Store, _ownership
+from actors import DatabaseInUse, OwnershipLost, Runtime
+from persistence import Store
 from persistence._committer import Committer
-from persistence._ownership import ADVISORY_KEY
 from tests.agents import user, wait_until
-from tests.postgres import PostgresCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +36,8 @@ def balanced(text: str) -> bool:
     return depth == 0
 
 
-def test_second_runtime_on_the_same_database_fails_at_once(db_url: str) -> None:
+def test_second_runtime_on_the_same_database_fails_at_once(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'owned.db'}"  # on PostgreSQL processes share (test_shards)
     with Runtime.start(db_url) as first:
         group = first.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
         started = time.monotonic()
@@ -130,7 +130,8 @@ def start_when_free(url: str) -> Runtime:
     return started[0]
 
 
-def test_owner_killed_with_sigkill_does_not_block_the_next_start(db_url: str) -> None:
+def test_owner_killed_with_sigkill_does_not_block_the_next_start(tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'owned.db'}"  # on PostgreSQL: test_shards
     owner = Owner(db_url)
     try:
         with pytest.raises(DatabaseInUse, match=f"pid {owner.pid} "):
@@ -283,207 +284,6 @@ def test_sqlite_keeps_its_locks_when_an_owner_of_the_same_process_stops(
 # -- PostgreSQL: the lock lives on the writer's own connection, and comes back with it -------
 
 
-class Tagged:
-    """A sleeptime agent that says which runtime ran it, once its gate (if any) opens."""
-
-    def __init__(self, tag: str, gate: threading.Event | None = None) -> None:
-        self.tag = tag
-        self.gate = gate
-        self.started = threading.Semaphore(0)
-
-    def factory(self, config: dict[str, Any]) -> Tagged:
-        return self
-
-    def step(self, context: AgentContext, messages: Sequence[Message]) -> list[MessageCreate]:
-        self.started.release()
-        if self.gate is not None:
-            self.gate.wait(60)
-        return [MessageCreate(role="assistant", content=f"written by {self.tag}")]
-
-
-@pytest.fixture
-def pg(postgres_cluster: PostgresCluster, request: pytest.FixtureRequest) -> Iterator[Database]:
-    name = postgres_cluster.create_database(request.node.name)
-    try:
-        yield Database(postgres_cluster, name)
-    finally:
-        postgres_cluster.drop_database(name)
-
-
-class Database:
-    """A PostgreSQL database of the test cluster, and who holds its ownership lock."""
-
-    def __init__(self, cluster: PostgresCluster, name: str) -> None:
-        self.cluster = cluster
-        self.name = name
-        self.url = cluster.url(name)
-
-    def holder(self) -> tuple[int, str] | None:
-        """(backend pid, application_name) of the session holding the lock, if any."""
-        with self.cluster.connect(self.name) as admin:
-            row = admin.execute(
-                "SELECT a.pid, a.application_name FROM pg_locks l "
-                "JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' "
-                "AND l.granted AND l.database = (SELECT oid FROM pg_database "
-                "WHERE datname = current_database()) AND l.objsubid = 1 "
-                "AND (l.classid::bigint << 32 | l.objid::bigint) = %s",
-                (ADVISORY_KEY,),
-            ).fetchone()
-        return None if row is None else (row[0], row[1])
-
-    def wait_for_holder(self, unlike: int | None = None, timeout: float = 30) -> int:
-        """The backend pid holding the lock, once one (other than `unlike`) does."""
-        seen: list[int] = []
-
-        def taken() -> bool:
-            found = self.holder()
-            if found is not None and found[0] != unlike:
-                seen.append(found[0])
-            return bool(seen)
-
-        assert wait_until(taken, timeout, every=0.05), f"nobody took the lock within {timeout}s"
-        return seen[0]
-
-    def backend_gone(self, pid: int, timeout: float = 30) -> None:
-        def gone() -> bool:
-            with self.cluster.connect(self.name) as admin:
-                row = admin.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)
-                ).fetchone()
-            return row == (0,)
-
-        assert wait_until(gone, timeout, every=0.05), f"backend {pid} still there after {timeout}s"
-
-
-def until(condition: Callable[[], bool], timeout: float = 30) -> None:
-    assert wait_until(condition, timeout), f"not true within {timeout}s"
-
-
-def writer_backend(rt: Runtime) -> int:
-    """The backend pid of the runtime's writer connection."""
-    pid: int = rt._store.committer.run(
-        lambda connection: connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
-    )
-    return pid
-
-
-def test_the_writer_connection_holds_the_lock(pg: Database) -> None:
-    with Runtime.start(pg.url) as rt:
-        found = pg.holder()
-        assert found is not None and found[0] == writer_backend(rt)
-        assert f"{os.getpid()}" in found[1]
-
-
-def test_after_a_server_restart_the_idle_owner_takes_the_lock_again(pg: Database) -> None:
-    with Runtime.start(pg.url) as first:
-        group = first.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
-        first.step(group.id, [user("my favorite color is teal")])
-        before = pg.wait_for_holder()
-
-        pg.cluster.restart()  # the lock dies with the session; the runtime makes no call
-        after = pg.wait_for_holder(unlike=before)
-        assert after == writer_backend(first)
-        with pytest.raises(DatabaseInUse, match=f"pid {os.getpid()} on .+ since ") as refused:
-            Runtime.start(pg.url)
-        assert balanced(str(refused.value)), str(refused.value)
-
-        result = first.step(group.id, [user("my favorite color is plum")])  # business as usual
-        (run,) = first.wait_for_runs(result.run_ids, timeout=30)
-        assert run.status is RunStatus.COMPLETED
-        assert first.get_group(group.id).turns == 2
-
-
-def test_the_writer_killed_by_the_server_takes_the_lock_again(pg: Database) -> None:
-    with Runtime.start(pg.url) as rt:
-        group = rt.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
-        killed = pg.wait_for_holder()
-        with pg.cluster.connect(pg.name) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (killed,))
-        pg.backend_gone(killed)
-
-        result = rt.step(group.id, [user("my favorite color is amber")])  # reconnects, re-takes
-        assert pg.wait_for_holder() == writer_backend(rt) != killed
-        with pytest.raises(DatabaseInUse):
-            Runtime.start(pg.url)
-        (run,) = rt.wait_for_runs(result.run_ids, timeout=30)
-        assert run.status is RunStatus.COMPLETED
-
-
-def test_a_runtime_that_finds_its_database_taken_after_a_restart_stops_writing(
-    pg: Database, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setattr(_ownership, "CHECK_INTERVAL_S", 3600.0)  # the first checks no more
-    gate = threading.Event()
-    slow = Tagged("first", gate)
-    first = Runtime.start(pg.url, kinds={"tagged": slow.factory})
-    try:
-        group = first.create_group(
-            primary={"kind": "scripted"}, sleeptime=[{"kind": "tagged"}], frequency=1
-        )
-        pending = first.step(group.id, [user("one")]).run_ids
-        assert slow.started.acquire(timeout=10)  # the first's run is in its step, held there
-        until(lambda: first.get_run(pending[0]).status is RunStatus.RUNNING)
-        taken = first.get_group(group.id)
-
-        pg.cluster.restart()
-        with Runtime.start(pg.url, kinds={"tagged": Tagged("second").factory}) as second:
-            # The second recovers the run the first was running, and owns the group now.
-            (run,) = second.wait_for_runs(pending, timeout=30)
-            assert run.status is RunStatus.COMPLETED and run.attempt == 2
-
-            with pytest.raises(OwnershipLost, match="no longer owns"):
-                first.step(group.id, [user("two")])
-            with pytest.raises(OwnershipLost):
-                first.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
-            gate.set()  # the first's run ends now: its end must not be written
-            first.wait_for_runs(pending, timeout=30)  # as the store (the second) says
-            with pytest.raises(OwnershipLost):
-                first.step(group.id, [user("three")])
-
-            assert len(second.list_groups()) == 1
-            assert second.get_group(group.id).turns == taken.turns
-            (sleeper,) = group.sleeptime_agent_ids
-            written = [m.text() for m in second.list_messages(sleeper) if m.role == "assistant"]
-            assert written == ["written by second"]
-            assert [e.attempt for e in second.run_events(pending[0])] == [1, 1, 2, 2, 2]
-
-            result = second.step(group.id, [user("four")])  # the second works as usual
-            (run,) = second.wait_for_runs(result.run_ids, timeout=30)
-            assert run.status is RunStatus.COMPLETED
-            assert second.get_group(group.id).turns == taken.turns + 1
-            assert "two" not in [m.text() for m in second.list_messages(group.primary_agent_id)]
-    finally:
-        gate.set()
-        first.stop(drain_timeout=0)
-    assert capsys.readouterr().err.count("ownership_lost") == 1
-
-
-@pytest.mark.parametrize(
-    ("pid", "host"),
-    [(4_194_304, "build-runner-0123456789abcdef.eu-west-1.compute.internal"), (7, "h"), (42, "")],
-)
-def test_the_owner_named_on_the_server_fits_and_reads_back(pid: int, host: str) -> None:
-    name = _ownership.application_name(pid, 12, "20250102T030405Z", host)
-    assert len(name.encode()) <= 63  # what PostgreSQL keeps of an application_name
-    said = _ownership.describe_holder(name, 1234, "10.0.0.7")
-    assert said.startswith(f"pid {pid} on {host[:10]}")
-    assert said.endswith(" since 2025-01-02 03:04:05Z")
-
-
-@pytest.mark.parametrize(
-    ("name", "says"),
-    [
-        ("sleeptime-runtime owner (pid 1 on a since 2025-01-", "server session 99 from 10.0.0.7"),
-        (None, "server session 99 from 10.0.0.7"),
-    ],
-)
-def test_a_holder_that_did_not_name_itself_is_named_by_its_session(name: str, says: str) -> None:
-    said = _ownership.describe_holder(name, 99, "10.0.0.7")
-    assert said == says
-    assert balanced(str(DatabaseInUse("postgresql://db", said)))
-    assert _ownership.describe_holder(None, None, None) == "another runtime"
-
-
 def test_a_committer_that_lost_the_database_never_writes_again(tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path / 'lost.db'}", pool_size=1, max_overflow=0)
     with engine.begin() as connection:
@@ -543,38 +343,3 @@ def test_only_the_writer_writes(db_url: str) -> None:
         )
     finally:
         store.close()
-
-
-def test_a_reconnecting_writer_waits_for_its_own_dying_session(
-    pg: Database, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A killed backend lets go of the lock a moment after its client sees the connection
-    drop: a session holding it under the writer's own name is not another owner."""
-    monkeypatch.setattr(_ownership, "CHECK_INTERVAL_S", 3600.0)  # no reconnecting by itself
-    with Runtime.start(pg.url) as rt:
-        group = rt.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
-        found = pg.holder()
-        assert found is not None
-        killed, name = found
-        # The dying session, played by one that takes the lock under the writer's name.
-        dying = pg.cluster.connect(pg.name)
-        try:
-            dying.execute("SELECT set_config('application_name', %s, false)", (name,))
-            with pg.cluster.connect(pg.name) as admin:
-                admin.execute("SELECT pg_terminate_backend(%s)", (killed,))
-            pg.backend_gone(killed)
-            row = dying.execute("SELECT pg_try_advisory_lock(%s)", (ADVISORY_KEY,)).fetchone()
-            assert row == (True,)
-
-            monkeypatch.setattr(_ownership, "OWN_SESSION_WAIT_S", 0.2)
-            with pytest.raises(StoreUnavailable, match="this runtime still holds"):
-                rt.step(group.id, [user("while it dies")])  # not OwnershipLost: try later
-
-            monkeypatch.setattr(_ownership, "OWN_SESSION_WAIT_S", 30.0)
-            threading.Timer(0.2, dying.close).start()  # it dies while the writer waits
-            result = rt.step(group.id, [user("once it died")])
-        finally:
-            dying.close()
-        assert pg.wait_for_holder() == writer_backend(rt)
-        (run,) = rt.wait_for_runs(result.run_ids, timeout=30)
-        assert run.status is RunStatus.COMPLETED

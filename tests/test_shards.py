@@ -1,0 +1,286 @@
+"""Several runtime processes on one PostgreSQL database (SPEC 15), as real processes.
+
+Each test runs runtimes in child processes (and one in the test's own process) with short
+leases, and attacks them: a clean stop, kill -9, SIGSTOP past the lease, a server restart.
+The shards each process holds stay disjoint, nothing a paused process does after losing
+its shards reaches the database, and the invariants hold over what is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors import NotOwner, Runtime, ShardLost
+from messages import RunStatus
+from tests.agents import Echo, user, wait_until
+from tests.postgres import PostgresCluster
+
+ROOT = Path(__file__).resolve().parent.parent
+LEASE_S = 1.0
+SHARDS = 64
+SLOW = {"kind": "simulated", "config": {"latency_ms": 400, "seed": 1}}
+MEMORY = {"kind": "memory"}
+
+CHILD = """
+import concurrent.futures, json, sys, threading
+from actors import Runtime
+from tests.agents import Recorder, user
+rt = Runtime.start(sys.argv[1], lease_s=float(sys.argv[2]), shards=int(sys.argv[3]))
+background = concurrent.futures.ThreadPoolExecutor(4)
+print(json.dumps({"ready": True}), flush=True)
+for line in sys.stdin:
+    try:
+        if line.startswith("!"):
+            exec(line[1:])
+            answer = {"ok": None}
+        else:
+            answer = {"ok": eval(line)}
+    except Exception as error:
+        answer = {"error": type(error).__name__, "detail": str(error)}
+    print(json.dumps(answer, default=str), flush=True)
+rt.stop(drain_timeout=5)
+"""
+
+
+class Member:
+    """A runtime in a child process, driven line by line: an expression is evaluated
+    and its value returned; a line starting with `!` is executed."""
+
+    def __init__(self, url: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", CHILD, url, str(LEASE_S), str(SHARDS)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "SLEEPTIME_LOG_LEVEL": "critical"},
+        )
+        assert json.loads(self.readline()) == {"ready": True}
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def readline(self) -> str:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line, f"the member exited with {self.process.poll()}"
+        return line
+
+    def send(self, line: str) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        answer: dict[str, Any] = json.loads(self.readline())
+        return answer
+
+    def ask(self, expression: str) -> Any:
+        answer = self.send(expression)
+        assert "ok" in answer, answer
+        return answer["ok"]
+
+    def held(self) -> set[int]:
+        return set(self.ask("[int(s) for s in rt._store.book.held()]"))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            assert self.process.wait(60) == 0
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        self.process.send_signal(sig)
+        if sig == signal.SIGKILL:
+            self.process.wait(10)
+
+
+@pytest.fixture
+def pg_url(postgres_cluster: PostgresCluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    name = postgres_cluster.create_database(request.node.name)
+    try:
+        yield postgres_cluster.url(name)
+    finally:
+        postgres_cluster.drop_database(name)
+
+
+@pytest.fixture
+def members() -> Iterator[list[Member]]:
+    started: list[Member] = []
+    yield started
+    for member in started:
+        if member.process.poll() is None:
+            member.kill(signal.SIGCONT)
+            member.kill()
+
+
+def join(url: str, members: list[Member]) -> Member:
+    member = Member(url)
+    members.append(member)
+    return member
+
+
+def start(url: str) -> Runtime:
+    return Runtime.start(url, lease_s=LEASE_S, shards=SHARDS)
+
+
+def held(rt: Runtime) -> set[int]:
+    return set(rt._store.book.held())
+
+
+def make_groups(member: Member, count: int, sleeptime: dict[str, Any]) -> list[str]:
+    spec = json.dumps(sleeptime)
+    return [
+        member.ask(
+            f"rt.create_group(primary={{'kind': 'scripted'}}, sleeptime=[{spec}], frequency=1).id"
+        )
+        for _ in range(count)
+    ]
+
+
+def test_two_processes_share_the_shards_and_each_serves_its_own_groups(
+    pg_url: str, members: list[Member]
+) -> None:
+    a = join(pg_url, members)
+    assert len(a.held()) == SHARDS  # alone: every shard
+    b = start(pg_url)
+    try:
+        assert len(held(b)) == SHARDS // 2  # start returns once it holds its share
+        assert held(b).isdisjoint(a.held()) and len(held(b) | a.held()) == SHARDS
+
+        theirs = make_groups(a, 4, MEMORY)
+        ours = [
+            b.create_group(primary={"kind": "scripted"}, sleeptime=[MEMORY], frequency=1).id
+            for _ in range(4)
+        ]
+        their_runs = [
+            r for g in theirs for r in a.ask(f"rt.step({g!r}, [user('hi from a')]).run_ids")
+        ]
+        our_runs = [r for g in ours for r in b.step(g, [user("hi from b")]).run_ids]
+
+        with pytest.raises(NotOwner, match=f"pid {a.pid} on ") as refused:
+            b.step(theirs[0], [user("not mine")])
+        assert refused.value.group_id == theirs[0] and refused.value.owner is not None
+        owner = b.owner_of(theirs[0])
+        assert not owner.here and f"pid {a.pid} " in (owner.owner or "")
+        assert b.owner_of(ours[0]).here
+        assert a.send(f"rt.step({ours[0]!r}, [user('not mine either')])")["error"] == "NotOwner"
+        cancel = a.send(f"rt.cancel_run({our_runs[0]!r}).status")  # an open run: not a's
+        assert cancel.get("error") == "NotOwner" or cancel["ok"] == "completed", cancel
+
+        assert len(a.ask(f"[r.id for r in rt.wait_for_runs({their_runs!r}, timeout=30)]")) == 4
+        assert all(r.status is RunStatus.COMPLETED for r in b.wait_for_runs(our_runs, timeout=30))
+
+        a.stop()  # a clean hand-over: b takes every shard within a few renewals
+        assert wait_until(lambda: len(held(b)) == SHARDS, timeout=15)
+        run_ids = b.step(theirs[0], [user("now mine")]).run_ids
+        b.wait_for_runs(run_ids, timeout=30)
+        report = b.check_invariants()
+        assert report.ok, report.violations
+        assert report.groups == 8
+    finally:
+        b.stop()
+
+
+def test_a_process_killed_under_load_loses_its_shards_and_its_runs_are_recovered(
+    pg_url: str, members: list[Member]
+) -> None:
+    a = join(pg_url, members)
+    b = start(pg_url)
+    try:
+        groups = make_groups(a, 4, SLOW)
+        runs: list[str] = []
+        for n in range(3):  # each turn a caller saw succeed must survive the kill
+            for g in groups:
+                runs += a.ask(f"rt.step({g!r}, [user('turn {n}')]).run_ids")
+        killed = time.monotonic()
+        a.kill()
+        assert wait_until(lambda: len(held(b)) == SHARDS, timeout=15)
+        taken_over = time.monotonic() - killed
+        done = b.wait_for_runs(runs, timeout=60)
+        assert all(r.status is RunStatus.COMPLETED for r in done)
+        assert any(r.attempt == 2 for r in done)  # those it was running were re-queued
+        assert all(b.get_group(g).turns == 3 for g in groups)
+        report = b.check_invariants()
+        assert report.ok, report.violations
+        assert taken_over < 4 * LEASE_S + 2
+    finally:
+        b.stop()
+
+
+def test_a_paused_process_finds_its_shards_lost_and_writes_nothing_after(
+    pg_url: str, members: list[Member]
+) -> None:
+    a = join(pg_url, members)
+    a.send("!gate = threading.Event(); gated = Recorder(gate=gate)")
+    a.send("!rt.agents.register('gated', gated.factory)")
+    group = a.ask("rt.create_group(primary={'kind': 'gated'}, sleeptime=[{'kind': 'memory'}]).id")
+    a.send(f"!turn = background.submit(rt.step, {group!r}, [user('from before the pause')])")
+    assert a.ask("gated.started.acquire(timeout=10)")  # its primary agent is in the turn
+    a.kill(signal.SIGSTOP)  # and the process is paused there, past its leases
+    b = start(pg_url)  # takes every shard once a's leases expired
+    try:
+        b.agents.register("gated", Echo)
+        assert len(held(b)) == SHARDS
+        b.wait_for_runs(b.step(group, [user("while a was away")]).run_ids, timeout=30)
+        a.kill(signal.SIGCONT)
+        a.send("!gate.set()")
+        # a's turn goes on and tries to commit under the epoch it held: refused, by the
+        # fence (or, if a had a new epoch for that shard by then, by the turn's guard).
+        refused = a.ask("type(turn.exception(timeout=30)).__name__")
+        assert refused in ("ShardLost", "SleeptimeError"), refused
+        stored = b.get_group(group)
+        assert stored.turns == 1
+        texts = [m.text() for m in b.list_messages(stored.primary_agent_id)]
+        assert texts == ["while a was away", "echo 0: while a was away"]
+        assert a.held().isdisjoint(held(b))  # a may have rejoined: never the same shards
+        assert b.check_invariants().ok
+    finally:
+        b.stop()
+
+
+def test_a_server_restart_keeps_one_owner_per_shard_and_a_third_takes_only_free_shards(
+    pg_url: str, members: list[Member], postgres_cluster: PostgresCluster
+) -> None:
+    a = join(pg_url, members)
+    b = start(pg_url)
+    try:
+        ours = b.create_group(primary={"kind": "scripted"}, sleeptime=[MEMORY], frequency=1).id
+        (theirs,) = make_groups(a, 1, MEMORY)
+        postgres_cluster.restart()
+
+        def both_work() -> bool:
+            try:
+                b.step(ours, [user("after the restart")])
+            except Exception:
+                return False
+            return "ok" in a.send(f"rt.step({theirs!r}, [user('after the restart')])")
+
+        assert wait_until(both_work, timeout=30)
+        assert held(b).isdisjoint(a.held()) and len(held(b) | a.held()) == SHARDS
+
+        c = start(pg_url)
+        try:
+            assert len(held(c)) >= SHARDS // 3 - 1
+            mine, theirs_now = held(b), a.held()
+            assert held(c).isdisjoint(mine) and held(c).isdisjoint(theirs_now)
+            assert len(held(c) | mine | theirs_now) == SHARDS
+        finally:
+            c.stop()
+        assert b.check_invariants().ok
+    finally:
+        b.stop()
+
+
+def test_shard_lost_is_an_error_users_can_catch() -> None:
+    error = ShardLost(7)
+    assert error.shard == 7 and "shard 7" in str(error)
