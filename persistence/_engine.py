@@ -79,17 +79,18 @@ def refuse_writes(engine: Engine) -> None:
     The store's readers hold no ownership: so that only the owner's writer can write,
     they are made unable to.
     """
-    if is_sqlite(engine.url):
-        statement, commit = "PRAGMA query_only = ON", False
-    else:
-        statement, commit = "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", True
+    sqlite = is_sqlite(engine.url)
 
     def on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute(statement)
-        cursor.close()
-        if commit:
-            dbapi_connection.commit()  # psycopg opened a transaction for it
+        if sqlite:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA query_only = ON")
+            cursor.close()
+        else:
+            # psycopg then begins each transaction as BEGIN READ ONLY: nothing is set on
+            # the server's session, which a transaction-mode pooler (pgbouncer) would
+            # hand to the next client, the writer included.
+            dbapi_connection.read_only = True
 
     event.listen(engine, "connect", on_connect)
 
@@ -111,14 +112,7 @@ def make_engines(url: str, readers: int = 8) -> tuple[Engine, Engine]:
             )
         options: dict[str, Any] = {}
     else:
-        # A server connection can go stale (a restart): check it before each use.
-        options = {
-            "pool_pre_ping": True,
-            "connect_args": {
-                "connect_timeout": CONNECT_TIMEOUT_S,
-                "application_name": "sleeptime-runtime",
-            },
-        }
+        parsed, options = _server_options(parsed, "sleeptime-runtime")
     try:
         writer = create_engine(parsed, pool_size=1, max_overflow=0, **options)
         reader = create_engine(parsed, pool_size=readers, max_overflow=24, **options)
@@ -145,14 +139,31 @@ def make_engines(url: str, readers: int = 8) -> tuple[Engine, Engine]:
 def make_lease_engine(url: str) -> Engine:
     """A small engine of a server database for the lease keeper, apart from the writer,
     so renewing a lease never waits behind a batch of writes."""
-    options = {
-        "pool_pre_ping": True,
-        "connect_args": {
-            "connect_timeout": CONNECT_TIMEOUT_S,
-            "application_name": "sleeptime-leases",
-        },
-    }
-    return create_engine(parse_url(url), pool_size=2, max_overflow=2, **options)
+    parsed, options = _server_options(parse_url(url), "sleeptime-leases")
+    return create_engine(parsed, pool_size=2, max_overflow=2, **options)
+
+
+def _server_options(url: URL, name: str) -> tuple[URL, dict[str, Any]]:
+    """The engine options of a server database, and its URL without the runtime's own
+    query parameter: `prepare_threshold` (psycopg's name), the executions of a statement
+    before psycopg prepares it on the server, `none` for never. Prepared statements save
+    about a tenth of the database's work per turn, but a transaction-mode pooler older
+    than pgbouncer 1.21 cannot carry them from one server connection to the next: add
+    `?prepare_threshold=none` to a URL that goes through one."""
+    connect: dict[str, Any] = {"connect_timeout": CONNECT_TIMEOUT_S, "application_name": name}
+    asked = url.query.get("prepare_threshold")
+    if asked is not None:
+        value = asked if isinstance(asked, str) else asked[-1]
+        try:
+            threshold = None if value.lower() in ("none", "off", "") else int(value)
+        except ValueError:
+            raise StoreUnavailable(
+                redact(url), f"prepare_threshold must be a number or none, not {value!r}"
+            ) from None
+        connect["prepare_threshold"] = threshold
+        url = url.difference_update_query(["prepare_threshold"])
+    # A server connection can go stale (a restart): check it before each use.
+    return url, {"pool_pre_ping": True, "connect_args": connect}
 
 
 def driver_hint(url: URL) -> str:
