@@ -55,6 +55,7 @@ class ShardKeeper:
         self._on_hand_over = on_hand_over
         self._stopping = threading.Event()  # the thread ends
         self._leaving = False  # stop() is handing everything over: renew, take nothing
+        self._handing: threading.Thread | None = None  # a rebalancing hand-over under way
         self._tick_lock = threading.Lock()  # one tick at a time (the thread, or a caller)
         self._thread = threading.Thread(target=self._loop, name="sleeptime-shards", daemon=True)
         self.interval = leases.lease_s / 3
@@ -80,6 +81,7 @@ class ShardKeeper:
         """Hand every shard over cleanly (renewing the leases meanwhile), release them
         and leave."""
         self._leaving = True
+        self.wait_for_hand_over()
         held = self._book.held()
         if held:
             self._hand_over(held)
@@ -110,6 +112,8 @@ class ShardKeeper:
                 self._on_lost(dropped)
             if self._leaving:
                 return True
+            if self._handing is not None and self._handing.is_alive():
+                return False  # one hand-over at a time; the leases are renewed meanwhile
             members, free, fewest = self._leases.census()
             held = self._book.held()
             move = rebalance(len(held), members, free, self._book.shards, fewest)
@@ -121,9 +125,23 @@ class ShardKeeper:
                     self._on_acquired(taken)
                 return len(held) + len(taken) >= self._book.shards // max(1, members)
             if move < 0:
-                # The highest shards go: members that join later tend to take the same.
-                self._hand_over(dict(sorted(held.items())[move:]))
+                # The highest shards go: members that join later tend to take the same. On
+                # a thread of its own: finishing their turns may take long, and this thread
+                # must go on renewing every lease meanwhile, theirs included.
+                excess = dict(sorted(held.items())[move:])
+                self._handing = threading.Thread(
+                    target=self._hand_over, args=(excess,), name="sleeptime-hand-over"
+                )
+                self._handing.start()
             return len(held) >= self._book.shards // max(1, members)
+
+    def wait_for_hand_over(self, timeout: float | None = None) -> bool:
+        """Wait for a rebalancing hand-over under way (if any); False if still going."""
+        handing = self._handing
+        if handing is None:
+            return True
+        handing.join(timeout)
+        return not handing.is_alive()
 
     def _hand_over(self, shards: Shards) -> None:
         self._book.leave(shards)

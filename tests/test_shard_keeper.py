@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -77,7 +79,8 @@ def test_a_second_member_gets_half_through_a_clean_hand_over(
     b.keeper.start()
     b.keeper.keep()
     assert b.told == [] and b.book.held() == {}  # nothing free yet
-    a.keeper.tick()  # a sees b short: hands over its excess
+    a.keeper.tick()  # a sees b short: hands over its excess (on a thread of its own)
+    assert a.keeper.wait_for_hand_over(timeout=10)
     assert a.told[-1] == ("hand_over", dict.fromkeys(range(8, 16), 1))
     assert a.book.held() == dict.fromkeys(range(8), 1)
     b.keeper.tick()
@@ -113,3 +116,35 @@ def test_a_member_that_stopped_renewing_finds_its_shards_lost(
     assert a.told[-1] == ("lost", dict.fromkeys(range(16), 1))
     assert a.book.held() == {}
     b.keeper.stop()
+
+
+def test_a_slow_hand_over_never_lets_the_other_leases_lapse(
+    pg_url: str, members: list[Member]
+) -> None:
+    a = make(pg_url, members, "a", lease_s=0.6)
+    gate = threading.Event()
+    handing = threading.Event()
+
+    def slow(shards: Shards) -> None:  # turns that take several leases to finish
+        handing.set()
+        gate.wait(10)
+
+    a.keeper._on_hand_over = slow
+    a.keeper.start()
+    a.keeper.keep()  # renews every 0.2 s
+    b = make(pg_url, members, "b")
+    b.keeper.start()
+    try:
+        assert handing.wait(10)  # a hands 8 shards over, slowly
+        deadline = time.monotonic() + 3 * 0.6
+        while time.monotonic() < deadline:  # three leases long, a's leases stay renewed
+            assert len(a.book.held()) == 16 and not any(t == "lost" for t, _ in a.told)
+            assert not any(a.leases.owner(shard).expired for shard in (0, 15))
+            time.sleep(0.05)  # sampling, not synchronising: nothing here waits for an event
+        gate.set()
+        assert a.keeper.wait_for_hand_over(timeout=10)
+        assert a.book.held().keys() == set(range(8)) and not any(t == "lost" for t, _ in a.told)
+    finally:
+        gate.set()
+        a.keeper.stop()
+        b.keeper.stop()
