@@ -288,9 +288,10 @@ class AdoptShards(Ask[list[str]]):
 
 @dataclass(frozen=True, slots=True)
 class DropShards(Ask[None]):
-    """This process no longer holds `shards`: forget their runs (their waiters get
-    `error`); their new owner carries them on."""
+    """This process no longer holds `shards`: forget their runs; their new owner carries
+    them on. Callers waiting for those runs get `ShardLost` if the shards were `lost`
+    (taken over), else `NotOwner` naming the run's group (handed over)."""
 
     shards: frozenset[int]
-    error: Exception
+    lost: bool
     reply: Future[None] = field(default_factory=Future)

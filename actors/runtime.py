@@ -454,7 +454,7 @@ class Runtime:
             in_lost, lambda g: ShardLost(self._store.shard_of(g)), timeout=None
         )
         if self._parts.failure is None:
-            self._parts.tracker.tell(DropShards(shards=chosen, error=ShardLost(min(chosen))))
+            self._parts.tracker.tell(DropShards(shards=chosen, lost=True))
         self._store.shards_moved()
 
     def _lost_by_write(self, shards: dict[int, int]) -> None:
@@ -486,7 +486,7 @@ class Runtime:
         self._directory.stop_groups(in_shards, moved, timeout=HAND_OVER_TURNS_S)
         if working:
             try:
-                self._parts.tracker.ask(DropShards(shards=chosen, error=NotOwner("", min(chosen))))
+                self._parts.tracker.ask(DropShards(shards=chosen, lost=False))
             except Exception as error:
                 log.warning("hand_over_drop_failed", error=str(error))
         self._store.shards_moved()

@@ -47,9 +47,11 @@ from actors.rules import GiveUp, Requeue, after_interruption
 from messages import (
     ALLOWED_TRANSITIONS,
     GroupNotFound,
+    NotOwner,
     Run,
     RunNotFound,
     RunStatus,
+    ShardLost,
     StopReason,
     StoreUnavailable,
     TransitionRefused,
@@ -105,12 +107,16 @@ class RunWaiters:
         with self._lock:
             return list(self._waiting)
 
-    def fail_runs(self, run_ids: set[str], error: Exception) -> None:
-        """Answer the callers waiting for `run_ids` with `error` (this process will not
+    def fail_runs(self, errors: dict[str, Exception]) -> None:
+        """Answer the callers waiting for each run with its error (this process will not
         see those runs end: their shard moved)."""
         with self._lock:
-            futures = [f for run_id in run_ids for f in self._waiting.pop(run_id, [])]
-        for future in futures:
+            futures = [
+                (f, error)
+                for run_id, error in errors.items()
+                for f in self._waiting.pop(run_id, [])
+            ]
+        for future, error in futures:
             reject(future, error)
 
     def fail(self, error: Exception) -> None:
@@ -263,8 +269,8 @@ class RunTrackerActor(SupervisedActor):
                 self._fail_group(group_id, reason)
             case AdoptShards(shards=shards):
                 return self._adopt_shards(shards)
-            case DropShards(shards=shards, error=error):
-                self._drop_shards(shards, error)
+            case DropShards(shards=shards, lost=lost):
+                self._drop_shards(shards, lost)
             case TerminalCommitted(run_id=run_id):
                 self._settle(run_id)
             case TransitionFailed():
@@ -450,21 +456,23 @@ class RunTrackerActor(SupervisedActor):
             log.info("shard_runs_adopted", shards=len(shards), runs=len(found))
         return list(dict.fromkeys(run.agent_id for run in found))
 
-    def _drop_shards(self, shards: frozenset[int], error: Exception) -> None:
-        """Forget the runs of `shards`: their new owner carries them on."""
+    def _drop_shards(self, shards: frozenset[int], lost: bool) -> None:
+        """Forget the runs of `shards`: their new owner carries them on. Their waiters hear
+        why: ShardLost (taken over) or NotOwner naming the group (handed over)."""
         book = self._store.book
-        gone = {
-            run_id
-            for run_id, found in self._open.items()
-            if book.shard_of(found.run.group_id) in shards
-        }
-        for run_id in gone:
+        errors: dict[str, Exception] = {}
+        for run_id, found in list(self._open.items()):
+            group_id = found.run.group_id
+            shard = book.shard_of(group_id)
+            if shard not in shards:
+                continue
             self._flags.raise_flag(run_id)  # whatever still steps here stops
             self._flags.forget(run_id)
             del self._open[run_id]
-        self._waiters.fail_runs(gone, error)
-        if gone:
-            log.warning("shard_runs_dropped", shards=len(shards), runs=len(gone))
+            errors[run_id] = ShardLost(shard) if lost else NotOwner(group_id, shard)
+        self._waiters.fail_runs(errors)
+        if errors:
+            log.warning("shard_runs_dropped", shards=len(shards), runs=len(errors), lost=lost)
 
     def _fail_group(self, group_id: str, reason: str) -> None:
         for run_id, found in list(self._open.items()):
