@@ -11,10 +11,13 @@ from persistence._engine import parse_url
 from persistence._models import Base
 
 Dump = dict[str, list[tuple[Any, ...]]]
+LEASE_TABLES = frozenset({"shard_leases", "shard_members"})
+"""Renewed in the background (PostgreSQL) whatever the calls do: not read."""
 
 
 class TableDump:
-    """Reads every table of the database at `url`, each in primary key order.
+    """Reads every table of the database at `url`, each in primary key order (but the
+    leases, which their keeper renews on its own).
 
     Example:
         >>> tables = TableDump(db_url)
@@ -32,6 +35,7 @@ class TableDump:
                     for row in connection.execute(select(table).order_by(*table.primary_key))
                 ]
                 for table in Base.metadata.sorted_tables
+                if table.name not in LEASE_TABLES
             }
 
     def close(self) -> None:
