@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -616,7 +617,7 @@ class RayRuntime:
             assert local is not None
             collect(LOCAL, lambda: local.wait_for_runs(by_target[LOCAL], left))
         for target, ref in refs.items():
-            collect(target, lambda ref=ref: self._get(ref))
+            collect(target, functools.partial(self._get, ref))
         return ended, failed, timed_out
 
     def _stored_runs(self, run_ids: list[str]) -> dict[str, Run]:
@@ -761,7 +762,7 @@ class RayRuntime:
         """`Runtime.update_group` at the group's host: the counter is kept."""
         group_id = check_id(group_id, "group_id")
         self._check()
-        changes = {
+        changes: dict[str, Any] = {
             name: value
             for name, value in {
                 "frequency": frequency,

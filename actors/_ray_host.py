@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import ray
 import structlog
 
 from actors._ray_client import RayRuntime
@@ -78,8 +77,8 @@ def _kinds_from_peers(directory: HostDirectory, name: str) -> dict[str, KindEntr
             continue
         try:
             handle = directory.handle(directory.address(peer))
-            kinds: dict[str, KindEntry] = ray.get(
-                handle.kinds.remote(), timeout=PEER_KINDS_TIMEOUT_S
+            kinds: dict[str, KindEntry] = RayRuntime._get(
+                handle.kinds.remote(), PEER_KINDS_TIMEOUT_S
             )
         except Exception as error:  # restarting, or gone: ask the next one
             log.info("peer_kinds_unavailable", peer=peer, error=type(error).__name__)
@@ -244,9 +243,3 @@ class ShardHost:
 
     def __repr__(self) -> str:  # Ray shows it in its logs and errors
         return f"ShardHost({self._name})"
-
-
-def info_of(handle: Any, timeout: float | None = None) -> HostInfo:
-    """A host's `info()`, waited for."""
-    found: HostInfo = ray.get(handle.info.remote(), timeout=timeout)
-    return found

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-import ray._private.ray_constants as ray_constants
-from ray._raylet import AuthenticationTokenLoader, Config
+from ray._private import ray_constants
+from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
 OBJECT_STORE_MB = 80
 """The object store of a local Ray, in MB (Ray's own floor is about 75)."""

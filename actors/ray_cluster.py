@@ -93,7 +93,8 @@ class RayCluster:
         names = directory.refresh()
         if not names:
             raise HostGone(f"ray:{namespace}/ (no shard host in this namespace)")
-        info: HostInfo = ray.get(directory.handle(directory.address(names[0])).info.remote())
+        first = directory.handle(directory.address(names[0]))
+        info: HostInfo = RayRuntime._get(first.info.remote())
         return cls(info.url, namespace, {})
 
     # -- the hosts ------------------------------------------------------------------------
@@ -148,21 +149,30 @@ class RayCluster:
         """Stop a host cleanly: it hands every shard over (its queued turns finish, its
         open runs get up to `drain_timeout` s, the others take its shards at once), then
         its actor leaves for good (no restart)."""
-        handle = self._directory.handle(host_address(self.namespace, name))
+        self.remove_hosts([name], drain_timeout)
+
+    def remove_hosts(self, names: Sequence[str], drain_timeout: float = 30.0) -> None:
+        """Stop these hosts cleanly (see `remove_host`), all at once."""
+        handles = {
+            name: self._directory.handle(host_address(self.namespace, name)) for name in names
+        }
+        stopping: list[Any] = [handle.stop.remote(drain_timeout) for handle in handles.values()]
         try:
-            ray.get(handle.stop.remote(drain_timeout), timeout=drain_timeout + STOP_TIMEOUT_S)
-        except RayActorError:
-            pass  # it died meanwhile: its leases expire instead
+            for ref in stopping:
+                try:
+                    ray.get(ref, timeout=drain_timeout + STOP_TIMEOUT_S)
+                except RayActorError:
+                    pass  # it died meanwhile: its leases expire instead
         finally:
-            ray.kill(handle, no_restart=True)
-            self._spawned.pop(name, None)
-            self._directory.failed(host_address(self.namespace, name))
+            for name, handle in handles.items():
+                ray.kill(handle, no_restart=True)
+                self._spawned.pop(name, None)
+            self._directory.refresh()
 
     def stop(self, drain_timeout: float = 30.0) -> None:
-        """Stop every host cleanly, one after the other (the last hands over to nobody:
-        its open runs stay stored, recovered by the next host that starts)."""
-        for name in self.names():
-            self.remove_host(name, drain_timeout)
+        """Stop every host cleanly, all at once (their open runs get `drain_timeout` s;
+        those still open stay stored, recovered by the next host that starts)."""
+        self.remove_hosts(self.names(), drain_timeout)
 
     def __enter__(self) -> Self:
         return self
@@ -194,7 +204,7 @@ class RayCluster:
         `runtime` is a `RayRuntime` inside the host: it serves the host's own groups
         with no Ray call and routes the others. This is how a workload runs where its
         groups live (`run.py simulate --ray N`)."""
-        refs = {
+        refs: dict[str, Any] = {
             name: self._directory.handle(host_address(self.namespace, name)).call.remote(
                 fn, tuple(arguments)
             )
