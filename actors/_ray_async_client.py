@@ -226,7 +226,7 @@ class AsyncRayRuntime:
         await self.stop()
 
     @property
-    def client(self) -> RayRuntime:
+    def runtime(self) -> RayRuntime:
         """The synchronous `RayRuntime` underneath (for code on threads)."""
         return self._client
 

@@ -306,6 +306,8 @@ class RayRuntime:
         self.retry_timeout = retry_timeout
         self.agents = RayAgentKinds(self)
         self.read_only = False
+        self.retries = 0
+        """Calls sent again after a host failed or a shard moved (for monitoring)."""
         self._stopped = threading.Event()
 
     @classmethod
@@ -439,6 +441,7 @@ class RayRuntime:
                 if move is Recourse.GO_TO_OWNER and redirects < MAX_REDIRECTS:
                     assert isinstance(error, NotOwner) and error.address is not None
                     redirects += 1
+                    self.retries += 1
                     self._routes.learn(group_id, error.address)
                     continue
                 self._routes.forget(group_id)
@@ -448,6 +451,7 @@ class RayRuntime:
                 if pause is None:
                     raise error from None
                 log.info("ray_call_retried", group_id=group_id, error=type(error).__name__)
+                self.retries += 1
                 redirects = 0
                 time.sleep(pause)
 
