@@ -248,6 +248,8 @@ def start_hosts(
 
 
 __all__ = [
+    "DEFAULT_HOST_CPUS",
+    "DEFAULT_MAX_RESTARTS",
     "DEFAULT_NAMESPACE",
     "AsyncRayRuntime",
     "AsyncRayTurnStream",
