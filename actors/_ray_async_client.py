@@ -103,7 +103,7 @@ class AsyncRayTurnStream(AsyncIterator[Message]):
         async def attempt(target: str) -> None:
             handle = await client._handle(target)
             generator = handle.stream.remote(
-                call.group_id, call.messages, call.remaining(), call.remote_id()
+                call.group_id, call.messages, call.remaining(), *call.remote_id()
             )
             await client._get(await generator.__anext__())  # StreamSent, or why not sent
             self._remote = generator
@@ -321,7 +321,7 @@ class AsyncRayRuntime:
             remaining = call.remaining()
             handle = await self._handle(target)
             ref = getattr(handle, call.mode).remote(
-                call.group_id, call.messages, remaining, call.remote_id()
+                call.group_id, call.messages, remaining, *call.remote_id()
             )
             wait = None if remaining is None else remaining + RESULT_GRACE_S
             try:

@@ -110,6 +110,7 @@ class _TurnCall:
     timeout: float | None
     deadline: float | None
     request_id: str | None
+    sent_before: bool = False
 
     def remaining(self) -> float | None:
         """Seconds left of the caller's timeout (None: no timeout); TurnTimeout if none."""
@@ -121,12 +122,17 @@ class _TurnCall:
             raise TurnTimeout(self.group_id, self.timeout)
         return left
 
-    def remote_id(self) -> str:
-        """The request id the turn is sent over Ray with: the caller's, or a new one, the
-        same for every retry."""
-        if self.request_id is None:
+    def remote_id(self) -> tuple[str, bool]:
+        """The request id the turn is sent over Ray with (the caller's, or a new one, the
+        same for every retry), and whether it is new: made here and never sent before, so
+        the host need not look it up."""
+        new = self.request_id is None
+        if new:
             self.request_id = new_request_id()
-        return self.request_id
+        assert self.request_id is not None
+        fresh = new and not self.sent_before
+        self.sent_before = True
+        return self.request_id, fresh
 
 
 class RayAgentKinds:
@@ -197,7 +203,7 @@ class RayTurnStream(Iterator[Message]):
                 self._remote = None
                 return
             generator = client._handle(target).stream.remote(
-                call.group_id, call.messages, call.remaining(), call.remote_id()
+                call.group_id, call.messages, call.remaining(), *call.remote_id()
             )
             client._get(next(generator))  # StreamSent, or what kept the turn from going
             self._local, self._remote = None, generator
@@ -489,7 +495,7 @@ class RayRuntime:
                     call.group_id,
                     call.messages,
                     remaining,
-                    call.remote_id(),
+                    *call.remote_id(),
                     timeout=wait,
                 )
             except GetTimeoutError:

@@ -168,8 +168,11 @@ class ShardHost:
         messages: list[MessageCreate],
         timeout: float | None,
         request_id: str | None,
+        new_request: bool = False,
     ) -> TurnResult:
-        return await self._rt.step(group_id, messages, timeout, request_id=request_id)
+        return await self._rt.step(
+            group_id, messages, timeout, request_id=request_id, new_request=new_request
+        )
 
     async def record_turn(
         self,
@@ -177,8 +180,11 @@ class ShardHost:
         messages: list[MessageCreate],
         timeout: float | None,
         request_id: str | None,
+        new_request: bool = False,
     ) -> TurnResult:
-        return await self._rt.record_turn(group_id, messages, timeout, request_id=request_id)
+        return await self._rt.record_turn(
+            group_id, messages, timeout, request_id=request_id, new_request=new_request
+        )
 
     async def stream(
         self,
@@ -186,10 +192,14 @@ class ShardHost:
         messages: list[MessageCreate],
         timeout: float | None,
         request_id: str | None,
+        new_request: bool = False,
     ) -> AsyncIterator[StreamSent | Message | TurnResult]:
         """A streamed turn: `StreamSent` once the turn is sent, each message as the
-        primary agent produces it, then the turn's `TurnResult` (or its error)."""
-        stream = self._rt.stream(group_id, messages, timeout, request_id=request_id)
+        primary agent produces it, then the turn's `TurnResult` (or its error).
+        `new_request`: the client made `request_id` just now (see `Runtime._prepare_turn`)."""
+        stream = self._rt.stream(
+            group_id, messages, timeout, request_id=request_id, new_request=new_request
+        )
         async with stream:
             await stream.sent()
             yield StreamSent()
