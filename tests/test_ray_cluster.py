@@ -226,3 +226,14 @@ def test_the_command_line_starts_a_frugal_local_ray_and_leaves_nothing_behind(
     assert list(home.iterdir()) == []  # no ~/.ray/auth_token, nothing else
     after = {p.name for p in Path("/tmp").glob("sleeptime-ray-*")}
     assert after <= before  # its session files went with it
+
+
+def test_the_readme_ray_example_runs(local_ray: object, pg_url: str) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### Running on a Ray cluster", 1)[1]
+    example = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "postgresql://db-host/sleeptime" in example
+    example = example.replace("postgresql://db-host/sleeptime", pg_url)
+    assert "hosts=3)" in example
+    example = example.replace("hosts=3)", 'hosts=3, namespace="readme", lease_s=1.0)', 1)
+    exec(compile(example, "README.md", "exec"), {})
