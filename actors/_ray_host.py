@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import ray
 import structlog
 
 from actors._ray_client import RayRuntime
@@ -113,9 +114,14 @@ class ShardHost:
         options = dict(options)
         given: dict[str, AgentFactory] = options.pop("kinds", None) or {}
         blocking_threads = options.pop("blocking_threads", DEFAULT_BLOCKING_THREADS)
+        joining = bool(options.pop("joining", False))
         directory = HostDirectory(namespace)
+        # A host restarted by Ray, or added to running ones, may have missed kinds that
+        # clients registered since the cluster started: its peers know them.
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        peers = _kinds_from_peers(directory, name) if joining or restarted else {}
         self._kinds: dict[str, KindEntry] = {
-            **_kinds_from_peers(directory, name),
+            **peers,
             **{kind: (factory, None) for kind, factory in given.items()},
         }
         kinds = {kind: _with_roles(f, roles) for kind, (f, roles) in self._kinds.items()}

@@ -51,6 +51,7 @@ class LocalRay:
     temp_dir: str | None = None
     keep_files: bool = False
     _saved_environment: dict[str, str | None] = field(default_factory=dict)
+    _cluster_mode: bool | None = None
 
     def stop(self) -> None:
         """Shut down the Ray this process started and forget its files and environment."""
@@ -58,6 +59,8 @@ class LocalRay:
             return
         self.owned = False
         ray.shutdown()
+        if self._cluster_mode is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = self._cluster_mode
         for name, value in self._saved_environment.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -100,6 +103,7 @@ def start_local_ray(
     # addresses, no traffic through them. (This constant is read when Ray picks the
     # node's address; the variable is for processes that import Ray afresh.)
     set_variable(ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR, "0")
+    loopback_before = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     made = temp_dir is None
     folder = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=_TEMP_ROOT) if made else str(temp_dir)
@@ -109,6 +113,7 @@ def start_local_ray(
         temp_dir=folder if made else None,
         keep_files=keep_files,
         _saved_environment=saved,
+        _cluster_mode=loopback_before,
     )
     try:
         options: dict[str, Any] = {

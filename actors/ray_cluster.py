@@ -107,7 +107,7 @@ class RayCluster:
         """Every host as it describes itself: pid, node, shards held (those answering)."""
         return self.client().hosts()
 
-    def _spawn(self, name: str) -> Any:
+    def _spawn(self, name: str, joining: bool) -> Any:
         options: dict[str, Any] = {
             "name": name,
             "namespace": self.namespace,
@@ -120,7 +120,8 @@ class RayCluster:
         if self._detached:
             options["lifetime"] = "detached"
         remote: Any = ray.remote(ShardHost)
-        return remote.options(**options).remote(self.url, name, self.namespace, self._options)
+        host_options = {**self._options, "joining": joining}
+        return remote.options(**options).remote(self.url, name, self.namespace, host_options)
 
     def add_hosts(self, count: int) -> list[str]:
         """Start `count` more hosts, at once; returns once each holds its fair share
@@ -130,7 +131,7 @@ class RayCluster:
             n for n in range(len(taken) + count + 1_000_000) if f"{HOST_PREFIX}{n}" not in taken
         )
         names = [f"{HOST_PREFIX}{next(numbers)}" for _ in range(count)]
-        handles = [self._spawn(name) for name in names]
+        handles = [self._spawn(name, joining=bool(taken)) for name in names]
         try:
             ray.get([handle.info.remote() for handle in handles])
         except BaseException:

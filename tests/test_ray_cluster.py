@@ -24,9 +24,11 @@ import pytest
 
 pytest.importorskip("ray", reason="the ray extra is missing")
 
+import ray
+
 import run
 from actors.ray_cluster import HostInfo, RayCluster, RayRuntime
-from tests.agents import user, wait_until
+from tests.agents import Echo, user, wait_until
 from tests.postgres import PostgresCluster
 from tests.rayhosts import SHARDS, database, hosts
 
@@ -114,9 +116,9 @@ class Load:
         assert report.ok, report.violations
 
 
-def make_groups(client: RayRuntime, count: int) -> list[str]:
+def make_groups(client: RayRuntime, count: int, primary: dict[str, str] = SCRIPTED) -> list[str]:
     return [
-        client.create_group(primary=SCRIPTED, sleeptime=[SLEEPER], frequency=1).id
+        client.create_group(primary=primary, sleeptime=[SLEEPER], frequency=1).id
         for _ in range(count)
     ]
 
@@ -154,7 +156,8 @@ def test_a_host_killed_under_load_is_restarted_and_no_turn_is_lost_or_doubled(
 ) -> None:
     with hosts(pg_url, 2) as cluster:
         client = cluster.client(retry_timeout=45)
-        groups = make_groups(client, 8)
+        client.agents.register("echo", Echo, roles=["primary"])  # not a start option
+        groups = make_groups(client, 8, primary={"kind": "echo"})
         victim: HostInfo = next(i for i in cluster.hosts() if i.held)
         with Load(client, groups) as load:
             assert wait_until(lambda: load.turns() >= 40, timeout=30)
@@ -170,6 +173,9 @@ def test_a_host_killed_under_load_is_restarted_and_no_turn_is_lost_or_doubled(
             assert wait_until(lambda: load.turns() >= killed_at + 80, timeout=60, every=0.1)
         load.check()
         assert client.retries > 0  # turns in flight at the kill were sent again
+        # The new incarnation knows the kind registered through the client: from its peer.
+        again = ray.get_actor(victim.name, namespace=cluster.namespace)
+        assert "echo" in ray.get(again.kind_names.remote())
         assert wait_until(lambda: every_shard_held_once(cluster), timeout=30, every=0.2)
         attempts = [client.get_run(r).attempt for r in load.run_ids]
         assert max(attempts) <= 3
