@@ -53,12 +53,15 @@ class TakeTurn(Ask[TurnResult]):
     """Run one turn. For `stream`, produced messages go to `sink` as they come, then `None`.
 
     With a `request_id` the group already answered, the turn is not taken again: the
-    first call's answer is given (its messages to the sink first, for `stream`)."""
+    first call's answer is given (its messages to the sink first, for `stream`). A
+    `new_request` id was just made by its caller, so no earlier call can have used it:
+    it is recorded with the turn but not looked up first (one read less per turn)."""
 
     input: list[MessageCreate]
     mode: TurnMode
     sink: MessageSink | None = None
     request_id: str | None = None
+    new_request: bool = False
     reply: Future[TurnResult] = field(default_factory=Future)
 
 

@@ -152,7 +152,7 @@ class GroupActor(SupervisedActor):
         if self._stale:
             self._reload()  # raises StoreUnavailable while the store is still away
         group = self._group
-        if command.request_id is not None:
+        if command.request_id is not None and not command.new_request:
             answered = self._wiring.store.find_turn_request(group.id, command.request_id)
             if answered is not None:
                 return self._answer_again(answered, sink)

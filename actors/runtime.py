@@ -826,11 +826,14 @@ class Runtime:
         timeout: float | None,
         sink: MessageSink | None = None,
         request_id: str | None = None,
+        new_request: bool = False,
     ) -> TurnCall:
         """Check a turn call (ValidationError, RuntimeStopped, ...); nothing is sent.
 
         Both APIs build their turns here, and `AsyncRuntime` passes its callers' keyword
-        arguments on as they are: an argument a turn call grows belongs here, once."""
+        arguments on as they are: an argument a turn call grows belongs here, once.
+        `new_request` (for a Ray shard host, whose client made the `request_id` just now
+        and sends it for the first time) skips looking the id up; it is still recorded."""
         group_id = check_id(group_id, "group_id")
         request_id = REQUEST_ID.validate_python(request_id)
         self._check("take a turn")
@@ -840,6 +843,7 @@ class Runtime:
             mode=mode,
             sink=sink,
             request_id=request_id,
+            new_request=new_request and request_id is not None,
         )
         deadline = None if limit is None else time.monotonic() + limit
         return TurnCall(group_id, command, limit, deadline)

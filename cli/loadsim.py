@@ -31,13 +31,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from rich.console import Console
 from rich.progress import (
@@ -49,8 +49,9 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from actors import Chaos, InvariantReport, RestartPolicy, Runtime
+from actors import Chaos, InvariantReport, RestartPolicy
 from messages import (
+    Group,
     GroupFailed,
     MessageCreate,
     PrimaryAgentError,
@@ -76,6 +77,62 @@ _PENDING_EVERY_S = 0.5  # counting open runs is a query: not more often than thi
 _SAMPLE_EVERY_S = 0.05  # threads come and go fast; sampling them is cheap
 _RATE_WINDOW_S = 2.0  # the progress bar's turns/s is over this much recent time
 _AGENT_SEED_BITS = 32
+START_MARGIN_S = 0.5
+"""How far ahead of now the slices of a fanned-out workload are told to start, together."""
+
+R = TypeVar("R")
+
+
+class Driven(Protocol):
+    """What a workload calls: a `Runtime`, or a client with its API (`RayRuntime`)."""
+
+    def create_group(
+        self,
+        primary: Any,
+        sleeptime: Any,
+        frequency: int | None = None,
+        blocks: Any = None,
+        preamble: str | None = None,
+        transcript_max_messages: int | None = None,
+        run_timeout: float = ...,
+        max_attempts: int = ...,
+    ) -> Group: ...
+
+    def step(
+        self,
+        group_id: str,
+        messages: Sequence[MessageCreate],
+        timeout: float | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> TurnResult: ...
+
+    def wait_for_runs(self, run_ids: Sequence[str], timeout: float | None = None) -> list[Run]: ...
+
+    def list_runs(
+        self,
+        agent_id: str | None = None,
+        group_id: str | None = None,
+        statuses: Sequence[RunStatus | str] | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[Run]: ...
+
+    def count_runs(
+        self,
+        agent_id: str | None = None,
+        group_id: str | None = None,
+        statuses: Sequence[RunStatus | str] | None = None,
+    ) -> int: ...
+
+    def check_invariants(self, group_ids: Sequence[str] | None = None) -> InvariantReport: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+
+FanOut = Callable[[Callable[..., Any], Mapping[str, Sequence[Any]]], dict[str, Any]]
+"""Runs `fn(runtime, *arguments)` on each host named (name -> arguments), at once; the
+results by host name (`RayCluster.run_on_hosts`)."""
 
 
 # -- the groups ----------------------------------------------------------------------------
@@ -152,7 +209,7 @@ class GroupShape:
         }
         return {"kind": "simulated", "config": config}
 
-    def create_group(self, rt: Runtime, group_index: int) -> str:
+    def create_group(self, rt: Driven, group_index: int) -> str:
         """Create the `group_index`-th group of the simulation; return its id."""
         group = rt.create_group(
             primary=self.agent(group_index, 0, failure_rate=0.0),
@@ -182,7 +239,7 @@ class GroupShape:
         }
 
 
-def create_groups(rt: Runtime, shape: GroupShape, count: int, threads: int) -> list[str]:
+def create_groups(rt: Driven, shape: GroupShape, count: int, threads: int) -> list[str]:
     """Create `count` groups on up to `threads` threads; their ids, in index order."""
     with ThreadPoolExecutor(max(1, min(threads, count)), thread_name_prefix="sim-create") as pool:
         return list(pool.map(lambda index: shape.create_group(rt, index), range(count)))
@@ -276,7 +333,7 @@ class Recorder:
         return recent / max(min(now, _RATE_WINDOW_S), 1e-9)
 
 
-def take_turn(rt: Runtime, group_id: str, number: int, began: float, seen: Recorder) -> None:
+def take_turn(rt: Driven, group_id: str, number: int, began: float, seen: Recorder) -> None:
     """Take one turn and record it (or its error), its latency counted from `began`.
 
     `GroupFailed` is re-raised: the group's later turns would only fail the same way.
@@ -346,7 +403,7 @@ class Sampler:
     """Samples threads, open runs and progress in the background while turns are driven."""
 
     def __init__(
-        self, rt: Runtime, seen: Recorder, bar: ProgressBar, detail: Callable[[], str]
+        self, rt: Driven, seen: Recorder, bar: ProgressBar, detail: Callable[[], str]
     ) -> None:
         self._rt = rt
         self._seen = seen
@@ -417,6 +474,10 @@ class Outcome:
     errors: list[str]
     error_count: int
     load: LoadFigures | None = None
+    hosts: int = 0
+    """Shard hosts the workload was fanned out over (0: this process alone)."""
+    peak_rss: float | None = None
+    """The peak RSS in MB of the process(es) that ran the turns (None: this one, now)."""
 
     @property
     def ok(self) -> bool:
@@ -435,7 +496,7 @@ class Outcome:
 
 
 def settle(
-    rt: Runtime, seen: Recorder, groups: Sequence[str], timeout: float
+    rt: Driven, seen: Recorder, groups: Sequence[str], timeout: float
 ) -> tuple[list[Run], int]:
     """Wait for every run the turns created; the runs and how many were still open."""
     try:
@@ -448,12 +509,14 @@ def settle(
 
 def finish(
     command: str,
-    rt: Runtime,
+    rt: Driven,
     groups: list[str],
     seen: Recorder,
     sampler: Sampler,
     wait_timeout: float,
     load: LoadFigures | None = None,
+    hosts: int = 0,
+    peak_rss: float | None = None,
 ) -> Outcome:
     """Wait for the runs, check the invariants of `groups`, and gather the outcome."""
     turns_elapsed = seen.done_at[-1] if seen.done_at else seen.now()
@@ -478,29 +541,24 @@ def finish(
         errors=seen.errors,
         error_count=seen.error_count,
         load=load,
+        hosts=hosts,
+        peak_rss=peak_rss,
     )
 
 
 # -- simulate: closed loop -----------------------------------------------------------------
 
 
-def simulate(
-    rt: Runtime,
-    shape: GroupShape,
-    groups: int,
+def drive_groups(
+    rt: Driven,
+    group_ids: Sequence[str],
     turns: int,
     concurrency: int,
-    wait_timeout: float = 600.0,
-    progress: bool = False,
-) -> Outcome:
-    """Drive `groups` new groups for `turns` turns each, `concurrency` groups at a time.
-
-    Each caller thread takes a group and does its turns one after the other (the runtime
-    serializes a group's turns anyway); then every run is waited for and checked.
-    """
-    group_ids = create_groups(rt, shape, groups, concurrency)
-    seen = Recorder()
-    bar = ProgressBar(progress)
+    seen: Recorder,
+) -> None:
+    """Take `turns` turns on each group, `concurrency` groups at a time, one caller thread
+    per group doing its turns one after the other (the runtime serializes a group's turns
+    anyway); each is recorded in `seen`."""
     interrupted = threading.Event()
 
     def drive(group_id: str) -> None:
@@ -512,17 +570,38 @@ def simulate(
             except GroupFailed:
                 return  # escalated: its later turns would fail the same way
 
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="sim-turns") as pool:
+        try:
+            for _ in pool.map(drive, group_ids):
+                pass
+        except BaseException:
+            interrupted.set()  # Ctrl-C: each caller ends after the turn it is taking
+            raise
+
+
+def simulate(
+    rt: Driven,
+    shape: GroupShape,
+    groups: int,
+    turns: int,
+    concurrency: int,
+    wait_timeout: float = 600.0,
+    progress: bool = False,
+) -> Outcome:
+    """Drive `groups` new groups for `turns` turns each, `concurrency` groups at a time.
+
+    Each caller thread takes a group and does its turns one after the other; then every
+    run is waited for and checked.
+    """
+    group_ids = create_groups(rt, shape, groups, concurrency)
+    seen = Recorder()
+    bar = ProgressBar(progress)
+
     def detail() -> str:
         return f"{seen.recent_rate():.0f} turns/s, {sampler.pending} runs pending"
 
     with bar.showing("turns", groups * turns), Sampler(rt, seen, bar, detail) as sampler:
-        with ThreadPoolExecutor(concurrency, thread_name_prefix="sim-turns") as pool:
-            try:
-                for _ in pool.map(drive, group_ids):
-                    pass
-            except BaseException:
-                interrupted.set()  # Ctrl-C: each caller ends after the turn it is taking
-                raise
+        drive_groups(rt, group_ids, turns, concurrency, seen)
         return finish("simulate", rt, group_ids, seen, sampler, wait_timeout)
 
 
@@ -550,8 +629,41 @@ def arrival_times(rate: float, duration: float, arrivals: Arrivals, seed: int) -
     return times
 
 
+Arrival = tuple[int, float, str]
+"""One turn of a load test: its number, when it arrives (seconds from the start), its group."""
+
+
+def offer_arrivals(
+    rt: Driven, arrivals: Sequence[Arrival], max_in_flight: int, seen: Recorder
+) -> None:
+    """Submit each arrival at its time, whatever the runtime does (open loop), to up to
+    `max_in_flight` caller threads; a turn's latency counts from its scheduled arrival."""
+
+    def arrive(number: int, scheduled: float, group_id: str) -> None:
+        seen.arrival_started(scheduled)
+        try:
+            take_turn(rt, group_id, number + 1, scheduled, seen)
+        except GroupFailed:
+            pass  # recorded as an error; this group's later arrivals fail the same way
+        finally:
+            seen.arrival_ended()
+
+    with ThreadPoolExecutor(max_in_flight, thread_name_prefix="load-turns") as pool:
+        try:
+            for number, at, group_id in arrivals:
+                scheduled = seen.started + at
+                wait = scheduled - time.perf_counter()
+                if wait > 0:
+                    time.sleep(wait)
+                seen.arrival_submitted(max_in_flight)
+                pool.submit(arrive, number, scheduled, group_id)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C: drop what waits
+            raise
+
+
 def loadtest(
-    rt: Runtime,
+    rt: Driven,
     shape: GroupShape,
     groups: int,
     rate: float,
@@ -572,34 +684,15 @@ def loadtest(
     seen = Recorder()
     bar = ProgressBar(progress)
 
-    def arrive(number: int, scheduled: float) -> None:
-        seen.arrival_started(scheduled)
-        try:
-            take_turn(rt, group_ids[number % groups], number + 1, scheduled, seen)
-        except GroupFailed:
-            pass  # recorded as an error; this group's later arrivals fail the same way
-        finally:
-            seen.arrival_ended()
-
     def detail() -> str:
         return (
             f"{seen.recent_rate():.0f} turns/s, {sampler.pending} runs pending, "
             f"{seen.in_flight} in flight, {seen.late_starts} late"
         )
 
+    offered = [(n, at, group_ids[n % groups]) for n, at in enumerate(schedule)]
     with bar.showing("turns", len(schedule)), Sampler(rt, seen, bar, detail) as sampler:
-        with ThreadPoolExecutor(max_in_flight, thread_name_prefix="load-turns") as pool:
-            try:
-                for number, at in enumerate(schedule):
-                    scheduled = seen.started + at
-                    wait = scheduled - time.perf_counter()
-                    if wait > 0:
-                        time.sleep(wait)
-                    seen.arrival_submitted(max_in_flight)
-                    pool.submit(arrive, number, scheduled)
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)  # Ctrl-C: drop what waits
-                raise
+        offer_arrivals(rt, offered, max_in_flight, seen)
         load = LoadFigures(
             offered_rate=rate,
             duration_s=duration,
@@ -712,7 +805,7 @@ def build_report(outcome: Outcome, parameters: dict[str, Any]) -> dict[str, Any]
             "created_to_terminal": summary_ms(to_terminal),
         },
         "errors": {"count": outcome.error_count, "first": list(outcome.errors)},
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb() if outcome.peak_rss is None else outcome.peak_rss,
         "peak_threads": outcome.peak_threads,
         "restarts": outcome.stats.get("restarts", 0),
         "injected_crashes": outcome.stats.get("injected_crashes", 0),
@@ -720,6 +813,8 @@ def build_report(outcome: Outcome, parameters: dict[str, Any]) -> dict[str, Any]
         "parameters": parameters,
         "versions": versions(),
     }
+    if outcome.hosts:
+        report["hosts"] = outcome.hosts
     if outcome.load is not None:
         load = outcome.load
         report.update(

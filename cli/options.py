@@ -189,6 +189,30 @@ def add_workload_options(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument(
         "--no-progress", action="store_true", help="no progress bar on standard error"
     )
+    scale = parser.add_argument_group(
+        "Ray (the ray extra): the workload fanned out over shard hosts on one PostgreSQL --db"
+    )
+    scale.add_argument(
+        "--ray",
+        metavar="N",
+        type=positive_int,
+        default=None,
+        help="run N shard hosts as Ray actors (on a local Ray, started and stopped here,"
+        " unless --ray-address) and give each its slice of the groups",
+    )
+    scale.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        default=None,
+        help="a running Ray cluster (auto, host:port, ray://host:10001): use the shard"
+        " hosts of --ray-namespace there, starting more if --ray N asks for more",
+    )
+    scale.add_argument(
+        "--ray-namespace",
+        metavar="NAME",
+        default="sleeptime",
+        help="the Ray namespace of the shard hosts",
+    )
 
 
 def add_llm_options(parser: argparse.ArgumentParser) -> None:

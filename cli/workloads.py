@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from actors import Runtime, configure_logging
-from cli import loadsim
+from cli import fanout, loadsim
 from cli.command import EXIT_FAILED, EXIT_OK, CommandError
 from cli.options import llm_endpoint
 from cli.tables import format_table, print_invariants
 from persistence import redact
 
 MAX_OFFERED_TURNS = 10_000_000
+RAY_INSTALL_HINT = "pip install 'sleeptime-runtime[ray]'"
 
 
 @contextmanager
@@ -59,6 +60,39 @@ def workload_runtime(
     with rt:
         print(f"Database: {redact(url)}", flush=True)
         yield rt, url
+
+
+def on_ray(args: argparse.Namespace) -> bool:
+    """Whether the workload is fanned out over shard hosts on Ray (`--ray`, `--ray-address`)."""
+    return getattr(args, "ray", None) is not None or getattr(args, "ray_address", None) is not None
+
+
+def check_ray(args: argparse.Namespace) -> None:
+    """Refuse `--ray` without a PostgreSQL `--db`, before anything starts."""
+    if not on_ray(args):
+        return
+    scheme = (args.db or "").split(":", 1)[0]
+    if not scheme.startswith("postgres"):
+        given = f"--db {scheme}:..." if args.db else "no --db (a new SQLite file)"
+        raise CommandError(
+            f"--ray runs shard hosts that share one PostgreSQL database, and {given} is"
+            " not one (a SQLite file has one process): give --db postgresql://..."
+        )
+
+
+@contextmanager
+def ray_workload(
+    args: argparse.Namespace, shape: loadsim.GroupShape
+) -> Iterator[tuple[loadsim.Driven, loadsim.FanOut, list[str], str]]:
+    """A client, the fan-out and the hosts of `--ray`, and the URL (see cli.ray_workloads)."""
+    try:
+        from cli import ray_workloads  # noqa: PLC0415  # Ray only when asked for
+    except ImportError as error:
+        raise CommandError(f"--ray needs Ray ({error}): {RAY_INSTALL_HINT}") from error
+    options = {"workers": args.workers, **shape.runtime_options()}
+    with ray_workloads.ray_hosts(args, options) as (client, cluster, hosts):
+        print(f"Database: {redact(args.db)}", flush=True)
+        yield client, cluster.run_on_hosts, hosts, args.db
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -111,6 +145,7 @@ def parameters(args: argparse.Namespace, url: str) -> dict[str, Any]:
 def simulate(args: argparse.Namespace) -> int:
     """The `simulate` command: G groups x A sleeptime agents x T turns, closed loop."""
     check_outputs(args)
+    check_ray(args)
     shape = group_shape(args)
     quiet_expected_warnings(args)
     args.concurrency = concurrency = args.concurrency or min(args.groups, 32)  # as reported
@@ -120,6 +155,20 @@ def simulate(args: argparse.Namespace) -> int:
         f"seed {args.seed}"
     )
     print(title, flush=True)
+    if on_ray(args):
+        with ray_workload(args, shape) as (client, fan_out, hosts, url):
+            outcome = fanout.simulate_across(
+                client,
+                fan_out,
+                hosts,
+                shape,
+                groups=args.groups,
+                turns=args.turns,
+                concurrency=concurrency,
+                wait_timeout=args.wait_timeout,
+                progress=not args.no_progress,
+            )
+        return conclude(args, url, outcome, title + f", over {len(hosts)} shard hosts")
     with workload_runtime(args, shape) as (rt, url):
         outcome = loadsim.simulate(
             rt,
@@ -143,6 +192,7 @@ def loadtest(args: argparse.Namespace) -> int:
             " drawn before the first turn)"
         )
     check_outputs(args)
+    check_ray(args)
     shape = group_shape(args)
     quiet_expected_warnings(args)
     title = (
@@ -153,6 +203,22 @@ def loadtest(args: argparse.Namespace) -> int:
     if shape.llm is not None:
         title += f"; openai agents, {shape.llm.describe()}"
     print(title, flush=True)
+    if on_ray(args):
+        with ray_workload(args, shape) as (client, fan_out, hosts, url):
+            outcome = fanout.loadtest_across(
+                client,
+                fan_out,
+                hosts,
+                shape,
+                groups=args.groups,
+                rate=args.rate,
+                duration=args.duration,
+                arrivals=args.arrivals,
+                max_in_flight=args.max_in_flight,
+                wait_timeout=args.wait_timeout,
+                progress=not args.no_progress,
+            )
+        return conclude(args, url, outcome, title + f", over {len(hosts)} shard hosts")
     with workload_runtime(args, shape) as (rt, url):
         outcome = loadsim.loadtest(
             rt,
@@ -194,6 +260,7 @@ def print_summary(report: dict[str, Any]) -> None:
     """The figures, the latency percentiles and the invariants of a simulation's report."""
     runs: dict[str, int] = report["runs"]
     figures = [
+        *((("shard hosts (Ray)", str(report["hosts"])),) if report.get("hosts") else ()),
         ("turns", str(report["turns"])),
         ("turns/s", f"{report['turns_per_second']:.1f}"),
     ]
@@ -209,8 +276,14 @@ def print_summary(report: dict[str, Any]) -> None:
         ("time until every run ended", f"{report['elapsed_s']:.2f} s"),
         *((f"runs {status}", str(count)) for status, count in runs.items()),
         ("turn errors", str(report["errors"]["count"])),
-        ("peak RSS", f"{report['peak_rss_mb']:.1f} MB"),
-        ("peak threads", str(report["peak_threads"])),
+        (
+            "peak RSS" + (" (a host)" if report.get("hosts") else ""),
+            f"{report['peak_rss_mb']:.1f} MB",
+        ),
+        (
+            "peak threads" + (" (a host)" if report.get("hosts") else ""),
+            str(report["peak_threads"]),
+        ),
         ("actor restarts", str(report["restarts"])),
         ("injected crashes", str(report["injected_crashes"])),
         ("escalated groups", str(report["escalations"])),

@@ -11,7 +11,27 @@ from typing import Any
 
 
 class SleeptimeError(Exception):
-    """Base class of every error the runtime raises on purpose."""
+    """Base class of every error the runtime raises on purpose.
+
+    Every one pickles (and so crosses a process boundary: a Ray call, a process pool) as
+    itself, with its message and its fields (`group_id`, `result`, ...), whatever its
+    `__init__` takes.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default rebuilds with `cls(*self.args)`, the message alone, which the
+        # subclasses' own __init__ refuse.
+        return (_rebuild_error, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild_error(
+    cls: type[SleeptimeError], args: tuple[Any, ...], fields: dict[str, Any]
+) -> SleeptimeError:
+    """An unpickled SleeptimeError: its message and fields as they were, no __init__ run."""
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(fields)
+    return error
 
 
 class NotFoundError(SleeptimeError, LookupError):

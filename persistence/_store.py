@@ -526,7 +526,8 @@ class Store:
         """The group's shared blocks then the agent's own, in creation order.
 
         The owning store answers from its cache of committed blocks once it has read the
-        group (see `_block_cache`); a read-only store always asks the database.
+        group (see `_block_cache`); a read-only store, and one that does not serve the
+        group (another process owns it and edits its blocks), always asks the database.
         """
         cache = self._block_cache
         if cache is not None and (cached := cache.blocks_of(agent_id)) is not None:
@@ -541,7 +542,7 @@ class Store:
             return agent["group_id"], [_block(r) for r in rows.mappings()]
 
         group_id, group_blocks = self._read(query)
-        if cache is None:
+        if cache is None or not self.serves(group_id):
             return visible_to(agent_id, group_blocks)
         return cache.remember(agent_id, group_id, group_blocks, epoch)
 

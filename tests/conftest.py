@@ -70,3 +70,15 @@ def rt(db_url: str) -> Iterator[Runtime]:
         yield runtime
     finally:
         runtime.stop(drain_timeout=5)
+
+
+@pytest.fixture(scope="session")
+def local_ray() -> Iterator[object]:
+    """A local Ray for the session (frugal and quiet, see actors._ray_local), shut down at
+    its end; skipped without the ray extra."""
+    ray_cluster = pytest.importorskip("actors.ray_cluster", reason="the ray extra is missing")
+    here = ray_cluster.start_local_ray(num_cpus=4)
+    try:
+        yield here
+    finally:
+        here.stop()

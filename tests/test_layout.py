@@ -125,6 +125,39 @@ PUBLIC: dict[str, set[str]] = {
     },
     "cli": set(),
 }
+RAY_MODULES = {
+    "actors._ray_async_client",
+    "actors._ray_client",
+    "actors._ray_host",
+    "actors._ray_local",
+    "actors._ray_routes",
+    "actors.ray_cluster",
+    "cli.ray_workloads",
+}
+"""The modules that import Ray (the `ray` extra): nothing else may, so the base install
+works without it."""
+PUBLIC_MODULES: dict[str, set[str]] = {
+    # sleeptime on a Ray cluster (SPEC 16), with the ray extra
+    "actors.ray_cluster": {
+        "DEFAULT_HOST_CPUS",
+        "DEFAULT_MAX_RESTARTS",
+        "DEFAULT_NAMESPACE",
+        "AsyncRayRuntime",
+        "AsyncRayTurnStream",
+        "HostGone",
+        "HostInfo",
+        "LocalRay",
+        "RayAgentKinds",
+        "RayCluster",
+        "RayRuntime",
+        "RayTurnStream",
+        "ShardHost",
+        "connect_ray",
+        "local_ray",
+        "start_hosts",
+        "start_local_ray",
+    },
+}
 
 
 def modules() -> dict[str, Path]:
@@ -222,3 +255,43 @@ def test_a_package_exports_its_public_list_and_nothing_else(package: str) -> Non
     }
     assert defined <= exported, f"{package} binds names outside __all__: {defined - exported}"
     assert all(hasattr(module, name) for name in exported)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_MODULES))
+def test_a_public_module_exports_its_public_list(name: str) -> None:
+    pytest.importorskip("ray", reason="the ray extra is missing")
+    module = importlib.import_module(name)
+    assert set(module.__all__) == PUBLIC_MODULES[name]
+    assert all(hasattr(module, exported) for exported in module.__all__)
+
+
+def _loaded_at_import(name: str, path: Path, known: dict[str, Path]) -> tuple[bool, set[str]]:
+    """Whether the module imports Ray itself when it is imported, and the project modules
+    it imports then (its top-level statements only; an import in a function waits)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    ray_itself, project = False, set()
+    for node in ast.parse(path.read_text()).body:
+        found: list[str] = []
+        if isinstance(node, ast.Import):
+            found = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        ray_itself |= any(m == "ray" or m.startswith("ray.") for m in found)
+        project |= {m for m in found if m in known and m != name}
+    return ray_itself, project
+
+
+def test_only_the_ray_modules_import_ray() -> None:
+    known = modules()
+    graph = {name: _loaded_at_import(name, path, known) for name, path in known.items()}
+    importing = {name for name, (itself, _) in graph.items() if itself}
+    while True:  # and whatever imports one of them, when it is imported
+        more = {name for name, (_, uses) in graph.items() if uses & importing} - importing
+        if not more:
+            break
+        importing |= more
+    assert importing == RAY_MODULES
