@@ -59,6 +59,8 @@ class TakeTurn(Ask[TurnResult]):
     mode: TurnMode
     sink: MessageSink | None = None
     request_id: str | None = None
+    parent: Any = None
+    """What the observer took in the caller's thread (`Observer.caller_context`)."""
     reply: Future[TurnResult] = field(default_factory=Future)
 
 

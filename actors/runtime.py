@@ -22,7 +22,6 @@ from functools import partial
 from types import TracebackType
 from typing import Annotated, Any, Self
 
-import structlog
 from pydantic import ConfigDict, Field, TypeAdapter
 
 from actors._address import Address
@@ -89,10 +88,11 @@ from messages import (
 from messages._futures import reject
 from messages._groups import GroupCreate
 from messages._ids import new_id
+from messages._log import get_logger
 from messages._text import check_id
 from persistence import DEFAULT_SHARDS, NewGroup, Store, utcnow
 
-log = structlog.get_logger("sleeptime.runtime")
+log = get_logger("sleeptime.runtime")
 
 DEFAULT_URL = "sqlite:///sleeptime.db"
 DEFAULT_PASSIVATE_AFTER = 300.0

@@ -112,6 +112,7 @@ PUBLIC: dict[str, set[str]] = {
         "ShardBook",
         "ShardOwner",
         "Store",
+        "StoreObserver",
         "GroupState",
         "NewGroup",
         "StaleTurn",

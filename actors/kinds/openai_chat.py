@@ -39,7 +39,6 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
-import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.kinds._chat_http import (
@@ -69,8 +68,9 @@ from actors.kinds._chat_tools import (
 from actors.kinds._http1 import Proxy
 from actors.sdk import AgentContext, AgentRole, StepFailed, StepResult, parse_config
 from messages import AgentConfigError, Message, MessageCreate, StopReason
+from messages._log import get_logger
 
-log = structlog.get_logger("sleeptime.openai")
+log = get_logger("sleeptime.openai")
 
 KIND = "openai"
 MAX_BACKOFF_S = 30.0
