@@ -213,6 +213,13 @@ class WatchRuns(Ask[list[Future[None]]]):
 
 
 @dataclass(frozen=True, slots=True)
+class CountOpenRuns(Ask[dict[str, int]]):
+    """The reply is how many runs the tracker follows that are not terminal, by status."""
+
+    reply: Future[dict[str, int]] = field(default_factory=Future)
+
+
+@dataclass(frozen=True, slots=True)
 class AdoptRuns:
     """A sleeptime agent's actor (re)started: the tracker tells `reply_to` its queued
     runs, oldest first, as `Adopted` (with this `token`).

@@ -30,6 +30,7 @@ from actors._protocol import (
     AdoptRuns,
     AdoptShards,
     CancelRun,
+    CountOpenRuns,
     DropShards,
     FailGroupRuns,
     FinishRun,
@@ -271,6 +272,8 @@ class RunTrackerActor(SupervisedActor):
                 return self._cancel(run_id)
             case WatchRuns(run_ids=run_ids):
                 return self._watch(run_ids)
+            case CountOpenRuns():
+                return self._count_open()
             case AdoptRuns(agent_id=agent_id, reply_to=reply_to, token=token):
                 reply_to.tell(self._answer_adopt(agent_id, token))
             case FailGroupRuns(group_id=group_id, reason=reason):
@@ -657,6 +660,13 @@ class RunTrackerActor(SupervisedActor):
         run.status, run.attempt, run.pending = stored.status, stored.attempt, None
         if stored.status.terminal:
             self._settle(stored.id)
+
+    def _count_open(self) -> dict[str, int]:
+        counts = dict.fromkeys((RunStatus.CREATED.value, RunStatus.RUNNING.value), 0)
+        for found in self._open.values():
+            if not found.status.terminal:
+                counts[found.status.value] += 1
+        return counts
 
     # -- waiting --------------------------------------------------------------------------
 

@@ -498,6 +498,11 @@ class Store:
 
         return self._read(query)
 
+    def count_groups(self) -> int:
+        """How many groups are stored."""
+        statement = select(func.count()).select_from(groups)
+        return int(self._read(lambda c: c.execute(statement).scalar_one()))
+
     def list_groups(self) -> list[Group]:
         def query(connection: Connection) -> list[Group]:
             ids = connection.execute(select(groups.c.id).order_by(groups.c.created_at)).scalars()
