@@ -325,8 +325,8 @@ class Supervisor:
                 return
             self.restarts += 1
         child.address.incarnation += 1
-        self._start(child)
         self._observer.actor_restarted(child.spec.identity, child.address.incarnation)
+        self._start(child)
         _log(child.spec.identity).warning("actor_restarted", incarnation=child.address.incarnation)
 
     def _escalate(self, child: _Child, reason: str) -> None:
