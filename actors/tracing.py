@@ -1,21 +1,27 @@
 """OpenTelemetry traces of one runtime (the `tracing` extra).
 
-A runtime traces through the tracer provider the host configured (`trace.
-set_tracer_provider(...)` before `Runtime.start`), or the one given as
+A runtime traces through the tracer provider the host configured
+(`trace.set_tracer_provider(...)` before `Runtime.start`), or the one given as
 `Runtime.start(url, tracing=provider)`; with none configured it creates no span at all.
 
 The spans (every attribute name starts with `sleeptime.`: `group_id`, `agent_id`,
 `run_id`, `turn`, ...):
 
 - `sleeptime.turn`: one per turn, a child of the caller's current span (a web request's,
-  say), with `sleeptime.turn.step` (the primary agent's step, where its model requests
-  nest) and `sleeptime.turn.commit` (the turn's transaction) inside;
+  say); the primary agent's step and the turn's commit are inside it, their durations
+  `sleeptime.step_ms` and `sleeptime.commit_ms`, and the spans of the primary agent's
+  model requests are its children;
 - `sleeptime.run`: one per sleeptime run, from its creation to its end committed, the root
-  of a trace of its own, linked to the turn span that created it; inside it
-  `sleeptime.run.queued` (created -> running, once per attempt), `sleeptime.run.step` (the
-  sleeptime agent's step) and `sleeptime.run.commit` (its end, until committed);
+  of a trace of its own, linked to the turn span that created it; inside it the time
+  queued (`sleeptime.queued_ms`, created -> running), the sleeptime agent's step
+  (`sleeptime.step_ms`, its model requests' spans as children) and the commit of its end
+  (`sleeptime.commit_ms`); a re-queue is an event (`requeued`);
 - `sleeptime.model_request`: one per request to a model server (the `openai` kind), a
-  client span inside the step that made it, with the model and the outcome.
+  client span, with the model and the outcome.
+
+The phases of a turn and of a run are durations on their span, not spans of their own:
+a span costs some 20 us of CPU in the Python SDK, and five more per turn would take a
+sixth of the throughput of a runtime of zero-latency agents (`bench/observability.py`).
 
 Example:
     >>> provider = TracerProvider()
@@ -62,13 +68,15 @@ def _ns(moment: datetime) -> int:
 
 
 class _RunSpan:
-    """The open span of one run, and since when its current attempt waits to start."""
+    """The open span of one run, and the times of its current attempt's phases."""
 
-    __slots__ = ("queued_since", "span")
+    __slots__ = ("queued_ms", "queued_since", "span", "step_ms")
 
-    def __init__(self, span: Span, queued_since: int) -> None:
+    def __init__(self, span: Span, queued_since: datetime) -> None:
         self.span = span
         self.queued_since = queued_since
+        self.queued_ms: float | None = None
+        self.step_ms: float | None = None
 
 
 class RuntimeTracing(Observer):
@@ -97,7 +105,7 @@ class RuntimeTracing(Observer):
             start_time=_ns(run.created_at),
             attributes=_run_attributes(run),
         )
-        self._runs[run.id] = _RunSpan(span, _ns(run.created_at))
+        self._runs[run.id] = _RunSpan(span, run.created_at)
 
     def _run_span(self, run: Run) -> _RunSpan:
         """The run's open span; one without a link for a run this process did not create
@@ -108,64 +116,56 @@ class RuntimeTracing(Observer):
         with self._lock:
             found = self._runs.get(run.id)
             if found is None:
+                attributes = {**_run_attributes(run), "sleeptime.recovered": True}
                 span = self._tracer.start_span(
                     "sleeptime.run",
                     context=_ROOT,
                     start_time=_ns(run.created_at),
-                    attributes={**_run_attributes(run), "sleeptime.run.recovered": True},
+                    attributes=attributes,
                 )
-                found = self._runs[run.id] = _RunSpan(span, _ns(run.created_at))
+                found = self._runs[run.id] = _RunSpan(span, run.created_at)
         return found
 
     def run_committed(self, run: Run, change: Transition, started_at: datetime | None) -> None:
-        if change.new.terminal:
-            found = self._runs.pop(run.id, None)
-            if found is None:
-                found = self._run_span(run)
-                self._runs.pop(run.id, None)
-            self._ended(found.span, change)
-            return
-        found = self._run_span(run)
-        if change.new is RunStatus.CREATED:  # re-queued: a new attempt waits from now
-            found.queued_since = _ns(change.at)
+        if change.new is RunStatus.RUNNING:
+            found = self._run_span(run)
+            found.queued_ms = _ms(found.queued_since, change.at)
+        elif change.new is RunStatus.CREATED:  # re-queued: a new attempt waits from now
+            found = self._run_span(run)
+            found.queued_since = change.at
             found.span.add_event(
                 "requeued", {"sleeptime.attempt": change.attempt}, timestamp=_ns(change.at)
             )
-            return
-        queued = self._tracer.start_span(
-            "sleeptime.run.queued",
-            context=trace.set_span_in_context(found.span, _ROOT),
-            start_time=found.queued_since,
-            attributes={"sleeptime.attempt": change.attempt},
-        )
-        queued.end(end_time=_ns(change.at))
+        else:
+            self._ended(run, change)
 
-    def _ended(self, span: Span, change: Transition) -> None:
-        """The run's end is committed: its commit span (from the end's decision until
-        now), then the run's span itself, with how it ended."""
-        now = time.time_ns()
-        commit = self._tracer.start_span(
-            "sleeptime.run.commit",
-            context=trace.set_span_in_context(span, _ROOT),
-            start_time=min(_ns(change.at), now),
-        )
-        commit.end(end_time=now)
-        span.set_attribute("sleeptime.run.status", change.new.value)
-        span.set_attribute("sleeptime.attempt", change.attempt)
-        if change.stop_reason is not None:
-            span.set_attribute("sleeptime.run.stop_reason", change.stop_reason.value)
-        if change.new is RunStatus.FAILED:
-            span.set_status(Status(StatusCode.ERROR, change.error))
+    def _ended(self, run: Run, change: Transition) -> None:
+        """The run's end is committed: its span ends now, with how it ended."""
+        found = self._runs.pop(run.id, None)
+        if found is None:
+            found = self._run_span(run)
+            self._runs.pop(run.id, None)
+        span, now = found.span, time.time_ns()
+        if span.is_recording():  # (a sampler may have left it out)
+            attributes: dict[str, Any] = {
+                "sleeptime.run.status": change.new.value,
+                "sleeptime.commit_ms": round(max(0, now - _ns(change.at)) / 1e6, 3),
+            }
+            if change.stop_reason is not None:
+                attributes["sleeptime.run.stop_reason"] = change.stop_reason.value
+            if found.queued_ms is not None:
+                attributes["sleeptime.queued_ms"] = found.queued_ms
+            if found.step_ms is not None:
+                attributes["sleeptime.step_ms"] = found.step_ms
+            if change.attempt > 1:
+                attributes["sleeptime.attempt"] = change.attempt
+            span.set_attributes(attributes)
+            if change.new is RunStatus.FAILED:
+                span.set_status(Status(StatusCode.ERROR, change.error))
         span.end(end_time=now)
 
     def run_step(self, run: Run, attempt: int) -> Watch:
-        return _ChildSpan(
-            self._tracer,
-            "sleeptime.run.step",
-            self._run_span(run).span,
-            {"sleeptime.attempt": attempt},
-            current=True,
-        )
+        return _StepTimer(self._run_span(run))
 
     # -- agents ---------------------------------------------------------------------------
 
@@ -191,40 +191,28 @@ def _run_attributes(run: Run) -> dict[str, Any]:
         "sleeptime.group_id": run.group_id,
         "sleeptime.agent_id": run.agent_id,
         "sleeptime.run_id": run.id,
-        "sleeptime.turn": run.turn,
     }
 
 
-class _ChildSpan(Watch):
-    """A span inside `parent`; with `current`, the current span of this thread meanwhile
-    (so what it calls, a model request, nests in it)."""
+def _ms(start: datetime, end: datetime) -> float:
+    return round(max(0.0, (end - start).total_seconds()) * 1000, 3)
 
-    __slots__ = ("_attributes", "_current", "_name", "_parent", "_span", "_token", "_tracer")
 
-    def __init__(
-        self,
-        tracer: trace.Tracer,
-        name: str,
-        parent: Span,
-        attributes: dict[str, Any] | None = None,
-        current: bool = False,
-    ) -> None:
-        self._tracer = tracer
-        self._name = name
-        self._parent = parent
-        self._attributes = attributes
-        self._current = current
-        self._span: Span | None = None
+class _Current(Watch):
+    """Makes `span` this thread's current span meanwhile (what runs inside, a model
+    request, nests in it), and times it."""
+
+    __slots__ = ("_began", "_span", "_token", "elapsed_ms")
+
+    def __init__(self, span: Span) -> None:
+        self._span = span
         self._token: object = None
+        self._began = 0.0
+        self.elapsed_ms = 0.0
 
     def __enter__(self) -> Self:
-        self._span = self._tracer.start_span(
-            self._name,
-            context=trace.set_span_in_context(self._parent, _ROOT),
-            attributes=self._attributes,
-        )
-        if self._current:
-            self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        self._token = otel_context.attach(trace.set_span_in_context(self._span))
+        self._began = time.perf_counter()
         return self
 
     def __exit__(
@@ -233,52 +221,92 @@ class _ChildSpan(Watch):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._token is not None:
-            otel_context.detach(self._token)  # type: ignore[arg-type]
-            self._token = None
-        if self._span is not None:
-            if exc is not None:
-                _failed(self._span, exc)
-            self._span.end()
+        self.elapsed_ms = round((time.perf_counter() - self._began) * 1000, 3)
+        otel_context.detach(self._token)  # type: ignore[arg-type]
+
+
+class _StepTimer(_Current):
+    """A sleeptime step: inside its run's span; its duration goes on that span."""
+
+    __slots__ = ("_run",)
+
+    def __init__(self, run: _RunSpan) -> None:
+        super().__init__(run.span)
+        self._run = run
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        super().__exit__(exc_type, exc, tb)
+        self._run.step_ms = self.elapsed_ms
+
+
+class _Timer(Watch):
+    """Times what it is around."""
+
+    __slots__ = ("_began", "elapsed_ms")
+
+    def __init__(self) -> None:
+        self._began = 0.0
+        self.elapsed_ms = 0.0
+
+    def __enter__(self) -> Self:
+        self._began = time.perf_counter()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.elapsed_ms = round((time.perf_counter() - self._began) * 1000, 3)
 
 
 class _TurnSpan(TurnWatch):
     """The span of one turn, and the runs it created (their spans link to it)."""
 
-    __slots__ = ("_agent_id", "_failed", "_group_id", "_parent", "_span", "_tracing")
+    __slots__ = ("_commit", "_failed", "_parent", "_span", "_start", "_step", "_tracing")
 
     def __init__(self, tracing: RuntimeTracing, group_id: str, agent_id: str, parent: Any) -> None:
         self._tracing = tracing
-        self._group_id = group_id
-        self._agent_id = agent_id
         self._parent = parent
+        self._start = {"sleeptime.group_id": group_id, "sleeptime.agent_id": agent_id}
         self._span: Span = trace.INVALID_SPAN
+        self._step: _Current | None = None
+        self._commit: _Timer | None = None
         self._failed = False
 
     def __enter__(self) -> Self:
         self._span = self._tracing._tracer.start_span(
             "sleeptime.turn",
             context=self._parent if self._parent is not None else _ROOT,
-            attributes={
-                "sleeptime.group_id": self._group_id,
-                "sleeptime.agent_id": self._agent_id,
-            },
+            attributes=self._start,
         )
         return self
 
     def step(self) -> Watch:
-        return _ChildSpan(self._tracing._tracer, "sleeptime.turn.step", self._span, current=True)
+        self._step = _Current(self._span)
+        return self._step
 
     def commit(self) -> Watch:
-        return _ChildSpan(self._tracing._tracer, "sleeptime.turn.commit", self._span)
+        self._commit = _Timer()
+        return self._commit
 
     def recorded(
         self, turn: int, fired: bool, runs: Sequence[Run], error: BaseException | None
     ) -> None:
         span = self._span
-        span.set_attribute("sleeptime.turn", turn)
-        span.set_attribute("sleeptime.fired", fired)
-        span.set_attribute("sleeptime.runs", len(runs))
+        if span.is_recording():  # (a sampler may have left it out)
+            attributes: dict[str, Any] = {"sleeptime.turn": turn, "sleeptime.fired": fired}
+            if self._step is not None:
+                attributes["sleeptime.step_ms"] = self._step.elapsed_ms
+            if self._commit is not None:
+                attributes["sleeptime.commit_ms"] = self._commit.elapsed_ms
+            span.set_attributes(attributes)
         if error is not None:
             self._failed = True
             _failed(span, error)

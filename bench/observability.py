@@ -1,0 +1,152 @@
+"""What metrics and tracing cost: turns/s with both on against both off, in one run.
+
+100 groups of zero-latency simulated agents (every turn fires a run), driven flat out from
+one caller thread per group, as `bench/run.py`'s `runtime_100` case. "off" is a runtime
+as it starts by default (no metrics, no tracer provider); "on" has `metrics=True` and
+traces through an OpenTelemetry SDK `TracerProvider` with a `BatchSpanProcessor`, every
+span sampled, into an exporter that drops them (what sending them costs is the collector's
+business, in its own process). The two alternate, off-on then on-off, round after round
+on fresh SQLite files, so the machine's drift and noise fall on both alike; the medians
+are compared. The target: "on" costs at most 5% of the turns/s.
+
+    python bench/observability.py                # 5 rounds of each (about 2 minutes)
+    python bench/observability.py --rounds 3 --turns 20
+    python bench/observability.py --split        # also metrics alone and tracing alone
+    python bench/observability.py --db postgresql://user@127.0.0.1:5432/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from bench.cases import CaseResult, measure_runtime
+
+TARGET = 0.05
+"""The most "on" may cost: 5% of the turns/s of "off"."""
+GROUPS = 100
+WORKERS = 32
+
+
+class _Dropped(SpanExporter):
+    """Takes every batch of spans and keeps nothing."""
+
+    def __init__(self) -> None:
+        self.spans = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.spans += len(spans)
+        return SpanExportResult.SUCCESS
+
+
+def _traced() -> tuple[TracerProvider, _Dropped]:
+    exporter = _Dropped()
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider, exporter
+
+
+def measure(mode: str, url: str, turns: int) -> tuple[CaseResult, int]:
+    """One measurement in `mode` (off, on, metrics, tracing); the result and spans sent."""
+    options: dict[str, Any] = {"tracing": False}
+    provider, exporter = _traced()
+    if mode in ("on", "metrics"):
+        options["metrics"] = True
+    if mode in ("on", "tracing"):
+        options["tracing"] = provider
+    try:
+        result = measure_runtime(mode, url, GROUPS, turns, GROUPS, WORKERS, options)
+    finally:
+        provider.shutdown()  # flushes what the batch processor still held
+    return result, exporter.spans
+
+
+def _median(results: list[CaseResult], figure: Callable[[CaseResult], float]) -> float:
+    return statistics.median(figure(r) for r in results)
+
+
+def _cpu(result: CaseResult) -> float:
+    return float(result.details["cpu_ms_per_turn"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="measurements of each mode")
+    parser.add_argument("--turns", type=int, default=30, help="turns per group per measurement")
+    parser.add_argument("--split", action="store_true", help="also metrics alone, tracing alone")
+    parser.add_argument("--db", metavar="URL", help="database URL (default: new SQLite files)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args()
+    modes = ["off", "on", *(["metrics", "tracing"] if args.split else [])]
+    results: dict[str, list[CaseResult]] = {mode: [] for mode in modes}
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as folder:
+        for round_ in range(args.rounds):
+            order = modes if round_ % 2 == 0 else list(reversed(modes))
+            for mode in order:
+                url = args.db or f"sqlite:///{Path(folder) / f'{mode}-{round_}.db'}"
+                result, spans = measure(mode, url, args.turns)
+                results[mode].append(result)
+                row = {
+                    "round": round_ + 1,
+                    "mode": mode,
+                    "turns": result.turns,
+                    "turns_per_s": result.turns_per_s,
+                    "turns_per_s_all_runs_done": result.turns_per_s_all_runs_done,
+                    "cpu_ms_per_turn": _cpu(result),
+                    "spans": spans,
+                }
+                rows.append(row)
+                print(
+                    f"round {row['round']}  {mode:>8}: {row['turns_per_s']:7.1f} turns/s, "
+                    f"{row['turns_per_s_all_runs_done']:7.1f} with every run done, "
+                    f"{row['cpu_ms_per_turn']:.2f} ms CPU/turn, {spans:,} spans",
+                    flush=True,
+                )
+    off = results["off"]
+    header = f"{'mode':>8} | {'turns/s':>8} | {'runs done':>9} | {'CPU/turn':>8} | {'cost':>6}"
+    print()
+    print(f"medians of {args.rounds} rounds, {GROUPS} groups x {args.turns} turns each:")
+    print(header)
+    print("-" * len(header))
+    summary: dict[str, Any] = {}
+    for mode in modes:
+        turns_per_s = _median(results[mode], lambda r: r.turns_per_s)
+        done_per_s = _median(results[mode], lambda r: r.turns_per_s_all_runs_done or 0.0)
+        cpu = _median(results[mode], _cpu)
+        cost = 1 - turns_per_s / _median(off, lambda r: r.turns_per_s)
+        summary[mode] = {
+            "turns_per_s": turns_per_s,
+            "turns_per_s_all_runs_done": done_per_s,
+            "cpu_ms_per_turn": cpu,
+            "cost": cost,
+        }
+        print(
+            f"{mode:>8} | {turns_per_s:8.1f} | {done_per_s:9.1f} | {cpu:6.2f}ms | "
+            f"{100 * cost:5.1f}%"
+        )
+    cost = summary["on"]["cost"]
+    verdict = "PASS" if cost <= TARGET else "MISS"
+    print()
+    print(
+        f"target: metrics and tracing on cost at most {100 * TARGET:.0f}% of turns/s: "
+        f"{100 * cost:.1f}% ({verdict})"
+    )
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": rows, "medians": summary}, indent=2))
+    return 0 if verdict == "PASS" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
