@@ -11,17 +11,20 @@ The spans (every attribute name starts with `sleeptime.`: `group_id`, `agent_id`
   say); the primary agent's step and the turn's commit are inside it, their durations
   `sleeptime.step_ms` and `sleeptime.commit_ms`, and the spans of the primary agent's
   model requests are its children;
-- `sleeptime.run`: one per sleeptime run, from its creation to its end committed, the root
-  of a trace of its own, linked to the turn span that created it; inside it the time
-  queued (`sleeptime.queued_ms`, created -> running), the sleeptime agent's step
+- `sleeptime.run`: one per sleeptime run, from its creation to its end committed, in the
+  trace of the turn that created it (a child of the turn's span, so the sampler keeps or
+  drops a turn with its runs) and linked to that span; inside it the time queued
+  (`sleeptime.queued_ms`, created -> running), the sleeptime agent's step
   (`sleeptime.step_ms`, its model requests' spans as children) and the commit of its end
-  (`sleeptime.commit_ms`); a re-queue is an event (`requeued`);
+  (`sleeptime.commit_ms`); a re-queue is an event (`requeued`). A run this process did
+  not create (recovered after a restart) starts a trace of its own;
 - `sleeptime.model_request`: one per request to a model server (the `openai` kind), a
   client span, with the model and the outcome.
 
-The phases of a turn and of a run are durations on their span, not spans of their own:
-a span costs some 20 us of CPU in the Python SDK, and five more per turn would take a
-sixth of the throughput of a runtime of zero-latency agents (`bench/observability.py`).
+The phases of a turn and of a run are durations on their span, not spans of their own: a
+span costs some 15-20 us of CPU in the Python SDK, and five more per turn cost a runtime
+of zero-latency agents a good part of its throughput (`bench/observability.py`). A turn
+the sampler leaves out costs one unrecorded span, its runs nothing more.
 
 Example:
     >>> provider = TracerProvider()
@@ -32,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -44,11 +48,13 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, TracerProvider
 
-from actors._observer import Observer, RequestWatch, TurnWatch, Watch
+from actors._observer import NO_WATCH, Observer, RequestWatch, TurnWatch, Watch
 from messages import Run, RunStatus
 from persistence import Transition
 
 TRACER = "sleeptime-runtime"
+CLOSE_TIMEOUT_S = 10.0
+"""How long stopping waits for the spans of ended runs to be ended."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ROOT = otel_context.Context()  # no parent: a run's span starts a trace of its own
 
@@ -70,10 +76,11 @@ def _ns(moment: datetime) -> int:
 class _RunSpan:
     """The open span of one run, and the times of its current attempt's phases."""
 
-    __slots__ = ("queued_ms", "queued_since", "span", "step_ms")
+    __slots__ = ("queued_ms", "queued_since", "recording", "span", "step_ms")
 
     def __init__(self, span: Span, queued_since: datetime) -> None:
         self.span = span
+        self.recording = span.is_recording()  # False: left out by the sampler
         self.queued_since = queued_since
         self.queued_ms: float | None = None
         self.step_ms: float | None = None
@@ -86,6 +93,11 @@ class RuntimeTracing(Observer):
         self._tracer = provider.get_tracer(TRACER, _version())
         self._runs: dict[str, _RunSpan] = {}  # open runs' spans, by run id
         self._lock = threading.Lock()
+        # A run's end is told on the database writer's thread, which every turn and run
+        # change waits for: its span is ended on a thread of its own (see `_end_runs`).
+        self._ending: queue.SimpleQueue[tuple[Run, Transition, int] | None] = queue.SimpleQueue()
+        self._ender = threading.Thread(target=self._end_runs, name="sleeptime-tracing", daemon=True)
+        self._ender.start()
 
     # -- turns ----------------------------------------------------------------------------
 
@@ -98,9 +110,15 @@ class RuntimeTracing(Observer):
     # -- runs -----------------------------------------------------------------------------
 
     def _created(self, run: Run, turn: Span) -> None:
+        """The turn `turn` created `run`: its span starts, a child of the turn's (so it is
+        sampled with it) and linked to it."""
+        if not turn.is_recording():  # the sampler left the turn out: its runs too, for free
+            left_out = trace.NonRecordingSpan(turn.get_span_context())
+            self._runs[run.id] = _RunSpan(left_out, run.created_at)
+            return
         span = self._tracer.start_span(
             "sleeptime.run",
-            context=_ROOT,
+            context=trace.set_span_in_context(turn, _ROOT),
             links=[Link(turn.get_span_context())],
             start_time=_ns(run.created_at),
             attributes=_run_attributes(run),
@@ -127,25 +145,36 @@ class RuntimeTracing(Observer):
         return found
 
     def run_committed(self, run: Run, change: Transition, started_at: datetime | None) -> None:
-        if change.new is RunStatus.RUNNING:
-            found = self._run_span(run)
+        found = self._run_span(run)
+        if not found.recording:  # nothing to record, nothing to end
+            if change.new.terminal:
+                self._runs.pop(run.id, None)
+        elif change.new is RunStatus.RUNNING:
             found.queued_ms = _ms(found.queued_since, change.at)
         elif change.new is RunStatus.CREATED:  # re-queued: a new attempt waits from now
-            found = self._run_span(run)
             found.queued_since = change.at
             found.span.add_event(
                 "requeued", {"sleeptime.attempt": change.attempt}, timestamp=_ns(change.at)
             )
         else:
-            self._ended(run, change)
+            self._ending.put((run, change, time.time_ns()))
 
-    def _ended(self, run: Run, change: Transition) -> None:
-        """The run's end is committed: its span ends now, with how it ended."""
+    def _end_runs(self) -> None:
+        """End the spans of runs whose end was committed, in the order told, until
+        `close` (ending a span with its attributes costs some 20 us of CPU)."""
+        while (item := self._ending.get()) is not None:
+            try:
+                self._ended(*item)
+            except Exception:  # a span that could not end is not worth the thread
+                continue
+
+    def _ended(self, run: Run, change: Transition, now: int) -> None:
+        """The run's end was committed at `now` (ns): its span ends then, with how."""
         found = self._runs.pop(run.id, None)
         if found is None:
             found = self._run_span(run)
             self._runs.pop(run.id, None)
-        span, now = found.span, time.time_ns()
+        span = found.span
         if span.is_recording():  # (a sampler may have left it out)
             attributes: dict[str, Any] = {
                 "sleeptime.run.status": change.new.value,
@@ -182,7 +211,10 @@ class RuntimeTracing(Observer):
         return _RequestSpan(self._tracer, attributes)
 
     def close(self) -> None:
-        """Forget the spans of runs still open: they end in the next process."""
+        """End the spans of the runs that ended; forget those still open (they end in
+        the next process)."""
+        self._ending.put(None)
+        self._ender.join(timeout=CLOSE_TIMEOUT_S)
         self._runs.clear()
 
 
@@ -293,6 +325,8 @@ class _TurnSpan(TurnWatch):
         return self._step
 
     def commit(self) -> Watch:
+        if not self._span.is_recording():
+            return NO_WATCH
         self._commit = _Timer()
         return self._commit
 

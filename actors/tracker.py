@@ -695,13 +695,16 @@ def _log_committed(run: Run, change: Transition, started_at: datetime | None) ->
     """The lifecycle event of a committed change: a run started (with its time queued),
     re-queued, or ended (info when completed or cancelled, warning when it failed, with
     its stop reason, error and durations)."""
+    failed = change.new is RunStatus.FAILED
+    if not run_log.is_enabled_for(logging.WARNING if failed else logging.INFO):
+        return  # (on the writer thread: nothing more than this check when nobody listens)
     bound = run_log.bind(group_id=run.group_id, agent_id=run.agent_id, run_id=run.id)
     if change.new is RunStatus.RUNNING:
         bound.info("run_started", attempt=change.attempt, queued_ms=_ms(run.created_at, change.at))
     elif change.new is RunStatus.CREATED:
         bound.info("run_requeued", attempt=change.attempt, reason=change.reason)
     else:
-        level = logging.WARNING if change.new is RunStatus.FAILED else logging.INFO
+        level = logging.WARNING if failed else logging.INFO
         bound.log(
             level,
             "run_finished",

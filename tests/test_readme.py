@@ -47,6 +47,18 @@ def test_readme_supervision_example_runs(tmp_path: Path, monkeypatch: pytest.Mon
     assert names["report"].ok
 
 
+def test_readme_service_example_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (example,) = [block for block in _blocks() if "rt.metrics.serve(" in block]
+    example = example.replace("serve(port=9464)", "serve(port=0)")  # any free port, here
+    exec(compile(example, str(README), "exec"), {})
+    printed = capsys.readouterr().out
+    assert 'sleeptime_turns_total{fired="true"} 1.0' in printed
+    assert '"name": "sleeptime.run"' in printed  # the console exporter's spans
+
+
 def quick_start_commands() -> list[str]:
     """The `python run.py ...` commands of the README's quick start, in order, as written."""
     section = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]

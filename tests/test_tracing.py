@@ -16,6 +16,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, Tracer, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 
 from actors import PrimaryAgentError, Runtime
@@ -100,8 +101,8 @@ def test_one_turn_with_one_fired_run_gives_its_spans_and_the_link(
     turn_ms = (turn.end_time - turn.start_time) / 1e6
     assert all(ms >= 0 for ms in phases.values()) and sum(phases.values()) <= turn_ms
 
-    run_span = traced.one("sleeptime.run")
-    assert parent_of(run_span) is None and trace_id(run_span) != trace_id(turn)
+    run_span = traced.one("sleeptime.run")  # in the turn's trace, and linked to it
+    assert parent_of(run_span) == span_id(turn) and trace_id(run_span) == trace_id(turn)
     assert [link.context.span_id for link in run_span.links] == [span_id(turn)]
     attributes = dict(run_span.attributes or {})
     phases = pop_ms(attributes, "sleeptime.queued_ms", "sleeptime.step_ms", "sleeptime.commit_ms")
@@ -197,6 +198,24 @@ def test_model_requests_nest_in_the_turn_or_run_that_made_them(
         "gen_ai.request.model": "fake-model",
         "sleeptime.outcome": "ok",
     }
+
+
+def test_a_turn_the_sampler_leaves_out_leaves_its_runs_out(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with Runtime.start(f"sqlite:///{tmp_path / 's.db'}", tracing=provider) as rt:
+        group = rt.create_group(
+            primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}], frequency=1
+        )
+        ids = [r for n in range(40) for r in rt.step(group.id, [user(f"turn {n}")]).run_ids]
+        rt.wait_for_runs(ids, timeout=60)
+    spans = exporter.get_finished_spans()
+    turns = {span_id(s): s for s in spans if s.name == "sleeptime.turn"}
+    runs = [s for s in spans if s.name == "sleeptime.run"]
+    assert 0 < len(turns) < 40  # about half kept
+    assert sorted(parent_of(r) or 0 for r in runs) == sorted(turns)  # one run per kept turn
+    provider.shutdown()
 
 
 def test_with_no_tracer_provider_configured_nothing_is_created(
