@@ -182,7 +182,8 @@ class RunTrackerActor(SupervisedActor):
 
     Told: `RunsCreated`, `FinishRun`, `FailGroupRuns`. With a reply: `StartRun` ->
     `StartDecision`, `CancelRun` -> commit future or None, `WatchRuns` -> futures,
-    `AdoptRuns` -> runs.
+    `AdoptRuns` -> runs, `CountOpenRuns` -> counts by status. Every change committed is
+    told to the observer and logged (`run_started`, `run_requeued`, `run_finished`).
     """
 
     def __init__(

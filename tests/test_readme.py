@@ -53,7 +53,9 @@ def test_readme_service_example_runs(
     monkeypatch.chdir(tmp_path)
     (example,) = [block for block in _blocks() if "rt.metrics.serve(" in block]
     example = example.replace("serve(port=9464)", "serve(port=0)")  # any free port, here
-    exec(compile(example, str(README), "exec"), {})
+    names: dict[str, Any] = {}
+    exec(compile(example, str(README), "exec"), names)
+    names["provider"].shutdown()  # what a script's exit does: the spans still batched go out
     printed = capsys.readouterr().out
     assert 'sleeptime_turns_total{fired="true"} 1.0' in printed
     assert '"name": "sleeptime.run"' in printed  # the console exporter's spans
