@@ -11,10 +11,13 @@ from persistence._engine import parse_url
 from persistence._models import Base
 
 Dump = dict[str, list[tuple[Any, ...]]]
+LIVENESS = {"shard_leases", "shard_members"}
+"""Tables a live runtime renews on its own (leases, membership): bookkeeping, not data."""
 
 
 class TableDump:
-    """Reads every table of the database at `url`, each in primary key order.
+    """Reads every table of the database at `url`, each in primary key order (but the
+    leases and memberships a live runtime renews by itself).
 
     Example:
         >>> tables = TableDump(db_url)
@@ -32,6 +35,7 @@ class TableDump:
                     for row in connection.execute(select(table).order_by(*table.primary_key))
                 ]
                 for table in Base.metadata.sorted_tables
+                if table.name not in LIVENESS
             }
 
     def close(self) -> None:
