@@ -358,17 +358,21 @@ class Runtime:
         )
         ensure_logging()
         observer, runtime_metrics = runtime_observer(options.metrics, options.tracing)
-        # Every step thread may read at once, plus the groups and the callers.
-        store = Store(
-            options.url,
-            read_only=options.read_only,
-            auto_upgrade=options.auto_upgrade,
-            readers=options.workers + 8,
-            shards=options.shards,
-            lease_s=options.lease_s,
-            address=options.address,
-            observer=observer,
-        )
+        try:
+            # Every step thread may read at once, plus the groups and the callers.
+            store = Store(
+                options.url,
+                read_only=options.read_only,
+                auto_upgrade=options.auto_upgrade,
+                readers=options.workers + 8,
+                shards=options.shards,
+                lease_s=options.lease_s,
+                address=options.address,
+                observer=observer,
+            )
+        except BaseException:
+            observer.close()  # its metrics leave a registry of the host's as they found it
+            raise
         try:
             registry = AgentKinds()
             for name, factory in {**builtin_kinds(), **(options.kinds or {})}.items():
