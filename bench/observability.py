@@ -5,8 +5,11 @@ one caller thread per group, as `bench/run.py`'s `runtime_100` case. "off" is a 
 as it starts by default (no metrics, no tracer provider); "on" has `metrics=True` and
 traces through an OpenTelemetry SDK `TracerProvider` with a `BatchSpanProcessor`, every
 span sampled, into an exporter that drops them (what sending them costs is the collector's
-business, in its own process). The two alternate, off-on then on-off, round after round
-on fresh SQLite files, so the machine's drift and noise fall on both alike. The cost is
+business, in its own process). Each measurement runs in a fresh child process (one
+process measuring one after the other carries its heap and caches from one to the next,
+and drifts by more than the effect measured). The two alternate, off-on then on-off,
+round after round on fresh SQLite files, so the machine's drift and noise fall on both
+alike. The cost is
 read two ways: from the medians of each mode's turns/s, and as the median of the rounds'
 own ratios (each "on" against the "off" measured next to it, which drift cannot bias).
 The target: "on" costs at most 5% of the turns/s.
@@ -22,9 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-from bench.cases import CaseResult, measure_runtime
+from bench.cases import measure_runtime
 
 TARGET = 0.05
 """The most "on" may cost: 5% of the turns/s of "off"."""
@@ -62,8 +66,9 @@ def _traced(sample: float = 1.0) -> tuple[TracerProvider, _Dropped]:
     return provider, exporter
 
 
-def measure(mode: str, url: str, turns: int, sample: float = 1.0) -> tuple[CaseResult, int]:
-    """One measurement in `mode` (off, on, metrics, tracing); the result and spans sent."""
+def measure(mode: str, url: str, turns: int, sample: float = 1.0) -> dict[str, Any]:
+    """One measurement in `mode` (off, on, metrics, tracing), in this process: turns/s
+    (steps, and until every run ended), CPU per turn, spans sent."""
     options: dict[str, Any] = {"tracing": False}
     provider, exporter = _traced(sample)
     if mode in ("on", "metrics"):
@@ -74,15 +79,29 @@ def measure(mode: str, url: str, turns: int, sample: float = 1.0) -> tuple[CaseR
         result = measure_runtime(mode, url, GROUPS, turns, GROUPS, WORKERS, options)
     finally:
         provider.shutdown()  # flushes what the batch processor still held
-    return result, exporter.spans
+    return {
+        "mode": mode,
+        "turns": result.turns,
+        "turns_per_s": result.turns_per_s,
+        "turns_per_s_all_runs_done": result.turns_per_s_all_runs_done or 0.0,
+        "cpu_ms_per_turn": float(result.details["cpu_ms_per_turn"]),
+        "spans": exporter.spans,
+    }
 
 
-def _median(results: list[CaseResult], figure: Callable[[CaseResult], float]) -> float:
-    return statistics.median(figure(r) for r in results)
+def measure_in_child(mode: str, url: str, turns: int, sample: float) -> dict[str, Any]:
+    """`measure` in a fresh Python process, so no measurement inherits another's heap."""
+    command = [sys.executable, __file__, "--child", mode, "--db", url]
+    command += ["--turns", str(turns), "--sample", str(sample)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {mode} measurement failed: {done.stderr.strip()[-2000:]}")
+    found: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return found
 
 
-def _cpu(result: CaseResult) -> float:
-    return float(result.details["cpu_ms_per_turn"])
+def _median(rows: list[dict[str, Any]], figure: str) -> float:
+    return statistics.median(float(row[figure]) for row in rows)
 
 
 def main() -> int:
@@ -99,31 +118,30 @@ def main() -> int:
     )
     parser.add_argument("--db", metavar="URL", help="database URL (default: new SQLite files)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--child", metavar="MODE", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:  # one measurement, for the parent: its figures as one JSON line
+        print(json.dumps(measure(args.child, args.db, args.turns, args.sample)))
+        return 0
     modes = ["off", "on", *(["metrics", "tracing"] if args.split else [])]
-    results: dict[str, list[CaseResult]] = {mode: [] for mode in modes}
+    results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     rows: list[dict[str, Any]] = []
+    print(
+        f"{GROUPS} groups x {args.turns} turns, zero-latency agents, every turn fires; "
+        f"tracing keeps {100 * args.sample:g}% of the turns; each measurement a new process"
+    )
     with tempfile.TemporaryDirectory() as folder:
         for round_ in range(args.rounds):
             order = modes if round_ % 2 == 0 else list(reversed(modes))
             for mode in order:
                 url = args.db or f"sqlite:///{Path(folder) / f'{mode}-{round_}.db'}"
-                result, spans = measure(mode, url, args.turns, args.sample)
-                results[mode].append(result)
-                row = {
-                    "round": round_ + 1,
-                    "mode": mode,
-                    "turns": result.turns,
-                    "turns_per_s": result.turns_per_s,
-                    "turns_per_s_all_runs_done": result.turns_per_s_all_runs_done,
-                    "cpu_ms_per_turn": _cpu(result),
-                    "spans": spans,
-                }
+                row = {"round": round_ + 1, **measure_in_child(mode, url, args.turns, args.sample)}
+                results[mode].append(row)
                 rows.append(row)
                 print(
-                    f"round {row['round']}  {mode:>8}: {row['turns_per_s']:7.1f} turns/s, "
+                    f"round {row['round']:>2} {mode:>8}: {row['turns_per_s']:7.1f} turns/s, "
                     f"{row['turns_per_s_all_runs_done']:7.1f} with every run done, "
-                    f"{row['cpu_ms_per_turn']:.2f} ms CPU/turn, {spans:,} spans",
+                    f"{row['cpu_ms_per_turn']:.2f} ms CPU/turn, {row['spans']:,} spans",
                     flush=True,
                 )
     off = results["off"]
@@ -134,10 +152,10 @@ def main() -> int:
     print("-" * len(header))
     summary: dict[str, Any] = {}
     for mode in modes:
-        turns_per_s = _median(results[mode], lambda r: r.turns_per_s)
-        done_per_s = _median(results[mode], lambda r: r.turns_per_s_all_runs_done or 0.0)
-        cpu = _median(results[mode], _cpu)
-        cost = 1 - turns_per_s / _median(off, lambda r: r.turns_per_s)
+        turns_per_s = _median(results[mode], "turns_per_s")
+        done_per_s = _median(results[mode], "turns_per_s_all_runs_done")
+        cpu = _median(results[mode], "cpu_ms_per_turn")
+        cost = 1 - turns_per_s / _median(off, "turns_per_s")
         summary[mode] = {
             "turns_per_s": turns_per_s,
             "turns_per_s_all_runs_done": done_per_s,
@@ -151,7 +169,8 @@ def main() -> int:
     paired = {
         mode: 1
         - statistics.median(
-            on.turns_per_s / off.turns_per_s for on, off in zip(results[mode], off, strict=True)
+            on["turns_per_s"] / base["turns_per_s"]
+            for on, base in zip(results[mode], off, strict=True)
         )
         for mode in modes
         if mode != "off"
