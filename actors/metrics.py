@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -52,8 +51,6 @@ from messages import Run, RunStatus, StoreUnavailable
 from persistence import Transition
 
 PREFIX = "sleeptime"
-COUNT_AT = 10_000
-"""Updates noted at most before they are counted without waiting for a scrape."""
 C = TypeVar("C", bound=Collector)
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Seconds: turns and commits, from half a millisecond to seconds."""
@@ -74,13 +71,6 @@ class RuntimeMetrics(Observer):
         self._collectors: list[Collector] = []
         self._servers: list[Any] = []
         self._lock = threading.Lock()
-        # What the turns and the writer count is noted here, unlocked (a deque's append is
-        # atomic), and counted into the instruments when they are read: prometheus_client
-        # takes a lock per update, and a hundred group threads and the writer contend for
-        # the same few. Registered first, so a scrape counts what is noted, then reads.
-        self._noted: deque[tuple[Callable[[float], None], float]] = deque()
-        self._counting = threading.Lock()
-        self._keep(_Counted(self._count_noted))
 
         def counter(name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
             return self._keep(Counter(f"{PREFIX}_{name}", documentation, labels, registry=None))
@@ -158,20 +148,6 @@ class RuntimeMetrics(Observer):
         self._collectors.append(collector)
         return collector
 
-    def _note(self, update: Callable[[float], None], value: float) -> None:
-        """`update(value)`, when the metrics are next read (or soon, if many wait)."""
-        self._noted.append((update, value))
-        if len(self._noted) > COUNT_AT:
-            self._count_noted()
-
-    def _count_noted(self) -> None:
-        """Count what was noted into the instruments, oldest first."""
-        with self._counting:
-            noted = self._noted
-            while noted:
-                update, value = noted.popleft()
-                update(value)
-
     def _child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, looked up once (prometheus_client locks each lookup)."""
         key = (id(metric), *labels)
@@ -206,15 +182,14 @@ class RuntimeMetrics(Observer):
     def run_committed(self, run: Run, change: Transition, started_at: datetime | None) -> None:
         new = change.new
         if new is RunStatus.RUNNING:
-            self._note(self._queued_seconds.observe, _seconds(run.created_at, change.at))
+            self._queued_seconds.observe(_seconds(run.created_at, change.at))
         elif new is RunStatus.CREATED:
-            self._note(self._runs_requeued.inc, 1)
+            self._runs_requeued.inc()
         else:
             stop = "" if change.stop_reason is None else change.stop_reason.value
-            self._note(self._child(self._runs_ended, new.value, stop).inc, 1)
+            self._child(self._runs_ended, new.value, stop).inc()
             if started_at is not None:
-                run_seconds = self._child(self._run_seconds, new.value)
-                self._note(run_seconds.observe, _seconds(started_at, change.at))
+                self._child(self._run_seconds, new.value).observe(_seconds(started_at, change.at))
 
     def model_request(
         self, agent_id: str, group_id: str, run_id: str | None, model: str
@@ -237,8 +212,8 @@ class RuntimeMetrics(Observer):
         self._child(self._activations, actor_kind(identity)).inc()
 
     def batch_committed(self, writes: int, seconds: float) -> None:
-        self._note(self._commit_seconds.observe, seconds)
-        self._note(self._batch_size.observe, writes)
+        self._commit_seconds.observe(seconds)
+        self._batch_size.observe(writes)
 
     def store_error(self, error: Exception) -> None:
         kind = "unavailable" if isinstance(error, StoreUnavailable) else "rejected"
@@ -290,7 +265,7 @@ class _TurnTimer(TurnWatch):
     ) -> None:
         self._fired = fired
         if runs:
-            self._metrics._note(self._metrics._runs_created.inc, len(runs))
+            self._metrics._runs_created.inc(len(runs))
 
     def __exit__(
         self,
@@ -299,9 +274,8 @@ class _TurnTimer(TurnWatch):
         tb: TracebackType | None,
     ) -> None:
         if self._fired is not None:  # a turn that was not recorded is not a turn
-            metrics = self._metrics
-            metrics._note(metrics._turns[self._fired].inc, 1)
-            metrics._note(metrics._turn_seconds.observe, time.perf_counter() - self._began)
+            self._metrics._turns[self._fired].inc()
+            self._metrics._turn_seconds.observe(time.perf_counter() - self._began)
 
 
 class _RequestTimer(RequestWatch):
@@ -330,20 +304,6 @@ class _RequestTimer(RequestWatch):
         outcome = self._outcome if exc is None or self._outcome != "ok" else "error"
         metrics = self._metrics
         metrics._child(metrics._model_seconds, outcome).observe(time.perf_counter() - self._began)
-
-
-class _Counted(Collector):
-    """Runs `count` whenever the registry is read, and adds no metric of its own."""
-
-    def __init__(self, count: Callable[[], None]) -> None:
-        self._count = count
-
-    def describe(self) -> Iterator[Any]:
-        return iter(())
-
-    def collect(self) -> Iterator[Any]:
-        self._count()
-        return iter(())
 
 
 class _LoadCollector(Collector):
