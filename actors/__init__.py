@@ -21,7 +21,14 @@ from actors._transcript import DEFAULT_PREAMBLE, render_transcript
 from actors.async_runtime import AsyncRuntime, AsyncTurnStream
 from actors.kinds._registry import AgentKinds
 from actors.rules import INITIAL_COUNTER, decide_fire
-from actors.runtime import DEFAULT_MEMORY_PERSONA, DEFAULT_URL, Runtime, TurnStream
+from actors.runtime import (
+    DEFAULT_MAX_ACTIVE_GROUPS,
+    DEFAULT_MEMORY_PERSONA,
+    DEFAULT_PASSIVATE_AFTER,
+    DEFAULT_URL,
+    Runtime,
+    TurnStream,
+)
 from actors.sdk import (
     AgentBehaviour,
     AgentContext,
@@ -60,7 +67,9 @@ from messages import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_ACTIVE_GROUPS",
     "DEFAULT_MEMORY_PERSONA",
+    "DEFAULT_PASSIVATE_AFTER",
     "DEFAULT_PREAMBLE",
     "DEFAULT_URL",
     "INITIAL_COUNTER",

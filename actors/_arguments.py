@@ -10,7 +10,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, InstanceOf, StrictBool, TypeAdapter
 
@@ -28,6 +28,22 @@ MAX_WAIT_S = 1e9
 
 MIN_LEASE_S = 0.2
 MAX_LEASE_S = 3600.0
+
+
+@runtime_checkable
+class _Registry(Protocol):
+    """What `metrics=` takes besides a bool: a prometheus_client `CollectorRegistry`."""
+
+    def register(self, collector: Any) -> None: ...
+    def unregister(self, collector: Any) -> None: ...
+    def collect(self) -> Any: ...
+
+
+@runtime_checkable
+class _TracerProvider(Protocol):
+    """What `tracing=` takes besides a bool: an OpenTelemetry `TracerProvider`."""
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 class StartOptions(BaseModel):
@@ -49,6 +65,8 @@ class StartOptions(BaseModel):
     max_turns_in_flight: int | None = Field(ge=1, le=INT32_MAX)
     max_queued_turns: int | None = Field(ge=1, le=INT32_MAX)
     permit_timeout: float | None = Field(gt=0, le=MAX_WAIT_S, allow_inf_nan=False)
+    metrics: StrictBool | InstanceOf[_Registry] = False
+    tracing: StrictBool | InstanceOf[_TracerProvider] = True
 
 
 class RunFilters(BaseModel):

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from actors._observer import NO_OBSERVER, Observer
 from actors._protocol import StepDone
 from actors._transcript import render_transcript
 from actors.sdk import AgentBehaviour, AgentContext, Memory, StepFailed, StepResult
@@ -68,11 +69,12 @@ def execute_run(
     cancel: threading.Event,
     started: Future[None],
     window: list[Message] | None = None,
+    observer: Observer = NO_OBSERVER,
 ) -> StepDone:
     """Build the transcript of the run's window, step the agent, and report the outcome.
 
     Never raises: whatever goes wrong, even a `SystemExit` from the agent's code, ends up
-    as the run's error text.
+    as the run's error text. `observer` watches the agent's step.
     """
     try:
         started.result()  # the run is durably `running` before any of its work
@@ -109,9 +111,11 @@ def execute_run(
             history=lambda: store.list_messages(run.agent_id),
             cancel_event=cancel,
             recent_history=lambda limit: store.recent_messages(run.agent_id, limit),
+            observer=observer,
         )
         try:
-            produced, stop_reason = as_output(behaviour.step(context, [transcript]))
+            with observer.run_step(run, attempt):
+                produced, stop_reason = as_output(behaviour.step(context, [transcript]))
         except StepFailed as failure:
             messages.extend(_stamp_all(failure.messages, run, group.id))
             return StepDone(

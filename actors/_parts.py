@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pykka
-import structlog
 
 from actors._address import Address
 from actors._chaos import Chaos, CrashInjection, failing_steps
+from actors._observer import NO_OBSERVER, Observer
 from actors._pool import StepPool
 from actors._protocol import FailGroupRuns
 from actors._restart import RestartPolicy
@@ -35,9 +35,10 @@ from actors.kinds._registry import AgentKinds
 from actors.sleeptime_agent import AgentSnapshot, AgentWiring, SleeptimeAgentActor, StepsInFlight
 from actors.tracker import CancelFlags, RunTrackerActor, RunWaiters
 from messages import AgentNotFound, GroupFailed, RuntimeFailed, RuntimeStopped
+from messages._log import get_logger
 from persistence import GroupState, Store
 
-log = structlog.get_logger("sleeptime.directory")
+log = get_logger("sleeptime.directory")
 
 TRACKER_POLICY = RestartPolicy(
     max_restarts=20,
@@ -67,6 +68,7 @@ class RuntimeParts:
     scheduler: Scheduler
     policy: RestartPolicy = field(default_factory=RestartPolicy)
     chaos: Chaos | None = None
+    observer: Observer = field(default=NO_OBSERVER)
     waiters: RunWaiters = field(default_factory=RunWaiters)
     flags: CancelFlags = field(default_factory=CancelFlags)
     steps: StepsInFlight = field(default_factory=StepsInFlight)
@@ -78,7 +80,7 @@ class RuntimeParts:
 
     def __post_init__(self) -> None:
         self.crashes = CrashInjection(self.chaos)
-        self.supervisor = Supervisor(self.scheduler)
+        self.supervisor = Supervisor(self.scheduler, observer=self.observer)
 
 
 def _once(first: Any, load: Callable[[], Any]) -> Callable[[], tuple[Any, bool]]:
@@ -115,6 +117,7 @@ class ActorDirectory:
                 parts.flags,
                 reporter.address,
                 recovered=first.pop() if first else None,
+                observer=parts.observer,
             )
 
         parts.tracker = parts.supervisor.supervise(
@@ -160,6 +163,7 @@ class ActorDirectory:
                 agent=self.agent,
                 notify_agent=self.tell_if_alive,
                 scheduler=parts.scheduler,
+                observer=parts.observer,
             )
 
             def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
@@ -205,6 +209,7 @@ class ActorDirectory:
                     pool=parts.pool,
                     scheduler=parts.scheduler,
                     steps=parts.steps,
+                    observer=parts.observer,
                 )
                 if isinstance(reporter.snapshot, AgentSnapshot):
                     return SleeptimeAgentActor.start(

@@ -62,6 +62,8 @@ class TakeTurn(Ask[TurnResult]):
     sink: MessageSink | None = None
     request_id: str | None = None
     new_request: bool = False
+    parent: Any = None
+    """What the observer took in the caller's thread (`Observer.caller_context`)."""
     reply: Future[TurnResult] = field(default_factory=Future)
 
 
@@ -211,6 +213,13 @@ class WatchRuns(Ask[list[Future[None]]]):
 
     run_ids: list[str]
     reply: Future[list[Future[None]]] = field(default_factory=Future)
+
+
+@dataclass(frozen=True, slots=True)
+class CountOpenRuns(Ask[dict[str, int]]):
+    """The reply is how many runs the tracker follows that are not terminal, by status."""
+
+    reply: Future[dict[str, int]] = field(default_factory=Future)
 
 
 @dataclass(frozen=True, slots=True)

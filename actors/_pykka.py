@@ -1,7 +1,8 @@
 """The one place that touches pykka's internals, and why each touch is needed.
 
 pykka has no supervision (SPEC 9), so restarting an actor without losing its messages, and
-passivating an idle one, need three things its public API does not give:
+passivating an idle one, need three things its public API does not give, and a fourth
+keeps its logging in its place:
 
 - taking back the messages a dead incarnation had not handled (`drain_inbox`): its inbox
   holds pykka's envelopes, and pykka would otherwise answer each with `ActorDeadError`
@@ -9,7 +10,12 @@ passivating an idle one, need three things its public API does not give:
 - recognising pykka's stop request among them (`_ActorStop`), to answer whoever asked the
   dead incarnation to stop instead of delivering it to the new one;
 - stopping a passivated actor at once (`stop_now`, pykka's `Actor._stop()`): its address
-  has already let go of it, so nothing may be handled by this instance any more.
+  has already let go of it, so nothing may be handled by this instance any more;
+- ending a crashed actor without pykka's report (`QuietActor`, whose
+  `_handle_failure` does what pykka's does, less its log): pykka logs every crash with its traceback
+  at error on the `pykka` logger, which belongs to the host; the supervisor reports each
+  crash itself (`actor_crashed`, with the traceback), so the runtime's actors end quietly
+  and leave that logger, its level and its handlers as the host set them.
 
 Tested on pykka 4.1 to 4.5 (the range `pyproject.toml` pins). `missing_internals()` says
 what a newer pykka no longer has; `tests/test_pykka_internals.py` fails naming it.
@@ -64,6 +70,16 @@ def stop_now(actor: pykka.Actor) -> None:
     actor._stop()
 
 
+class QuietActor(pykka.ThreadingActor):
+    """A threading actor that ends without pykka's log when its code fails; whoever
+    supervises it reports the failure."""
+
+    def _handle_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
+        # pykka's own: unregister and stop, after logging the crash on the `pykka` logger.
+        pykka.ActorRegistry.unregister(self.actor_ref)
+        self.actor_stopped.set()
+
+
 def missing_internals() -> list[str]:
     """The pykka internals this module relies on that the installed pykka lacks."""
     missing = []
@@ -71,6 +87,8 @@ def missing_internals() -> list[str]:
         missing.append("pykka.messages._ActorStop (the stop request in an inbox)")
     if not callable(getattr(pykka.ThreadingActor, "_stop", None)):
         missing.append("pykka.Actor._stop() (stops an actor at once)")
+    if not callable(getattr(pykka.ThreadingActor, "_handle_failure", None)):
+        missing.append("pykka.Actor._handle_failure() (ends an actor whose code failed)")
     try:
         envelope = importlib.import_module("pykka._envelope").Envelope
     except (ImportError, AttributeError):

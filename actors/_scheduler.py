@@ -8,9 +8,9 @@ import threading
 import time
 from collections.abc import Callable
 
-import structlog
+from messages._log import get_logger
 
-log = structlog.get_logger("sleeptime.scheduler")
+log = get_logger("sleeptime.scheduler")
 
 COMPACT_AT_LEAST = 64
 """Cancelled timers are swept out of the heap once they are this many, and more than the

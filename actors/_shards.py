@@ -19,11 +19,10 @@ import threading
 import time
 from collections.abc import Callable
 
-import structlog
-
+from messages._log import get_logger
 from persistence._leases import Leases, ShardBook, rebalance
 
-log = structlog.get_logger("sleeptime.shards")
+log = get_logger("sleeptime.shards")
 
 Shards = dict[int, int]
 """{shard: epoch}"""

@@ -23,11 +23,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-import pykka
-
 from actors._address import Address
 from actors._passivation import Passivate
-from actors._pykka import stop_now
+from actors._pykka import QuietActor, stop_now
 from messages._futures import reject, resolve
 
 ReceiveWrapper = Callable[[Any, Callable[[Any], Any]], Any]
@@ -96,7 +94,7 @@ class CrashReporter:
         return self._on_passivate(inbox, snapshot)
 
 
-class SupervisedActor(pykka.ThreadingActor):
+class SupervisedActor(QuietActor):
     """Base of the runtime's actors: messages in, replies through futures, crashes reported.
 
     A subclass implements `receive(message)` (and may implement `started()`). A message

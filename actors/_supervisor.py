@@ -25,16 +25,17 @@ from functools import partial
 from typing import Any
 
 import pykka
-import structlog
 
 from actors._address import Address
+from actors._observer import NO_OBSERVER, Observer
 from actors._passivation import NUDGE_EVERY_S, Idle, Passivate, to_passivate
 from actors._restart import Escalate, RestartPolicy, crashes_within, decide_restart
 from actors._scheduler import Scheduler
 from actors._supervised import CrashReporter, ReceiveWrapper
 from messages import SleeptimeError
+from messages._log import get_logger
 
-log = structlog.get_logger("sleeptime.supervisor")
+log = get_logger("sleeptime.supervisor")
 
 
 def _stopped(reason: str) -> Exception:
@@ -86,8 +87,10 @@ class Supervisor:
         scheduler: Scheduler,
         clock: Callable[[], float] = time.monotonic,
         seed: int = 0,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         self._scheduler = scheduler
+        self._observer = observer
         self._clock = clock
         self._rng = random.Random(seed)  # the backoff's jitter
         self._lock = threading.Lock()
@@ -237,6 +240,8 @@ class Supervisor:
         with self._lock:
             self._deactivate(child.spec.identity)
             self.passivations += 1
+        self._observer.actor_passivated(child.spec.identity)
+        _log(child.spec.identity).debug("actor_passivated")
         return True
 
     def _wake(self, child: _Child) -> None:
@@ -245,6 +250,8 @@ class Supervisor:
             if self._children.get(child.spec.identity) is not child or child.closed:
                 return
             self.activations += 1
+        self._observer.actor_activated(child.spec.identity)
+        _log(child.spec.identity).debug("actor_activated")
         child.address.incarnation += 1
         self._start(child, activation=True)
 
@@ -299,8 +306,13 @@ class Supervisor:
             decision = decide_restart(child.crashes, now, policy, self._rng, progressed)
             child.crashes = deque([*crashes_within(child.crashes, now, policy, progressed), now])
             child.closed = isinstance(decision, Escalate)
+        self._observer.actor_crashed(child.spec.identity, error)
         _log(child.spec.identity).warning(
-            "actor_crashed", error=repr(error), crashes_in_window=decision.crashes
+            "actor_crashed",
+            error=repr(error),
+            crashes_in_window=decision.crashes,
+            restart_in_s=None if isinstance(decision, Escalate) else round(decision.delay, 4),
+            exc_info=error,
         )
         if isinstance(decision, Escalate):
             self._escalate(child, f"{decision.reason}, last: {error!r}")
@@ -313,13 +325,15 @@ class Supervisor:
                 return
             self.restarts += 1
         child.address.incarnation += 1
+        self._observer.actor_restarted(child.spec.identity, child.address.incarnation)
         self._start(child)
-        _log(child.spec.identity).info("actor_restarted", incarnation=child.address.incarnation)
+        _log(child.spec.identity).warning("actor_restarted", incarnation=child.address.incarnation)
 
     def _escalate(self, child: _Child, reason: str) -> None:
         """Run the child's escalation, then refuse its messages (it is dead already)."""
         with self._lock:
             self.escalations += 1
+        self._observer.actor_escalated(child.spec.identity, reason)
         try:
             child.spec.escalate(reason)  # stored first: whoever is refused then sees it
         except Exception as error:

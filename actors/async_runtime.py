@@ -31,7 +31,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
 
 from pydantic import InstanceOf, TypeAdapter
 
@@ -58,6 +58,9 @@ from messages import (
     TurnResult,
     TurnTimeout,
 )
+
+if TYPE_CHECKING:
+    from actors.metrics import RuntimeMetrics
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -263,6 +266,11 @@ class AsyncRuntime:
         """`Runtime.stats()`: counters held in memory, so nothing to await."""
         return self._runtime.stats()
 
+    @property
+    def metrics(self) -> RuntimeMetrics | None:
+        """`Runtime.metrics`: the runtime's Prometheus metrics, if it has them."""
+        return self._runtime.metrics
+
     # -- turns ----------------------------------------------------------------------------
 
     async def step(
@@ -413,6 +421,7 @@ class AsyncRuntime:
     create_group = _in_executor(Runtime.create_group)
     get_group = _in_executor(Runtime.get_group)
     list_groups = _in_executor(Runtime.list_groups)
+    count_groups = _in_executor(Runtime.count_groups)
     update_group = _in_executor(Runtime.update_group)
     owner_of = _in_executor(Runtime.owner_of)
     get_agent = _in_executor(Runtime.get_agent)

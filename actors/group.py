@@ -13,15 +13,15 @@ table's primary key refuses a second writer.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import structlog
-
 from actors._address import Address
 from actors._execute import as_output, stamp
+from actors._observer import NO_OBSERVER, Observer, TurnWatch
 from actors._protocol import (
     AssignRun,
     ChangeSettings,
@@ -47,6 +47,7 @@ from messages import (
     StoreUnavailable,
     TurnResult,
 )
+from messages._log import get_logger
 from persistence import GroupState, StaleTurn, Store, TurnRequest, TurnWrite, utcnow
 
 
@@ -63,9 +64,10 @@ class GroupWiring:
     notify_agent: Callable[[str, Any], None]
     """Tell a sleeptime agent's running actor, if any (a passivated one reads the store)."""
     scheduler: Scheduler
+    observer: Observer = field(default=NO_OBSERVER)
 
 
-log = structlog.get_logger("sleeptime.group")
+log = get_logger("sleeptime.group")
 
 MAX_TAIL_MESSAGES = 512
 """At most this many messages since the cursor are kept for the next runs' window;
@@ -158,6 +160,13 @@ class GroupActor(SupervisedActor):
                 return self._answer_again(answered, sink)
         if group.status == "failed":
             raise GroupFailed(group.id, group.failure_reason or "stopped")
+        with self._wiring.observer.turn(group.id, self._primary.id, command.parent) as watch:
+            return self._take(command, sink, watch)
+
+    def _take(self, command: TakeTurn, sink: _Sink, watch: TurnWatch) -> TurnResult:
+        """Run the turn, commit it whole, hand its runs over; `watch` observes it."""
+        began = time.perf_counter()
+        group = self._group
         turn, now = group.turns + 1, utcnow()
         seq = self._last_seq
         stored = []
@@ -170,14 +179,15 @@ class GroupActor(SupervisedActor):
         else:
             output = []
             behaviour = self._primary_behaviour()  # an unknown kind stores nothing
-            try:
-                for create in self._produce(behaviour, stored, command.mode == "stream"):
-                    seq += 1
-                    message = self._stamp(create, seq, turn)
-                    output.append(message)
-                    sink.offer(message)
-            except BaseException as failure:  # agent code: even SystemExit fails only this turn
-                error = failure
+            with watch.step():
+                try:
+                    for create in self._produce(behaviour, stored, command.mode == "stream"):
+                        seq += 1
+                        message = self._stamp(create, seq, turn)
+                        output.append(message)
+                        sink.offer(message)
+                except BaseException as failure:  # agent code: even SystemExit fails only it
+                    error = failure
         decision = decide_fire(group.frequency, group.counter)
         recorded = stored if command.mode == "record" else stored + output
         runs, cursor, cursor_seq = claim_window(
@@ -205,7 +215,9 @@ class GroupActor(SupervisedActor):
             if command.request_id is None
             else TurnRequest(command.request_id, result, detail),
         )
-        self._commit(write)
+        with watch.commit():
+            self._commit(write)
+        watch.recorded(turn, decision.fired, runs, error)
         self._group = group.model_copy(
             update={
                 "turns": turn,
@@ -224,6 +236,7 @@ class GroupActor(SupervisedActor):
             fired=decision.fired,
             runs=len(runs),
             error=None if error is None else repr(error),
+            duration_ms=round(1000 * (time.perf_counter() - began), 3),
         )
         if detail is not None:
             raise PrimaryAgentError(group.id, detail, result) from error
@@ -268,6 +281,7 @@ class GroupActor(SupervisedActor):
             ),
             history=lambda: self._wiring.store.list_messages(self._primary.id),
             recent_history=partial(self._wiring.store.recent_messages, self._primary.id),
+            observer=self._wiring.observer,
         )
         if streaming:
             for item in stream_of(behaviour, context, stored):

@@ -20,9 +20,8 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
-from typing import Annotated, Any, Self
+from typing import TYPE_CHECKING, Annotated, Any, Self
 
-import structlog
 from pydantic import ConfigDict, Field, TypeAdapter
 
 from actors._address import Address
@@ -39,12 +38,14 @@ from actors._arguments import (
 from actors._chaos import Chaos
 from actors._invariants import InvariantReport, check_invariants
 from actors._logging import ensure_logging
+from actors._observer import NO_OBSERVER, Load, Observer
 from actors._parts import ActorDirectory, RuntimeParts
 from actors._pool import StepPool
 from actors._protocol import (
     AdoptShards,
     CancelRun,
     ChangeSettings,
+    CountOpenRuns,
     DropShards,
     KindRegistered,
     MessageSink,
@@ -55,6 +56,7 @@ from actors._protocol import (
 from actors._restart import RestartPolicy
 from actors._scheduler import Scheduler
 from actors._shards import ShardKeeper
+from actors._telemetry import runtime_observer
 from actors.kinds import builtin_kinds
 from actors.kinds._registry import AgentKinds
 from actors.rules import new_group
@@ -89,10 +91,14 @@ from messages import (
 from messages._futures import reject
 from messages._groups import GroupCreate
 from messages._ids import new_id
+from messages._log import get_logger
 from messages._text import check_id
 from persistence import DEFAULT_SHARDS, NewGroup, Store, utcnow
 
-log = structlog.get_logger("sleeptime.runtime")
+if TYPE_CHECKING:
+    from actors.metrics import RuntimeMetrics
+
+log = get_logger("sleeptime.runtime")
 
 DEFAULT_URL = "sqlite:///sleeptime.db"
 DEFAULT_PASSIVATE_AFTER = 300.0
@@ -113,6 +119,8 @@ DEFAULT_MAX_QUEUED_TURNS = 1_000
 """Turns of one group admitted and not ended, at most; more raise GroupBusy."""
 DEFAULT_PERMIT_TIMEOUT = 30.0
 """Seconds a turn waits for a permit to be in flight before RuntimeBusy."""
+LOAD_TIMEOUT_S = 1.0
+"""How long a scrape of the metrics waits for the run tracker's count of open runs."""
 DEFAULT_MEMORY_PERSONA = (
     "You keep the primary agent's long-term memory. Record durable facts about the user "
     "(name, preferences, plans, circumstances) in the human block, one fact per line, and "
@@ -231,8 +239,11 @@ class Runtime:
         max_turns_in_flight: int | None = DEFAULT_MAX_TURNS_IN_FLIGHT,
         max_queued_turns: int | None = DEFAULT_MAX_QUEUED_TURNS,
         permit_timeout: float | None = DEFAULT_PERMIT_TIMEOUT,
+        observer: Observer = NO_OBSERVER,
+        metrics: RuntimeMetrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._admission = TurnAdmission(max_turns_in_flight, max_queued_turns, permit_timeout)
         self._passivate_after = passivate_after
         self._max_active_groups = max_active_groups
@@ -247,7 +258,9 @@ class Runtime:
             scheduler=scheduler,
             policy=restart_policy or RestartPolicy(),
             chaos=chaos,
+            observer=observer,
         )
+        observer.observe_load(self._load)
         self._directory = ActorDirectory(self._parts)
         self._keeper: ShardKeeper | None = None
         self._hand_over_timeout = 0.0  # how long a hand-over waits for open runs (s)
@@ -272,6 +285,8 @@ class Runtime:
         max_turns_in_flight: int | None = DEFAULT_MAX_TURNS_IN_FLIGHT,
         max_queued_turns: int | None = DEFAULT_MAX_QUEUED_TURNS,
         permit_timeout: float | None = DEFAULT_PERMIT_TIMEOUT,
+        metrics: bool | Any = False,
+        tracing: bool | Any = True,
     ) -> Runtime:
         """Open (or create) the database at `url`, recover its open runs, and start.
 
@@ -311,6 +326,14 @@ class Runtime:
         sent. A group takes at most `max_queued_turns` turns queued (waiting or in
         flight); one more raises GroupBusy at once, nothing sent. None turns a bound off.
 
+        Observability (README, "Running it in a service"): the runtime logs through the
+        standard `logging` module (loggers under `sleeptime`). `metrics=True` gives it
+        Prometheus metrics in a registry of its own (`rt.metrics`; a prometheus
+        `CollectorRegistry` instead of True registers them there); it needs the
+        `metrics` extra. `tracing`: True traces through the OpenTelemetry tracer provider
+        the host set before this call, if any (nothing is traced, at no cost, if none);
+        a `TracerProvider` traces through that one; False never traces.
+
         An option of the wrong type or out of range (`workers` < 1, `passivate_after`
         <= 0, a kind name that is not text) raises pydantic's ValidationError.
         """
@@ -330,18 +353,26 @@ class Runtime:
             max_turns_in_flight=max_turns_in_flight,
             max_queued_turns=max_queued_turns,
             permit_timeout=permit_timeout,
+            metrics=metrics,
+            tracing=tracing,
         )
         ensure_logging()
-        # Every step thread may read at once, plus the groups and the callers.
-        store = Store(
-            options.url,
-            read_only=options.read_only,
-            auto_upgrade=options.auto_upgrade,
-            readers=options.workers + 8,
-            shards=options.shards,
-            lease_s=options.lease_s,
-            address=options.address,
-        )
+        observer, runtime_metrics = runtime_observer(options.metrics, options.tracing)
+        try:
+            # Every step thread may read at once, plus the groups and the callers.
+            store = Store(
+                options.url,
+                read_only=options.read_only,
+                auto_upgrade=options.auto_upgrade,
+                readers=options.workers + 8,
+                shards=options.shards,
+                lease_s=options.lease_s,
+                address=options.address,
+                observer=observer,
+            )
+        except BaseException:
+            observer.close()  # its metrics leave a registry of the host's as they found it
+            raise
         try:
             registry = AgentKinds()
             for name, factory in {**builtin_kinds(), **(options.kinds or {})}.items():
@@ -358,9 +389,12 @@ class Runtime:
                 options.max_turns_in_flight,
                 options.max_queued_turns,
                 options.permit_timeout,
+                observer,
+                runtime_metrics,
             )
         except BaseException:
             store.close()
+            observer.close()
             raise
         try:
             if options.read_only:
@@ -565,6 +599,7 @@ class Runtime:
         self._parts.pool.close()
         self._parts.scheduler.close()
         self._store.close()
+        self._parts.observer.close()
         _running.discard(self)
         log.info("runtime_stopped")
 
@@ -706,6 +741,12 @@ class Runtime:
         self._check()
         return self._store.list_groups()
 
+    def count_groups(self) -> int:
+        """How many groups the database holds (of every process sharing it), failed
+        ones included."""
+        self._check()
+        return self._store.count_groups()
+
     def update_group(
         self,
         group_id: str,
@@ -844,6 +885,7 @@ class Runtime:
             sink=sink,
             request_id=request_id,
             new_request=new_request and request_id is not None,
+            parent=self._parts.observer.caller_context(),
         )
         deadline = None if limit is None else time.monotonic() + limit
         return TurnCall(group_id, command, limit, deadline)
@@ -1020,17 +1062,35 @@ class Runtime:
         return check_invariants(self._store, group_ids)
 
     def stats(self) -> dict[str, int]:
-        """Live actors, step threads, restarts, write batches and timers, for monitoring.
+        """What this process holds and has done since it started, read from memory (no
+        database query: `count_groups()` and `count_runs()` count what is stored).
 
-        `starts_postponed` counts run starts put off while the store was unavailable;
-        `timers` the scheduler's timers (deadlines of running runs, mostly);
-        `turns_in_flight` the turns sent and not ended, `turns_waiting` those waiting
-        for a permit (`max_turns_in_flight`)."""
+        - `groups`, `agents`: the groups (sleeptime agents) this process serves whose
+          actor was started since it began, running or passivated; a group nobody took
+          a turn on since the start is not among them, whatever the database holds;
+        - `active_groups`, `active_agents`: those with a running actor (a thread);
+          `passivated_groups`, `passivated_agents`: the others;
+        - `passivations`, `activations`: actors that gave their thread back when idle,
+          and that a message started again; `restarts`, `escalations`,
+          `injected_crashes`: supervision (see `Chaos` for the last);
+        - `turns_in_flight`: turns sent and not ended, `turns_waiting`: turns waiting for
+          a permit (`max_turns_in_flight`);
+        - `step_threads`: the agents' step pool; `starts_postponed`: run starts put off
+          while the store was unavailable; `timers`: the scheduler's timers (deadlines of
+          running runs, mostly);
+        - `transactions`, `writes`: committed by the writer; `writes_queued`: waiting
+          for it.
+        """
+        counts = self._directory.counts()
+        active_groups = self._parts.supervisor.active_count("group:")
+        active_agents = self._parts.supervisor.active_count("agent:")
         return {
-            **self._directory.counts(),
+            **counts,
             **self._admission.counts(),
-            "active_groups": self._parts.supervisor.active_count("group:"),
-            "active_agents": self._parts.supervisor.active_count("agent:"),
+            "active_groups": active_groups,
+            "active_agents": active_agents,
+            "passivated_groups": max(0, counts["groups"] - active_groups),
+            "passivated_agents": max(0, counts["agents"] - active_agents),
             "passivations": self._parts.supervisor.passivations,
             "activations": self._parts.supervisor.activations,
             "restarts": self._parts.supervisor.restarts,
@@ -1041,7 +1101,32 @@ class Runtime:
             "timers": self._parts.scheduler.held(),
             "transactions": self._store.committer.transactions,
             "writes": self._store.committer.ops,
+            "writes_queued": self._store.committer.queued,
         }
+
+    @property
+    def metrics(self) -> RuntimeMetrics | None:
+        """The runtime's Prometheus metrics (`Runtime.start(metrics=True)`), else None:
+        `rt.metrics.serve(port)`, `rt.metrics.asgi_app()`, `rt.metrics.registry`."""
+        return self._metrics
+
+    def _load(self) -> Load:
+        """How busy the runtime is, for the metrics' gauges (asks the run tracker)."""
+        open_runs: dict[str, int] = {}
+        if not self._stopped.is_set() and self._parts.failure is None:
+            try:
+                open_runs = self._parts.tracker.ask(CountOpenRuns(), timeout=LOAD_TIMEOUT_S)
+            except Exception:  # busy past the timeout, or restarting: not this time
+                open_runs = {}
+        admission = self._admission.counts()
+        return Load(
+            active_groups=self._parts.supervisor.active_count("group:"),
+            active_agents=self._parts.supervisor.active_count("agent:"),
+            open_runs=open_runs,
+            turns_in_flight=admission["turns_in_flight"],
+            turns_waiting=admission["turns_waiting"],
+            writes_queued=self._store.committer.queued,
+        )
 
 
 def _outcome(

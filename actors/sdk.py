@@ -26,6 +26,7 @@ from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 from pydantic import BaseModel, ConfigDict
 
 from actors import _memory_tools as tools
+from actors._observer import NO_OBSERVER, Observer
 from messages import Block, Blocks, Message, MessageCreate, StopReason, StoreUnavailable
 
 AgentRole = Literal["primary", "sleeptime"]
@@ -165,7 +166,9 @@ class AgentContext:
     `run_id` is set for a sleeptime run and None for a primary turn; `cancelled()` turns
     True when the run was cancelled or timed out, and the agent should stop soon.
     `history()` reads the agent's whole stored history; `recent(n)` only its last n
-    messages, which is what a long-lived conversation should use.
+    messages, which is what a long-lived conversation should use. `observer` is the
+    runtime's (metrics, traces): an agent that calls a model server reports each request
+    with `observer.model_request(...)`, as the `openai` kind does.
     """
 
     agent_id: str
@@ -175,6 +178,7 @@ class AgentContext:
     history: Callable[[], list[Message]] = field(default=list)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     recent_history: Callable[[int], list[Message]] = field(default=lambda limit: [])
+    observer: Observer = field(default=NO_OBSERVER)
 
     def recent(self, limit: int) -> list[Message]:
         """The last `limit` stored messages of this agent, oldest first (not this turn's)."""

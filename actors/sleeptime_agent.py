@@ -20,15 +20,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import pydantic
-import structlog
 
 from actors._address import Address
 from actors._execute import execute_run
+from actors._observer import NO_OBSERVER, Observer
 from actors._pool import StepPool
 from actors._protocol import (
     Adopted,
@@ -56,6 +56,7 @@ from messages import (
     StopReason,
     UnknownAgentKind,
 )
+from messages._log import get_logger
 from persistence import Store
 
 
@@ -70,9 +71,10 @@ class AgentWiring:
     pool: StepPool
     scheduler: Scheduler
     steps: StepsInFlight
+    observer: Observer = field(default=NO_OBSERVER)
 
 
-log = structlog.get_logger("sleeptime.agent")
+log = get_logger("sleeptime.agent")
 
 START_RETRY_DELAYS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 """Seconds before starting again a run whose start met a store outage (then 2 s each)."""
@@ -364,6 +366,7 @@ class SleeptimeAgentActor(SupervisedActor):
             cancel=decision.cancel,
             started=decision.committed,
             window=window,
+            observer=self._wiring.observer,
         )
         future = self._wiring.pool.submit(job)
         timeout = self._group.run_timeout
@@ -373,7 +376,6 @@ class SleeptimeAgentActor(SupervisedActor):
         )
         self._current = _Current(run, window, decision.attempt, decision, future, deadline)
         future.add_done_callback(partial(_report, address, run.id, decision.attempt))
-        self._log.debug("run_started", run_id=run.id, attempt=decision.attempt)
 
     def _step_done(self, done: StepDone) -> None:
         current = self._current
@@ -398,13 +400,6 @@ class SleeptimeAgentActor(SupervisedActor):
                 error=done.error,
                 messages=done.messages,
             )
-        )
-        self._log.debug(
-            "run_finished",
-            run_id=done.run_id,
-            status=status.value,
-            stop_reason=done.stop_reason.value,
-            error=done.error,
         )
 
     def _deadline(self, run_id: str, attempt: int) -> None:

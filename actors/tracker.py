@@ -14,21 +14,23 @@ and survive its restarts.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any, TypeVar
 
-import structlog
-
 from actors._address import Address
+from actors._observer import NO_OBSERVER, Observer
 from actors._protocol import (
     Adopted,
     AdoptRuns,
     AdoptShards,
     CancelRun,
+    CountOpenRuns,
     DropShards,
     FailGroupRuns,
     FinishRun,
@@ -57,10 +59,13 @@ from messages import (
     TransitionRefused,
 )
 from messages._futures import reject, resolve
+from messages._log import get_logger
 from messages._runs import check_transition
 from persistence import Store, Transition, utcnow
 
-log = structlog.get_logger("sleeptime.tracker")
+log = get_logger("sleeptime.tracker")
+run_log = get_logger("sleeptime.run")
+"""The lifecycle of runs: started, re-queued, finished (with durations)."""
 T = TypeVar("T")
 
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)  # then every 30 s, while the runtime lives
@@ -166,9 +171,16 @@ class _Open:
     pending: Transition | None = None
     settled: Future[None] | None = None
     retries: int = 0
+    started_at: datetime | None = None
+    """When its current attempt started running, as written (for its duration)."""
     unsure: bool = False
     """A start or re-queue of this run failed (a store outage, a commit whose outcome is
     unknown): the stored status and attempt are read back before its next change."""
+
+
+def _opened(run: Run) -> _Open:
+    """Follow `run` at its status and attempt as given (stored, or just created)."""
+    return _Open(run, run.status, run.attempt, started_at=run.started_at)
 
 
 class RunTrackerActor(SupervisedActor):
@@ -176,7 +188,8 @@ class RunTrackerActor(SupervisedActor):
 
     Told: `RunsCreated`, `FinishRun`, `FailGroupRuns`. With a reply: `StartRun` ->
     `StartDecision`, `CancelRun` -> commit future or None, `WatchRuns` -> futures,
-    `AdoptRuns` -> runs.
+    `AdoptRuns` -> runs, `CountOpenRuns` -> counts by status. Every change committed is
+    told to the observer and logged (`run_started`, `run_requeued`, `run_finished`).
     """
 
     def __init__(
@@ -188,11 +201,14 @@ class RunTrackerActor(SupervisedActor):
         flags: CancelFlags,
         address: Address,
         recovered: Future[None] | None = None,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         """`recovered`: given to the first incarnation of a starting runtime, which
         recovers the runs an earlier process left `running` and resolves it once that is
-        committed (or fails it with the reason)."""
+        committed (or fails it with the reason). `observer` is told of every change
+        committed."""
         super().__init__(reporter)
+        self._observer = observer
         self._store = store
         self._scheduler = scheduler
         self._waiters = waiters
@@ -207,7 +223,7 @@ class RunTrackerActor(SupervisedActor):
             # an outage never counts as a crash loop; a runtime's first start does not wait.
             patience = 0.0 if self._recovered is not None else STORE_PATIENCE_S
             for run in _when_store_answers(self._load, patience):
-                self._open[run.id] = _Open(run, run.status, run.attempt)
+                self._open[run.id] = _opened(run)
             for run_id in self._waiters.run_ids():
                 if run_id not in self._open:
                     self._waiters.resolve(run_id)  # ended while no tracker was listening
@@ -252,7 +268,7 @@ class RunTrackerActor(SupervisedActor):
         match message:
             case RunsCreated(runs=runs):
                 for run in runs:
-                    self._open.setdefault(run.id, _Open(run, run.status, run.attempt))
+                    self._open.setdefault(run.id, _opened(run))
             case StartRun(run_id=run_id, reply_to=reply_to, token=token):
                 reply_to.tell(self._answer_start(run_id, token))
             case StartAborted(run_id=run_id, attempt=attempt):
@@ -263,6 +279,8 @@ class RunTrackerActor(SupervisedActor):
                 return self._cancel(run_id)
             case WatchRuns(run_ids=run_ids):
                 return self._watch(run_ids)
+            case CountOpenRuns():
+                return self._count_open()
             case AdoptRuns(agent_id=agent_id, reply_to=reply_to, token=token):
                 reply_to.tell(self._answer_adopt(agent_id, token))
             case FailGroupRuns(group_id=group_id, reason=reason):
@@ -371,7 +389,7 @@ class RunTrackerActor(SupervisedActor):
                 return None
             if not self._holds(stored.group_id):
                 raise self._store.not_owner(stored.group_id)
-            run = self._open[run_id] = _Open(stored, stored.status, stored.attempt)
+            run = self._open[run_id] = _opened(stored)
         self._read_back_if_unsure(run)
         if run_id not in self._open:
             return None
@@ -436,7 +454,6 @@ class RunTrackerActor(SupervisedActor):
                     error=error,
                 )
             case Requeue(attempt=attempt):
-                log.info("run_requeued", run_id=run_id, attempt=attempt)
                 return self._write(
                     run_id, found, RunStatus.CREATED, reason="interrupted", attempt=attempt
                 )
@@ -450,7 +467,7 @@ class RunTrackerActor(SupervisedActor):
         """Follow the open runs of newly held `shards`, recovering those left running."""
         found = [run for run in self._load(shards) if run.id not in self._open]
         for run in found:
-            self._open[run.id] = _Open(run, run.status, run.attempt)
+            self._open[run.id] = _opened(run)
         self._recover(found)
         if found:
             log.info("shard_runs_adopted", shards=len(shards), runs=len(found))
@@ -516,16 +533,22 @@ class RunTrackerActor(SupervisedActor):
             group_id=run.run.group_id,
         )
         run.status, run.attempt = new, change.attempt
+        if new is RunStatus.RUNNING:
+            run.started_at = change.at
         return self._submit(run_id, run, change)
 
     def _submit(self, run_id: str, run: _Open, change: Transition) -> Future[None]:
         future = self._store.apply_transition(change)
-        address = self._address
+        address, observer = self._address, self._observer
+        created, started_at = run.run, run.started_at
         if change.new.terminal:
             run.settled, run.pending = future, change
 
         def committed(done: Future[None]) -> None:
             error = done.exception()
+            if error is None:  # on the writer thread, as the change is committed
+                observer.run_committed(created, change, started_at)
+                _log_committed(created, change, started_at)
             if error is not None:
                 address.tell(
                     TransitionFailed(
@@ -647,6 +670,13 @@ class RunTrackerActor(SupervisedActor):
         if stored.status.terminal:
             self._settle(stored.id)
 
+    def _count_open(self) -> dict[str, int]:
+        counts = dict.fromkeys((RunStatus.CREATED.value, RunStatus.RUNNING.value), 0)
+        for found in self._open.values():
+            if not found.status.terminal:
+                counts[found.status.value] += 1
+        return counts
+
     # -- waiting --------------------------------------------------------------------------
 
     def _watch(self, run_ids: list[str]) -> list[Future[None]]:
@@ -665,6 +695,36 @@ class RunTrackerActor(SupervisedActor):
                 found = stored[run_id]
                 if not self._holds(found.group_id):
                     raise self._store.not_owner(found.group_id)
-                self._open[run_id] = _Open(found, found.status, found.attempt)
+                self._open[run_id] = _opened(found)
             futures[run_id] = self._waiters.add(run_id)
         return [futures[run_id] for run_id in run_ids]
+
+
+def _log_committed(run: Run, change: Transition, started_at: datetime | None) -> None:
+    """The lifecycle event of a committed change: a run started (with its time queued),
+    re-queued, or ended (info when completed or cancelled, warning when it failed, with
+    its stop reason, error and durations)."""
+    failed = change.new is RunStatus.FAILED
+    if not run_log.is_enabled_for(logging.WARNING if failed else logging.INFO):
+        return  # (on the writer thread: nothing more than this check when nobody listens)
+    bound = run_log.bind(group_id=run.group_id, agent_id=run.agent_id, run_id=run.id)
+    if change.new is RunStatus.RUNNING:
+        bound.info("run_started", attempt=change.attempt, queued_ms=_ms(run.created_at, change.at))
+    elif change.new is RunStatus.CREATED:
+        bound.info("run_requeued", attempt=change.attempt, reason=change.reason)
+    else:
+        level = logging.WARNING if failed else logging.INFO
+        bound.log(
+            level,
+            "run_finished",
+            status=change.new.value,
+            stop_reason=None if change.stop_reason is None else change.stop_reason.value,
+            error=change.error,
+            attempt=change.attempt,
+            duration_ms=None if started_at is None else _ms(started_at, change.at),
+            total_ms=_ms(run.created_at, change.at),
+        )
+
+
+def _ms(start: datetime, end: datetime) -> float:
+    return round((end - start).total_seconds() * 1000, 3)

@@ -810,6 +810,8 @@ def build_report(outcome: Outcome, parameters: dict[str, Any]) -> dict[str, Any]
         "restarts": outcome.stats.get("restarts", 0),
         "injected_crashes": outcome.stats.get("injected_crashes", 0),
         "escalations": outcome.stats.get("escalations", 0),
+        "passivations": outcome.stats.get("passivations", 0),
+        "activations": outcome.stats.get("activations", 0),
         "parameters": parameters,
         "versions": versions(),
     }

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from actors import DEFAULT_MAX_ACTIVE_GROUPS, DEFAULT_PASSIVATE_AFTER
 from cli import loadsim
 from cli.command import CommandError
 
@@ -59,6 +60,19 @@ non_negative_int = _number(int, lambda v: v >= 0, "a whole number of 0 or more")
 non_negative_float = _number(float, lambda v: 0 <= v < math.inf, "a number of 0 or more")
 positive_float = _number(float, lambda v: 0 < v < math.inf, "a number above 0")
 fraction = _number(float, lambda v: 0 <= v <= 1, "a fraction from 0 to 1")
+
+
+def optional(parse: Callable[[str], N]) -> Callable[[str], N | None]:
+    """An argparse `type` that also takes `none` (the runtime's None: no limit).
+
+    >>> optional(positive_int)("none"), optional(positive_int)("3")
+    (None, 3)
+    """
+
+    def parse_or_none(text: str) -> N | None:
+        return None if text.strip().lower() == "none" else parse(text)
+
+    return parse_or_none
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -168,6 +182,21 @@ def add_workload_options(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=32,
         help="the runtime's agent step threads",
+    )
+    runtime.add_argument(
+        "--max-active-groups",
+        metavar="N",
+        type=optional(positive_int),
+        default=DEFAULT_MAX_ACTIVE_GROUPS,
+        help="groups with live actors at most; the least recently used beyond it are"
+        " passivated (their threads given back), 'none' for no limit",
+    )
+    runtime.add_argument(
+        "--passivate-after",
+        metavar="SECONDS",
+        type=optional(positive_float),
+        default=DEFAULT_PASSIVATE_AFTER,
+        help="passivate a group told nothing for this long, 'none' never to",
     )
     runtime.add_argument(
         "--wait-timeout",

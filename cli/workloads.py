@@ -52,7 +52,13 @@ def workload_runtime(
             raise CommandError(f"no temporary directory for the database: {error}") from error
         url = f"sqlite:///{folder / 'sleeptime.db'}"
     try:
-        rt = Runtime.start(url, workers=args.workers, **shape.runtime_options())
+        rt = Runtime.start(
+            url,
+            workers=args.workers,
+            max_active_groups=args.max_active_groups,
+            passivate_after=args.passivate_after,
+            **shape.runtime_options(),
+        )
     except BaseException:
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -287,6 +293,8 @@ def print_summary(report: dict[str, Any]) -> None:
         ("actor restarts", str(report["restarts"])),
         ("injected crashes", str(report["injected_crashes"])),
         ("escalated groups", str(report["escalations"])),
+        ("passivations (actors made idle)", str(report["passivations"])),
+        ("activations (actors woken)", str(report["activations"])),
     ]
     print(format_table(["figure", "value"], [list(row) for row in figures], right={1}))
     print()

@@ -10,6 +10,7 @@ Example:
 from persistence._engine import parse_url, redact, sqlite_file
 from persistence._leases import DEFAULT_SHARDS, MAX_SHARDS, Leases, ShardBook, ShardOwner
 from persistence._models import utcnow
+from persistence._observed import StoreObserver
 from persistence._records import GroupState, NewGroup, Transition, TurnRequest, TurnWrite
 from persistence._store import StaleTurn, Store
 
@@ -23,6 +24,7 @@ __all__ = [
     "ShardOwner",
     "StaleTurn",
     "Store",
+    "StoreObserver",
     "Transition",
     "TurnRequest",
     "TurnWrite",

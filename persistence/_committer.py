@@ -40,16 +40,18 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
-import structlog
 from sqlalchemy import Connection, Engine, Insert, Update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from messages import OwnershipLost, RuntimeStopped, StoreUnavailable
 from messages._futures import reject, resolve
+from messages._log import get_logger
+from persistence._observed import NO_STORE_OBSERVER, StoreObserver
 
 T = TypeVar("T")
 Op = Callable[[Connection], T]
@@ -59,7 +61,7 @@ Lease = tuple[int, int]
 """(shard, epoch): the lease a write is fenced by."""
 Fence = Callable[[Connection, set[Lease]], dict[Lease, Exception]]
 
-log = structlog.get_logger("sleeptime.committer")
+log = get_logger("sleeptime.committer")
 
 
 class Write:
@@ -188,6 +190,7 @@ class Committer:
         max_batch: int = 512,
         heartbeat: tuple[float, Op[object]] | None = None,
         fence: Fence | None = None,
+        observer: StoreObserver = NO_STORE_OBSERVER,
     ) -> None:
         """`insert_order`: the INSERTs in an order that respects foreign keys (parents
         first); `append`: the INSERT of messages and the function that numbers rows to
@@ -195,7 +198,9 @@ class Committer:
         (seconds, op), the op to run (uncounted) after that long without a write;
         `fence`: (connection, leases) -> {lease: error} for the (shard, epoch) leases
         this process no longer holds, run first in every transaction that writes under
-        a lease (the work under a refused lease fails with its error, the rest commits)."""
+        a lease (the work under a refused lease fails with its error, the rest commits);
+        `observer`: told of every batch committed. An outage (the database out of reach)
+        is logged as it begins (`store_unavailable`) and ends (`store_recovered`)."""
         self._engine = engine
         self._translate = translate
         self._append = append
@@ -208,6 +213,8 @@ class Committer:
         self._heartbeat = heartbeat
         self._fence = fence
         self._lost: OwnershipLost | None = None  # once set, nothing is written again
+        self._observer = observer
+        self._away_since: float | None = None  # when an outage began (time.monotonic())
         self.transactions = 0
         self.ops = 0
         self.statements = 0
@@ -332,12 +339,28 @@ class Committer:
 
     def _fail(self, job: _Job, error: Exception) -> None:
         log.debug("write_failed", error=str(error), error_type=type(error).__name__)
-        reject(job.future, self._translate(error))
+        translated = self._translate(error)
+        if self._away_since is None and isinstance(translated, StoreUnavailable):
+            self._away_since = time.monotonic()
+            log.warning("store_unavailable", error=str(translated))
+        reject(job.future, translated)
+
+    def _reached(self) -> None:
+        """A transaction committed: an outage, if there was one, is over."""
+        if self._away_since is not None:
+            outage, self._away_since = time.monotonic() - self._away_since, None
+            log.warning("store_recovered", outage_s=round(outage, 3))
+
+    @property
+    def queued(self) -> int:
+        """Writes waiting for the writer thread (roughly: it may be taking some now)."""
+        return self._queue.qsize()
 
     def _transaction(
         self, jobs: list[_Job], *, merged: bool, counted: bool = True
     ) -> list[tuple[bool, Any]]:
         """Run the jobs in one transaction: (True, result) or (False, refusal) per job."""
+        began = time.perf_counter()
         for attempt in (1, 2):
             connection = self._connect()
             txn = Txn(exact=not merged)
@@ -363,6 +386,8 @@ class Committer:
             if counted:
                 self.transactions += 1
                 self.ops += len(jobs)
+                self._observer.batch_committed(len(jobs), time.perf_counter() - began)
+            self._reached()
             txn.committed()
             return outcomes
         raise AssertionError("unreachable")

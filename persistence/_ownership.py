@@ -23,13 +23,13 @@ from datetime import UTC, datetime
 from itertools import count
 from pathlib import Path
 
-import structlog
 from sqlalchemy import URL
 
 from messages import DatabaseInUse, StoreUnavailable
+from messages._log import get_logger
 from persistence._engine import redact, sqlite_file
 
-log = structlog.get_logger("sleeptime.ownership")
+log = get_logger("sleeptime.ownership")
 
 ADVISORY_KEY = 0x5_1EE9_713E
 """The advisory lock key: any 64-bit number, the same for every sleeptime runtime."""

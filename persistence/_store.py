@@ -71,6 +71,7 @@ from persistence._models import (
     TurnRequestRow,
     utcnow,
 )
+from persistence._observed import NO_STORE_OBSERVER, StoreObserver
 from persistence._ownership import DatabaseFile, Ownership
 from persistence._records import GroupState, NewGroup, Transition, TurnRequest, TurnWrite
 
@@ -215,6 +216,7 @@ class Store:
         shards: int = DEFAULT_SHARDS,
         lease_s: float = 10.0,
         address: str | None = None,
+        observer: StoreObserver = NO_STORE_OBSERVER,
     ) -> None:
         """Connect, take ownership of the database (unless read-only) and ready its schema.
 
@@ -224,9 +226,12 @@ class Store:
         a lease lasts unrenewed; `address` where callers can reach this process), and
         every write for a group is fenced by its shard's lease.
 
+        `observer` is told of the store's errors, its writer's batches and outages.
+
         Raises StoreUnavailable (cannot connect), DatabaseInUse (another runtime owns the
         SQLite file) or SchemaMismatch (a schema this code cannot use as it is).
         """
+        self._observer = observer
         parsed = parse_url(url)
         self.url = redact(parsed)
         self.book = ShardBook(shards)
@@ -277,6 +282,7 @@ class Store:
             insert_order=(_INSERT_MESSAGES, _INSERT_RUNS, _INSERT_EVENTS, _INSERT_TURN_REQUESTS),
             append=(_INSERT_MESSAGES, self._number),
             fence=fence,
+            observer=observer,
         )
 
     def shard_of(self, group_id: str) -> int:
@@ -437,9 +443,13 @@ class Store:
         database refuses is StoreRejected (trying again would not help)."""
         if isinstance(error, DBAPIError):
             detail = str(error.orig).strip() or type(error.orig).__name__
-            if lost_connection(error):
-                return StoreUnavailable(self.url, detail)
-            return StoreRejected(self.url, detail)
+            failure: Exception = (
+                StoreUnavailable(self.url, detail)
+                if lost_connection(error)
+                else StoreRejected(self.url, detail)
+            )
+            self._observer.store_error(failure)
+            return failure
         return error
 
     def _guard(self, action: Callable[[], T]) -> T:
@@ -487,6 +497,11 @@ class Store:
             )
 
         return self._read(query)
+
+    def count_groups(self) -> int:
+        """How many groups are stored."""
+        statement = select(func.count()).select_from(groups)
+        return int(self._read(lambda c: c.execute(statement).scalar_one()))
 
     def list_groups(self) -> list[Group]:
         def query(connection: Connection) -> list[Group]:

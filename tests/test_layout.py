@@ -56,6 +56,8 @@ PUBLIC: dict[str, set[str]] = {
         "RestartPolicy",
         "DEFAULT_URL",
         "DEFAULT_MEMORY_PERSONA",
+        "DEFAULT_PASSIVATE_AFTER",
+        "DEFAULT_MAX_ACTIVE_GROUPS",
         "configure_logging",
         # the agent SDK (actors.sdk) and the kind registry (`rt.agents`)
         "AgentBehaviour",
@@ -112,6 +114,7 @@ PUBLIC: dict[str, set[str]] = {
         "ShardBook",
         "ShardOwner",
         "Store",
+        "StoreObserver",
         "GroupState",
         "NewGroup",
         "StaleTurn",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -11,6 +12,7 @@ from actors import Runtime, StoreUnavailable
 from messages import RunStatus
 from tests.agents import user
 from tests.invariants import check_group
+from tests.logs import Records
 from tests.postgres import PostgresCluster
 
 SLOW = {"kind": "simulated", "config": {"latency_ms": 30, "seed": 3}}
@@ -22,6 +24,10 @@ def test_server_restart_fails_calls_clearly_and_loses_nothing(
     if backend != "postgresql":
         pytest.skip("a server restart is a PostgreSQL matter")
     postgres_cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    records = Records()
+    runtime_logger = logging.getLogger("sleeptime")
+    runtime_logger.addHandler(records)
+    request.addfinalizer(lambda: runtime_logger.removeHandler(records))
     group = rt.create_group(
         primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}, SLOW], frequency=1
     )
@@ -49,6 +55,14 @@ def test_server_restart_fails_calls_clearly_and_loses_nothing(
     after = []
     for n in range(4):  # the runtime reconnects by itself
         after += rt.step(group.id, [user(f"my other number is {n}")]).run_ids
+    # The writer logged the outage as it began, and its end with how long it lasted.
+    unavailable, recovered = (
+        records.events("store_unavailable")[0],
+        records.events("store_recovered")[-1],
+    )
+    assert unavailable.level == recovered.level == logging.WARNING
+    assert unavailable.record.created <= recovered.record.created
+    assert "unavailable" in unavailable["error"] and recovered["outage_s"] > 0
     runs = rt.wait_for_runs(before + after, timeout=60)
     assert all(r.status.terminal for r in runs)
     assert all(r.status is RunStatus.COMPLETED for r in runs[len(before) :])

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import export
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -45,6 +46,28 @@ def test_readme_supervision_example_runs(tmp_path: Path, monkeypatch: pytest.Mon
     exec(compile(example, str(README), "exec"), names)
     names["rt"].stop()
     assert names["report"].ok
+
+
+def test_readme_service_example_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    class Console(export.ConsoleSpanExporter):
+        """The SDK's, writing to this test's stdout (its default is the one at import)."""
+
+        def __init__(self) -> None:
+            super().__init__(out=sys.stdout)
+
+    monkeypatch.setattr(export, "ConsoleSpanExporter", Console)
+    (example,) = [block for block in _blocks() if "rt.metrics.serve(" in block]
+    example = example.replace("serve(port=9464)", "serve(port=0)")  # any free port, here
+    names: dict[str, Any] = {}
+    exec(compile(example, str(README), "exec"), names)
+    names["provider"].shutdown()  # what a script's exit does: the spans still batched go out
+    printed = capsys.readouterr().out
+    assert 'sleeptime_turns_total{fired="true"} 1.0' in printed
+    assert '"name": "sleeptime.run"' in printed  # the console exporter's spans
 
 
 def quick_start_commands() -> list[str]:

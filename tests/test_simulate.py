@@ -30,6 +30,8 @@ REPORT_KEYS = {
     "versions",
     "restarts",
     "injected_crashes",
+    "passivations",
+    "activations",
     "elapsed_s",
     "errors",
 }
@@ -111,6 +113,24 @@ def test_simulate_survives_injected_crashes(
     assert all(report["invariants"].values())
 
 
+def test_simulate_caps_the_active_groups_and_reports_passivations(
+    db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["simulate", "--db", db_url, "--groups", "6", "--turns", "4", "--no-progress"]
+    options = ["--latency-ms", "20", "--max-active-groups", "2", "--passivate-after", "none"]
+    code, report, out = invoke(capsys, tmp_path / "r.json", *argv, *options)
+
+    assert code == 0, out
+    assert report["parameters"]["max_active_groups"] == 2
+    assert report["parameters"]["passivate_after"] is None
+    # Six groups driven at once against a cap of two: some gave their threads back.
+    assert report["passivations"] > 0 and report["activations"] >= 0
+    assert report["turns"] == 24 and all(report["invariants"].values())
+    (shown,) = [line for line in out.splitlines() if "passivations (actors made idle)" in line]
+    assert shown.split()[-1].strip("|│ ") == str(report["passivations"])
+    assert "activations (actors woken)" in out
+
+
 def test_simulate_with_failing_agents_fails_runs_not_the_command(
     db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -188,6 +208,9 @@ def test_plot_without_matplotlib_says_what_to_install(
         ["simulate", "--latency-distribution", "normal"],
         ["simulate", "--latency-ms", "nan"],
         ["simulate", "--frequency", "-2"],
+        ["simulate", "--max-active-groups", "0"],
+        ["simulate", "--passivate-after", "never"],
+        ["loadtest", "--passivate-after", "0"],
         ["loadtest", "--rate", "0"],
         ["loadtest", "--arrivals", "bursty"],
         ["check", "--frobnicate"],

@@ -39,7 +39,6 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
-import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.kinds._chat_http import (
@@ -69,8 +68,9 @@ from actors.kinds._chat_tools import (
 from actors.kinds._http1 import Proxy
 from actors.sdk import AgentContext, AgentRole, StepFailed, StepResult, parse_config
 from messages import AgentConfigError, Message, MessageCreate, StopReason
+from messages._log import get_logger
 
-log = structlog.get_logger("sleeptime.openai")
+log = get_logger("sleeptime.openai")
 
 KIND = "openai"
 MAX_BACKOFF_S = 30.0
@@ -170,6 +170,22 @@ def retry_delay(
         return None
     backoff = min(config.backoff_s * 2.0 ** (attempt - 1), MAX_BACKOFF_S)
     return backoff * (0.5 + jitter / 2)
+
+
+def request_outcome(failure: ChatFailure) -> str:
+    """A failed request's outcome in a word, as metrics count it: `http_<status>`,
+    `timeout`, `unreachable` or `malformed`.
+
+    >>> request_outcome(ServerStatus(429, "slow down"))
+    'http_429'
+    """
+    if isinstance(failure, ServerStatus):
+        return f"http_{failure.status}"
+    if isinstance(failure, ServerTimeout):
+        return "timeout"
+    if isinstance(failure, ServerUnreachable):
+        return "unreachable"
+    return "malformed"
 
 
 def failure_text(failure: ChatFailure, attempts: int, config: OpenAIConfig) -> str:
@@ -347,27 +363,28 @@ class OpenAIAgent:
         attempt = 0
         while True:
             attempt += 1
-            try:
-                if not stream:
-                    return parse_completion(endpoint.complete(body), step)
-                streamed = StreamedAnswer()
-                for event in endpoint.stream(body):
-                    streamed.add(event)
-                return streamed.answer(step)
-            except ChatFailure as failure:
-                delay = retry_delay(failure, attempt, self.config, self._random.random())
-                if delay is None:
-                    raise self._failed(context, failure, attempt) from failure
-                log.info(
-                    "model_request_retried",
-                    agent_id=context.agent_id,
-                    run_id=context.run_id,
-                    attempt=attempt,
-                    delay_s=round(delay, 3),
-                    error=str(failure),
-                )
-                if context.wait(delay):
-                    raise _Cancelled from failure
+            request = context.observer.model_request(
+                context.agent_id, context.group_id, context.run_id, self.config.model
+            )
+            with request:  # each attempt is a request of its own: timed, traced, counted
+                try:
+                    return _ask(endpoint, body, stream, step)
+                except ChatFailure as failed:
+                    request.failed(request_outcome(failed), failed)
+                    failure = failed
+            delay = retry_delay(failure, attempt, self.config, self._random.random())
+            if delay is None:
+                raise self._failed(context, failure, attempt) from failure
+            log.info(
+                "model_request_retried",
+                agent_id=context.agent_id,
+                run_id=context.run_id,
+                attempt=attempt,
+                delay_s=round(delay, 3),
+                error=str(failure),
+            )
+            if context.wait(delay):
+                raise _Cancelled from failure
 
     def _failed(self, context: AgentContext, failure: ChatFailure, attempts: int) -> Exception:
         text = failure_text(failure, attempts, self.config)
@@ -384,3 +401,13 @@ class OpenAIAgent:
                     self.config.base_url, self._api_key, self.config.timeout_s, self.config.proxy
                 )
             return self._endpoint
+
+
+def _ask(endpoint: ChatEndpoint, body: dict[str, Any], stream: bool, step: int) -> Answer:
+    """One request and its answer, as JSON or as server-sent events; raises ChatFailure."""
+    if not stream:
+        return parse_completion(endpoint.complete(body), step)
+    streamed = StreamedAnswer()
+    for event in endpoint.stream(body):
+        streamed.add(event)
+    return streamed.answer(step)

@@ -1,0 +1,258 @@
+"""OpenTelemetry traces: the spans of a turn and of its runs, and none without a provider.
+
+Spans go to an in-memory exporter through a tracer provider handed to the runtime
+(`Runtime.start(..., tracing=provider)`): the global provider can be set only once per
+process, so only one test pretends it was, by standing in for its getter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, Tracer, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, StatusCode
+
+from actors import PrimaryAgentError, Runtime
+from actors._telemetry import tracer_provider
+from actors.tracing import _ns
+from messages import RunStatus, TurnResult
+from tests.agents import Recorder, Streamer, user
+from tests.fake_openai import FakeOpenAI, Reply
+
+
+class Traced:
+    """A tracer provider that keeps every finished span in memory."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+
+    @property
+    def spans(self) -> list[ReadableSpan]:
+        return list(self.exporter.get_finished_spans())
+
+    def named(self, name: str) -> list[ReadableSpan]:
+        return [span for span in self.spans if span.name == name]
+
+    def one(self, name: str) -> ReadableSpan:
+        (found,) = self.named(name)
+        return found
+
+
+@pytest.fixture
+def traced() -> Iterator[Traced]:
+    found = Traced()
+    yield found
+    found.provider.shutdown()
+
+
+def parent_of(span: ReadableSpan) -> int | None:
+    return None if span.parent is None else span.parent.span_id
+
+
+def span_id(span: ReadableSpan) -> int:
+    assert span.context is not None
+    return int(span.context.span_id)
+
+
+def trace_id(span: ReadableSpan) -> int:
+    assert span.context is not None
+    return int(span.context.trace_id)
+
+
+def pop_ms(attributes: dict[str, Any], *names: str) -> dict[str, float]:
+    """Take the durations (milliseconds) out of a span's attributes."""
+    taken = {name: attributes.pop(name) for name in names}
+    assert all(isinstance(value, float) for value in taken.values()), taken
+    return taken
+
+
+def test_one_turn_with_one_fired_run_gives_its_spans_and_the_link(
+    db_url: str, traced: Traced
+) -> None:
+    with Runtime.start(db_url, tracing=traced.provider) as rt:
+        group = rt.create_group(
+            primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}], frequency=1
+        )
+        result = rt.step(group.id, [user("my favorite color is teal")])
+        (run,) = rt.wait_for_runs(result.run_ids, timeout=30)
+    assert run.status is RunStatus.COMPLETED
+
+    assert sorted(span.name for span in traced.spans) == ["sleeptime.run", "sleeptime.turn"]
+    turn = traced.one("sleeptime.turn")
+    assert parent_of(turn) is None
+    attributes: dict[str, Any] = dict(turn.attributes or {})
+    phases = pop_ms(attributes, "sleeptime.step_ms", "sleeptime.commit_ms")
+    assert attributes == {
+        "sleeptime.group_id": group.id,
+        "sleeptime.agent_id": group.primary_agent_id,
+        "sleeptime.turn": 1,
+        "sleeptime.fired": True,
+    }
+    assert turn.start_time is not None and turn.end_time is not None
+    turn_ms = (turn.end_time - turn.start_time) / 1e6
+    assert all(ms >= 0 for ms in phases.values()) and sum(phases.values()) <= turn_ms
+
+    run_span = traced.one("sleeptime.run")  # in the turn's trace, and linked to it
+    assert parent_of(run_span) == span_id(turn) and trace_id(run_span) == trace_id(turn)
+    assert [link.context.span_id for link in run_span.links] == [span_id(turn)]
+    attributes = dict(run_span.attributes or {})
+    phases = pop_ms(attributes, "sleeptime.queued_ms", "sleeptime.step_ms", "sleeptime.commit_ms")
+    assert attributes == {
+        "sleeptime.group_id": group.id,
+        "sleeptime.agent_id": group.sleeptime_agent_ids[0],
+        "sleeptime.run_id": run.id,
+        "sleeptime.run.status": "completed",
+        "sleeptime.run.stop_reason": "end_turn",
+    }
+    assert run_span.status.status_code is StatusCode.UNSET
+    # From the run's creation to its end committed, the phases inside, one after the other.
+    assert run_span.start_time == _ns(run.created_at)
+    assert run_span.start_time is not None and run_span.end_time is not None
+    run_ms = (run_span.end_time - run_span.start_time) / 1e6
+    assert all(ms >= 0 for ms in phases.values()) and sum(phases.values()) <= run_ms
+    assert run.started_at is not None
+    queued_ms = (run.started_at - run.created_at).total_seconds() * 1000
+    assert phases["sleeptime.queued_ms"] == pytest.approx(queued_ms, abs=0.01)
+
+
+def test_a_turn_is_a_child_of_the_callers_span(tmp_path: Path, traced: Traced) -> None:
+    tracer = traced.provider.get_tracer("a web service")
+    with Runtime.start(f"sqlite:///{tmp_path / 'c.db'}", tracing=traced.provider) as rt:
+        group = rt.create_group(
+            primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}], frequency=0
+        )
+        with tracer.start_as_current_span("POST /turns") as request:
+            rt.step(group.id, [user("hi")])
+    turn = traced.one("sleeptime.turn")
+    assert parent_of(turn) == request.get_span_context().span_id
+    assert trace_id(turn) == request.get_span_context().trace_id
+    assert traced.named("sleeptime.run") == []  # frequency 0: nothing fired
+
+
+def test_failures_mark_their_spans(tmp_path: Path, traced: Traced) -> None:
+    recorder = Recorder(fail_on={0})
+    with Runtime.start(
+        f"sqlite:///{tmp_path / 'f.db'}",
+        kinds={"breaks": Streamer, "recorder": recorder.factory},
+        tracing=traced.provider,
+    ) as rt:
+        group = rt.create_group(
+            primary={"kind": "breaks", "config": {"fail": True}},
+            sleeptime=[{"kind": "recorder"}],
+            frequency=1,
+        )
+        streamed = rt.stream(group.id, [user("hi")])  # three messages, then it breaks
+        with pytest.raises(PrimaryAgentError) as failed:
+            list(streamed)
+        assert isinstance(failed.value.result, TurnResult)
+        rt.wait_for_runs(failed.value.result.run_ids, timeout=30)
+    turn = traced.one("sleeptime.turn")
+    assert turn.status.status_code is StatusCode.ERROR
+    assert [event.name for event in turn.events] == ["exception"]  # recorded once
+    assert "broke mid-stream" in str(turn.status.description)
+    run_span = traced.one("sleeptime.run")
+    assert run_span.status.status_code is StatusCode.ERROR
+    assert "step 0 fails on purpose" in str(run_span.status.description)
+
+
+def test_model_requests_nest_in_the_turn_or_run_that_made_them(
+    tmp_path: Path, traced: Traced
+) -> None:
+    def llm() -> dict[str, Any]:
+        return {
+            "kind": "openai",
+            "config": {"base_url": fake.url, "model": "fake-model", "backoff_s": 0.01},
+        }
+
+    with (
+        FakeOpenAI() as fake,
+        Runtime.start(f"sqlite:///{tmp_path / 'm.db'}", tracing=traced.provider) as rt,
+    ):
+        fake.script_primary(Reply.error(500, "overloaded"), Reply.text("hello"))
+        fake.script_sleeptime(Reply.call("memory_finish_edits"))
+        group = rt.create_group(primary=llm(), sleeptime=[llm()], frequency=1)
+        result = rt.step(group.id, [user("hi")])
+        (run,) = rt.wait_for_runs(result.run_ids, timeout=30)
+    requests = traced.named("sleeptime.model_request")
+    assert len(requests) == 3 and all(span.kind is SpanKind.CLIENT for span in requests)
+    turn = traced.one("sleeptime.turn")
+    run_span = traced.one("sleeptime.run")
+    primary = [span for span in requests if parent_of(span) == span_id(turn)]
+    sleeptime = [span for span in requests if parent_of(span) == span_id(run_span)]
+    assert [(s.attributes or {}).get("sleeptime.outcome") for s in primary] == ["http_500", "ok"]
+    assert [s.status.status_code for s in primary] == [StatusCode.ERROR, StatusCode.UNSET]
+    (memory,) = sleeptime
+    assert dict(memory.attributes or {}) == {
+        "sleeptime.agent_id": group.sleeptime_agent_ids[0],
+        "sleeptime.group_id": group.id,
+        "sleeptime.run_id": run.id,
+        "gen_ai.request.model": "fake-model",
+        "sleeptime.outcome": "ok",
+    }
+
+
+def test_a_turn_the_sampler_leaves_out_leaves_its_runs_out(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5)))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with Runtime.start(f"sqlite:///{tmp_path / 's.db'}", tracing=provider) as rt:
+        group = rt.create_group(
+            primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}], frequency=1
+        )
+        ids = [r for n in range(40) for r in rt.step(group.id, [user(f"turn {n}")]).run_ids]
+        rt.wait_for_runs(ids, timeout=60)
+    spans = exporter.get_finished_spans()
+    turns = {span_id(s): s for s in spans if s.name == "sleeptime.turn"}
+    runs = [s for s in spans if s.name == "sleeptime.run"]
+    assert 0 < len(turns) < 40  # about half kept
+    assert sorted(parent_of(r) or 0 for r in runs) == sorted(turns)  # one run per kept turn
+    provider.shutdown()
+
+
+def test_with_no_tracer_provider_configured_nothing_is_created(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)  # nobody set one
+    assert tracer_provider(True) is None
+    started: list[str] = []
+
+    def counted(original: Any) -> Any:
+        def start_span(self: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+            started.append(name)
+            return original(self, name, *args, **kwargs)
+
+        return start_span
+
+    for tracer_class in (Tracer, trace.ProxyTracer, trace.NoOpTracer):
+        monkeypatch.setattr(tracer_class, "start_span", counted(tracer_class.start_span))
+    with Runtime.start(f"sqlite:///{tmp_path / 'n.db'}") as rt:
+        group = rt.create_group(
+            primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}], frequency=1
+        )
+        rt.wait_for_runs(rt.step(group.id, [user("my name is Ada")]).run_ids, timeout=30)
+    assert started == []
+
+
+def test_the_hosts_global_provider_is_used_unless_tracing_is_off(
+    tmp_path: Path, traced: Traced, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if the host had called trace.set_tracer_provider (possible once per process).
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: traced.provider)
+    assert tracer_provider(True) is traced.provider
+    assert tracer_provider(False) is None
+    for name, tracing in (("on", True), ("off", False)):
+        with Runtime.start(f"sqlite:///{tmp_path / f'{name}.db'}", tracing=tracing) as rt:
+            group = rt.create_group(
+                primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}], frequency=0
+            )
+            rt.step(group.id, [user("hi")])
+    assert len(traced.named("sleeptime.turn")) == 1  # the runtime with tracing on
