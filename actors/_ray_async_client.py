@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
 
 from ray.exceptions import RayActorError
 
@@ -58,6 +58,9 @@ from messages import (
     TurnResult,
     TurnTimeout,
 )
+
+if TYPE_CHECKING:
+    from actors.metrics import RuntimeMetrics
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -250,6 +253,11 @@ class AsyncRayRuntime:
     def stats(self) -> dict[str, int]:
         """Every host's `stats()`, added up (a short blocking call to each host)."""
         return self._client.stats()
+
+    @property
+    def metrics(self) -> RuntimeMetrics | None:
+        """`RayRuntime.metrics`: None unless this client has a runtime of its own."""
+        return self._client.metrics
 
     # -- calling hosts --------------------------------------------------------------------
 
@@ -467,6 +475,7 @@ class AsyncRayRuntime:
     create_group = _in_executor(RayRuntime.create_group)
     get_group = _in_executor(RayRuntime.get_group)
     list_groups = _in_executor(RayRuntime.list_groups)
+    count_groups = _in_executor(RayRuntime.count_groups)
     update_group = _in_executor(RayRuntime.update_group)
     owner_of = _in_executor(RayRuntime.owner_of)
     get_agent = _in_executor(RayRuntime.get_agent)

@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import ray
 import structlog
@@ -77,6 +77,9 @@ from messages import (
     TurnTimeout,
 )
 from messages._text import check_id
+
+if TYPE_CHECKING:
+    from actors.metrics import RuntimeMetrics
 
 log = structlog.get_logger("sleeptime.ray")
 
@@ -758,6 +761,17 @@ class RayRuntime:
     def list_groups(self) -> list[Group]:
         groups: list[Group] = self._read("list_groups")
         return groups
+
+    def count_groups(self) -> int:
+        """`Runtime.count_groups`: the groups stored (any host reads it)."""
+        count: int = self._read("count_groups")
+        return count
+
+    @property
+    def metrics(self) -> RuntimeMetrics | None:
+        """The metrics of this client's own runtime, if it has one (a client inside a shard
+        host); otherwise None: each shard host keeps its own, scrape each host."""
+        return None if self._local is None else self._local.metrics
 
     def update_group(
         self,

@@ -53,6 +53,7 @@ READS = frozenset(
         "run_events",
         "get_group",
         "list_groups",
+        "count_groups",
         "get_agent",
         "get_blocks",
         "list_messages",
