@@ -110,8 +110,12 @@ class _JsonFormatter(logging.Formatter):
 class _ConsoleFormatter(logging.Formatter):
     """structlog's console lines (colours only on a terminal)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+
     def format(self, record: logging.LogRecord) -> str:
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        renderer = self._renderer
         data = _event_dict(record)
         data.pop("logger")
         if record.exc_info:
