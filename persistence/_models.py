@@ -47,6 +47,7 @@ class Base(DeclarativeBase):
 
 class GroupRow(Base):
     __tablename__ = "groups"
+    __table_args__ = (Index("ix_groups_created", "created_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     primary_agent_id: Mapped[str] = mapped_column(String(64))
@@ -64,6 +65,10 @@ class GroupRow(Base):
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     last_turn_at: Mapped[datetime | None]
+    messages_pruned_through: Mapped[int] = mapped_column(server_default="0")
+    """Primary messages with a sequence up to this one were removed by retention."""
+    turns_pruned_through: Mapped[int] = mapped_column(server_default="0")
+    """The messages of turns up to this one were removed by retention."""
 
 
 class AgentRow(Base):
@@ -78,6 +83,17 @@ class AgentRow(Base):
     kind: Mapped[str] = mapped_column(String(100))
     config: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
+    added_turn: Mapped[int] = mapped_column(server_default="0")
+    """The group's turns when the agent joined (0 for the agents it was created with)."""
+    coverage_from_seq: Mapped[int] = mapped_column(server_default="1")
+    """The first primary message sequence this sleeptime agent's windows cover."""
+    removed_at: Mapped[datetime | None]
+    removed_turn: Mapped[int | None]
+    """Set when a sleeptime agent was taken out of its live group (its rows stay)."""
+    runs_pruned_through_seq: Mapped[int] = mapped_column(server_default="0")
+    """Its runs whose windows end at or before this primary sequence were pruned."""
+    history_pruned_through: Mapped[int] = mapped_column(server_default="0")
+    """Its own messages with a sequence up to this one were pruned."""
 
 
 class BlockRow(Base):
@@ -95,6 +111,48 @@ class BlockRow(Base):
     description: Mapped[str | None] = mapped_column(Text)
     version: Mapped[int]
     updated_at: Mapped[datetime]
+
+
+class BlockVersionRow(Base):
+    """One value a block had: who made it (`source`: application, run, runtime) and how
+    (`change`: created, set, edited, deleted, imported); a run's edit names its tool call."""
+
+    __tablename__ = "block_versions"
+    __table_args__ = (
+        Index("ux_block_versions_block", "block_id", "version", unique=True),
+        Index("ix_block_versions_group", "group_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    block_id: Mapped[str] = mapped_column(String(64))
+    group_id: Mapped[str] = mapped_column(String(64))
+    agent_id: Mapped[str | None] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int]
+    value: Mapped[str | None] = mapped_column(Text)
+    change: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(16))
+    run_id: Mapped[str | None] = mapped_column(String(64))
+    tool: Mapped[str | None] = mapped_column(String(64))
+    tool_call_id: Mapped[str | None] = mapped_column(String(200))
+    at: Mapped[datetime]
+
+
+class PruneRow(Base):
+    """What one `prune` call removed from one group (counts by kind), and how it was asked."""
+
+    __tablename__ = "prunes"
+    __table_args__ = (Index("ix_prunes_group", "group_id", "id"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    group_id: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime]
+    settings: Mapped[dict[str, Any]]
+    removed: Mapped[dict[str, Any]]
 
 
 class MessageRow(Base):
@@ -124,6 +182,7 @@ class RunRow(Base):
         Index("ix_runs_agent", "agent_id", "turn"),
         Index("ix_runs_group", "group_id", "turn", "position"),
         Index("ix_runs_status", "status"),
+        Index("ix_runs_created", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
