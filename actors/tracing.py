@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -53,6 +52,8 @@ from messages import Run, RunStatus
 from persistence import Transition
 
 TRACER = "sleeptime-runtime"
+GATHER_S = 0.05
+"""How long the ends of runs gather before their spans are ended together."""
 CLOSE_TIMEOUT_S = 10.0
 """How long stopping waits for the spans of ended runs to be ended."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -95,7 +96,9 @@ class RuntimeTracing(Observer):
         self._lock = threading.Lock()
         # A run's end is told on the database writer's thread, which every turn and run
         # change waits for: its span is ended on a thread of its own (see `_end_runs`).
-        self._ending: queue.SimpleQueue[tuple[Run, Transition, int] | None] = queue.SimpleQueue()
+        self._ending: list[tuple[Run, Transition, int]] = []
+        self._ended_some = threading.Event()  # set when `_ending` gets its first item
+        self._closing = threading.Event()
         self._ender = threading.Thread(target=self._end_runs, name="sleeptime-tracing", daemon=True)
         self._ender.start()
 
@@ -157,16 +160,32 @@ class RuntimeTracing(Observer):
                 "requeued", {"sleeptime.attempt": change.attempt}, timestamp=_ns(change.at)
             )
         else:
-            self._ending.put((run, change, time.time_ns()))
+            with self._lock:
+                self._ending.append((run, change, time.time_ns()))
+                first = len(self._ending) == 1
+            if first:
+                self._ended_some.set()
 
     def _end_runs(self) -> None:
         """End the spans of runs whose end was committed, in the order told, until
-        `close` (ending a span with its attributes costs some 20 us of CPU)."""
-        while (item := self._ending.get()) is not None:
-            try:
-                self._ended(*item)
-            except Exception:  # a span that could not end is not worth the thread
-                continue
+        `close` (ending a span with its attributes costs some 20 us of CPU).
+
+        It gathers ends for `GATHER_S` after the first before ending them all: a thread
+        woken per run costs a busy runtime more than the span itself (each end carries
+        its own time, so the spans are exact all the same)."""
+        while True:
+            self._ended_some.wait()
+            closing = self._closing.wait(GATHER_S)
+            with self._lock:
+                items, self._ending = self._ending, []
+                self._ended_some.clear()
+            for item in items:
+                try:
+                    self._ended(*item)
+                except Exception:  # a span that could not end is not worth the thread
+                    continue
+            if closing:
+                return
 
     def _ended(self, run: Run, change: Transition, now: int) -> None:
         """The run's end was committed at `now` (ns): its span ends then, with how."""
@@ -213,7 +232,8 @@ class RuntimeTracing(Observer):
     def close(self) -> None:
         """End the spans of the runs that ended; forget those still open (they end in
         the next process)."""
-        self._ending.put(None)
+        self._closing.set()
+        self._ended_some.set()
         self._ender.join(timeout=CLOSE_TIMEOUT_S)
         self._runs.clear()
 
