@@ -879,6 +879,31 @@ class Store:
 
         return self._read(query)
 
+    def group_blocks(self, group_id: str) -> list[Block]:
+        """Every block of the group, shared and agents' own, in creation order, as
+        stored (for checks)."""
+        return self._read(
+            lambda c: [
+                _block(r)
+                for r in c.execute(_SELECT_GROUP_BLOCKS, {"group_id": group_id}).mappings()
+            ]
+        )
+
+    def block_versions(self, group_id: str) -> list[tuple[str, int, str | None, str]]:
+        """(block id, version, value, change) of every stored version of the group's
+        blocks, in the order they were written (for checks)."""
+        statement = (
+            select(
+                block_versions.c.block_id,
+                block_versions.c.version,
+                block_versions.c.value,
+                block_versions.c.change,
+            )
+            .where(block_versions.c.group_id == group_id)
+            .order_by(block_versions.c.id)
+        )
+        return self._read(lambda c: [(r[0], r[1], r[2], r[3]) for r in c.execute(statement)])
+
     # -- messages -------------------------------------------------------------------------
 
     def list_messages(self, agent_id: str) -> list[Message]:
