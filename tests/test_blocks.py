@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -312,13 +312,14 @@ def test_writes_are_refused_by_a_read_only_runtime(db_url: str) -> None:
     with Runtime.start(db_url, read_only=True) as viewer:
         assert viewer.get_block(group.id, "human").value == ""
         assert len(viewer.block_history(group.id, "human")) == 1
-        for write in (
+        attempts: list[Callable[[], Block]] = [
             lambda: viewer.set_block(group.id, "human", "x"),
             lambda: viewer.create_block(group.id, "plans"),
             lambda: viewer.delete_block(group.id, "human"),
-        ):
+        ]
+        for attempt in attempts:
             with pytest.raises(ReadOnlyRuntime):
-                write()
+                attempt()
 
 
 # -- racing the memory tools --------------------------------------------------------------
@@ -562,13 +563,14 @@ def test_a_group_served_elsewhere_is_not_written(db_url: str, backend: str) -> N
         with Runtime.start(db_url, lease_s=1.0, shards=8) as second:
             assert wait_until(lambda: any(not second.owner_of(g.id).here for g in groups), 15)
             theirs = next(g for g in groups if not second.owner_of(g.id).here)
-            for write in (
+            attempts: list[Callable[[], Block]] = [
                 lambda: second.set_block(theirs.id, "human", "x"),
                 lambda: second.create_block(theirs.id, "plans"),
                 lambda: second.delete_block(theirs.id, "human"),
-            ):
+            ]
+            for attempt in attempts:
                 with pytest.raises(NotOwner):
-                    write()
+                    attempt()
             assert second.get_block(theirs.id, "human").version == 1  # reads go anywhere
             assert len(second.block_history(theirs.id, "human")) == 1
 
