@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -598,3 +600,14 @@ def test_the_async_api_has_the_block_calls(db_url: str) -> None:
                 await rt.block_history("group-nobody-made", "human")
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_the_readme_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # it writes sleeptime.db in the working directory
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (example,) = [
+        block
+        for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+        if "block_history(" in block
+    ]
+    exec(compile(example, "README.md", "exec"), {})
