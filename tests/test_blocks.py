@@ -35,6 +35,7 @@ from actors import (
 )
 from messages import Block, BlockVersion, Message, MessageCreate, RunStatus
 from persistence import Store
+from persistence._block_cache import BlockCache, visible_to
 from persistence._engine import make_engines
 from persistence._models import BlockVersionRow
 from tests.agents import user, wait_until
@@ -548,8 +549,49 @@ def test_any_sequence_of_writes_leaves_the_history_it_made(rt: Runtime, ops: lis
                     rt.get_block(target, label)
             else:
                 assert rt.get_block(target, label).value == model.current[key][0]
+        # The owner's cache holds what the database holds.
+        stored = rt._store.group_blocks(group.id)
+        if view != "group":
+            assert list(rt.get_blocks(target)) == list(visible_to(target, stored))
+        else:
+            assert list(rt._store.shared_blocks(target)) == list(visible_to(None, stored))
     report = rt.check_invariants([group.id])
     assert report.ok, report.violations
+
+
+# -- the owner's cache of blocks ------------------------------------------------------------
+
+
+def cached_block(block_id: str, owner: str | None = None) -> Block:
+    return Block(id=block_id, group_id="group-1", agent_id=owner, label=block_id, value="", limit=9)
+
+
+def test_the_cache_follows_blocks_created_and_deleted() -> None:
+    cache = BlockCache()
+    first, mine = cached_block("first"), cached_block("mine", "agent-1")
+    cache.remember("agent-1", "group-1", [first, mine], cache.epoch)
+    cache.added(cached_block("second"))
+    cache.added(cached_block("theirs", "agent-2"))
+    seen = cache.blocks_of("agent-1")
+    assert seen is not None and seen.labels() == ["first", "second", "mine"]
+    shared = cache.shared_of("group-1")
+    assert shared is not None and shared.labels() == ["first", "second"]
+    cache.removed(first)
+    seen = cache.blocks_of("agent-1")
+    assert seen is not None and seen.labels() == ["second", "mine"]
+    assert cache.committed("first") is None
+    cache.forget_group("group-1")  # an outcome unknown: read the database again
+    assert cache.blocks_of("agent-1") is None and cache.shared_of("group-1") is None
+
+
+def test_a_read_begun_before_a_creation_or_deletion_is_not_remembered() -> None:
+    cache = BlockCache()
+    first = cached_block("first")
+    for change in (cache.added, cache.removed):
+        epoch = cache.epoch  # a read starts, and finds the layout before the change
+        change(cached_block("second"))
+        cache.remember(None, "group-1", [first], epoch)
+        assert cache.shared_of("group-1") is None
 
 
 # -- ownership and the asyncio API --------------------------------------------------------
