@@ -114,3 +114,24 @@ BLOCKING_THREADS: TypeAdapter[int] = TypeAdapter(
     config=ConfigDict(title="blocking_threads"),
 )
 """The `blocking_threads` of `AsyncRuntime.start` and `wrap`: its executor's threads."""
+
+
+# -- memory blocks from the application (issue 19) ----------------------------------------
+
+
+BlockLabel = Id
+"""A label to look a block up by: storable text of 1 to 64 characters (one that is not a
+valid label is simply not there)."""
+BLOCK_LABEL: TypeAdapter[str] = TypeAdapter(BlockLabel, config=ConfigDict(title="label"))
+
+
+class BlockHistoryPage(BaseModel):
+    """The arguments of `block_history` besides the agent: a label, a page."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="block_history")
+    label: BlockLabel
+    limit: int | None = Field(default=None, ge=1, le=INT32_MAX)
+    after: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+
+BLOCK_HISTORY_PAGE: TypeAdapter[BlockHistoryPage] = TypeAdapter(BlockHistoryPage)

@@ -102,7 +102,7 @@ def execute_run(
             run_id=run.id,
         )
         messages.append(transcript)
-        memory = Memory(lambda: store.get_blocks(run.agent_id), store, cancel.is_set)
+        memory = Memory(lambda: store.get_blocks(run.agent_id), store, cancel.is_set, run_id=run.id)
         context = AgentContext(
             agent_id=run.agent_id,
             group_id=group.id,

@@ -15,7 +15,7 @@ from itertools import pairwise
 
 from pydantic import BaseModel, ConfigDict
 
-from messages import TERMINAL_STATUSES, Group, Run
+from messages import TERMINAL_STATUSES, Block, Group, Run
 from messages._runs import is_legal_history
 from persistence import Store
 
@@ -30,6 +30,7 @@ INVARIANTS = (
     "agent_runs_disjoint",
     "request_ids_unique",
     "epochs_monotonic",
+    "block_histories_consistent",
 )
 _TERMINAL = {status.value for status in TERMINAL_STATUSES}
 Event = tuple[str, int, datetime]
@@ -95,6 +96,15 @@ def _check_group(store: Store, group: Group, runs: list[Run], found: dict[str, l
     ]
     found["epochs_monotonic"] += [
         f"group {group.id}: {problem}" for problem in stale_writes(store.event_epochs(group.id))
+    ]
+
+    found["block_histories_consistent"] += [
+        f"group {group.id}: {problem}"
+        for problem in block_problems(
+            store.group_blocks(group.id),
+            store.block_versions(group.id),
+            [group.primary_agent_id, *group.sleeptime_agent_ids],
+        )
     ]
 
     history = store.turn_numbers(group.primary_agent_id)
@@ -221,4 +231,47 @@ def request_problems(requests: Sequence[tuple[str, int]], turns: int) -> list[st
         elif turn in by_turn and by_turn[turn] != request_id:
             problems.append(f"requests {by_turn[turn]!r} and {request_id!r} both name turn {turn}")
         by_turn.setdefault(turn, request_id)
+    return problems
+
+
+def block_problems(
+    blocks: Sequence[Block],
+    versions: Sequence[tuple[str, int, str | None, str]],
+    agent_ids: Sequence[str],
+) -> list[str]:
+    """What is wrong with a group's blocks and their histories ((block id, version,
+    value, change) in writing order): each block's versions follow each other without a
+    gap (retention may have removed the oldest), the last one is the block as stored, a
+    deleted block's history ends with its deletion and nothing follows it, and no
+    agent sees two blocks with one label."""
+    problems = []
+    by_block: dict[str, list[tuple[int, str | None, str]]] = defaultdict(list)
+    for block_id, version, value, change in versions:
+        by_block[block_id].append((version, value, change))
+    current = {block.id: block for block in blocks}
+    for block_id, history in by_block.items():
+        numbers = [version for version, _, _ in history]
+        if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+            problems.append(f"block {block_id}: versions {numbers}")
+        deletions = [i for i, (_, _, change) in enumerate(history) if change == "deleted"]
+        last_version, last_value, _ = history[-1]
+        block = current.get(block_id)
+        if block is None:
+            if deletions != [len(history) - 1]:
+                problems.append(f"block {block_id} is gone, its history does not end deleted")
+        elif deletions:
+            problems.append(f"block {block_id} is stored, its history says deleted")
+        elif (last_version, last_value) != (block.version, block.value):
+            problems.append(
+                f"block {block_id} is at version {block.version}, its history at {last_version}"
+                + ("" if last_version != block.version else " with another value")
+            )
+    views: dict[str | None, list[str]] = {None: [b.label for b in blocks if b.agent_id is None]}
+    for agent_id in agent_ids:
+        views[agent_id] = views[None] + [b.label for b in blocks if b.agent_id == agent_id]
+    for viewer, labels in views.items():
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            who = "the group" if viewer is None else f"agent {viewer}"
+            problems.append(f"{who} sees two blocks labelled {', '.join(twice)}")
     return problems

@@ -482,4 +482,12 @@ class AsyncRayRuntime:
     get_blocks = _in_executor(RayRuntime.get_blocks)
     list_messages = _in_executor(RayRuntime.list_messages)
     check_invariants = _in_executor(RayRuntime.check_invariants)
+
+    # -- memory blocks from the application (issue 19) -----------------------------------
+
+    get_block = _in_executor(RayRuntime.get_block)
+    set_block = _in_executor(RayRuntime.set_block)
+    create_block = _in_executor(RayRuntime.create_block)
+    delete_block = _in_executor(RayRuntime.delete_block)
+    block_history = _in_executor(RayRuntime.block_history)
     hosts = _in_executor(RayRuntime.hosts)

@@ -56,13 +56,18 @@ from actors.kinds._registry import _Registration
 from actors.runtime import _MESSAGES, Runtime, TurnStream
 from actors.sdk import AGENT_ROLES, AgentFactory, AgentRole
 from messages import (
+    DEFAULT_BLOCK_LIMIT,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_RUN_TIMEOUT,
     Agent,
+    AgentNotFound,
     AgentSpec,
+    Block,
     BlockCreate,
     Blocks,
+    BlockVersion,
     Group,
+    GroupNotFound,
     GroupOwner,
     Message,
     MessageCreate,
@@ -76,6 +81,7 @@ from messages import (
     TurnResult,
     TurnTimeout,
 )
+from messages._blocks import view_not_found
 from messages._text import check_id
 
 if TYPE_CHECKING:
@@ -827,6 +833,70 @@ class RayRuntime:
     def list_messages(self, agent_id: str) -> list[Message]:
         messages: list[Message] = self._read("list_messages", check_id(agent_id, "agent_id"))
         return messages
+
+    # -- memory blocks from the application (issue 19) -----------------------------------
+
+    def get_block(self, agent_id: str, label: str) -> Block:
+        """`Runtime.get_block`: the block as committed (any host answers)."""
+        block: Block = self._read("get_block", check_id(agent_id, "agent_id"), label)
+        return block
+
+    def set_block(self, agent_id: str, label: str, value: str) -> Block:
+        """`Runtime.set_block` at the host serving the block's group."""
+        return self._block_write(agent_id, "set_block", label, value)
+
+    def create_block(
+        self,
+        agent_id: str,
+        label: str,
+        value: str = "",
+        *,
+        limit: int = DEFAULT_BLOCK_LIMIT,
+        read_only: bool = False,
+        description: str | None = None,
+    ) -> Block:
+        """`Runtime.create_block` at the host serving the group."""
+        options = {"limit": limit, "read_only": read_only, "description": description}
+        return self._block_write(agent_id, "create_block", label, value, options)
+
+    def delete_block(self, agent_id: str, label: str) -> Block:
+        """`Runtime.delete_block` at the host serving the block's group."""
+        return self._block_write(agent_id, "delete_block", label)
+
+    def block_history(
+        self, agent_id: str, label: str, limit: int | None = None, after: int | None = None
+    ) -> list[BlockVersion]:
+        """`Runtime.block_history` (any host reads it)."""
+        versions: list[BlockVersion] = self._read(
+            "block_history", check_id(agent_id, "agent_id"), label, limit, after
+        )
+        return versions
+
+    def _block_write(self, agent_id: str, method: str, *args: Any) -> Block:
+        """A block write at the owner of the group `agent_id` names (an agent's, or the
+        group itself), found by reading the database."""
+        agent_id = check_id(agent_id, "agent_id")
+        self._check()
+        try:
+            group_id = self.get_agent(agent_id).group_id
+        except AgentNotFound:
+            try:
+                group_id = self.get_group(agent_id).id
+            except GroupNotFound:
+                raise view_not_found(agent_id) from None
+
+        def attempt(target: str) -> Block:
+            if target == LOCAL:
+                assert self._local is not None
+                local: Callable[..., Block] = getattr(self._local, method)
+                if method == "create_block":
+                    *given, options = args
+                    return local(agent_id, *given, **options)
+                return local(agent_id, *args)
+            block: Block = self._call(target, method, agent_id, *args)
+            return block
+
+        return self._routed(group_id, attempt, self._backoff(None))
 
     def check_invariants(self, group_ids: Sequence[str] | None = None) -> InvariantReport:
         """`Runtime.check_invariants` over what is stored (any host reads it)."""

@@ -34,7 +34,7 @@ from actors._ray_routes import HostDirectory, HostInfo, host_address
 from actors.async_runtime import DEFAULT_BLOCKING_THREADS, AsyncRuntime
 from actors.runtime import Runtime
 from actors.sdk import AgentFactory, AgentRole
-from messages import Group, Message, MessageCreate, Run, TurnResult
+from messages import Block, Group, Message, MessageCreate, Run, TurnResult
 from persistence import redact
 
 log = structlog.get_logger("sleeptime.ray")
@@ -59,6 +59,8 @@ READS = frozenset(
         "list_messages",
         "check_invariants",
         "owner_of",
+        "get_block",
+        "block_history",
     }
 )
 """The calls any host answers (they read the database)."""
@@ -233,6 +235,22 @@ class ShardHost:
     async def update_group(self, group_id: str, changes: dict[str, Any]) -> Group:
         group: Group = await self._rt.update_group(group_id, **changes)
         return group
+
+    # -- memory blocks from the application (issue 19) -----------------------------------
+
+    async def set_block(self, agent_id: str, label: str, value: str) -> Block:
+        block: Block = await self._rt.set_block(agent_id, label, value)
+        return block
+
+    async def create_block(
+        self, agent_id: str, label: str, value: str, options: dict[str, Any]
+    ) -> Block:
+        block: Block = await self._rt.create_block(agent_id, label, value, **options)
+        return block
+
+    async def delete_block(self, agent_id: str, label: str) -> Block:
+        block: Block = await self._rt.delete_block(agent_id, label)
+        return block
 
     async def read(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One of the calls any host answers (`READS`), by name."""

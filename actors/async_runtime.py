@@ -429,6 +429,14 @@ class AsyncRuntime:
     list_messages = _in_executor(Runtime.list_messages)
     check_invariants = _in_executor(Runtime.check_invariants)
 
+    # -- memory blocks from the application (issue 19) -----------------------------------
+
+    get_block = _in_executor(Runtime.get_block)
+    set_block = _in_executor(Runtime.set_block)
+    create_block = _in_executor(Runtime.create_block)
+    delete_block = _in_executor(Runtime.delete_block)
+    block_history = _in_executor(Runtime.block_history)
+
     async def _blocking(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run `fn` on the executor and wait for it on the loop. A cancelled caller
         leaves it running to its end (nobody reads its result)."""

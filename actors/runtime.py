@@ -27,6 +27,8 @@ from pydantic import ConfigDict, Field, TypeAdapter
 from actors._address import Address
 from actors._admission import TurnAdmission, TurnTicket, permit_wait
 from actors._arguments import (
+    BLOCK_HISTORY_PAGE,
+    BLOCK_LABEL,
     DRAIN_TIMEOUT,
     GROUP_IDS,
     REQUEST_ID,
@@ -62,6 +64,7 @@ from actors.kinds._registry import AgentKinds
 from actors.rules import new_group
 from actors.sdk import AgentFactory, AgentRole
 from messages import (
+    DEFAULT_BLOCK_LIMIT,
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_RUN_TIMEOUT,
     MEMORY_PERSONA,
@@ -69,7 +72,10 @@ from messages import (
     AgentSpec,
     Block,
     BlockCreate,
+    BlockNotFound,
     Blocks,
+    BlockSource,
+    BlockVersion,
     Group,
     GroupOwner,
     GroupSettings,
@@ -88,6 +94,7 @@ from messages import (
     TurnResult,
     TurnTimeout,
 )
+from messages._blocks import BlockSpec, BlockValue
 from messages._futures import reject
 from messages._groups import GroupCreate
 from messages._ids import new_id
@@ -691,8 +698,14 @@ class Runtime:
             for agent, persona in zip(agents[1:], personas, strict=True)
         ]
         group = new_group(group_id, agents[0].id, [a.id for a in agents[1:]], spec.settings(), now)
+        # For the blocks' histories: a memory_persona nobody gave is the runtime's.
+        defaults: dict[str, BlockSource] = {
+            block.id: "runtime"
+            for block, sleeper in zip(stored_blocks[-len(personas) :], spec.sleeptime, strict=True)
+            if MEMORY_PERSONA not in sleeper.config
+        }
         self._store.create_group(
-            NewGroup(group=group, agents=agents, blocks=stored_blocks)
+            NewGroup(group=group, agents=agents, blocks=stored_blocks, block_sources=defaults)
         ).result()
         log.info(
             "group_created",
@@ -1047,6 +1060,147 @@ class Runtime:
         self._check()
         return self._store.get_blocks(agent_id)
 
+    # -- memory blocks from the application (issue 19) -----------------------------------
+    #
+    # `agent_id` names an agent (its view: the group's shared blocks, then its own) or a
+    # group (its shared blocks only). Writes go through this process's writer under the
+    # group's lease, planned against the block as committed, so they are serialized with
+    # the memory tools' edits of the same block and neither is lost.
+
+    def get_block(self, agent_id: str, label: str) -> Block:
+        """The block labelled `label` as the agent sees it (a group id: among the group's
+        shared blocks).
+
+        Raises AgentNotFound or GroupNotFound for an unknown id, BlockNotFound (naming
+        the labels there are) for a label not there.
+        """
+        agent_id = check_id(agent_id, "agent_id")
+        self._check()
+        _, _, block = self._find_block(agent_id, label)
+        return block
+
+    def set_block(self, agent_id: str, label: str, value: str) -> Block:
+        """Replace the value of the block labelled `label` (as `get_block` finds it);
+        return it with its new version, recorded in its history (source `application`).
+
+        Read-only blocks are read-only for the agents' memory tools; the application may
+        set them. A value over the block's limit, or text that cannot be stored, raises
+        ValidationError; unknown ids and labels as `get_block`; NotOwner for a group
+        another process serves.
+        """
+        agent_id = check_id(agent_id, "agent_id")
+        self._check("set a block")
+        group_id, where, block = self._find_block(agent_id, label)
+        checked = BlockValue(label=block.label, value=value, limit=block.limit)
+        self._check_owner(group_id)
+        updated = self._store.set_block(block, checked.value, where)
+        log.info("block_set", group_id=group_id, block_id=block.id, version=updated.version)
+        return updated
+
+    def create_block(
+        self,
+        agent_id: str,
+        label: str,
+        value: str = "",
+        *,
+        limit: int = DEFAULT_BLOCK_LIMIT,
+        read_only: bool = False,
+        description: str | None = None,
+    ) -> Block:
+        """Create a block: with a group id a shared block of the group, with an agent id
+        a block of that agent's own (as a sleeptime agent's `memory_persona`).
+
+        Runs started afterwards see it (a run sees the blocks as they were when it
+        started). Raises BlockExists (nothing written) if an agent concerned already
+        sees a block with that label, ValidationError for a malformed label, value,
+        limit or description (as `create_group`'s blocks), AgentNotFound or
+        GroupNotFound for an unknown id, NotOwner for a group another process serves.
+        """
+        agent_id = check_id(agent_id, "agent_id")
+        self._check("create a block")
+        spec = BlockSpec.model_validate(
+            {
+                "label": label,
+                "value": value,
+                "limit": limit,
+                "read_only": read_only,
+                "description": description,
+            }
+        )
+        group_id, owner_id = self._store.block_view(agent_id)
+        self._check_owner(group_id)
+        block = Block(
+            id=new_id("block"),
+            group_id=group_id,
+            agent_id=owner_id,
+            label=spec.label,
+            value=spec.value,
+            limit=spec.limit,
+            read_only=spec.read_only,
+            description=spec.description,
+        )
+        created = self._store.create_block(block, _view_name(group_id, owner_id))
+        log.info("block_created", group_id=group_id, block_id=block.id, label=spec.label)
+        return created
+
+    def delete_block(self, agent_id: str, label: str) -> Block:
+        """Delete the block labelled `label` (as `get_block` finds it); return it as it
+        was. Its history stays, ending with a `deleted` version without a value. A run
+        that edits it afterwards gets a tool error. Errors as `set_block`.
+        """
+        agent_id = check_id(agent_id, "agent_id")
+        self._check("delete a block")
+        group_id, where, block = self._find_block(agent_id, label)
+        self._check_owner(group_id)
+        deleted = self._store.delete_block(block, where)
+        log.info("block_deleted", group_id=group_id, block_id=block.id, label=block.label)
+        return deleted
+
+    def block_history(
+        self, agent_id: str, label: str, limit: int | None = None, after: int | None = None
+    ) -> list[BlockVersion]:
+        """Every version of the block(s) labelled `label` in the agent's (or group's)
+        view, oldest first, those of deleted blocks too: value, version, and who made it
+        (the application, a run with its tool and tool call, a primary agent, the
+        runtime).
+
+        Paging: at most `limit` versions, after the version whose `id` is `after` (the
+        last one of the previous page); pages stay stable while versions are added.
+        Versions removed by retention are not there. Raises BlockNotFound if no block
+        of that label is or was there.
+        """
+        agent_id = check_id(agent_id, "agent_id")
+        page = BLOCK_HISTORY_PAGE.validate_python({"label": label, "limit": limit, "after": after})
+        self._check()
+        group_id, owner_id = self._store.block_view(agent_id)
+        return self._store.block_history(
+            group_id,
+            owner_id,
+            page.label,
+            _view_name(group_id, owner_id),
+            limit=page.limit,
+            after=page.after,
+        )
+
+    def _find_block(self, agent_id: str, label: str) -> tuple[str, str, Block]:
+        """(group id, the view's name, block) of the block labelled `label` in the view
+        `agent_id` names."""
+        label = BLOCK_LABEL.validate_python(label)
+        group_id, owner_id = self._store.block_view(agent_id)
+        if owner_id is None:
+            found = self._store.shared_blocks(group_id)
+        else:
+            found = self._store.get_blocks(owner_id)
+        where = _view_name(group_id, owner_id)
+        block = found.get(label)
+        if block is None:
+            raise BlockNotFound(label, where, found.labels())
+        return group_id, where, block
+
+    def _check_owner(self, group_id: str) -> None:
+        if not self._store.serves(group_id):
+            raise self._store.not_owner(group_id)
+
     def list_messages(self, agent_id: str) -> list[Message]:
         """The agent's stored history, oldest first."""
         agent_id = check_id(agent_id, "agent_id")
@@ -1139,6 +1293,13 @@ def _outcome(
         raise TurnTimeout(group_id, timeout)
     result: TurnResult = reply.result()
     return result
+
+
+def _view_name(group_id: str, agent_id: str | None) -> str:
+    """How an error names a view of blocks."""
+    if agent_id is None:
+        return f"group {group_id} (its shared blocks)"
+    return f"agent {agent_id} (its group's shared blocks and its own)"
 
 
 @atexit.register

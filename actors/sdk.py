@@ -27,7 +27,15 @@ from pydantic import BaseModel, ConfigDict
 
 from actors import _memory_tools as tools
 from actors._observer import NO_OBSERVER, Observer
-from messages import Block, Blocks, Message, MessageCreate, StopReason, StoreUnavailable
+from messages import (
+    Block,
+    BlockNotFound,
+    Blocks,
+    Message,
+    MessageCreate,
+    StopReason,
+    StoreUnavailable,
+)
 
 AgentRole = Literal["primary", "sleeptime"]
 AGENT_ROLES: tuple[AgentRole, ...] = ("primary", "sleeptime")
@@ -76,9 +84,22 @@ class StepFailed(Exception):
 
 
 class BlockEditor(Protocol):
-    """Applies one edit to one stored block atomically; the runtime provides it."""
+    """Applies one edit to one stored block atomically; the runtime provides it.
 
-    def edit_block(self, block_id: str, change: Callable[[Block], str]) -> Block: ...
+    The keywords say who made the edit, for the block's history: the run (None for a
+    primary agent's turn), the memory tool, and the model's tool call id if it has one.
+    It raises BlockNotFound for a block deleted meanwhile.
+    """
+
+    def edit_block(
+        self,
+        block_id: str,
+        change: Callable[[Block], str],
+        *,
+        run_id: str | None = None,
+        tool: str | None = None,
+        tool_call_id: str | None = None,
+    ) -> Block: ...
 
 
 class Memory:
@@ -87,23 +108,32 @@ class Memory:
     Every tool checks its input and returns a `ToolResult`; a failed check is an error
     message for the agent, never an exception that ends the run.
 
+    The blocks are a snapshot, loaded when first looked at (a run's, once), then kept up
+    to date with this memory's own edits. Every edit is applied to the block as
+    committed, so an edit made meanwhile by the application or another agent is never
+    lost; a block created meanwhile is seen by the runs that start afterwards, and an
+    edit of a block deleted meanwhile is a tool error. Each tool takes the model's
+    `tool_call_id`, recorded with the version it makes in the block's history.
+
     Example:
         >>> context.memory.memory_replace("human", "color: orange", "color: coral")
     """
 
-    __slots__ = ("_blocks", "_cancelled", "_editor", "_load", "_lock", "finished")
+    __slots__ = ("_blocks", "_cancelled", "_editor", "_load", "_lock", "_run_id", "finished")
 
     def __init__(
         self,
         blocks: Blocks | Callable[[], Blocks],
         editor: BlockEditor,
         cancelled: Callable[[], bool] = lambda: False,
+        run_id: str | None = None,
     ) -> None:
         # Blocks may be given as a loader: an agent that never looks at memory costs no read.
         self._load = blocks if callable(blocks) else None
         self._blocks: Blocks | None = None if callable(blocks) else blocks
         self._editor = editor
         self._cancelled = cancelled
+        self._run_id = run_id  # the sleeptime run editing (None: a primary agent's turn)
         self._lock = threading.Lock()
         self.finished = False
 
@@ -121,24 +151,51 @@ class Memory:
         block: Block = self.blocks[label]
         return block.value
 
-    def memory_replace(self, label: str, old: str, new: str) -> ToolResult:
+    def memory_replace(
+        self, label: str, old: str, new: str, *, tool_call_id: str | None = None
+    ) -> ToolResult:
         """Replace the one occurrence of `old` in block `label` with `new`."""
-        return self._apply(label, lambda b: tools.replace(b, old, new), "replaced text in")
+        return self._apply(
+            label,
+            lambda b: tools.replace(b, old, new),
+            "replaced text in",
+            "memory_replace",
+            tool_call_id,
+        )
 
-    def memory_insert(self, label: str, text: str, line: int = -1) -> ToolResult:
+    def memory_insert(
+        self, label: str, text: str, line: int = -1, *, tool_call_id: str | None = None
+    ) -> ToolResult:
         """Insert `text` at line `line` of block `label` (-1: at the end)."""
-        return self._apply(label, lambda b: tools.insert(b, text, line), "inserted text into")
+        return self._apply(
+            label,
+            lambda b: tools.insert(b, text, line),
+            "inserted text into",
+            "memory_insert",
+            tool_call_id,
+        )
 
-    def memory_rethink(self, label: str, text: str) -> ToolResult:
+    def memory_rethink(
+        self, label: str, text: str, *, tool_call_id: str | None = None
+    ) -> ToolResult:
         """Rewrite block `label` as a whole."""
-        return self._apply(label, lambda b: tools.rethink(b, text), "rewrote")
+        return self._apply(
+            label, lambda b: tools.rethink(b, text), "rewrote", "memory_rethink", tool_call_id
+        )
 
-    def memory_finish_edits(self) -> ToolResult:
+    def memory_finish_edits(self, *, tool_call_id: str | None = None) -> ToolResult:
         """Say that the memory edits of this step are done."""
         self.finished = True
         return ToolResult(ok=True, message="memory edits finished")
 
-    def _apply(self, label: str, change: Callable[[Block], str], verb: str) -> ToolResult:
+    def _apply(
+        self,
+        label: str,
+        change: Callable[[Block], str],
+        verb: str,
+        tool: str,
+        tool_call_id: str | None,
+    ) -> ToolResult:
         if self._cancelled():
             return ToolResult(ok=False, message="the run was cancelled: no more memory edits")
         current = self.blocks.get(label)
@@ -148,9 +205,20 @@ class Memory:
                 message=f"no block labelled {label!r}; blocks: {', '.join(self.blocks.labels())}",
             )
         try:
-            updated = self._editor.edit_block(current.id, change)
+            updated = self._editor.edit_block(
+                current.id, change, run_id=self._run_id, tool=tool, tool_call_id=tool_call_id
+            )
         except tools.MemoryToolError as error:
             return ToolResult(ok=False, message=str(error))
+        except BlockNotFound:
+            seen = self.blocks
+            with self._lock:  # gone for good: the rest of this run sees it gone
+                self._blocks = Blocks(b for b in seen if b.id != current.id)
+            return ToolResult(
+                ok=False,
+                message=f"block {label!r} was deleted and cannot be edited; blocks: "
+                f"{', '.join(self.blocks.labels()) or 'none'}",
+            )
         except StoreUnavailable as error:
             return ToolResult(ok=False, message=f"memory is unavailable right now: {error}")
         seen = self.blocks

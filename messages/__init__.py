@@ -7,6 +7,7 @@ Example:
     >>> MessageCreate(role="user", content="my favorite color is orange")
 """
 
+from messages._blocks import BlockChange, BlockSource, BlockVersion
 from messages._content import (
     ContentPart,
     ImageContent,
@@ -21,6 +22,8 @@ from messages._errors import (
     AgentConfigError,
     AgentNotFound,
     AgentRoleError,
+    BlockExists,
+    BlockNotFound,
     DatabaseInUse,
     GroupBusy,
     GroupFailed,
@@ -83,7 +86,12 @@ __all__ = [
     "AgentRoleError",
     "AgentSpec",
     "Block",
+    "BlockChange",
     "BlockCreate",
+    "BlockExists",
+    "BlockNotFound",
+    "BlockSource",
+    "BlockVersion",
     "Blocks",
     "ContentPart",
     "DatabaseInUse",

@@ -296,3 +296,44 @@ class NotOwner(SleeptimeError):
         super().__init__(
             f"group {group_id} (shard {shard}) is served by {where}, not by this process"
         )
+
+
+# -- memory blocks from the application (issue 19) ----------------------------------------
+
+
+class BlockNotFound(NotFoundError):
+    """No block with that label where it was looked for (an agent's view: its group's
+    shared blocks and its own; a group's: the shared ones), or a block deleted meanwhile.
+
+    `labels` are the labels there are (when known)."""
+
+    kind = "block"
+
+    def __init__(
+        self,
+        label: str | None,
+        where: str,
+        labels: Sequence[str] | None = None,
+        block_id: str | None = None,
+    ) -> None:
+        self.object_id = label if label is not None else (block_id or "")
+        self.label, self.where, self.block_id = label, where, block_id
+        self.labels = None if labels is None else list(labels)
+        if label is None:
+            text = f"block {block_id} no longer exists: it was deleted"
+        else:
+            text = f"no block labelled {label!r} in {where}"
+        if self.labels is not None:
+            text += f"; labels there: {', '.join(self.labels) or 'none'}"
+        SleeptimeError.__init__(self, text)
+
+
+class BlockExists(SleeptimeError):
+    """`create_block` with a label the agents concerned already see: nothing was written."""
+
+    def __init__(self, label: str, where: str) -> None:
+        self.label, self.where = label, where
+        super().__init__(
+            f"a block labelled {label!r} already exists in {where}: change it with "
+            "set_block, delete it first, or choose another label"
+        )

@@ -1,17 +1,22 @@
 """The memory blocks as last committed, kept by the store that owns the database.
 
 Every turn reads the blocks twice (the primary agent's system prompt, the sleeptime run's
-memory), and blocks change only through the owning store: `create_group` inserts them and
-`edit_block` changes their values; none is ever added to a group later or removed. So the
-owner can answer from memory once it has read a group, and a read costs no round trip.
+memory), and blocks change only through the owning store: `create_group` and
+`create_block` insert them, `edit_block` and `set_block` change their values,
+`delete_block` removes them. So the owner can answer from memory once it has read a
+group, and a read costs no round trip.
 
 What keeps the cache exact:
 
 - Each block's entry only moves forward in `version` (every edit adds one): an edit records
   its result after its commit, and a read that raced with that edit can never put the older
   value back.
-- When an edit's outcome is unknown (the connection failed during the commit), the block is
-  forgotten and the next read asks the database.
+- A block created or deleted is added to (removed from) its group's layout after its
+  commit, and the epoch moves: a read that began before may hold the layout before that
+  change, and does not remember it.
+- When a write's outcome is unknown (the connection failed during the commit), the block
+  (for a creation or deletion: the group's layout) is forgotten and the next read asks the
+  database.
 - A read remembers what it found only if the cache was not cleared while it ran, so a read
   begun before a clear cannot bring back a value the clear meant to drop.
 
@@ -62,9 +67,10 @@ class BlockCache:
         return visible_to(agent_id, [b for b in found if b is not None])
 
     def remember(
-        self, agent_id: str, group_id: str, group_blocks: Sequence[Block], epoch: int
+        self, agent_id: str | None, group_id: str, group_blocks: Sequence[Block], epoch: int
     ) -> Blocks:
-        """Record every block of a group as read at `epoch`; the agent's view of them.
+        """Record every block of a group as read at `epoch`; the agent's view of them
+        (with no agent: the group's shared blocks).
 
         A block the cache already holds at a later version keeps that version: the read
         raced with an edit that committed after it.
@@ -74,12 +80,58 @@ class BlockCache:
                 if len(self._blocks) + len(group_blocks) > self._max_blocks:
                     self._clear()
                 else:
-                    self._groups[agent_id] = group_id
+                    if agent_id is not None:
+                        self._groups[agent_id] = group_id
                     self._layouts[group_id] = tuple(b.id for b in group_blocks)
                     for block in group_blocks:
                         self._keep_newer(block)
             current = [self._blocks.get(b.id, b) for b in group_blocks]
         return visible_to(agent_id, current)
+
+    def shared_of(self, group_id: str) -> Blocks | None:
+        """The group's shared blocks, or None if unknown."""
+        with self._lock:
+            layout = self._layouts.get(group_id)
+            if layout is None:
+                return None
+            found = [self._blocks.get(block_id) for block_id in layout]
+        if any(block is None for block in found):
+            return None
+        return visible_to(None, [b for b in found if b is not None])
+
+    def group_of(self, agent_id: str) -> str | None:
+        """The agent's group, if known."""
+        with self._lock:
+            return self._groups.get(agent_id)
+
+    def added(self, block: Block) -> None:
+        """A block's creation committed: it joins its group's layout (if known), last."""
+        with self._lock:
+            self._epoch += 1  # a read in flight may hold the layout without it
+            layout = self._layouts.get(block.group_id)
+            if layout is None:
+                return
+            if len(self._blocks) >= self._max_blocks:
+                self._clear()
+                return
+            self._layouts[block.group_id] = (*layout, block.id)
+            self._blocks[block.id] = block
+
+    def removed(self, block: Block) -> None:
+        """A block's deletion committed: it leaves the cache and its group's layout."""
+        with self._lock:
+            self._epoch += 1  # a read in flight may hold the layout with it
+            self._blocks.pop(block.id, None)
+            layout = self._layouts.get(block.group_id)
+            if layout is not None:
+                self._layouts[block.group_id] = tuple(i for i in layout if i != block.id)
+
+    def forget_group(self, group_id: str) -> None:
+        """A creation or deletion's outcome is unknown: the group's next read asks the
+        database."""
+        with self._lock:
+            self._epoch += 1
+            self._layouts.pop(group_id, None)
 
     def committed(self, block_id: str) -> Block | None:
         """The block as last committed, if known."""
@@ -115,9 +167,10 @@ class BlockCache:
             self._blocks[block.id] = block
 
 
-def visible_to(agent_id: str, group_blocks: Sequence[Block]) -> Blocks:
-    """Shared blocks first, then the agent's own, each in creation order."""
-    return Blocks(
-        [b for b in group_blocks if b.agent_id is None]
-        + [b for b in group_blocks if b.agent_id == agent_id]
-    )
+def visible_to(agent_id: str | None, group_blocks: Sequence[Block]) -> Blocks:
+    """Shared blocks first, then the agent's own, each in creation order (no agent: the
+    shared blocks only)."""
+    shared = [b for b in group_blocks if b.agent_id is None]
+    if agent_id is None:
+        return Blocks(shared)
+    return Blocks(shared + [b for b in group_blocks if b.agent_id == agent_id])

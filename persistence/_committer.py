@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Connection, Engine, Insert, Update
+from sqlalchemy import Connection, Delete, Engine, Insert, Update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from messages import OwnershipLost, RuntimeStopped, StoreUnavailable
@@ -67,8 +67,8 @@ log = get_logger("sleeptime.committer")
 class Write:
     """A write the committer may merge with the other writes of its batch.
 
-    - `guard`: an UPDATE and its parameters that must change exactly one row; if it does
-      not, nothing of this write is stored and its future fails with `refusal()`;
+    - `guard`: an UPDATE (or DELETE) and its parameters that must change exactly one
+      row; if it does not, nothing of this write is stored and its future fails with `refusal()`;
     - `inserts`: (INSERT, rows) pairs, inserted in the order of the tables' dependencies;
     - `appends`: message rows without a sequence, numbered after their agent's stored
       history inside the transaction;
@@ -84,7 +84,7 @@ class Write:
     def __init__(
         self,
         *,
-        guard: tuple[Update, dict[str, Any]] | None = None,
+        guard: tuple[Update | Delete, dict[str, Any]] | None = None,
         refusal: Callable[[], Exception] | None = None,
         inserts: Sequence[tuple[Insert, Rows]] = (),
         appends: Rows | None = None,
@@ -481,7 +481,7 @@ class Committer:
         """Write rows changed by different writes: one statement per kind."""
         if not writes:
             return
-        guards: dict[Update, list[dict[str, Any]]] = {}
+        guards: dict[Update | Delete, list[dict[str, Any]]] = {}
         for write in writes:
             if write.guard is not None:
                 guards.setdefault(write.guard[0], []).append(write.guard[1])

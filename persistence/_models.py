@@ -114,8 +114,10 @@ class BlockRow(Base):
 
 
 class BlockVersionRow(Base):
-    """One value a block had: who made it (`source`: application, run, runtime) and how
-    (`change`: created, set, edited, deleted, imported); a run's edit names its tool call."""
+    """One value a block had: who made it (`source`: application, run, agent, runtime) and
+    how (`change`: created, set, edited, deleted, imported); a run's edit names its tool call.
+    `agent` is a primary agent's memory tool during a turn (no run); `source` is text, so
+    it took no migration (see messages._blocks)."""
 
     __tablename__ = "block_versions"
     __table_args__ = (

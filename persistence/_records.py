@@ -5,16 +5,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from messages import Agent, Block, Group, Message, Run, RunStatus, StopReason, TurnResult
+from messages import (
+    Agent,
+    Block,
+    BlockSource,
+    Group,
+    Message,
+    Run,
+    RunStatus,
+    StopReason,
+    TurnResult,
+)
 
 
 @dataclass(frozen=True, slots=True)
 class NewGroup:
-    """A group with its agents and blocks, written in one transaction."""
+    """A group with its agents and blocks, written in one transaction.
+
+    `block_sources`: who gave each block its first value, by block id, for its history
+    (`application` when not named; `runtime` for a default `memory_persona`)."""
 
     group: Group
     agents: list[Agent]
     blocks: list[Block]
+    block_sources: dict[str, BlockSource] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from sqlalchemy import (
     RowMapping,
     Table,
     bindparam,
+    delete,
     func,
     insert,
     or_,
@@ -33,7 +34,10 @@ from messages import (
     Agent,
     AgentNotFound,
     Block,
+    BlockExists,
+    BlockNotFound,
     Blocks,
+    BlockVersion,
     Group,
     GroupNotFound,
     Message,
@@ -47,6 +51,7 @@ from messages import (
     TransitionRefused,
     TurnResult,
 )
+from messages._blocks import BlockChange, BlockSource, view_not_found
 from messages._ids import new_id
 from messages._text import STORED, storable
 from persistence import _schema as schema
@@ -64,6 +69,7 @@ from persistence._leases import DEFAULT_SHARDS, Leases, ShardBook, ShardOwner, f
 from persistence._models import (
     AgentRow,
     BlockRow,
+    BlockVersionRow,
     GroupRow,
     MessageRow,
     RunEventRow,
@@ -82,6 +88,7 @@ MAX_REMEMBERED_HISTORIES = 1_000_000  # agents whose history end the writer reme
 groups = cast(Table, GroupRow.__table__)
 agents = cast(Table, AgentRow.__table__)
 blocks = cast(Table, BlockRow.__table__)
+block_versions = cast(Table, BlockVersionRow.__table__)
 messages = cast(Table, MessageRow.__table__)
 runs = cast(Table, RunRow.__table__)
 run_events = cast(Table, RunEventRow.__table__)
@@ -189,6 +196,13 @@ _REQUEUE_RUN = (
     .values(status=bindparam("status"), attempt=bindparam("attempt"))
 )
 _SELECT_RUN = select(runs).where(runs.c.id == bindparam("run_id"))
+# A block's versions are written with the block, in its transaction: the unique
+# (block_id, version) refuses a second writer of one version.
+_INSERT_BLOCK_VERSIONS = insert(block_versions)
+_INSERT_BLOCKS = insert(blocks)
+_DELETE_BLOCK = delete(blocks).where(
+    blocks.c.id == bindparam("block_id"), blocks.c.version == bindparam("expected")
+)
 _SELECT_EVENTS = (
     select(run_events).where(run_events.c.run_id == bindparam("run_id")).order_by(run_events.c.id)
 )
@@ -476,7 +490,18 @@ class Store:
             connection.execute(
                 insert(blocks), [_block_values(b, i) for i, b in enumerate(new.blocks)]
             )
+            if new.blocks:
+                connection.execute(
+                    _INSERT_BLOCK_VERSIONS,
+                    [
+                        _version_values(
+                            b, "created", new.block_sources.get(b.id, "application"), at=at
+                        )
+                        for b in new.blocks
+                    ],
+                )
 
+        at = utcnow()
         return self.committer.submit(op, lease=self.lease_of(new.group.id))
 
     def get_group(self, group_id: str) -> Group:
@@ -561,18 +586,48 @@ class Store:
             return visible_to(agent_id, group_blocks)
         return cache.remember(agent_id, group_id, group_blocks, epoch)
 
-    def edit_block(self, block_id: str, change: Callable[[Block], str]) -> Block:
-        """Apply `change` to the block's current value in one transaction.
+    def edit_block(
+        self,
+        block_id: str,
+        change: Callable[[Block], str],
+        *,
+        run_id: str | None = None,
+        tool: str | None = None,
+        tool_call_id: str | None = None,
+    ) -> Block:
+        """Apply `change` to the block's current value in one transaction, with the
+        version it makes in the block's history (an edit by a run's memory tool: source
+        `run`, with `run_id`, `tool` and `tool_call_id`; without a run, by a primary agent
+        during its turn: source `agent`).
 
         An exception raised by `change` (a refused memory tool call) comes back to the
-        caller and nothing is written. The edit is planned in the writer thread against
-        the block as the transaction sees it, and written guarded by its version, merged
-        with the other writes of its batch.
+        caller and nothing is written; so does BlockNotFound for a block deleted
+        meanwhile. The edit is planned in the writer thread against the block as the
+        transaction sees it, and written guarded by its version, merged with the other
+        writes of its batch.
         """
+        source: BlockSource = "agent" if run_id is None else "run"
+        by = (run_id, tool, tool_call_id)
+        return self._change_block(block_id, change, "edited", source, by)
+
+    def _change_block(
+        self,
+        block_id: str,
+        change: Callable[[Block], str],
+        how: BlockChange,
+        source: BlockSource,
+        by: tuple[str | None, str | None, str | None] = (None, None, None),
+        missing: Callable[[], Exception] | None = None,
+    ) -> Block:
+        """A new value for a block and its version row, in one transaction (see
+        `edit_block`); `missing()` is the error if the block is gone."""
         cache = self._block_cache
 
         def plan(connection: Connection, txn: Txn) -> tuple[Write | None, Block | Exception]:
             current = self._current_block(connection, txn, block_id)
+            if current is None:
+                gone = missing() if missing is not None else None
+                return None, gone or BlockNotFound(None, "its group", block_id=block_id)
             try:
                 value = change(current)
             except Exception as refused:  # returned, not raised: the batch must not roll back
@@ -581,23 +636,29 @@ class Store:
             txn.scratch[f"block:{block_id}"] = edited
             if cache is not None:
                 txn.on_commit(partial(cache.edited, edited))
+            at = utcnow()
             params = {
                 "block_id": block_id,
                 "value": value,
                 "version": edited.version,
                 "expected": current.version,
-                "at": utcnow(),
+                "at": at,
             }
+            run_id, tool, tool_call_id = by
+            version = _version_values(
+                edited, how, source, at=at, run_id=run_id, tool=tool, tool_call_id=tool_call_id
+            )
             write = Write(
                 guard=(_WRITE_BLOCK, params),
                 refusal=lambda: StoreRejected(
                     self.url, f"block {block_id} changed under the writer"
                 ),
+                inserts=[(_INSERT_BLOCK_VERSIONS, [version])],
                 keys=[block_id],
             )
             return write, edited
 
-        lease = self.lease_of(self._group_of_block(block_id))
+        lease = self.lease_of(self._group_of_block(block_id, missing))
         try:
             outcome = self.committer.run(Planned(plan, keys=[block_id], lease=lease))
         except BaseException:
@@ -608,26 +669,240 @@ class Store:
             raise outcome
         return outcome
 
-    def _group_of_block(self, block_id: str) -> str:
+    def _group_of_block(self, block_id: str, missing: Callable[[], Exception] | None = None) -> str:
         known = None if self._block_cache is None else self._block_cache.committed(block_id)
         if known is not None:
             return known.group_id
         found = self._read(lambda c: c.execute(_GROUP_OF_BLOCK, {"block_id": block_id}).scalar())
         if found is None:
-            raise StoreRejected(self.url, f"no block {block_id}")
+            raise (
+                missing()
+                if missing is not None
+                else BlockNotFound(None, "its group", block_id=block_id)
+            )
         return str(found)
 
-    def _current_block(self, connection: Connection, txn: Txn, block_id: str) -> Block:
-        """The block as this transaction sees it: after its own earlier edits, else as
-        last committed (known to the owner, or read when the transaction must be exact)."""
-        edited: Block | None = txn.scratch.get(f"block:{block_id}")
-        if edited is not None:
-            return edited
+    def _current_block(self, connection: Connection, txn: Txn, block_id: str) -> Block | None:
+        """The block as this transaction sees it: after its own earlier writes (None once
+        deleted), else as last committed (known to the owner, or read when the transaction
+        must be exact); None if there is no such block."""
+        key = f"block:{block_id}"
+        if key in txn.scratch:
+            written: Block | None = txn.scratch[key]
+            return written
         if not txn.exact and self._block_cache is not None:
             committed = self._block_cache.committed(block_id)
             if committed is not None:
                 return committed
-        return _block(connection.execute(_LOCK_BLOCK, {"block_id": block_id}).mappings().one())
+        row = connection.execute(_LOCK_BLOCK, {"block_id": block_id}).mappings().first()
+        return None if row is None else _block(row)
+
+    # -- memory blocks from the application (issue 19) -----------------------------------
+
+    def block_view(self, view_id: str) -> tuple[str, str | None]:
+        """(group id, agent id) of the blocks `view_id` names: an agent's view (its
+        group's shared blocks, then its own), or a group's (agent id None: the shared
+        blocks only). Raises AgentNotFound or GroupNotFound (`view_not_found`)."""
+        cache = self._block_cache
+        if cache is not None and (known := cache.group_of(view_id)) is not None:
+            return known, view_id
+
+        def query(connection: Connection) -> tuple[str, str | None]:
+            found = connection.execute(
+                select(agents.c.group_id).where(agents.c.id == view_id)
+            ).scalar()
+            if found is not None:
+                return str(found), view_id
+            if connection.execute(_SELECT_GROUP, {"group_id": view_id}).first() is not None:
+                return view_id, None
+            raise view_not_found(view_id)
+
+        return self._read(query)
+
+    def shared_blocks(self, group_id: str) -> Blocks:
+        """The group's shared blocks, in creation order (from the owner's cache, as
+        `get_blocks`)."""
+        cache = self._block_cache
+        if cache is not None and (cached := cache.shared_of(group_id)) is not None:
+            return cached
+        epoch = 0 if cache is None else cache.epoch
+
+        def query(connection: Connection) -> list[Block]:
+            rows = connection.execute(_SELECT_GROUP_BLOCKS, {"group_id": group_id}).mappings()
+            found = [_block(r) for r in rows]
+            if (
+                not found
+                and connection.execute(_SELECT_GROUP, {"group_id": group_id}).first() is None
+            ):
+                raise GroupNotFound(group_id)
+            return found
+
+        group_blocks = self._read(query)
+        if cache is None or not self.serves(group_id):
+            return visible_to(None, group_blocks)
+        return cache.remember(None, group_id, group_blocks, epoch)
+
+    def set_block(self, block: Block, value: str, where: str) -> Block:
+        """Give the block a new value (source `application`, change `set`), with its
+        version, in one transaction; BlockNotFound (naming `where`) if it was deleted."""
+        return self._change_block(
+            block.id,
+            lambda current: value,
+            "set",
+            "application",
+            missing=lambda: BlockNotFound(block.label, where),
+        )
+
+    def create_block(self, block: Block, where: str) -> Block:
+        """Add a block (version 1, source `application`) to its group, after the group's
+        other blocks, in one transaction. BlockExists (nothing written) if its label is
+        in the view it goes to: for a shared block, any block of the group; for an
+        agent's own block, the shared ones and that agent's."""
+        cache = self._block_cache
+        layout = _layout_key(block.group_id)
+
+        def plan(connection: Connection, txn: Txn) -> tuple[Write | None, Block | Exception]:
+            rows = connection.execute(
+                select(blocks.c.label, blocks.c.agent_id, blocks.c.position).where(
+                    blocks.c.group_id == block.group_id
+                )
+            ).all()
+            if (
+                not rows
+                and connection.execute(_SELECT_GROUP, {"group_id": block.group_id}).first() is None
+            ):
+                return None, GroupNotFound(block.group_id)
+            if any(
+                label == block.label and (block.agent_id is None or owner in (None, block.agent_id))
+                for label, owner, _ in rows
+            ):
+                return None, BlockExists(block.label, where)
+            at = utcnow()
+            position = max((p for _, _, p in rows), default=-1) + 1
+            row = {**block.model_dump(), "position": position, "updated_at": at}
+            txn.scratch[f"block:{block.id}"] = block
+            if cache is not None:
+                txn.on_commit(partial(cache.added, block))
+            version = _version_values(block, "created", "application", at=at)
+            write = Write(
+                inserts=[(_INSERT_BLOCKS, [row]), (_INSERT_BLOCK_VERSIONS, [version])],
+                keys=[layout, block.id],
+            )
+            return write, block
+
+        return self._layout_change(block.group_id, block.id, Planned(plan, [layout, block.id]))
+
+    def delete_block(self, block: Block, where: str) -> Block:
+        """Remove the block (returned as it was last committed), with a last version
+        (change `deleted`, value None), in one transaction; its history stays.
+        BlockNotFound (naming `where`) if it is gone already."""
+        cache = self._block_cache
+        layout = _layout_key(block.group_id)
+
+        def plan(connection: Connection, txn: Txn) -> tuple[Write | None, Block | Exception]:
+            current = self._current_block(connection, txn, block.id)
+            if current is None:
+                return None, BlockNotFound(block.label, where)
+            at = utcnow()
+            txn.scratch[f"block:{block.id}"] = None
+            if cache is not None:
+                txn.on_commit(partial(cache.removed, current))
+            last = current.model_copy(update={"version": current.version + 1})
+            version = _version_values(last, "deleted", "application", at=at, deleted=True)
+            write = Write(
+                guard=(_DELETE_BLOCK, {"block_id": block.id, "expected": current.version}),
+                refusal=lambda: StoreRejected(
+                    self.url, f"block {block.id} changed under the writer"
+                ),
+                inserts=[(_INSERT_BLOCK_VERSIONS, [version])],
+                keys=[layout, block.id],
+            )
+            return write, current
+
+        return self._layout_change(block.group_id, block.id, Planned(plan, [layout, block.id]))
+
+    def _layout_change(
+        self, group_id: str, block_id: str, planned: Planned[Block | Exception]
+    ) -> Block:
+        """Run a creation or deletion under the group's lease; on an unknown outcome the
+        owner forgets the group's layout and the block (the next read asks the database)."""
+        planned.lease = self.lease_of(group_id)
+        try:
+            outcome = self.committer.run(planned)
+        except BaseException:
+            if self._block_cache is not None:
+                self._block_cache.forget(block_id)
+                self._block_cache.forget_group(group_id)
+            raise
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def block_history(
+        self,
+        group_id: str,
+        agent_id: str | None,
+        label: str,
+        where: str,
+        limit: int | None = None,
+        after: int | None = None,
+    ) -> list[BlockVersion]:
+        """Every version of the blocks labelled `label` in a view (an agent's, or with
+        `agent_id` None the group's shared blocks), deleted ones included, oldest first:
+        at most `limit`, after the version with id `after`. BlockNotFound if no block of
+        that label is, or ever was, in the view."""
+        in_view = [block_versions.c.group_id == group_id, block_versions.c.label == label]
+        if agent_id is None:
+            in_view.append(block_versions.c.agent_id.is_(None))
+        else:
+            in_view.append(
+                or_(block_versions.c.agent_id.is_(None), block_versions.c.agent_id == agent_id)
+            )
+        statement = select(block_versions).where(*in_view)
+        if after is not None:
+            statement = statement.where(block_versions.c.id > after)
+        statement = statement.order_by(block_versions.c.id)
+        if limit is not None:
+            statement = statement.limit(limit)
+
+        def query(connection: Connection) -> list[BlockVersion]:
+            rows = connection.execute(statement).mappings().all()
+            if rows:
+                return [_from_row(BlockVersion, r) for r in rows]
+            if connection.execute(select(block_versions.c.id).where(*in_view).limit(1)).first():
+                return []
+            found = connection.execute(_SELECT_GROUP_BLOCKS, {"group_id": group_id}).mappings()
+            labels = visible_to(agent_id, [_block(r) for r in found]).labels()
+            if label in labels:  # a block whose history was pruned away
+                return []
+            raise BlockNotFound(label, where, labels)
+
+        return self._read(query)
+
+    def group_blocks(self, group_id: str) -> list[Block]:
+        """Every block of the group, shared and agents' own, in creation order, as
+        stored (for checks)."""
+        return self._read(
+            lambda c: [
+                _block(r)
+                for r in c.execute(_SELECT_GROUP_BLOCKS, {"group_id": group_id}).mappings()
+            ]
+        )
+
+    def block_versions(self, group_id: str) -> list[tuple[str, int, str | None, str]]:
+        """(block id, version, value, change) of every stored version of the group's
+        blocks, in the order they were written (for checks)."""
+        statement = (
+            select(
+                block_versions.c.block_id,
+                block_versions.c.version,
+                block_versions.c.value,
+                block_versions.c.change,
+            )
+            .where(block_versions.c.group_id == group_id)
+            .order_by(block_versions.c.id)
+        )
+        return self._read(lambda c: [(r[0], r[1], r[2], r[3]) for r in c.execute(statement)])
 
     # -- messages -------------------------------------------------------------------------
 
@@ -978,6 +1253,41 @@ def _block(row: RowMapping) -> Block:
 
 def _block_values(block: Block, position: int) -> dict[str, Any]:
     return {**block.model_dump(), "position": position, "updated_at": utcnow()}
+
+
+def _layout_key(group_id: str) -> str:
+    """The key of a group's set of blocks: writes that add or remove one run in order."""
+    return f"blocks-of:{group_id}"
+
+
+def _version_values(
+    block: Block,
+    change: BlockChange,
+    source: BlockSource,
+    *,
+    at: datetime,
+    run_id: str | None = None,
+    tool: str | None = None,
+    tool_call_id: str | None = None,
+    deleted: bool = False,
+) -> dict[str, Any]:
+    """The `block_versions` row of the block as it is now (`deleted`: its last version,
+    without a value)."""
+    return {
+        "block_id": block.id,
+        "group_id": block.group_id,
+        "agent_id": block.agent_id,
+        "label": block.label,
+        "version": block.version,
+        "value": None if deleted else block.value,
+        "change": change,
+        "source": source,
+        "run_id": run_id,
+        "tool": tool,
+        # A model's tool call id is the agent's text: kept storable, within its column.
+        "tool_call_id": None if tool_call_id is None else storable(tool_call_id)[:200],
+        "at": at,
+    }
 
 
 def _message(row: RowMapping) -> Message:

@@ -54,7 +54,7 @@ class InMemoryBlocks:
         self.blocks = {block.id: block for block in blocks}
         self.edits = 0
 
-    def edit_block(self, block_id: str, change: Callable[[Block], str]) -> Block:
+    def edit_block(self, block_id: str, change: Callable[[Block], str], **by: Any) -> Block:
         block = self.blocks[block_id]
         updated = block.model_copy(update={"value": change(block), "version": block.version + 1})
         self.blocks[block_id] = updated

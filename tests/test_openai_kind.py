@@ -664,7 +664,7 @@ class _Editor:
     def __init__(self, block: Block) -> None:
         self.block = block
 
-    def edit_block(self, block_id: str, change: Any) -> Block:
+    def edit_block(self, block_id: str, change: Any, **by: Any) -> Block:
         self.block = self.block.model_copy(update={"value": change(self.block)})
         return self.block
 

@@ -24,6 +24,8 @@ from actors import (
     AgentNotFound,
     AgentRoleError,
     AsyncRuntime,
+    BlockExists,
+    BlockNotFound,
     GroupNotFound,
     PrimaryAgentError,
     RunNotFound,
@@ -207,6 +209,28 @@ def test_runs_of_groups_on_every_host_are_waited_for_together(api: API) -> None:
     assert api.stats()["transactions"] > 0
     report = api.check_invariants([g.id for g in groups])
     assert report.ok, report.violations
+
+
+def test_block_calls_reach_the_owner_and_errors_keep_their_types(api: API) -> None:
+    group = api.create_group(primary=SCRIPTED, sleeptime=[MEMORY], frequency=1)
+    sleeper = group.sleeptime_agent_ids[0]
+    assert api.set_block(group.primary_agent_id, "human", "name: Ada").version == 2
+    assert api.create_block(group.id, "plans", "trip", limit=100).limit == 100
+    assert api.create_block(sleeper, "scratch", read_only=True).agent_id == sleeper
+    assert api.get_block(sleeper, "plans").value == "trip"
+    assert api.delete_block(group.id, "plans").value == "trip"
+    history = api.block_history(group.id, "plans", limit=10)
+    assert [v.change for v in history] == ["created", "deleted"]
+    with pytest.raises(BlockNotFound):
+        api.get_block(group.id, "plans")
+    with pytest.raises(BlockExists):
+        api.create_block(group.id, "human")
+    with pytest.raises(ValidationError):
+        api.set_block(group.id, "human", "x" * 6000)
+    with pytest.raises(GroupNotFound):
+        api.set_block("group-nobody-made", "human", "x")
+    with pytest.raises(AgentNotFound):
+        api.delete_block("agent-nobody-made", "human")
 
 
 def test_the_async_client_takes_turns_streams_and_waits(cluster: RayCluster) -> None:

@@ -127,13 +127,13 @@ def call_memory_tool(memory: Memory, call: ToolCall) -> ToolResult:
         return ToolResult(ok=False, message=f"invalid arguments for {call.name}: {problems}")
     match checked:
         case _Replace(label=label, old=old, new=new):
-            return memory.memory_replace(label, old, new)
+            return memory.memory_replace(label, old, new, tool_call_id=call.id)
         case _Insert(label=label, text=inserted, line=line):
-            return memory.memory_insert(label, inserted, line)
+            return memory.memory_insert(label, inserted, line, tool_call_id=call.id)
         case _Rethink(label=label, text=rewritten):
-            return memory.memory_rethink(label, rewritten)
+            return memory.memory_rethink(label, rewritten, tool_call_id=call.id)
         case _:
-            return memory.memory_finish_edits()
+            return memory.memory_finish_edits(tool_call_id=call.id)
 
 
 def tool_message(call: ToolCall, result: ToolResult) -> MessageCreate:

@@ -115,8 +115,9 @@ class _ToolLog:
 
     def call(self, name: str, **arguments: Any) -> ToolResult:
         tool: Callable[..., ToolResult] = getattr(self.memory, name)
-        result = tool(**arguments)
-        self.calls.append(_Call(f"call-{len(self.calls) + 1}", name, arguments, result))
+        call_id = f"call-{len(self.calls) + 1}"
+        result = tool(**arguments, tool_call_id=call_id)
+        self.calls.append(_Call(call_id, name, arguments, result))
         return result
 
     def messages(self) -> list[MessageCreate]:
@@ -195,7 +196,8 @@ def _store_fact(log: _ToolLog, label: str, attribute: str, value: str) -> ToolRe
     also occurs inside another line, the block is rewritten with that line changed.
     """
     new_line = f"{attribute}: {value}"
-    lines = log.memory.value(label).split("\n")
+    block = log.memory.blocks.get(label)  # None once deleted: the tool says so
+    lines = (block.value if block is not None else "").split("\n")
     index = _line_of(lines, attribute)
     if index is None:
         return log.call("memory_insert", label=label, text=new_line, line=-1)
