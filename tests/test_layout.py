@@ -25,11 +25,13 @@ ERRORS = {
     "GroupBusy",
     "GroupFailed",
     "GroupNotFound",
+    "MessageNotFound",
     "NotFoundError",
     "NotOwner",
     "OwnershipLost",
     "PrimaryAgentError",
     "ReadOnlyRuntime",
+    "RunEventNotFound",
     "RunNotFound",
     "RunsTimeout",
     "RuntimeBusy",
@@ -75,6 +77,8 @@ PUBLIC: dict[str, set[str]] = {
         "render_transcript",
         "INVARIANTS",
         "InvariantReport",
+        # retention (issue 19)
+        "PruneReport",
     },
     "messages": ERRORS
     | {
@@ -106,6 +110,10 @@ PUBLIC: dict[str, set[str]] = {
         "ToolCall",
         "TurnResult",
         "GroupOwner",
+        # retention (issue 19)
+        "PRUNE_KINDS",
+        "PruneReport",
+        "PruneSettings",
     },
     "persistence": {
         "DEFAULT_SHARDS",
@@ -117,6 +125,7 @@ PUBLIC: dict[str, set[str]] = {
         "StoreObserver",
         "GroupState",
         "NewGroup",
+        "RetentionMarks",
         "StaleTurn",
         "Transition",
         "TurnRequest",
