@@ -482,4 +482,5 @@ class AsyncRayRuntime:
     get_blocks = _in_executor(RayRuntime.get_blocks)
     list_messages = _in_executor(RayRuntime.list_messages)
     check_invariants = _in_executor(RayRuntime.check_invariants)
+    prune = _in_executor(RayRuntime.prune)
     hosts = _in_executor(RayRuntime.hosts)

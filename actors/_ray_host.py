@@ -34,7 +34,7 @@ from actors._ray_routes import HostDirectory, HostInfo, host_address
 from actors.async_runtime import DEFAULT_BLOCKING_THREADS, AsyncRuntime
 from actors.runtime import Runtime
 from actors.sdk import AgentFactory, AgentRole
-from messages import Group, Message, MessageCreate, Run, TurnResult
+from messages import Group, Message, MessageCreate, PruneReport, Run, TurnResult
 from persistence import redact
 
 log = structlog.get_logger("sleeptime.ray")
@@ -233,6 +233,11 @@ class ShardHost:
     async def update_group(self, group_id: str, changes: dict[str, Any]) -> Group:
         group: Group = await self._rt.update_group(group_id, **changes)
         return group
+
+    async def prune(self, options: dict[str, Any]) -> PruneReport:
+        """`Runtime.prune` over the groups this host serves (the others are skipped)."""
+        report: PruneReport = await self._rt.prune(**options)
+        return report
 
     async def read(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One of the calls any host answers (`READS`), by name."""

@@ -429,6 +429,10 @@ class AsyncRuntime:
     list_messages = _in_executor(Runtime.list_messages)
     check_invariants = _in_executor(Runtime.check_invariants)
 
+    # -- retention (issue 19) -------------------------------------------------------------
+
+    prune = _in_executor(Runtime.prune)
+
     async def _blocking(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run `fn` on the executor and wait for it on the loop. A cancelled caller
         leaves it running to its end (nobody reads its result)."""
