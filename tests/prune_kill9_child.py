@@ -16,7 +16,7 @@ from actors import Runtime
 
 
 def main(url: str) -> None:
-    rt = Runtime.start(url, workers=4)
+    rt = Runtime.start(url, workers=4, lease_s=1.0)
     print("pruning", flush=True)
     rt.prune(
         before=datetime.now(UTC) + timedelta(hours=1),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -29,7 +30,7 @@ T = TypeVar("T")
 MEMORY = {"kind": "memory"}
 
 
-def paged(read: Callable[[str | int | None], Sequence[T]], cursor: Callable[[T], Any]) -> list[T]:
+def paged(read: Callable[[Any], Sequence[T]], cursor: Callable[[T], Any]) -> list[T]:
     """Every row, read a page at a time until a page comes back empty."""
     rows: list[T] = []
     after = None
@@ -37,6 +38,10 @@ def paged(read: Callable[[str | int | None], Sequence[T]], cursor: Callable[[T],
         rows.extend(page)
         after = cursor(page[-1])
     return rows
+
+
+def _messages_after(rt: Runtime, agent_id: str, size: int, after: str | None) -> list[Any]:
+    return rt.list_messages(agent_id, limit=size, after=after)
 
 
 def ids(rows: Sequence[Any]) -> list[Any]:
@@ -67,28 +72,28 @@ def test_pages_hold_every_row_once_in_order(
     rt: Runtime, filled: list[Group], size: int, newest_first: bool
 ) -> None:
     runs = paged(
-        lambda after: rt.list_runs(limit=size, newest_first=newest_first, after=after),  # type: ignore[arg-type]
+        lambda after: rt.list_runs(limit=size, newest_first=newest_first, after=after),
         lambda r: r.id,
     )
     assert ids(runs) == ids(rt.list_runs(newest_first=newest_first))
     mine = paged(
-        lambda after: rt.list_runs(group_id=filled[0].id, limit=size, after=after),  # type: ignore[arg-type]
+        lambda after: rt.list_runs(group_id=filled[0].id, limit=size, after=after),
         lambda r: r.id,
     )
     assert ids(mine) == ids(rt.list_runs(group_id=filled[0].id))
     for agent_id in (filled[1].primary_agent_id, filled[1].sleeptime_agent_ids[0]):
         history = paged(
-            lambda after: rt.list_messages(agent_id, limit=size, after=after),  # type: ignore[arg-type]
+            functools.partial(_messages_after, rt, agent_id, size),
             lambda m: m.id,
         )
         assert ids(history) == ids(rt.list_messages(agent_id))
     events = paged(
-        lambda after: rt.run_events(runs[0].id, limit=size, after=after),  # type: ignore[arg-type]
+        lambda after: rt.run_events(runs[0].id, limit=size, after=after),
         lambda e: e.id,
     )
     assert events == rt.run_events(runs[0].id)
     assert [e.id for e in events] == sorted(e.id for e in events if e.id is not None)
-    groups = paged(lambda after: rt.list_groups(limit=size, after=after), lambda g: g.id)  # type: ignore[arg-type]
+    groups = paged(lambda after: rt.list_groups(limit=size, after=after), lambda g: g.id)
     assert ids(groups) == ids(rt.list_groups()) == ids(filled)
 
 
@@ -115,7 +120,7 @@ def test_paging_while_turns_add_rows_sees_each_row_once(rt: Runtime, size: int) 
     cursors: dict[str, Any] = {"runs": None, "messages": None, "groups": None}
     while True:
         done = not adder.is_alive()  # looked at first: a short page after it is the end
-        pages = {
+        pages: dict[str, list[Any]] = {
             "runs": rt.list_runs(group_id=group.id, limit=size, after=cursors["runs"]),
             "messages": rt.list_messages(
                 group.primary_agent_id, limit=size, after=cursors["messages"]
@@ -168,9 +173,7 @@ def test_a_cursor_that_names_nothing_is_a_typed_error(rt: Runtime, filled: list[
             bad()
 
 
-def test_list_groups_filters_by_status_and_primary_kind(
-    rt: Runtime, filled: list[Group]
-) -> None:
+def test_list_groups_filters_by_status_and_primary_kind(rt: Runtime, filled: list[Group]) -> None:
     failed = filled[2]
     rt._store.fail_group(failed.id, "stopped for the test").result()
     assert ids(rt.list_groups(statuses=["failed"])) == [failed.id]
@@ -178,9 +181,7 @@ def test_list_groups_filters_by_status_and_primary_kind(
     assert ids(rt.list_groups(statuses=["active", "failed"])) == ids(filled)
     assert ids(rt.list_groups(primary_kind="echo")) == [filled[1].id]
     assert ids(rt.list_groups(primary_kind="scripted", statuses=["active"])) == [filled[0].id]
-    assert ids(rt.list_groups(primary_kind="scripted", limit=1, after=filled[0].id)) == [
-        failed.id
-    ]
+    assert ids(rt.list_groups(primary_kind="scripted", limit=1, after=filled[0].id)) == [failed.id]
     assert rt.list_groups(primary_kind="nobody") == []
 
 

@@ -4,6 +4,7 @@ invariants hold on what remains, under a live workload, across a restart and a k
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy
@@ -55,7 +57,7 @@ def count_rows(url: str) -> dict[str, int]:
     engine = sqlalchemy.create_engine(parse_url(url))
     try:
         with engine.connect() as connection:
-            return {kind: connection.execute(text(sql)).scalar_one() for kind, sql in queries.items()}
+            return {k: connection.execute(text(q)).scalar_one() for k, q in queries.items()}
     finally:
         engine.dispose()
 
@@ -69,8 +71,8 @@ def recorded_prunes(url: str) -> dict[str, int]:
     finally:
         engine.dispose()
     total = dict.fromkeys(PRUNE_KINDS, 0)
-    for removed in rows:
-        removed = removed if isinstance(removed, dict) else __import__("json").loads(removed)
+    for row in rows:
+        removed = row if isinstance(row, dict) else json.loads(row)
         for kind, count in removed.items():
             total[kind] += count
     return total
@@ -87,7 +89,7 @@ def assert_transcripts_match_windows(rt: Runtime, run_ids: list[str]) -> None:
         group = rt.get_group(found.group_id)
         primary = {m.sequence: m for m in rt.list_messages(group.primary_agent_id)}
         window = [primary[s] for s in range(found.window_first_seq, found.window_last_seq + 1)]
-        given = [m for m in rt.list_messages(found.agent_id) if m.run_id == run_id][0]
+        given = next(m for m in rt.list_messages(found.agent_id) if m.run_id == run_id)
         expected = render_transcript(window, group.preamble, group.transcript_max_messages)
         assert given.text() == expected
 
@@ -291,7 +293,7 @@ def test_bad_options_and_read_only_runtimes(rt: Runtime, db_url: str) -> None:
         {"messages": True, "dry_run": "no"},
     ):
         with pytest.raises(ValidationError):
-            rt.prune(**bad)  # type: ignore[arg-type]
+            rt.prune(**bad)
     with pytest.raises(GroupNotFound):
         rt.prune(messages=True, group_ids=["group-nobody-made"])
     group = rt.create_group(primary=SCRIPTED, sleeptime=[MEMORY], frequency=1)
@@ -348,7 +350,7 @@ def test_a_prune_killed_with_sigkill_leaves_each_batch_whole_or_absent(db_url: s
         run_ids = []
         for turn in range(25):
             for group in groups:
-                said = [user(f"q{turn}"), {"role": "assistant", "content": f"a{turn}"}]
+                said: list[Any] = [user(f"q{turn}"), {"role": "assistant", "content": f"a{turn}"}]
                 run_ids += rt.record_turn(group.id, said, request_id=f"t{turn}").run_ids
         rt.wait_for_runs(run_ids, timeout=60)
     before = count_rows(db_url)
@@ -370,7 +372,7 @@ def test_a_prune_killed_with_sigkill_leaves_each_batch_whole_or_absent(db_url: s
     after = count_rows(db_url)
     removed = recorded_prunes(db_url)
     assert {kind: before[kind] - after[kind] for kind in PRUNE_KINDS} == removed
-    with Runtime.start(db_url) as rt:
+    with Runtime.start(db_url, lease_s=1.0) as rt:  # the dead one's leases lapse soon
         report = rt.check_invariants()
         assert report.ok, report.violations
         finish = rt.prune(before=later(), keep_runs=1, messages=True, keep_messages=2)
