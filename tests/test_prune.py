@@ -244,6 +244,24 @@ def test_a_dry_run_counts_what_a_prune_then_removes(rt: Runtime, db_url: str) ->
     assert rt.prune(dry_run=True, **options).removed == dict.fromkeys(PRUNE_KINDS, 0)  # type: ignore[arg-type]
 
 
+def test_before_keeps_what_is_newer(rt: Runtime) -> None:
+    group = rt.create_group(primary=SCRIPTED, sleeptime=[MEMORY], frequency=1)
+    run_ids = []
+    for n in range(4):  # one after the other: each run completes before the next turn
+        run_ids += rt.step(group.id, [user(f"hi {n}")]).run_ids
+        rt.wait_for_runs(run_ids, timeout=30)
+    runs = rt.list_runs(group_id=group.id)
+    history = rt.list_messages(group.primary_agent_id)
+    report = rt.prune(before=runs[2].completed_at)
+    assert report.removed["runs"] == 2
+    assert [r.id for r in rt.list_runs(group_id=group.id)] == [r.id for r in runs[2:]]
+    report = rt.prune(messages=True, before=history[4].created_at)
+    assert report.removed["messages"] == 4  # turns 1 and 2: created before the 5th message
+    assert rt.list_messages(group.primary_agent_id) == history[4:]
+    checked = rt.check_invariants()
+    assert checked.ok, checked.violations
+
+
 def test_old_block_versions_go_but_never_the_current_one(rt: Runtime, db_url: str) -> None:
     group = rt.create_group(primary=SCRIPTED, sleeptime=[MEMORY])
     human = rt.get_blocks(group.primary_agent_id)["human"]
