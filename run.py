@@ -3,7 +3,8 @@
 Every command works over the public runtime API (`actors.Runtime`) and never reaches into
 the runtime's internals or the database directly. The commands live in `cli/`: the demo
 (`cli.demo`), looking inside a database (`cli.inspection`: `runs`, `groups`, `check`,
-`migrate`), and simulations and load tests (`cli.workloads`; `cli.loadsim` measures them).
+`migrate`), retention (`cli.retention`: `prune`), and simulations and load tests
+(`cli.workloads`; `cli.loadsim` measures them).
 
 Every command that takes `--db` defaults to the runtime's own default, `DEFAULT_URL`
 (sleeptime.db in the working directory): the demo adds its group there and `runs`,
@@ -16,6 +17,7 @@ Example:
     $ python run.py runs
     $ python run.py runs --events run-5c1e...
     $ python run.py check
+    $ python run.py prune --older-than 30d --keep-runs 100 --messages --keep-messages 200
     $ python run.py simulate --groups 100 --agents 2 --turns 20 --report sim.json
     $ python run.py loadtest --rate 200 --duration 10 --plot load.png
 """
@@ -51,6 +53,7 @@ from cli.options import (
     positive_float,
     positive_int,
 )
+from cli.retention import add_prune_options, prune
 from cli.workloads import loadtest, simulate
 from messages import RunStatus, SleeptimeError
 
@@ -111,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         type=positive_int,
         default=50,
-        help="at most this many runs",
+        help="at most this many runs (a page)",
+    )
+    runs_parser.add_argument(
+        "--after",
+        metavar="RUN_ID",
+        help="the page after this run (the last one the previous page showed)",
     )
     runs_parser.add_argument("--events", metavar="RUN_ID", help="show this run's event history")
     add_logging_options(runs_parser, logging_after)
@@ -119,6 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     groups_parser = commands.add_parser("groups", help="a table of groups")
     groups_parser.add_argument("--db", metavar="URL", default=DEFAULT_URL, help="database URL")
+    groups_parser.add_argument(
+        "--status",
+        action="append",
+        metavar="STATUS",
+        choices=["active", "failed"],
+        help="only groups with this status: active or failed (repeatable)",
+    )
+    groups_parser.add_argument(
+        "--primary-kind", metavar="KIND", help="only groups whose primary agent is of this kind"
+    )
+    groups_parser.add_argument(
+        "--limit", metavar="N", type=positive_int, default=100, help="at most this many groups"
+    )
+    groups_parser.add_argument(
+        "--after",
+        metavar="GROUP_ID",
+        help="the page after this group (the last one the previous page showed)",
+    )
     add_logging_options(groups_parser, logging_after)
     groups_parser.set_defaults(handler=show_groups)
 
@@ -200,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     check_parser.add_argument("--db", metavar="URL", default=DEFAULT_URL, help="database URL")
     add_logging_options(check_parser, logging_after)
     check_parser.set_defaults(handler=check)
+
+    prune_parser = commands.add_parser(
+        "prune",
+        help="remove old runs, processed messages, old block versions (or count them)",
+        description="Remove what the database no longer needs, in batches of one transaction"
+        " each: terminal runs completed before --before/--older-than (keeping the newest"
+        " --keep-runs per agent) with their events and sleeptime histories, turn requests"
+        " made before it, primary messages every sleeptime agent has processed (--messages),"
+        " and block versions beyond the newest --keep-block-versions. The invariants"
+        " (`check`) still hold afterwards. --dry-run only counts.",
+    )
+    prune_parser.add_argument("--db", metavar="URL", default=DEFAULT_URL, help="database URL")
+    add_prune_options(prune_parser)
+    add_logging_options(prune_parser, logging_after)
+    prune_parser.set_defaults(handler=prune)
     return parser
 
 

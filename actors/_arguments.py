@@ -10,7 +10,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Protocol, runtime_checkable
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, InstanceOf, StrictBool, TypeAdapter
 
@@ -78,6 +78,7 @@ class RunFilters(BaseModel):
     statuses: list[RunStatus] | None = None
     limit: int | None = Field(default=None, ge=1, le=INT32_MAX)
     newest_first: StrictBool = False
+    after: Id | None = None
 
 
 class RunWait(BaseModel):
@@ -135,3 +136,32 @@ class BlockHistoryPage(BaseModel):
 
 
 BLOCK_HISTORY_PAGE: TypeAdapter[BlockHistoryPage] = TypeAdapter(BlockHistoryPage)
+# -- paging (issue 19) ----------------------------------------------------------------------
+
+PAGE_LIMIT = Field(default=None, ge=1, le=INT32_MAX)
+
+
+class GroupFilters(BaseModel):
+    """The filters and page of `list_groups`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="list_groups")
+    statuses: list[Literal["active", "failed"]] | None = None
+    primary_kind: Kind | None = None
+    limit: int | None = PAGE_LIMIT
+    after: Id | None = None
+
+
+class MessagePage(BaseModel):
+    """The page of `list_messages`: `limit` messages after the message `after`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="list_messages")
+    limit: int | None = PAGE_LIMIT
+    after: Id | None = None
+
+
+class EventPage(BaseModel):
+    """The page of `run_events`: `limit` events after the event with id `after`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="run_events")
+    limit: int | None = PAGE_LIMIT
+    after: Annotated[int, Field(strict=True, ge=1)] | None = None

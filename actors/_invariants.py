@@ -1,9 +1,10 @@
 """The invariants of SPEC 4-6 and 15, checked over what a runtime stored.
 
 Call it once the runs have finished (`Runtime.stop` drains them, or `wait_for_runs`):
-an open run is itself a violation. Each check reads the store only; the pure ones
-(`attempts_decrease`, `overlapping_runs`, `request_problems`) take rows and can be
-called directly.
+an open run is itself a violation. What retention removed is read from its marks
+(`Store.retention_marks`): the checks hold on what remains. Each check reads the store
+only; the pure ones (`attempts_decrease`, `overlapping_runs`, `request_problems`) take
+rows and can be called directly.
 """
 
 from __future__ import annotations
@@ -108,11 +109,13 @@ def _check_group(store: Store, group: Group, runs: list[Run], found: dict[str, l
     ]
 
     history = store.turn_numbers(group.primary_agent_id)
+    marks = store.retention_marks(group.id)  # what retention removed: a prefix of each
     sequences = [seq for seq, _, _ in history]
-    if sequences != list(range(1, len(sequences) + 1)):
+    first_seq = marks.messages_pruned_through + 1
+    if sequences != list(range(first_seq, first_seq + len(sequences))):
         found["turns_counted"].append(f"group {group.id}: message sequences have gaps")
     turns = sorted({turn for _, turn, _ in history if turn is not None})
-    if turns != list(range(1, group.turns + 1)):
+    if turns != list(range(marks.turns_pruned_through + 1, group.turns + 1)):
         found["turns_counted"].append(
             f"group {group.id}: {group.turns} turns counted, turns stored: "
             f"{len(turns)} (last {turns[-1] if turns else None})"
@@ -140,14 +143,24 @@ def _check_group(store: Store, group: Group, runs: list[Run], found: dict[str, l
     for turn, fired in by_turn.items():
         agents = sorted(r.agent_id for r in fired)
         windows = {(r.window_first_seq, r.window_last_seq) for r in fired}
-        if agents != sorted(group.sleeptime_agent_ids) or len(windows) != 1:
+        # An agent whose runs up to this window were pruned has none left for it.
+        end = max(last for _, last in windows)
+        expected = [
+            a for a in group.sleeptime_agent_ids if marks.runs_pruned_through_seq.get(a, 0) < end
+        ]
+        if agents != sorted(expected) or len(windows) != 1:
             found["one_run_per_agent_per_fire"].append(
                 f"group {group.id} turn {turn}: {len(fired)} run(s), windows {sorted(windows)}"
             )
 
-    cursor_seq = next((seq for seq, _, mid in history if mid == group.cursor), 0)
+    cursor_seq = marks.cursor_seq  # the cursor's message itself may have been pruned
+    stored_at = next((seq for seq, _, mid in history if mid == group.cursor), cursor_seq)
+    if stored_at != cursor_seq:
+        found["windows_contiguous_disjoint_covering"].append(
+            f"group {group.id}: the cursor's message is at {stored_at}, cursor_seq {cursor_seq}"
+        )
     for agent_id in group.sleeptime_agent_ids:
-        covered = 0
+        covered = marks.runs_pruned_through_seq.get(agent_id, 0)
         for run in sorted((r for r in runs if r.agent_id == agent_id), key=lambda r: r.turn):
             if run.window_first_seq != covered + 1 or run.window_last_seq < run.window_first_seq:
                 found["windows_contiguous_disjoint_covering"].append(

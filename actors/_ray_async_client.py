@@ -490,4 +490,5 @@ class AsyncRayRuntime:
     create_block = _in_executor(RayRuntime.create_block)
     delete_block = _in_executor(RayRuntime.delete_block)
     block_history = _in_executor(RayRuntime.block_history)
+    prune = _in_executor(RayRuntime.prune)
     hosts = _in_executor(RayRuntime.hosts)

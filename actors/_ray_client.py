@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
@@ -53,7 +54,7 @@ from actors._ray_routes import (
     unwrap,
 )
 from actors.kinds._registry import _Registration
-from actors.runtime import _MESSAGES, Runtime, TurnStream
+from actors.runtime import _MESSAGES, DEFAULT_PRUNE_BATCH, Runtime, TurnStream
 from actors.sdk import AGENT_ROLES, AgentFactory, AgentRole
 from messages import (
     DEFAULT_BLOCK_LIMIT,
@@ -72,6 +73,8 @@ from messages import (
     Message,
     MessageCreate,
     NotOwner,
+    PruneReport,
+    PruneSettings,
     Run,
     RunEvent,
     RunNotFound,
@@ -658,8 +661,11 @@ class RayRuntime:
         statuses: Sequence[RunStatus | str] | None = None,
         limit: int | None = None,
         newest_first: bool = False,
+        *,
+        after: str | None = None,
     ) -> list[Run]:
-        """Runs oldest first (or newest first), filtered by agent, group and status."""
+        """Runs oldest first (or newest first), filtered by agent, group and status; a
+        page of `limit` after the run `after` (see `Runtime.list_runs`)."""
         runs: list[Run] = self._read(
             "list_runs",
             agent_id=agent_id,
@@ -667,6 +673,7 @@ class RayRuntime:
             statuses=None if statuses is None else list(statuses),
             limit=limit,
             newest_first=newest_first,
+            after=after,
         )
         return runs
 
@@ -685,9 +692,13 @@ class RayRuntime:
         )
         return count
 
-    def run_events(self, run_id: str) -> list[RunEvent]:
-        """Every status change of the run, oldest first."""
-        events: list[RunEvent] = self._read("run_events", check_id(run_id, "run_id"))
+    def run_events(
+        self, run_id: str, *, limit: int | None = None, after: int | None = None
+    ) -> list[RunEvent]:
+        """Every status change of the run, oldest first (a page: see `Runtime.run_events`)."""
+        events: list[RunEvent] = self._read(
+            "run_events", check_id(run_id, "run_id"), limit=limit, after=after
+        )
         return events
 
     def cancel_run(self, run_id: str) -> Run:
@@ -764,8 +775,22 @@ class RayRuntime:
         group: Group = self._read("get_group", check_id(group_id, "group_id"))
         return group
 
-    def list_groups(self) -> list[Group]:
-        groups: list[Group] = self._read("list_groups")
+    def list_groups(
+        self,
+        *,
+        statuses: Sequence[str] | None = None,
+        primary_kind: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[Group]:
+        """`Runtime.list_groups`: groups oldest first, filtered, a page at a time."""
+        groups: list[Group] = self._read(
+            "list_groups",
+            statuses=None if statuses is None else list(statuses),
+            primary_kind=primary_kind,
+            limit=limit,
+            after=after,
+        )
         return groups
 
     def count_groups(self) -> int:
@@ -830,8 +855,13 @@ class RayRuntime:
         blocks: Blocks = self._read("get_blocks", check_id(agent_id, "agent_id"))
         return blocks
 
-    def list_messages(self, agent_id: str) -> list[Message]:
-        messages: list[Message] = self._read("list_messages", check_id(agent_id, "agent_id"))
+    def list_messages(
+        self, agent_id: str, *, limit: int | None = None, after: str | None = None
+    ) -> list[Message]:
+        """`Runtime.list_messages`: an agent's history, oldest first, a page at a time."""
+        messages: list[Message] = self._read(
+            "list_messages", check_id(agent_id, "agent_id"), limit=limit, after=after
+        )
         return messages
 
     # -- memory blocks from the application (issue 19) -----------------------------------
@@ -904,6 +934,53 @@ class RayRuntime:
             "check_invariants", None if group_ids is None else list(group_ids)
         )
         return report
+
+    # -- retention (issue 19) -------------------------------------------------------------
+
+    def prune(
+        self,
+        *,
+        before: datetime | None = None,
+        keep_runs: int | None = None,
+        messages: bool = False,
+        keep_messages: int | None = None,
+        keep_block_versions: int | None = None,
+        group_ids: Sequence[str] | None = None,
+        batch_size: int = DEFAULT_PRUNE_BATCH,
+        dry_run: bool = False,
+    ) -> PruneReport:
+        """`Runtime.prune` on every host at once, each over the groups it serves; one
+        report (a group is skipped only if no host served it)."""
+        PruneSettings(
+            before=before,
+            keep_runs=keep_runs,
+            messages=messages,
+            keep_messages=keep_messages,
+            keep_block_versions=keep_block_versions,
+            batch_size=batch_size,
+        )  # bad options are refused here, before any host is asked
+        self._check()
+        options = {
+            "before": before,
+            "keep_runs": keep_runs,
+            "messages": messages,
+            "keep_messages": keep_messages,
+            "keep_block_versions": keep_block_versions,
+            "group_ids": None if group_ids is None else list(group_ids),
+            "batch_size": batch_size,
+            "dry_run": dry_run,
+        }
+        refs = [self._handle(a).prune.remote(options) for a in self._host_addresses()]
+        reports: list[PruneReport] = []
+        for ref in refs:
+            try:
+                reports.append(self._get(ref))
+            except BaseException as raised:
+                error = unwrap(raised)
+                if isinstance(error, RayActorError | HostGone | RuntimeStopped):
+                    continue  # its groups are served elsewhere next: they show as skipped
+                raise error from None
+        return PruneReport.merged(reports)
 
     def stats(self) -> dict[str, int]:
         """Every host's `Runtime.stats()`, added up (hosts that do not answer left out)."""

@@ -34,7 +34,7 @@ from actors._ray_routes import HostDirectory, HostInfo, host_address
 from actors.async_runtime import DEFAULT_BLOCKING_THREADS, AsyncRuntime
 from actors.runtime import Runtime
 from actors.sdk import AgentFactory, AgentRole
-from messages import Block, Group, Message, MessageCreate, Run, TurnResult
+from messages import Block, Group, Message, MessageCreate, PruneReport, Run, TurnResult
 from persistence import redact
 
 log = structlog.get_logger("sleeptime.ray")
@@ -251,6 +251,11 @@ class ShardHost:
     async def delete_block(self, agent_id: str, label: str) -> Block:
         block: Block = await self._rt.delete_block(agent_id, label)
         return block
+
+    async def prune(self, options: dict[str, Any]) -> PruneReport:
+        """`Runtime.prune` over the groups this host serves (the others are skipped)."""
+        report: PruneReport = await self._rt.prune(**options)
+        return report
 
     async def read(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One of the calls any host answers (`READS`), by name."""

@@ -436,6 +436,9 @@ class AsyncRuntime:
     create_block = _in_executor(Runtime.create_block)
     delete_block = _in_executor(Runtime.delete_block)
     block_history = _in_executor(Runtime.block_history)
+    # -- retention (issue 19) -------------------------------------------------------------
+
+    prune = _in_executor(Runtime.prune)
 
     async def _blocking(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run `fn` on the executor and wait for it on the loop. A cancelled caller

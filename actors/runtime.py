@@ -18,11 +18,12 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Annotated, Any, Self
 
-from pydantic import ConfigDict, Field, TypeAdapter
+from pydantic import ConfigDict, Field, StrictBool, TypeAdapter
 
 from actors._address import Address
 from actors._admission import TurnAdmission, TurnTicket, permit_wait
@@ -33,6 +34,9 @@ from actors._arguments import (
     GROUP_IDS,
     REQUEST_ID,
     TURN_TIMEOUT,
+    EventPage,
+    GroupFilters,
+    MessagePage,
     RunFilters,
     RunWait,
     StartOptions,
@@ -68,6 +72,7 @@ from messages import (
     DEFAULT_MAX_ATTEMPTS,
     DEFAULT_RUN_TIMEOUT,
     MEMORY_PERSONA,
+    PRUNE_KINDS,
     Agent,
     AgentSpec,
     Block,
@@ -82,6 +87,8 @@ from messages import (
     Message,
     MessageCreate,
     NotOwner,
+    PruneReport,
+    PruneSettings,
     ReadOnlyRuntime,
     Run,
     RunEvent,
@@ -137,6 +144,10 @@ _MESSAGES: TypeAdapter[list[MessageCreate]] = TypeAdapter(
     Annotated[list[MessageCreate], Field(min_length=1)], config=ConfigDict(title="messages")
 )
 _UNSET: Any = object()
+DEFAULT_PRUNE_BATCH = 500
+"""Rows of a kind a prune removes per transaction, by default."""
+PRUNE_GROUP_PAGE = 500
+DRY_RUN: TypeAdapter[bool] = TypeAdapter(StrictBool, config=ConfigDict(title="dry_run"))
 _STREAM_POLL_S = 0.25
 _running: weakref.WeakSet[Runtime] = weakref.WeakSet()
 
@@ -750,9 +761,32 @@ class Runtime:
         self._check()
         return self._store.get_group(group_id)
 
-    def list_groups(self) -> list[Group]:
+    def list_groups(
+        self,
+        *,
+        statuses: Sequence[str] | None = None,
+        primary_kind: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[Group]:
+        """Groups oldest first (by creation, then id), every one or a page of them.
+
+        `statuses` keeps the groups with those statuses ("active", "failed");
+        `primary_kind` those whose primary agent is of that kind. A page: `limit` groups
+        after the group `after` (the last one of the previous page; GroupNotFound if no
+        group has that id). Paging is by key, not offset: a group created meanwhile
+        comes after the ones listed, none is listed twice.
+        """
+        filters = GroupFilters(
+            statuses=statuses, primary_kind=primary_kind, limit=limit, after=after
+        )
         self._check()
-        return self._store.list_groups()
+        return self._store.list_groups(
+            statuses=filters.statuses,
+            primary_kind=filters.primary_kind,
+            limit=filters.limit,
+            after=filters.after,
+        )
 
     def count_groups(self) -> int:
         """How many groups the database holds (of every process sharing it), failed
@@ -1000,14 +1034,25 @@ class Runtime:
         statuses: Sequence[RunStatus | str] | None = None,
         limit: int | None = None,
         newest_first: bool = False,
+        *,
+        after: str | None = None,
     ) -> list[Run]:
-        """Runs oldest first (or newest first), filtered by agent, group and status."""
+        """Runs oldest first (or newest first), filtered by agent, group and status.
+
+        A page: `limit` runs after the run `after` in that order (the last one of the
+        previous page; RunNotFound if no run has that id). The order is by creation, then
+        turn, position and id; paging is by key, not offset, so no run is listed twice
+        or skipped, and a run created meanwhile comes after the runs listed (a turn stamps
+        its runs when it starts: with turns of several groups committing at once, page
+        one group at a time to see every new run).
+        """
         filters = RunFilters(
             agent_id=agent_id,
             group_id=group_id,
             statuses=statuses,
             limit=limit,
             newest_first=newest_first,
+            after=after,
         )
         self._check()
         return self._store.list_runs(
@@ -1016,6 +1061,7 @@ class Runtime:
             statuses=filters.statuses,
             limit=filters.limit,
             newest_first=filters.newest_first,
+            after=filters.after,
         )
 
     def count_runs(
@@ -1031,11 +1077,15 @@ class Runtime:
             agent_id=filters.agent_id, group_id=filters.group_id, statuses=filters.statuses
         )
 
-    def run_events(self, run_id: str) -> list[RunEvent]:
-        """Every status change of the run, oldest first."""
+    def run_events(
+        self, run_id: str, *, limit: int | None = None, after: int | None = None
+    ) -> list[RunEvent]:
+        """Every status change of the run, oldest first; or a page: `limit` events after
+        the event whose `id` is `after` (RunEventNotFound if the run has none)."""
         run_id = check_id(run_id, "run_id")
+        page = EventPage(limit=limit, after=after)
         self._check()
-        return self._store.run_events(run_id)
+        return self._store.run_events(run_id, limit=page.limit, after=page.after)
 
     def cancel_run(self, run_id: str) -> Run:
         """Cancel a run (a terminal run is returned as it is)."""
@@ -1201,11 +1251,15 @@ class Runtime:
         if not self._store.serves(group_id):
             raise self._store.not_owner(group_id)
 
-    def list_messages(self, agent_id: str) -> list[Message]:
-        """The agent's stored history, oldest first."""
+    def list_messages(
+        self, agent_id: str, *, limit: int | None = None, after: str | None = None
+    ) -> list[Message]:
+        """The agent's stored history, oldest first; or a page: `limit` messages after the
+        message `after` (MessageNotFound if it is not one of the agent's, e.g. pruned)."""
         agent_id = check_id(agent_id, "agent_id")
+        page = MessagePage(limit=limit, after=after)
         self._check()
-        return self._store.list_messages(agent_id)
+        return self._store.list_messages(agent_id, limit=page.limit, after=page.after)
 
     def check_invariants(self, group_ids: Sequence[str] | None = None) -> InvariantReport:
         """Check SPEC 4-6 over what is stored (after the runs finished): every run
@@ -1214,6 +1268,112 @@ class Runtime:
         group_ids = GROUP_IDS.validate_python(group_ids)
         self._check()
         return check_invariants(self._store, group_ids)
+
+    # -- retention (issue 19) -------------------------------------------------------------
+
+    def prune(
+        self,
+        *,
+        before: datetime | None = None,
+        keep_runs: int | None = None,
+        messages: bool = False,
+        keep_messages: int | None = None,
+        keep_block_versions: int | None = None,
+        group_ids: Sequence[str] | None = None,
+        batch_size: int = DEFAULT_PRUNE_BATCH,
+        dry_run: bool = False,
+    ) -> PruneReport:
+        """Remove what a deployment no longer needs, in bounded batches, while it runs.
+
+        - `before` (an aware datetime): terminal runs completed before it go, with their
+          events and what their sleeptime agents stored for them (their history), and so
+          do turn requests made before it (a retry with a removed request id takes a new
+          turn); with `messages` or `keep_block_versions`, only what is older goes too.
+        - `keep_runs`: per sleeptime agent, its newest N runs stay (with or without
+          `before`). An agent's runs go oldest first, never one after a run that stays.
+        - `messages=True`: primary messages already covered by every current sleeptime
+          agent's windows go: up to the group's cursor, below the window of every run not
+          yet terminal, whole turns only; `keep_messages` keeps the newest N per group
+          (the primary agent's recent history; a retried request's answer lists only
+          the messages that remain).
+        - `keep_block_versions`: per block, the newest N versions stay (N >= 1; the
+          current version always does).
+        - `group_ids`: only these groups (GroupNotFound for an unknown one); default all.
+
+        Each batch (at most `batch_size` rows of a kind, with the rows riding along) is
+        one transaction through this process's writer, fenced by the group's lease, that
+        also moves the marks the invariants read (`check_invariants` holds on what
+        remains) and adds its counts to the group's row in `prunes`: turns keep being
+        taken meanwhile, and a crash leaves each batch done or not. Groups this process
+        does not serve (another owns them; or their shard moved meanwhile) are skipped
+        and listed in the report. With `dry_run=True` nothing is removed: the report
+        counts what would be (a read-only runtime may do that).
+
+        Bad options (a naive datetime, a negative count, nothing to prune) raise
+        pydantic's ValidationError.
+        """
+        settings = PruneSettings(
+            before=before,
+            keep_runs=keep_runs,
+            messages=messages,
+            keep_messages=keep_messages,
+            keep_block_versions=keep_block_versions,
+            batch_size=batch_size,
+        )
+        chosen = GROUP_IDS.validate_python(group_ids)
+        dry_run = DRY_RUN.validate_python(dry_run)
+        self._check() if dry_run else self._check("prune")
+        removed: dict[str, int] = dict.fromkeys(PRUNE_KINDS, 0)
+        by_group: dict[str, dict[str, int]] = {}
+        skipped: list[str] = []
+        batches = looked_at = 0
+        for group_id in self._groups_to_prune(chosen):
+            looked_at += 1
+            if not self._store.serves(group_id):
+                skipped.append(group_id)
+                continue
+            try:
+                if dry_run:
+                    counts, done = self._store.prune_counts(group_id, settings), 0
+                else:
+                    counts, done = self._store.prune_group(group_id, settings)
+            except (ShardLost, NotOwner) as moved:
+                log.warning("prune_skipped_group", group_id=group_id, error=str(moved))
+                skipped.append(group_id)
+                continue
+            batches += done
+            if any(counts.values()):
+                by_group[group_id] = {kind: counts.get(kind, 0) for kind in PRUNE_KINDS}
+                for kind, count in counts.items():
+                    removed[kind] = removed.get(kind, 0) + count
+                if not dry_run:
+                    log.info("group_pruned", group_id=group_id, batches=done, **counts)
+        log.info(
+            "prune_finished", dry_run=dry_run, groups=looked_at, skipped=len(skipped), **removed
+        )
+        return PruneReport(
+            dry_run=dry_run,
+            groups=looked_at,
+            batches=batches,
+            removed=removed,
+            by_group=by_group,
+            skipped=skipped,
+        )
+
+    def _groups_to_prune(self, group_ids: list[str] | None) -> Iterator[str]:
+        """The given groups (each must exist), or every group, a page at a time."""
+        if group_ids is not None:
+            for group_id in group_ids:
+                self._store.get_group(group_id)  # GroupNotFound before anything is removed
+            yield from dict.fromkeys(group_ids)
+            return
+        after: str | None = None
+        while True:
+            page = self._store.list_groups(limit=PRUNE_GROUP_PAGE, after=after)
+            yield from (group.id for group in page)
+            if len(page) < PRUNE_GROUP_PAGE:
+                return
+            after = page[-1].id
 
     def stats(self) -> dict[str, int]:
         """What this process holds and has done since it started, read from memory (no

@@ -7,6 +7,7 @@ Each module holds one concern, over the public runtime API only (`actors.Runtime
 - `tables`: laying out what the commands print (aligned columns, short ids, durations).
 - `demo`: the `demo` command, a conversation that shows memory catching up.
 - `inspection`: `runs`, `groups`, `check` and `migrate`, over an existing database.
+- `retention`: `prune`, removing what a database no longer needs.
 - `workloads`: the `simulate` and `loadtest` commands; `loadsim` drives and measures them.
 
 Example:

@@ -73,11 +73,12 @@ def show_runs(args: argparse.Namespace) -> int:
             statuses=args.status,
             limit=args.limit,
             newest_first=True,
+            after=args.after,
         )
     finally:
         rt.stop(drain_timeout=0)
     if not runs:
-        print("No runs match.")
+        print("No more runs match." if args.after else "No runs match.")
         return EXIT_OK
     headers = ["run", "group", "agent", "status", "stop reason", "attempt", "turn", "window"]
     headers += ["created (UTC)", "duration", "error"]
@@ -99,10 +100,23 @@ def show_runs(args: argparse.Namespace) -> int:
     ]
     print(format_table(headers, rows, right={5, 6, 9}))
     if len(runs) == args.limit:
-        print(f"{len(runs)} run(s), newest first; older ones may be left out: raise --limit")
+        print(f"{len(runs)} run(s), newest first; older ones: {next_page(args, runs[-1].id)}")
     else:
         print(f"{len(runs)} run(s), newest first")
     return EXIT_OK
+
+
+def next_page(args: argparse.Namespace, last_id: str) -> str:
+    """The command line that shows the next page: this one, `--after` the last row shown."""
+    words = [command_name(), args.command, "--db", redact(args.db)]
+    for option in ("group", "agent"):
+        if getattr(args, option, None) is not None:
+            words += [f"--{option}", getattr(args, option)]
+    for status in getattr(args, "status", None) or ():
+        words += ["--status", status]
+    if getattr(args, "primary_kind", None) is not None:
+        words += ["--primary-kind", args.primary_kind]
+    return " ".join([*words, "--limit", str(args.limit), "--after", last_id])
 
 
 def print_events(rt: Runtime, run_id: str) -> None:
@@ -132,14 +146,18 @@ def _window(run: Run) -> str:
 
 
 def show_groups(args: argparse.Namespace) -> int:
-    """The `groups` command: a table of every group and where its counter and cursor are."""
+    """The `groups` command: a table of the groups, oldest first, a page at a time, and
+    where their counters and cursors are."""
     rt = open_existing(args.db)
     try:
-        groups = rt.list_groups()
+        groups = rt.list_groups(
+            statuses=args.status, primary_kind=args.primary_kind, limit=args.limit, after=args.after
+        )
     finally:
         rt.stop(drain_timeout=0)
     if not groups:
-        print("No groups yet.")
+        filtered = args.after or args.status or args.primary_kind
+        print("No more groups match." if filtered else "No groups yet.")
         return EXIT_OK
     headers = ["group", "frequency", "counter", "turns", "cursor", "sleeptime agents", "status"]
     rows = [
@@ -155,7 +173,10 @@ def show_groups(args: argparse.Namespace) -> int:
         for group in groups
     ]
     print(format_table(headers, rows, right={1, 2, 3, 5}))
-    print(f"{len(groups)} group(s)")
+    if len(groups) == args.limit:
+        print(f"{len(groups)} group(s); more: {next_page(args, groups[-1].id)}")
+    else:
+        print(f"{len(groups)} group(s)")
     return EXIT_OK
 
 

@@ -56,6 +56,19 @@ class AgentNotFound(NotFoundError):
     kind = "agent"
 
 
+class MessageNotFound(NotFoundError):
+    """A message id (a paging cursor, `after=`) that names no message of the agent: a
+    wrong id, or one removed by retention since (start again without `after`)."""
+
+    kind = "message"
+
+
+class RunEventNotFound(NotFoundError):
+    """A run event id (a paging cursor, `after=`) that names no event of the run."""
+
+    kind = "run event"
+
+
 class RuntimeStopped(SleeptimeError):
     """A call reached a runtime that was stopped (or is stopping)."""
 

@@ -90,7 +90,8 @@ class Run(BaseModel):
 
 
 class RunEvent(BaseModel):
-    """One recorded status change of a run."""
+    """One recorded status change of a run; `id` orders a run's events (and is the
+    cursor `run_events(run_id, after=...)` takes)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     run_id: str
@@ -98,3 +99,4 @@ class RunEvent(BaseModel):
     at: datetime
     attempt: int
     reason: str | None = None
+    id: int | None = None

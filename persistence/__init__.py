@@ -11,7 +11,14 @@ from persistence._engine import parse_url, redact, sqlite_file
 from persistence._leases import DEFAULT_SHARDS, MAX_SHARDS, Leases, ShardBook, ShardOwner
 from persistence._models import utcnow
 from persistence._observed import StoreObserver
-from persistence._records import GroupState, NewGroup, Transition, TurnRequest, TurnWrite
+from persistence._records import (
+    GroupState,
+    NewGroup,
+    RetentionMarks,
+    Transition,
+    TurnRequest,
+    TurnWrite,
+)
 from persistence._store import StaleTurn, Store
 
 __all__ = [
@@ -20,6 +27,7 @@ __all__ = [
     "GroupState",
     "Leases",
     "NewGroup",
+    "RetentionMarks",
     "ShardBook",
     "ShardOwner",
     "StaleTurn",

@@ -113,3 +113,19 @@ class GroupState:
     last_seq: int
     primary: Agent
     sleeptime: list[Agent]
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionMarks:
+    """What retention removed of a group, as its marks say (for the invariants).
+
+    `cursor_seq`: the sequence of the group's cursor (its message may be gone);
+    `messages_pruned_through` / `turns_pruned_through`: primary messages (and turns) up
+    to these are gone; `runs_pruned_through_seq`: per sleeptime agent, its runs whose
+    windows end at or before this primary sequence are gone.
+    """
+
+    cursor_seq: int
+    messages_pruned_through: int
+    turns_pruned_through: int
+    runs_pruned_through_seq: dict[str, int]

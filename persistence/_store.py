@@ -17,9 +17,11 @@ from typing import Any, TypeVar, cast
 from pydantic import BaseModel
 from sqlalchemy import (
     URL,
+    ColumnElement,
     Connection,
     RowMapping,
     Table,
+    and_,
     bindparam,
     delete,
     func,
@@ -41,9 +43,12 @@ from messages import (
     Group,
     GroupNotFound,
     Message,
+    MessageNotFound,
     NotOwner,
+    PruneSettings,
     Run,
     RunEvent,
+    RunEventNotFound,
     RunNotFound,
     RunStatus,
     StoreRejected,
@@ -54,6 +59,7 @@ from messages import (
 from messages._blocks import BlockChange, BlockSource, view_not_found
 from messages._ids import new_id
 from messages._text import STORED, storable
+from persistence import _retention as retention
 from persistence import _schema as schema
 from persistence._block_cache import BlockCache, visible_to
 from persistence._committer import Committer, Planned, Txn, Write, lost_connection
@@ -79,7 +85,14 @@ from persistence._models import (
 )
 from persistence._observed import NO_STORE_OBSERVER, StoreObserver
 from persistence._ownership import DatabaseFile, Ownership
-from persistence._records import GroupState, NewGroup, Transition, TurnRequest, TurnWrite
+from persistence._records import (
+    GroupState,
+    NewGroup,
+    RetentionMarks,
+    Transition,
+    TurnRequest,
+    TurnWrite,
+)
 
 T = TypeVar("T")
 OPEN_STATUSES = (RunStatus.CREATED.value, RunStatus.RUNNING.value)
@@ -143,6 +156,9 @@ _LAST_SEQUENCES = (
     select(messages.c.agent_id, func.max(messages.c.sequence))
     .where(messages.c.agent_id.in_(bindparam("agent_ids", expanding=True)))
     .group_by(messages.c.agent_id)
+)
+_HISTORY_PRUNED = select(agents.c.id, agents.c.history_pruned_through).where(
+    agents.c.id.in_(bindparam("agent_ids", expanding=True)), agents.c.history_pruned_through > 0
 )
 _SELECT_AGENT = select(agents).where(agents.c.id == bindparam("agent_id"))
 _SELECT_GROUP = select(groups).where(groups.c.id == bindparam("group_id"))
@@ -435,8 +451,12 @@ class Store:
                     unknown.append(agent_id)
         if unknown:
             next_by_agent.update(dict.fromkeys(unknown, 1))
+            # Retention may have removed a history's last messages: it goes on after them.
+            pruned = connection.execute(_HISTORY_PRUNED, {"agent_ids": unknown}).all()
+            next_by_agent.update((agent_id, mark + 1) for agent_id, mark in pruned)
             found = connection.execute(_LAST_SEQUENCES, {"agent_ids": unknown}).all()
-            next_by_agent.update((agent_id, last + 1) for agent_id, last in found)
+            for agent_id, last in found:
+                next_by_agent[agent_id] = max(next_by_agent[agent_id], last + 1)
         numbered = []
         for row in rows:
             agent_id = row["agent_id"]
@@ -513,10 +533,14 @@ class Store:
         def query(connection: Connection) -> GroupState:
             group, cursor_seq, members = _load_group(connection, group_id)
             last = connection.execute(_LAST_SEQUENCE, {"agent_id": group.primary_agent_id})
+            last_seq = last.scalar()
+            if last_seq is None:  # none stored, or retention removed them all
+                pruned = select(groups.c.messages_pruned_through).where(groups.c.id == group_id)
+                last_seq = connection.execute(pruned).scalar() or 0
             return GroupState(
                 group=group,
                 cursor_seq=cursor_seq,
-                last_seq=last.scalar() or 0,
+                last_seq=last_seq,
                 primary=members[0],
                 sleeptime=members[1:],
             )
@@ -528,9 +552,34 @@ class Store:
         statement = select(func.count()).select_from(groups)
         return int(self._read(lambda c: c.execute(statement).scalar_one()))
 
-    def list_groups(self) -> list[Group]:
+    def list_groups(
+        self,
+        statuses: Sequence[str] | None = None,
+        primary_kind: str | None = None,
+        limit: int | None = None,
+        after: str | None = None,
+    ) -> list[Group]:
+        """Groups oldest first (created_at, then id), with the given statuses and primary
+        agent kind; `limit` of them after the group `after` (GroupNotFound if none)."""
+        key = (groups.c.created_at, groups.c.id)
+
         def query(connection: Connection) -> list[Group]:
-            ids = connection.execute(select(groups.c.id).order_by(groups.c.created_at)).scalars()
+            statement = select(groups.c.id)
+            if statuses is not None:
+                statement = statement.where(groups.c.status.in_(list(statuses)))
+            if primary_kind is not None:
+                statement = statement.join(agents, agents.c.id == groups.c.primary_agent_id).where(
+                    agents.c.kind == primary_kind
+                )
+            if after is not None:
+                found = connection.execute(select(*key).where(groups.c.id == after)).first()
+                if found is None:
+                    raise GroupNotFound(after)
+                statement = statement.where(_after(key, tuple(found)))
+            statement = statement.order_by(*key)
+            if limit is not None:
+                statement = statement.limit(limit)
+            ids = connection.execute(statement).scalars().all()
             return [_load_group(connection, group_id)[0] for group_id in ids]
 
         return self._read(query)
@@ -906,11 +955,28 @@ class Store:
 
     # -- messages -------------------------------------------------------------------------
 
-    def list_messages(self, agent_id: str) -> list[Message]:
-        """An agent's whole history, oldest first."""
+    def list_messages(
+        self, agent_id: str, limit: int | None = None, after: str | None = None
+    ) -> list[Message]:
+        """An agent's history, oldest first: all of it, or `limit` messages after the
+        message `after` (MessageNotFound if it is not one of the agent's)."""
 
         def query(connection: Connection) -> list[Message]:
-            rows = connection.execute(_SELECT_HISTORY, {"agent_id": agent_id}).mappings().all()
+            statement = _SELECT_HISTORY
+            if after is not None:
+                cursor = connection.execute(
+                    select(messages.c.sequence).where(
+                        messages.c.id == after, messages.c.agent_id == agent_id
+                    )
+                ).scalar()
+                if cursor is None:
+                    if connection.execute(_SELECT_AGENT, {"agent_id": agent_id}).first() is None:
+                        raise AgentNotFound(agent_id)
+                    raise MessageNotFound(after)
+                statement = statement.where(messages.c.sequence > cursor)
+            if limit is not None:
+                statement = statement.limit(limit)
+            rows = connection.execute(statement, {"agent_id": agent_id}).mappings().all()
             if (
                 not rows
                 and connection.execute(_SELECT_AGENT, {"agent_id": agent_id}).first() is None
@@ -1109,14 +1175,28 @@ class Store:
         statuses: Sequence[RunStatus | str] | None = None,
         limit: int | None = None,
         newest_first: bool = False,
+        after: str | None = None,
     ) -> list[Run]:
-        """Runs oldest first (or newest first), filtered by agent, group and status."""
-        statement = select(runs).where(*_run_filters(agent_id, group_id, statuses))
-        order = [runs.c.created_at, runs.c.turn, runs.c.position]
-        statement = statement.order_by(*(c.desc() for c in order) if newest_first else order)
-        if limit is not None:
-            statement = statement.limit(limit)
-        return self._read(lambda c: [_run(r) for r in c.execute(statement).mappings()])
+        """Runs oldest first (or newest first), filtered by agent, group and status; with
+        `after`, those that come after that run in this order (RunNotFound if none).
+
+        The order is (created_at, turn, position, id): total, so a keyset page never
+        repeats or skips a run that was there when the previous page was read."""
+        order = (runs.c.created_at, runs.c.turn, runs.c.position, runs.c.id)
+
+        def query(connection: Connection) -> list[Run]:
+            statement = select(runs).where(*_run_filters(agent_id, group_id, statuses))
+            if after is not None:
+                found = connection.execute(select(*order).where(runs.c.id == after)).first()
+                if found is None:
+                    raise RunNotFound(after)
+                statement = statement.where(_after(order, tuple(found), newest_first))
+            statement = statement.order_by(*(c.desc() for c in order) if newest_first else order)
+            if limit is not None:
+                statement = statement.limit(limit)
+            return [_run(r) for r in connection.execute(statement).mappings()]
+
+        return self._read(query)
 
     def count_runs(
         self,
@@ -1174,12 +1254,108 @@ class Store:
         )
         return self._read(lambda c: [(r[0], r[1], r[2]) for r in c.execute(statement).all()])
 
-    def run_events(self, run_id: str) -> list[RunEvent]:
+    def run_events(
+        self, run_id: str, limit: int | None = None, after: int | None = None
+    ) -> list[RunEvent]:
+        """The run's events oldest first; `limit` of them after the event with id `after`
+        (RunEventNotFound if the run has none with that id)."""
+
         def query(connection: Connection) -> list[RunEvent]:
             if connection.execute(_SELECT_RUN, {"run_id": run_id}).first() is None:
                 raise RunNotFound(run_id)
-            rows = connection.execute(_SELECT_EVENTS, {"run_id": run_id}).mappings()
+            statement = _SELECT_EVENTS
+            if after is not None:
+                mine = (run_events.c.id == after, run_events.c.run_id == run_id)
+                if connection.execute(select(run_events.c.id).where(*mine)).first() is None:
+                    raise RunEventNotFound(str(after))
+                statement = statement.where(run_events.c.id > after)
+            if limit is not None:
+                statement = statement.limit(limit)
+            rows = connection.execute(statement, {"run_id": run_id}).mappings()
             return [_run_event(r) for r in rows]
+
+        return self._read(query)
+
+    # -- retention ------------------------------------------------------------------------
+
+    def prune_batch(
+        self, group_id: str, settings: PruneSettings, step: str, prune_id: int | None
+    ) -> Future[tuple[dict[str, int], bool, int | None]]:
+        """One batch of a prune of the group (`step`: runs, messages, block_versions or
+        turn_requests; see `persistence._retention`), in one transaction through the
+        writer, fenced by the group's lease: it removes up to `settings.batch_size` rows
+        of its kind, moves the marks and adds its counts to the group's `prunes` row
+        (`prune_id`, made by the first batch). Resolves with (counts by kind, whether
+        more may remain, the `prunes` row id)."""
+        plan = dict(retention.BATCHES)[step]
+
+        def op(connection: Connection) -> tuple[dict[str, int], bool, int | None]:
+            counts, more = plan(connection, group_id, settings, settings.batch_size, True)
+            if not any(counts.values()):
+                return counts, False, prune_id
+            recorded = retention.record_prune(connection, group_id, settings, counts, prune_id)
+            return counts, more, recorded
+
+        return self.committer.submit(op, lease=self.lease_of(group_id))
+
+    def prune_group(self, group_id: str, settings: PruneSettings) -> tuple[dict[str, int], int]:
+        """Prune the group batch by batch (see `prune_batch`), each step until nothing of
+        its kind is left to remove; return (rows removed by kind, batches committed).
+
+        Raises ShardLost if this process loses the group's shard meanwhile: the batches
+        committed before stay done."""
+        total: dict[str, int] = {}
+        batches = 0
+        prune_id: int | None = None
+        for step, _ in retention.BATCHES:
+            more = True
+            while more:
+                counts, more, prune_id = self.prune_batch(
+                    group_id, settings, step, prune_id
+                ).result()
+                if any(counts.values()):
+                    batches += 1
+                for kind, count in counts.items():
+                    total[kind] = total.get(kind, 0) + count
+        return total, batches
+
+    def prune_counts(self, group_id: str, settings: PruneSettings) -> dict[str, int]:
+        """What a prune of the group would remove now, by kind (nothing is removed)."""
+
+        def query(connection: Connection) -> dict[str, int]:
+            total: dict[str, int] = {}
+            for _, plan in retention.BATCHES:
+                counts, _ = plan(connection, group_id, settings, None, False)
+                for kind, count in counts.items():
+                    total[kind] = total.get(kind, 0) + count
+            return total
+
+        return self._read(query)
+
+    def retention_marks(self, group_id: str) -> RetentionMarks:
+        """The group's cursor sequence and what retention removed of it (its marks)."""
+
+        def query(connection: Connection) -> RetentionMarks:
+            row = connection.execute(
+                select(
+                    groups.c.cursor_seq,
+                    groups.c.messages_pruned_through,
+                    groups.c.turns_pruned_through,
+                ).where(groups.c.id == group_id)
+            ).first()
+            if row is None:
+                raise GroupNotFound(group_id)
+            marks = connection.execute(
+                select(agents.c.id, agents.c.runs_pruned_through_seq).where(
+                    agents.c.group_id == group_id
+                )
+            ).all()
+            return RetentionMarks(
+                cursor_seq=row[0],
+                messages_pruned_through=row[1],
+                turns_pruned_through=row[2],
+                runs_pruned_through_seq={str(a): int(m) for a, m in marks},
+            )
 
         return self._read(query)
 
@@ -1193,6 +1369,20 @@ def _view(url: URL) -> DatabaseFile | None:
         return DatabaseFile(path, url=redact(url))
     except StoreUnavailable:  # a file it cannot open is one this process has no lock on
         return None
+
+
+def _after(
+    key: Sequence[ColumnElement[Any]], values: Sequence[Any], descending: bool = False
+) -> ColumnElement[bool]:
+    """Rows after `values` in the order of the `key` columns (a keyset page): spelled as
+    OR of ANDs, which every backend plans and types as plain comparisons."""
+    alternatives = []
+    for index, column in enumerate(key):
+        beyond = column < values[index] if descending else column > values[index]
+        alternatives.append(
+            and_(*(key[i] == values[i] for i in range(index)), beyond) if index else beyond
+        )
+    return or_(*alternatives)
 
 
 def _run_filters(
@@ -1319,6 +1509,7 @@ def _run_event(row: RowMapping) -> RunEvent:
         at=row["at"],
         attempt=row["attempt"],
         reason=row["reason"],
+        id=row["id"],
     )
 
 

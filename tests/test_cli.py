@@ -342,7 +342,7 @@ def test_runs_filters_take_the_short_ids_shown(
     assert run.main(["runs", "--db", demo_db, "--agent", sleeper, "--limit", "2"]) == 0
     out = capsys.readouterr().out
     assert runs[2].id in out and runs[0].id not in out  # the newest two
-    assert "older ones may be left out" in out
+    assert "older ones: " in out and f"--after {runs[1].id}" in out
     assert run.main(["runs", "--db", demo_db, "--agent", group.primary_agent_id]) == 0
     assert capsys.readouterr().out == "No runs match.\n"
 

@@ -27,11 +27,13 @@ ERRORS = {
     "GroupBusy",
     "GroupFailed",
     "GroupNotFound",
+    "MessageNotFound",
     "NotFoundError",
     "NotOwner",
     "OwnershipLost",
     "PrimaryAgentError",
     "ReadOnlyRuntime",
+    "RunEventNotFound",
     "RunNotFound",
     "RunsTimeout",
     "RuntimeBusy",
@@ -77,6 +79,8 @@ PUBLIC: dict[str, set[str]] = {
         "render_transcript",
         "INVARIANTS",
         "InvariantReport",
+        # retention (issue 19)
+        "PruneReport",
     },
     "messages": ERRORS
     | {
@@ -111,6 +115,10 @@ PUBLIC: dict[str, set[str]] = {
         "ToolCall",
         "TurnResult",
         "GroupOwner",
+        # retention (issue 19)
+        "PRUNE_KINDS",
+        "PruneReport",
+        "PruneSettings",
     },
     "persistence": {
         "DEFAULT_SHARDS",
@@ -122,6 +130,7 @@ PUBLIC: dict[str, set[str]] = {
         "StoreObserver",
         "GroupState",
         "NewGroup",
+        "RetentionMarks",
         "StaleTurn",
         "Transition",
         "TurnRequest",

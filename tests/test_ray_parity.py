@@ -254,6 +254,32 @@ def test_the_async_client_takes_turns_streams_and_waits(cluster: RayCluster) -> 
     asyncio.run(asyncio.wait_for(main(), 60))
 
 
+def test_lists_page_and_prune_removes_from_every_host(api: API) -> None:
+    groups = [api.create_group(primary=SCRIPTED, sleeptime=[MEMORY], frequency=1) for _ in "abcd"]
+    run_ids = [
+        i for g in groups for n in range(2) for i in api.step(g.id, [user(f"hi {n}")]).run_ids
+    ]
+    api.wait_for_runs(run_ids, timeout=30)
+    first = api.list_runs(group_id=groups[0].id, limit=1)
+    second = api.list_runs(group_id=groups[0].id, limit=1, after=first[0].id)
+    assert [r.id for r in first + second] == [r.id for r in api.list_runs(group_id=groups[0].id)]
+    history = api.list_messages(groups[0].primary_agent_id, limit=2, after=None)
+    assert len(history) == 2
+    events = api.run_events(first[0].id, limit=1)
+    assert api.run_events(first[0].id, limit=5, after=events[0].id)[0].id != events[0].id
+    created = {g.id for g in api.list_groups(limit=2, after=groups[1].id)}
+    assert created == {groups[2].id, groups[3].id}
+    with pytest.raises(RunNotFound):
+        api.list_runs(after="run-nobody-made")
+    group_ids = [g.id for g in groups]
+    counted = api.prune(keep_runs=1, group_ids=group_ids, dry_run=True)
+    assert counted.removed["runs"] == 4 and not counted.skipped
+    report = api.prune(keep_runs=1, group_ids=group_ids)
+    assert report.removed["runs"] == 4 and sorted(report.by_group) == sorted(group_ids)
+    assert not report.skipped
+    assert api.check_invariants(group_ids).ok
+
+
 def _public(cls: type) -> dict[str, Any]:
     return {
         name: member
