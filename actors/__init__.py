@@ -41,6 +41,7 @@ from actors.sdk import (
 from messages import (
     AgentConfigError,
     AgentNotFound,
+    AgentNotInGroup,
     AgentRoleError,
     DatabaseInUse,
     GroupBusy,
@@ -80,6 +81,7 @@ __all__ = [
     "AgentFactory",
     "AgentKinds",
     "AgentNotFound",
+    "AgentNotInGroup",
     "AgentRoleError",
     "AsyncRuntime",
     "AsyncTurnStream",

@@ -482,4 +482,7 @@ class AsyncRayRuntime:
     get_blocks = _in_executor(RayRuntime.get_blocks)
     list_messages = _in_executor(RayRuntime.list_messages)
     check_invariants = _in_executor(RayRuntime.check_invariants)
+    delete_group = _in_executor(RayRuntime.delete_group)
+    add_sleeptime_agent = _in_executor(RayRuntime.add_sleeptime_agent)
+    remove_sleeptime_agent = _in_executor(RayRuntime.remove_sleeptime_agent)
     hosts = _in_executor(RayRuntime.hosts)

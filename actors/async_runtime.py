@@ -429,6 +429,12 @@ class AsyncRuntime:
     list_messages = _in_executor(Runtime.list_messages)
     check_invariants = _in_executor(Runtime.check_invariants)
 
+    # -- groups over their life -----------------------------------------------------------
+
+    delete_group = _in_executor(Runtime.delete_group)
+    add_sleeptime_agent = _in_executor(Runtime.add_sleeptime_agent)
+    remove_sleeptime_agent = _in_executor(Runtime.remove_sleeptime_agent)
+
     async def _blocking(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run `fn` on the executor and wait for it on the loop. A cancelled caller
         leaves it running to its end (nobody reads its result)."""

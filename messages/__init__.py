@@ -20,6 +20,7 @@ from messages._content import (
 from messages._errors import (
     AgentConfigError,
     AgentNotFound,
+    AgentNotInGroup,
     AgentRoleError,
     DatabaseInUse,
     GroupBusy,
@@ -80,6 +81,7 @@ __all__ = [
     "Agent",
     "AgentConfigError",
     "AgentNotFound",
+    "AgentNotInGroup",
     "AgentRoleError",
     "AgentSpec",
     "Block",

@@ -296,3 +296,18 @@ class NotOwner(SleeptimeError):
         super().__init__(
             f"group {group_id} (shard {shard}) is served by {where}, not by this process"
         )
+
+
+# -- groups over their life ---------------------------------------------------------------
+
+
+class AgentNotInGroup(SleeptimeError, LookupError):
+    """An agent named for a change of a group's sleeptime agents that is not one of them:
+    the group's primary agent, or an agent of another group."""
+
+    def __init__(self, agent_id: str, group_id: str, detail: str) -> None:
+        self.agent_id = agent_id
+        self.group_id = group_id
+        super().__init__(
+            f"agent {agent_id!r} is not a sleeptime agent of group {group_id!r}: {detail}"
+        )

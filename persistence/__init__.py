@@ -11,12 +11,22 @@ from persistence._engine import parse_url, redact, sqlite_file
 from persistence._leases import DEFAULT_SHARDS, MAX_SHARDS, Leases, ShardBook, ShardOwner
 from persistence._models import utcnow
 from persistence._observed import StoreObserver
-from persistence._records import GroupState, NewGroup, Transition, TurnRequest, TurnWrite
+from persistence._records import (
+    AgentJoin,
+    AgentLeave,
+    GroupState,
+    NewGroup,
+    Transition,
+    TurnRequest,
+    TurnWrite,
+)
 from persistence._store import StaleTurn, Store
 
 __all__ = [
     "DEFAULT_SHARDS",
     "MAX_SHARDS",
+    "AgentJoin",
+    "AgentLeave",
     "GroupState",
     "Leases",
     "NewGroup",
