@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -516,3 +517,13 @@ def test_the_async_api_has_the_calls(db_url: str) -> None:
                 await rt.delete_group(group.id)
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_the_readme_example_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    (example,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "backfill=" in b]
+    exec(compile(example, "README.md", "exec"), {})
+    assert capsys.readouterr().out.startswith("3 1\n")
