@@ -69,7 +69,7 @@ def queued(rt: Runtime, group_id: str) -> int:
     """Messages waiting in the inbox of the group's running actor."""
     address = rt._running_group(group_id)
     ref = None if address is None else address._ref
-    return 0 if ref is None else ref.actor_inbox.qsize()
+    return 0 if ref is None else int(ref.actor_inbox.qsize())  # type: ignore[attr-defined]
 
 
 def names(row: tuple[Any, ...], ids: set[str]) -> bool:
@@ -287,7 +287,8 @@ def test_agents_added_and_removed_while_turns_run(db_url: str) -> None:
             )
             assert wait_until(lambda: rt.get_group(group.id).turns >= joined.added_turn + 5)
             removed = rt.remove_sleeptime_agent(group.id, founder)
-            assert wait_until(lambda: rt.get_group(group.id).turns >= removed.removed_turn + 5)
+            left = removed.removed_turn or 0
+            assert wait_until(lambda: rt.get_group(group.id).turns >= left + 5)
             late = rt.add_sleeptime_agent(group.id, MEMORY, backfill=True, backfill_window=4)
             assert wait_until(lambda: rt.get_group(group.id).turns >= late.added_turn + 3)
         finally:
@@ -317,8 +318,8 @@ def test_agents_added_and_removed_while_turns_run(db_url: str) -> None:
         agent = rt.get_agent(founder)
         assert agent.removed_at is not None and agent.removed_turn == removed.removed_turn
         theirs = rt.list_runs(agent_id=founder)
-        assert theirs and max(r.turn for r in theirs) <= removed.removed_turn
-        assert rt.list_messages(founder) and "memory_persona" in rt.get_blocks(founder)
+        assert theirs and max(r.turn for r in theirs) <= left
+        assert rt.list_messages(founder) and rt.get_blocks(founder).get("memory_persona")
         assert rt.stats()["active_agents"] <= 3  # its actor was stopped
 
 
@@ -450,10 +451,9 @@ def test_backfill_covers_the_earlier_history_once_in_bounded_windows_then_goes_o
     assert all(r.turn == before and r.status is RunStatus.COMPLETED for r in backfill)
     if later:  # then the normal windows, from the cursor at the join on
         assert later[0].window_first_seq == cursor_seq + 1 and later[0].turn > before
-    ended = [r.completed_at for r in runs]
-    begun = [r.started_at for r in runs]
-    assert all(e is not None and b is not None for e, b in zip(ended, begun, strict=True))
-    assert all(e <= b for e, b in zip(ended, begun[1:], strict=False))  # one at a time, in order
+    lives = [(r.started_at, r.completed_at) for r in runs]
+    times = [t for life in lives for t in life if t is not None]
+    assert len(times) == 2 * len(runs) and times == sorted(times)  # one at a time, in order
     mine = [t for t in recorder.transcripts if tag in t]
     assert len(mine) == len(runs)
     covered = [
@@ -487,7 +487,7 @@ def test_backfill_runs_left_open_by_a_stop_resume_in_order(db_url: str) -> None:
     with Runtime.start(db_url) as rt:
         runs = rt.wait_for_runs([r.id for r in rt.list_runs(agent_id=agent.id)], timeout=60)
         assert len(runs) == 13 and all(r.status.terminal for r in runs)
-        ordered = sorted(runs, key=lambda r: r.started_at or r.completed_at)
+        ordered = sorted(runs, key=lambda r: r.started_at or r.completed_at or r.created_at)
         assert [r.id for r in ordered] == [r.id for r in runs]
         report = rt.check_invariants([group.id])
         assert report.ok, report.violations
