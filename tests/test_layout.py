@@ -20,6 +20,7 @@ PACKAGES = ("actors", "messages", "persistence", "cli")
 ERRORS = {
     "AgentConfigError",
     "AgentNotFound",
+    "AgentNotInGroup",
     "AgentRoleError",
     "DatabaseInUse",
     "GroupBusy",
@@ -117,6 +118,8 @@ PUBLIC: dict[str, set[str]] = {
         "StoreObserver",
         "GroupState",
         "NewGroup",
+        "AgentJoin",
+        "AgentLeave",
         "StaleTurn",
         "Transition",
         "TurnRequest",
