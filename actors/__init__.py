@@ -41,6 +41,7 @@ from actors.sdk import (
 from messages import (
     AgentConfigError,
     AgentNotFound,
+    AgentNotInGroup,
     AgentRoleError,
     BlockExists,
     BlockNotFound,
@@ -85,6 +86,7 @@ __all__ = [
     "AgentFactory",
     "AgentKinds",
     "AgentNotFound",
+    "AgentNotInGroup",
     "AgentRoleError",
     "AsyncRuntime",
     "AsyncTurnStream",

@@ -14,9 +14,9 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from itertools import pairwise
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from messages import TERMINAL_STATUSES, Block, Group, Run
+from messages import TERMINAL_STATUSES, Agent, Block, Group, Run
 from messages._runs import is_legal_history
 from persistence import Store
 
@@ -39,13 +39,18 @@ Event = tuple[str, int, datetime]
 
 
 class InvariantReport(BaseModel):
-    """Which invariants hold (`checks`), and what broke them (`violations`)."""
+    """Which invariants hold (`checks`), and what broke them (`violations`).
+
+    `coverage` says, per sleeptime agent (removed ones included), the first primary
+    message sequence its windows cover (`Agent.coverage_from_seq`): 1 for the agents a
+    group was created with, later for one added to a live group."""
 
     model_config = ConfigDict(frozen=True)
     groups: int
     runs: int
     checks: dict[str, bool]
     violations: list[str]
+    coverage: dict[str, int] = Field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -59,10 +64,13 @@ def check_invariants(
     found: dict[str, list[str]] = {name: [] for name in INVARIANTS}
     groups = store.list_groups() if group_ids is None else [store.get_group(g) for g in group_ids]
     run_count = 0
+    coverage: dict[str, int] = {}
     for group in groups:
         runs = store.list_runs(group_id=group.id)
         run_count += len(runs)
-        _check_group(store, group, runs, found)
+        sleepers = [a for a in store.group_agents(group.id) if a.role == "sleeptime"]
+        coverage.update((a.id, a.coverage_from_seq) for a in sleepers)
+        _check_group(store, group, runs, found, sleepers)
     violations = [f"{name}: {detail}" for name, details in found.items() for detail in details][
         :max_violations
     ]
@@ -71,10 +79,20 @@ def check_invariants(
         runs=run_count,
         checks={name: not details for name, details in found.items()},
         violations=violations,
+        coverage=coverage,
     )
 
 
-def _check_group(store: Store, group: Group, runs: list[Run], found: dict[str, list[str]]) -> None:
+def _check_group(
+    store: Store,
+    group: Group,
+    runs: list[Run],
+    found: dict[str, list[str]],
+    sleepers: list[Agent] | None = None,
+) -> None:
+    """`sleepers`: every sleeptime agent the group ever had (default: its members now)."""
+    if sleepers is None:
+        sleepers = [a for a in store.group_agents(group.id) if a.role == "sleeptime"]
     histories = store.event_histories(group.id)
     for run in runs:
         if not run.status.terminal:
@@ -86,7 +104,7 @@ def _check_group(store: Store, group: Group, runs: list[Run], found: dict[str, l
         if attempts_decrease(events):
             attempts = " -> ".join(str(attempt) for _, attempt, _ in events)
             found["attempts_monotonic"].append(f"run {run.id}: attempts {attempts}")
-    for agent_id in group.sleeptime_agent_ids:
+    for agent_id in [a.id for a in sleepers]:
         mine = [r for r in runs if r.agent_id == agent_id]
         found["agent_runs_disjoint"] += [
             f"agent {agent_id}: {problem}" for problem in overlapping_runs(mine, histories)
@@ -139,14 +157,15 @@ def _check_group(store: Store, group: Group, runs: list[Run], found: dict[str, l
 
     by_turn: dict[int, list[Run]] = defaultdict(list)
     for run in runs:
-        by_turn[run.turn].append(run)
+        if not is_backfill(run):
+            by_turn[run.turn].append(run)
     for turn, fired in by_turn.items():
         agents = sorted(r.agent_id for r in fired)
         windows = {(r.window_first_seq, r.window_last_seq) for r in fired}
         # An agent whose runs up to this window were pruned has none left for it.
         end = max(last for _, last in windows)
         expected = [
-            a for a in group.sleeptime_agent_ids if marks.runs_pruned_through_seq.get(a, 0) < end
+            a for a in members_at(sleepers, turn) if marks.runs_pruned_through_seq.get(a, 0) < end
         ]
         if agents != sorted(expected) or len(windows) != 1:
             found["one_run_per_agent_per_fire"].append(
@@ -159,19 +178,61 @@ def _check_group(store: Store, group: Group, runs: list[Run], found: dict[str, l
         found["windows_contiguous_disjoint_covering"].append(
             f"group {group.id}: the cursor's message is at {stored_at}, cursor_seq {cursor_seq}"
         )
-    for agent_id in group.sleeptime_agent_ids:
-        covered = marks.runs_pruned_through_seq.get(agent_id, 0)
-        for run in sorted((r for r in runs if r.agent_id == agent_id), key=lambda r: r.turn):
-            if run.window_first_seq != covered + 1 or run.window_last_seq < run.window_first_seq:
-                found["windows_contiguous_disjoint_covering"].append(
-                    f"agent {agent_id}: window {run.window_first_seq}-{run.window_last_seq} "
-                    f"after {covered}"
-                )
-            covered = max(covered, run.window_last_seq)
-        if covered != cursor_seq:
-            found["windows_contiguous_disjoint_covering"].append(
-                f"agent {agent_id}: windows end at {covered}, the cursor is at {cursor_seq}"
+    for agent in sleepers:
+        mine = sorted(
+            (r for r in runs if r.agent_id == agent.id),
+            key=lambda r: (r.turn, r.metadata.get("position", 0)),  # creation order
+        )
+        ends_at = None if agent.removed_at is not None else cursor_seq
+        # Retention removes a prefix of an agent's runs: coverage goes on after it.
+        start = max(agent.coverage_from_seq, marks.runs_pruned_through_seq.get(agent.id, 0) + 1)
+        found["windows_contiguous_disjoint_covering"] += [
+            f"agent {agent.id}: {problem}" for problem in coverage_problems(start, mine, ends_at)
+        ]
+
+
+def is_backfill(run: Run) -> bool:
+    """Whether the run is one of an agent's backfill runs (created as it joined)."""
+    return bool(run.metadata.get("backfill"))
+
+
+def members_at(sleepers: Sequence[Agent], turn: int) -> list[str]:
+    """The sleeptime agents that were members of their group at `turn`: added before it
+    (`added_turn` < turn) and not removed before it (`removed_turn` >= turn)."""
+    return [
+        a.id
+        for a in sleepers
+        if a.added_turn < turn and (a.removed_turn is None or a.removed_turn >= turn)
+    ]
+
+
+def coverage_problems(coverage_from: int, runs: Sequence[Run], end: int | None) -> list[str]:
+    """What is wrong with one agent's windows (its runs in creation order): they must be
+    contiguous and disjoint from `coverage_from` on, and end at `end` (the cursor, for an
+    agent still in its group; None: anywhere, for one removed). Its backfill runs, first,
+    cover [coverage_from, the cursor at its join] exactly once."""
+    problems = []
+    covered = coverage_from - 1
+    for run in runs:
+        if run.window_first_seq != covered + 1 or run.window_last_seq < run.window_first_seq:
+            problems.append(
+                f"window {run.window_first_seq}-{run.window_last_seq} after {covered} "
+                f"(coverage from {coverage_from})"
             )
+        covered = max(covered, run.window_last_seq)
+    backfill = [r for r in runs if is_backfill(r)]
+    if backfill:
+        through = backfill[0].metadata.get("backfill_through")
+        if runs[: len(backfill)] != backfill or backfill[-1].window_last_seq != through:
+            problems.append(
+                f"backfill runs end at {backfill[-1].window_last_seq}, not at {through} "
+                "(the cursor at the join), or do not come first"
+            )
+    if end is not None and covered != end:
+        problems.append(
+            f"windows end at {covered}, the cursor is at {end} (coverage from {coverage_from})"
+        )
+    return problems
 
 
 def stale_writes(epochs: Sequence[tuple[int, int | None]]) -> list[str]:

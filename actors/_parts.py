@@ -196,8 +196,8 @@ class ActorDirectory:
                 return address
             store, parts = self._parts.store, self._parts
             agent = store.get_agent(agent_id)
-            if agent.role != "sleeptime":
-                raise AgentNotFound(agent_id)
+            if agent.role != "sleeptime" or agent.removed_at is not None:
+                raise AgentNotFound(agent_id)  # (a removed agent's actor never starts again)
             group = _once(store.get_group(agent.group_id), lambda: store.get_group(agent.group_id))
 
             def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:

@@ -19,7 +19,18 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
-from messages import Group, Message, MessageCreate, Run, RunStatus, StopReason, TurnResult
+from messages import (
+    Agent,
+    Block,
+    BlockSource,
+    Group,
+    Message,
+    MessageCreate,
+    Run,
+    RunStatus,
+    StopReason,
+    TurnResult,
+)
 
 R = TypeVar("R")
 TurnMode = Literal["step", "stream", "record"]
@@ -306,4 +317,57 @@ class DropShards(Ask[None]):
 
     shards: frozenset[int]
     lost: bool
+    reply: Future[None] = field(default_factory=Future)
+
+
+# -- groups over their life ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteGroup(Ask[None]):
+    """Delete the group between two turns: its rows go in one transaction, and every
+    later message to the group is refused with GroupNotFound."""
+
+    reply: Future[None] = field(default_factory=Future)
+
+
+@dataclass(frozen=True, slots=True)
+class AddSleeptimeAgent(Ask[Agent]):
+    """Add `agent` (with its own `persona` block) to the group between two turns, at the
+    cursor, or with backfill runs over the stored history in windows of at most
+    `backfill_window` messages. `persona_source`: who gave the persona (`application`
+    or `runtime`). An agent already added (a retried call) is answered as stored."""
+
+    agent: Agent
+    persona: Block
+    persona_source: BlockSource
+    backfill: bool
+    backfill_window: int | None
+    reply: Future[Agent] = field(default_factory=Future)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoveSleeptimeAgent(Ask[Agent]):
+    """Take a sleeptime agent out of the group between two turns: its open runs are
+    cancelled first, then it is marked removed; replies with the stored agent."""
+
+    agent_id: str
+    reply: Future[Agent] = field(default_factory=Future)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelAgentRuns(Ask[list[Future[None]]]):
+    """Cancel every open run of an agent (to the run tracker); the reply is the commit
+    future of each cancellation."""
+
+    agent_id: str
+    reply: Future[list[Future[None]]] = field(default_factory=Future)
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetGroup(Ask[None]):
+    """The group was deleted (to the run tracker): stop following its runs, raise their
+    cancel flags, and answer whoever waits for them with RunNotFound."""
+
+    group_id: str
     reply: Future[None] = field(default_factory=Future)

@@ -491,4 +491,7 @@ class AsyncRayRuntime:
     delete_block = _in_executor(RayRuntime.delete_block)
     block_history = _in_executor(RayRuntime.block_history)
     prune = _in_executor(RayRuntime.prune)
+    delete_group = _in_executor(RayRuntime.delete_group)
+    add_sleeptime_agent = _in_executor(RayRuntime.add_sleeptime_agent)
+    remove_sleeptime_agent = _in_executor(RayRuntime.remove_sleeptime_agent)
     hosts = _in_executor(RayRuntime.hosts)

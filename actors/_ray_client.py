@@ -85,6 +85,7 @@ from messages import (
     TurnTimeout,
 )
 from messages._blocks import view_not_found
+from messages._ids import new_id
 from messages._text import check_id
 
 if TYPE_CHECKING:
@@ -835,6 +836,75 @@ class RayRuntime:
                 return self._local.update_group(group_id, **changes)
             updated: Group = self._call(target, "update_group", group_id, changes)
             return updated
+
+        return self._routed(group_id, attempt, self._backoff(None))
+
+    # -- groups over their life -----------------------------------------------------------
+
+    def delete_group(self, group_id: str) -> None:
+        """`Runtime.delete_group` at the group's host. A retry after the host failed
+        mid-call that finds the group gone takes it as done (the first try deleted it)."""
+        group_id = check_id(group_id, "group_id")
+        self._check()
+        tries = 0
+
+        def attempt(target: str) -> None:
+            nonlocal tries
+            tries += 1
+            try:
+                if target == LOCAL:
+                    assert self._local is not None
+                    self._local.delete_group(group_id)
+                else:
+                    self._call(target, "delete_group", group_id)
+            except BaseException as raised:
+                if tries > 1 and isinstance(unwrap(raised), GroupNotFound):
+                    return
+                raise
+
+        self._routed(group_id, attempt, self._backoff(None))
+
+    def add_sleeptime_agent(
+        self,
+        group_id: str,
+        spec: AgentSpec | Mapping[str, Any],
+        *,
+        backfill: bool = False,
+        backfill_window: int | None = None,
+    ) -> Agent:
+        """`Runtime.add_sleeptime_agent` at the group's host. The agent's id is made here,
+        before the first try: a retry after a host failed mid-call answers with the agent
+        that try added, never a second one."""
+        group_id = check_id(group_id, "group_id")
+        self._check()
+        agent_id = new_id("agent")
+
+        def attempt(target: str) -> Agent:
+            if target == LOCAL:
+                assert self._local is not None
+                return self._local._add_sleeptime_agent(
+                    group_id, spec, backfill, backfill_window, agent_id
+                )
+            added: Agent = self._call(
+                target, "add_sleeptime_agent", group_id, spec, backfill, backfill_window, agent_id
+            )
+            return added
+
+        return self._routed(group_id, attempt, self._backoff(None))
+
+    def remove_sleeptime_agent(self, group_id: str, agent_id: str) -> Agent:
+        """`Runtime.remove_sleeptime_agent` at the group's host (a retry finds the agent
+        removed and returns it as it is)."""
+        group_id = check_id(group_id, "group_id")
+        agent_id = check_id(agent_id, "agent_id")
+        self._check()
+
+        def attempt(target: str) -> Agent:
+            if target == LOCAL:
+                assert self._local is not None
+                return self._local.remove_sleeptime_agent(group_id, agent_id)
+            removed: Agent = self._call(target, "remove_sleeptime_agent", group_id, agent_id)
+            return removed
 
         return self._routed(group_id, attempt, self._backoff(None))
 

@@ -34,7 +34,7 @@ from actors._ray_routes import HostDirectory, HostInfo, host_address
 from actors.async_runtime import DEFAULT_BLOCKING_THREADS, AsyncRuntime
 from actors.runtime import Runtime
 from actors.sdk import AgentFactory, AgentRole
-from messages import Block, Group, Message, MessageCreate, PruneReport, Run, TurnResult
+from messages import Agent, Block, Group, Message, MessageCreate, PruneReport, Run, TurnResult
 from persistence import redact
 
 log = structlog.get_logger("sleeptime.ray")
@@ -256,6 +256,28 @@ class ShardHost:
         """`Runtime.prune` over the groups this host serves (the others are skipped)."""
         report: PruneReport = await self._rt.prune(**options)
         return report
+
+    # -- groups over their life -----------------------------------------------------------
+
+    async def delete_group(self, group_id: str) -> None:
+        await self._rt.delete_group(group_id)
+
+    async def add_sleeptime_agent(
+        self,
+        group_id: str,
+        spec: Any,
+        backfill: bool,
+        backfill_window: int | None,
+        agent_id: str,
+    ) -> Agent:
+        """`Runtime.add_sleeptime_agent` with the agent id its client made: a retry of a
+        call that went through answers with the agent it added."""
+        return await self._rt._blocking(
+            self._runtime._add_sleeptime_agent, group_id, spec, backfill, backfill_window, agent_id
+        )
+
+    async def remove_sleeptime_agent(self, group_id: str, agent_id: str) -> Agent:
+        return await self._rt.remove_sleeptime_agent(group_id, agent_id)
 
     async def read(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One of the calls any host answers (`READS`), by name."""

@@ -439,6 +439,11 @@ class AsyncRuntime:
     # -- retention (issue 19) -------------------------------------------------------------
 
     prune = _in_executor(Runtime.prune)
+    # -- groups over their life -----------------------------------------------------------
+
+    delete_group = _in_executor(Runtime.delete_group)
+    add_sleeptime_agent = _in_executor(Runtime.add_sleeptime_agent)
+    remove_sleeptime_agent = _in_executor(Runtime.remove_sleeptime_agent)
 
     async def _blocking(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run `fn` on the executor and wait for it on the loop. A cancelled caller

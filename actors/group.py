@@ -23,21 +23,28 @@ from actors._address import Address
 from actors._execute import as_output, stamp
 from actors._observer import NO_OBSERVER, Observer, TurnWatch
 from actors._protocol import (
+    AddSleeptimeAgent,
     AssignRun,
+    CancelAgentRuns,
     ChangeSettings,
+    DeleteGroup,
     DispatchRuns,
     GroupChanged,
     KindRegistered,
+    RemoveSleeptimeAgent,
     RunsCreated,
     TakeTurn,
 )
 from actors._scheduler import Scheduler
 from actors._supervised import CrashReporter, SupervisedActor
-from actors.rules import claim_window, decide_fire
+from actors.rules import backfill_runs, backfill_windows, claim_window, decide_fire
 from actors.sdk import AgentBehaviour, AgentContext, Memory, StepFailed, stream_of
 from messages import (
+    Agent,
+    AgentNotInGroup,
     Group,
     GroupFailed,
+    GroupNotFound,
     Message,
     MessageCreate,
     PrimaryAgentError,
@@ -47,8 +54,18 @@ from messages import (
     StoreUnavailable,
     TurnResult,
 )
+from messages._lifecycle import DEFAULT_BACKFILL_WINDOW
 from messages._log import get_logger
-from persistence import GroupState, StaleTurn, Store, TurnRequest, TurnWrite, utcnow
+from persistence import (
+    AgentJoin,
+    AgentLeave,
+    GroupState,
+    StaleTurn,
+    Store,
+    TurnRequest,
+    TurnWrite,
+    utcnow,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +95,9 @@ class GroupActor(SupervisedActor):
     """Runs the turns of one group, one at a time.
 
     With a reply: `TakeTurn` -> `TurnResult` (or `PrimaryAgentError` carrying it),
-    `ChangeSettings` -> `Group`. Told: `DispatchRuns`, `KindRegistered`.
+    `ChangeSettings` -> `Group`, `AddSleeptimeAgent` / `RemoveSleeptimeAgent` -> `Agent`,
+    `DeleteGroup` -> None (then every later request is refused with GroupNotFound).
+    Told: `DispatchRuns`, `KindRegistered`.
     """
 
     def __init__(
@@ -96,6 +115,7 @@ class GroupActor(SupervisedActor):
         self._behaviour: AgentBehaviour | None = None
         self._stale = False
         self._redispatches = 0  # hand-overs scheduled again after a failed delivery
+        self._deleted = False  # the group's rows are gone: every request is refused
         self._log = log.bind(group_id=state.group.id, agent_id=state.primary.id)
 
     def _adopt(self, state: GroupState) -> None:
@@ -122,10 +142,18 @@ class GroupActor(SupervisedActor):
                 finally:
                     sink.offer(None)
             case ChangeSettings(changes=changes):
+                self._check_live()
                 return self._change(changes)
+            case AddSleeptimeAgent():
+                return self._add_agent(message)
+            case RemoveSleeptimeAgent(agent_id=agent_id):
+                return self._remove_agent(agent_id)
+            case DeleteGroup():
+                return self._delete()
             case DispatchRuns(runs=runs, attempt=attempt):
                 self._redispatches -= 1
-                self._dispatch(runs, attempt)
+                if not self._deleted:
+                    self._dispatch(runs, attempt)
                 return None
             case KindRegistered(kind=kind):
                 if kind == self._primary.kind:
@@ -135,8 +163,9 @@ class GroupActor(SupervisedActor):
                 raise TypeError(f"a group does not handle {type(message).__name__}")
 
     def idle(self) -> bool:
-        # A stale group must hand over what its uncertain commit may hold: not idle.
-        return not self._stale and self._redispatches == 0
+        # A stale group must hand over what its uncertain commit may hold: not idle. A
+        # deleted one is stopped by the runtime; a new instance must not start from memory.
+        return not self._stale and self._redispatches == 0 and not self._deleted
 
     def snapshot(self) -> GroupState:
         """Only this actor moves the group: its state is what the store holds."""
@@ -151,6 +180,8 @@ class GroupActor(SupervisedActor):
     # -- turns ----------------------------------------------------------------------------
 
     def _turn(self, command: TakeTurn, sink: _Sink) -> TurnResult:
+        if self._deleted:
+            raise GroupNotFound(self._group.id)
         if self._stale:
             self._reload()  # raises StoreUnavailable while the store is still away
         group = self._group
@@ -227,7 +258,7 @@ class GroupActor(SupervisedActor):
                 "last_turn_at": write.at,
             }
         )
-        window = self._window(recorded, runs)
+        window = self._window(recorded, runs, cursor_seq)
         self._cursor_seq, self._last_seq = cursor_seq, seq
         self._dispatch(runs, window=window)
         self._log.debug(
@@ -253,20 +284,26 @@ class GroupActor(SupervisedActor):
             raise PrimaryAgentError(self._group.id, answered.error, answered.result)
         return answered.result
 
-    def _window(self, recorded: list[Message], runs: list[Run]) -> list[Message] | None:
-        """Keep the committed messages after the cursor; the runs' window if complete."""
+    def _window(
+        self, recorded: list[Message], runs: list[Run], cursor_seq: int
+    ) -> list[Message] | None:
+        """Keep the committed messages after the cursor; the runs' window if complete.
+
+        `cursor_seq` is the cursor after the turn: a fire of a group with no sleeptime
+        agent moves it too (as Letta does), with no run."""
         self._tail.extend(recorded)
-        if not runs:
+        if cursor_seq == self._cursor_seq:  # nothing claimed
             if len(self._tail) > MAX_TAIL_MESSAGES:
                 del self._tail[: len(self._tail) - MAX_TAIL_MESSAGES]
                 self._tail_from = self._tail[0].sequence
             return None
-        first = runs[0].window_first_seq
-        window = (
-            [m for m in self._tail if m.sequence >= first] if first >= self._tail_from else None
-        )
+        window = None
+        if runs:
+            first = runs[0].window_first_seq
+            if first >= self._tail_from:
+                window = [m for m in self._tail if m.sequence >= first]
         self._tail = []
-        self._tail_from = runs[0].window_last_seq + 1
+        self._tail_from = cursor_seq + 1
         return window
 
     def _produce(
@@ -339,6 +376,8 @@ class GroupActor(SupervisedActor):
         The turn is already committed, so a failure here must not reach its caller: the
         runs are handed over again a little later instead.
         """
+        if attempt > 0:  # not to an agent taken out of the group since
+            runs = [r for r in runs if r.agent_id in self._group.sleeptime_agent_ids]
         if not runs:
             return
         if attempt == 0:
@@ -366,6 +405,131 @@ class GroupActor(SupervisedActor):
         for agent_id in self._group.sleeptime_agent_ids:
             self._wiring.notify_agent(agent_id, GroupChanged(group=self._group))
         return self._group
+
+    # -- groups over their life -----------------------------------------------------------
+
+    def _check_live(self) -> None:
+        """Refuse a change of a deleted (GroupNotFound) or failed (GroupFailed) group."""
+        if self._deleted:
+            raise GroupNotFound(self._group.id)
+        if self._stale:
+            self._reload()  # raises StoreUnavailable while the store is still away
+        if self._group.status == "failed":
+            raise GroupFailed(self._group.id, self._group.failure_reason or "stopped")
+
+    def _between_turns(self, write: Callable[[], Any]) -> Any:
+        """Commit a change made between two turns, as a turn's commit is handled."""
+        try:
+            return write()
+        except StaleTurn as stale:
+            self._reload()
+            raise SleeptimeError(
+                f"group not changed: {stale}; the group was reloaded, try again"
+            ) from stale
+        except StoreUnavailable:
+            self._stale = True  # the commit may or may not have happened: read it back
+            raise
+
+    def _add_agent(self, command: AddSleeptimeAgent) -> Agent:
+        """A sleeptime agent joins at the cursor: it takes part in every later firing.
+        With backfill, it covers from the first primary message still stored instead,
+        through runs over [that message, cursor] in windows of bounded size, committed
+        with it and executed, in order, before its runs of later turns."""
+        self._check_live()
+        group, store = self._group, self._wiring.store
+        known = next((a for a in self._sleeptime if a.id == command.agent.id), None)
+        if known is not None:
+            return known  # a retried call: added already
+        now = utcnow()
+        pruned = store.messages_pruned_through(group.id)
+        runs: list[Run] = []
+        coverage = self._cursor_seq + 1
+        if command.backfill:
+            coverage = min(pruned + 1, coverage)
+            size = (
+                command.backfill_window or group.transcript_max_messages or DEFAULT_BACKFILL_WINDOW
+            )
+            windows = backfill_windows(coverage, self._cursor_seq, size)
+            runs = backfill_runs(group, command.agent.id, windows, now)
+        agent = command.agent.model_copy(
+            update={"group_id": group.id, "added_turn": group.turns, "coverage_from_seq": coverage}
+        )
+        join = AgentJoin(
+            group_id=group.id,
+            expected_turns=group.turns,
+            expected_pruned=pruned,
+            agent=agent,
+            persona=command.persona,
+            persona_source=command.persona_source,
+            runs=runs,
+            at=now,
+        )
+        self._between_turns(lambda: store.join_agent(join).result())
+        self._sleeptime = [*self._sleeptime, agent]
+        self._group = group.model_copy(
+            update={
+                "sleeptime_agent_ids": [*group.sleeptime_agent_ids, agent.id],
+                "updated_at": now,
+            }
+        )
+        self._dispatch(runs)
+        self._log.info(
+            "sleeptime_agent_added",
+            added_agent_id=agent.id,
+            turn=group.turns,
+            coverage_from_seq=coverage,
+            backfill_runs=len(runs),
+        )
+        return agent
+
+    def _remove_agent(self, agent_id: str) -> Agent:
+        """A sleeptime agent leaves: its open runs are cancelled (recorded, through the
+        tracker), then it is marked removed; its rows stay readable."""
+        self._check_live()
+        group, store = self._group, self._wiring.store
+        if agent_id not in group.sleeptime_agent_ids:
+            if agent_id == self._primary.id:
+                raise AgentNotInGroup(
+                    agent_id, group.id, "it is the group's primary agent (delete the group instead)"
+                )
+            stored = store.get_agent(agent_id)  # AgentNotFound
+            if stored.group_id != group.id:
+                raise AgentNotInGroup(
+                    agent_id, group.id, f"it belongs to group {stored.group_id!r}"
+                )
+            return stored  # removed already: as it is
+        for committed in self._wiring.tracker.ask(CancelAgentRuns(agent_id=agent_id)):
+            committed.result()  # cancelled before it leaves: recovery never finds it open
+        now = utcnow()
+        leave = AgentLeave(group_id=group.id, agent_id=agent_id, turns=group.turns, at=now)
+        removed: Agent = self._between_turns(lambda: store.leave_agent(leave).result())
+        self._sleeptime = [a for a in self._sleeptime if a.id != agent_id]
+        self._group = group.model_copy(
+            update={
+                "sleeptime_agent_ids": [i for i in group.sleeptime_agent_ids if i != agent_id],
+                "updated_at": now,
+            }
+        )
+        self._log.info("sleeptime_agent_removed", removed_agent_id=agent_id, turn=group.turns)
+        return removed
+
+    def _delete(self) -> None:
+        """Remove the group's rows in one transaction; from then on every request is
+        refused with GroupNotFound (the runtime then stops this actor and its agents)."""
+        if self._deleted:
+            raise GroupNotFound(self._group.id)
+        if self._stale:
+            self._reload()  # GroupNotFound if a delete whose outcome was unknown went through
+        try:
+            self._wiring.store.delete_group(self._group.id).result()
+        except GroupNotFound:
+            self._deleted = True
+            raise
+        except StoreUnavailable:
+            self._stale = True
+            raise
+        self._deleted = True
+        self._log.info("group_deleted", turns=self._group.turns)
 
 
 class _Sink:

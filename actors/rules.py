@@ -43,6 +43,8 @@ __all__ = [
     "Requeue",
     "WindowClaim",
     "after_interruption",
+    "backfill_runs",
+    "backfill_windows",
     "check_transition",
     "claim_window",
     "decide_fire",
@@ -182,3 +184,54 @@ def after_interruption(attempt: int, max_attempts: int) -> Requeue | GiveUp:
     if attempt >= max_attempts:
         return GiveUp(f"interrupted {attempt} time(s), the group's max_attempts")
     return Requeue(attempt + 1)
+
+
+# -- groups over their life: an agent joining with backfill -------------------------------
+
+
+def backfill_windows(first_seq: int, last_seq: int, size: int) -> list[tuple[int, int]]:
+    """The windows that cover primary sequences [first_seq, last_seq] exactly once, in
+    order, each of at most `size` messages (primary sequences have no gaps).
+
+    >>> backfill_windows(1, 5, 2)
+    [(1, 2), (3, 4), (5, 5)]
+    >>> backfill_windows(4, 3, 2)
+    []
+    """
+    if size < 1:
+        raise ValueError(f"a backfill window holds at least one message, not {size}")
+    return [
+        (start, min(start + size - 1, last_seq)) for start in range(first_seq, last_seq + 1, size)
+    ]
+
+
+def backfill_runs(
+    group: Group,
+    agent_id: str,
+    windows: Sequence[tuple[int, int]],
+    at: datetime,
+    make_id: Callable[[str], str] = new_id,
+) -> list[Run]:
+    """The runs of an agent joining with backfill, one per window, in order.
+
+    Each is tagged `{"backfill": True, "position": i, "backfill_through": last}` (`last`
+    the cursor at the join, where the backfill ends) and carries the group's turn count
+    at the join as its `turn`: a later firing creates the agent's next run with a higher
+    turn, so per agent, runs still execute in creation order.
+    """
+    through = windows[-1][1] if windows else 0
+    return [
+        Run(
+            id=make_id("run"),
+            group_id=group.id,
+            agent_id=agent_id,
+            status=RunStatus.CREATED,
+            attempt=1,
+            turn=group.turns,
+            window_first_seq=first,
+            window_last_seq=last,
+            created_at=at,
+            metadata={"backfill": True, "position": position, "backfill_through": through},
+        )
+        for position, (first, last) in enumerate(windows)
+    ]

@@ -48,13 +48,17 @@ from actors._observer import NO_OBSERVER, Load, Observer
 from actors._parts import ActorDirectory, RuntimeParts
 from actors._pool import StepPool
 from actors._protocol import (
+    AddSleeptimeAgent,
     AdoptShards,
     CancelRun,
     ChangeSettings,
     CountOpenRuns,
+    DeleteGroup,
     DropShards,
+    ForgetGroup,
     KindRegistered,
     MessageSink,
+    RemoveSleeptimeAgent,
     TakeTurn,
     TurnMode,
     WatchRuns,
@@ -74,6 +78,7 @@ from messages import (
     MEMORY_PERSONA,
     PRUNE_KINDS,
     Agent,
+    AgentNotFound,
     AgentSpec,
     Block,
     BlockCreate,
@@ -82,6 +87,8 @@ from messages import (
     BlockSource,
     BlockVersion,
     Group,
+    GroupFailed,
+    GroupNotFound,
     GroupOwner,
     GroupSettings,
     Message,
@@ -105,6 +112,7 @@ from messages._blocks import BlockSpec, BlockValue
 from messages._futures import reject
 from messages._groups import GroupCreate
 from messages._ids import new_id
+from messages._lifecycle import SleeptimeAgentAdd
 from messages._log import get_logger
 from messages._text import check_id
 from persistence import DEFAULT_SHARDS, NewGroup, Store, utcnow
@@ -134,6 +142,12 @@ DEFAULT_MAX_QUEUED_TURNS = 1_000
 DEFAULT_PERMIT_TIMEOUT = 30.0
 """Seconds a turn waits for a permit to be in flight before RuntimeBusy."""
 LOAD_TIMEOUT_S = 1.0
+RETIRE_WAIT_S = 5.0
+"""How long removing a sleeptime agent waits for a step it has under way (its run is
+cancelled and its cancel flag raised) before it stops the agent's actor: the step's
+messages are kept in the agent's history if it returns in that time."""
+STOP_ACTORS_S = 10.0
+"""How long deleting a group waits for each of its actors to stop."""
 """How long a scrape of the metrics waits for the run tracker's count of open runs."""
 DEFAULT_MEMORY_PERSONA = (
     "You keep the primary agent's long-term memory. Record durable facts about the user "
@@ -450,7 +464,10 @@ class Runtime:
         book = self._store.book  # on PostgreSQL, shards come later (`_acquired`)
         open_runs = [r for r in self._store.open_runs() if book.serves(book.shard_of(r.group_id))]
         for agent_id in dict.fromkeys(run.agent_id for run in open_runs):
-            self._directory.agent(agent_id)
+            try:
+                self._directory.agent(agent_id)
+            except AgentNotFound:  # (a removed agent has no open run; never started again)
+                log.warning("agent_not_started", agent_id=agent_id)
         if self._passivate_after is not None or self._max_active_groups is not None:
             self._parts.scheduler.call_later(REAP_INTERVAL_S, self._reap)
 
@@ -825,6 +842,153 @@ class Runtime:
         valid = {name: getattr(settings, name) for name in changes}
         updated: Group = self._ask_group(group_id, ChangeSettings(changes=valid))
         return updated
+
+    # -- groups over their life -----------------------------------------------------------
+
+    def delete_group(self, group_id: str) -> None:
+        """Delete a group and everything stored of it, for good.
+
+        Turns sent before this call are taken first; turns queued behind it, and every
+        later call naming the group, raise GroupNotFound (RunNotFound for its runs,
+        AgentNotFound for its agents). Its agents, their messages, its runs and their
+        events, its blocks and their versions, its turn requests and prune records are
+        removed in one transaction, through the group's owner; nothing is written
+        before it, so a crash (even kill -9) leaves the group whole or gone. Then its
+        sleeptime agents still stepping are asked to stop (their cancel flag), callers
+        waiting for its runs get RunNotFound, and its actors stop; a run that ends
+        later writes nothing (logged). Raises GroupNotFound if there is no such group
+        (or it was deleted already), NotOwner if another process serves it.
+        """
+        group_id = check_id(group_id, "group_id")
+        self._check("delete a group")
+        try:
+            try:
+                self._ask_group(group_id, DeleteGroup())
+            except GroupFailed:
+                # Escalated in this process: its actor refuses everything, so no turn
+                # can race the delete; the store removes it directly.
+                self._store.delete_group(group_id).result()
+        except GroupNotFound:
+            self._forget_group(group_id)  # whatever this process still holds of it
+            raise
+        self._forget_group(group_id)
+        log.info("group_deleted", group_id=group_id)
+
+    def _forget_group(self, group_id: str) -> None:
+        """After a delete: the tracker drops the group's runs (their cancel flags raised,
+        their waiters told RunNotFound), then the group's actors stop; a message told to
+        them from then on is refused with GroupNotFound."""
+        if self._parts.failure is None:
+            try:
+                self._parts.tracker.ask(ForgetGroup(group_id=group_id), timeout=STOP_ACTORS_S)
+            except Exception as error:  # its runs' late writes are refused by the store
+                log.warning("group_runs_not_forgotten", group_id=group_id, error=repr(error))
+        self._directory.stop_groups(lambda g: g == group_id, GroupNotFound, timeout=STOP_ACTORS_S)
+
+    def add_sleeptime_agent(
+        self,
+        group_id: str,
+        spec: AgentSpec | Mapping[str, Any],
+        *,
+        backfill: bool = False,
+        backfill_window: int | None = None,
+    ) -> Agent:
+        """Add a sleeptime agent to a live group, between two turns; returns it as stored.
+
+        It joins at the cursor (`added_turn` is the group's turns, `coverage_from_seq`
+        the cursor + 1) and takes part in every later firing, after the agents already
+        there. It gets its own `memory_persona` block (`memory_persona` in its config,
+        else the default text), as `create_group` gives one.
+
+        With `backfill=True` it catches up on what was said before it existed: its
+        coverage starts at the first primary message still stored, and runs over
+        [that message, cursor] in consecutive windows of at most `backfill_window`
+        messages (default: the group's `transcript_max_messages`, else 50) are created
+        with it, in the same transaction, marked `{"backfill": True}` in their metadata,
+        and executed one at a time, in order, before its runs of later turns.
+
+        Raises pydantic's ValidationError for a malformed spec or `backfill_window` < 1,
+        UnknownAgentKind / AgentRoleError for a kind it cannot be, GroupNotFound,
+        GroupFailed, NotOwner.
+        """
+        return self._add_sleeptime_agent(group_id, spec, backfill, backfill_window)
+
+    def _add_sleeptime_agent(
+        self,
+        group_id: str,
+        spec: AgentSpec | Mapping[str, Any],
+        backfill: bool,
+        backfill_window: int | None,
+        agent_id: str | None = None,
+    ) -> Agent:
+        """`add_sleeptime_agent`; `agent_id` (a Ray client's, made before its first try)
+        makes a retry answer with the agent the first try added."""
+        group_id = check_id(group_id, "group_id")
+        self._check("add a sleeptime agent")
+        asked = SleeptimeAgentAdd.model_validate(
+            {"spec": spec, "backfill": backfill, "backfill_window": backfill_window}
+        )
+        given = MEMORY_PERSONA in asked.spec.config
+        persona = asked.spec.config.get(MEMORY_PERSONA, DEFAULT_MEMORY_PERSONA)
+        config = {k: v for k, v in asked.spec.config.items() if k != MEMORY_PERSONA}
+        members = self._store.group_agents(group_id)  # GroupNotFound
+        agent = self._agent(
+            asked.spec.model_copy(update={"config": config}),
+            group_id,
+            "sleeptime",
+            utcnow(),
+            len(members) - 1,
+        )
+        if agent_id is not None:
+            agent = agent.model_copy(update={"id": check_id(agent_id, "agent_id")})
+        command = AddSleeptimeAgent(
+            agent=agent,
+            persona=Block(
+                id=new_id("block"),
+                group_id=group_id,
+                agent_id=agent.id,
+                label=MEMORY_PERSONA,
+                value=persona,
+                limit=max(len(persona), BlockCreate().limit),
+            ),
+            persona_source="application" if given else "runtime",
+            backfill=asked.backfill,
+            backfill_window=asked.backfill_window,
+        )
+        added: Agent = self._ask_group(group_id, command)
+        return added
+
+    def remove_sleeptime_agent(self, group_id: str, agent_id: str) -> Agent:
+        """Take a sleeptime agent out of a live group, between two turns; returns it as
+        stored (`removed_at`, `removed_turn` set).
+
+        Its open runs are cancelled first (recorded, as `cancel_run` does), then it
+        leaves: it no longer appears in `Group.sleeptime_agent_ids` and takes no part in
+        later firings (a group with none left still takes turns and moves its cursor).
+        Its actor stops once a step it had under way returned (up to a few seconds).
+        Its row, runs, messages and own blocks stay readable. An agent removed already
+        is returned as it is. Raises AgentNotInGroup for the group's primary agent or
+        an agent of another group, AgentNotFound, GroupNotFound, GroupFailed, NotOwner.
+        """
+        group_id = check_id(group_id, "group_id")
+        agent_id = check_id(agent_id, "agent_id")
+        self._check("remove a sleeptime agent")
+        removed: Agent = self._ask_group(group_id, RemoveSleeptimeAgent(agent_id=agent_id))
+        self._retire_agent(agent_id)
+        return removed
+
+    def _retire_agent(self, agent_id: str) -> None:
+        """Stop a removed agent's actor, once a step it had under way returned (for up
+        to RETIRE_WAIT_S): its late result then reaches the tracker, which refuses it
+        (the run was cancelled) and keeps its messages in the agent's history."""
+        executing = self._parts.steps.executing(agent_id)
+        if executing is not None:
+            returned = threading.Event()
+            # Called after the agent's own callback, which tells the actor the step ended.
+            executing[0].add_done_callback(lambda _: returned.set())
+            if not returned.wait(RETIRE_WAIT_S):
+                log.warning("removed_agent_step_abandoned", agent_id=agent_id)
+        self._parts.supervisor.stop(f"agent:{agent_id}", AgentNotFound(agent_id), STOP_ACTORS_S)
 
     # -- turns ----------------------------------------------------------------------------
 

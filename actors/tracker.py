@@ -29,11 +29,13 @@ from actors._protocol import (
     Adopted,
     AdoptRuns,
     AdoptShards,
+    CancelAgentRuns,
     CancelRun,
     CountOpenRuns,
     DropShards,
     FailGroupRuns,
     FinishRun,
+    ForgetGroup,
     RetryTransition,
     RunsCreated,
     StartAborted,
@@ -291,6 +293,10 @@ class RunTrackerActor(SupervisedActor):
                 self._drop_shards(shards, lost)
             case TerminalCommitted(run_id=run_id):
                 self._settle(run_id)
+            case CancelAgentRuns(agent_id=agent_id):
+                return self._cancel_agent(agent_id)
+            case ForgetGroup(group_id=group_id):
+                self._forget_group(group_id)
             case TransitionFailed():
                 self._retry(message)
             case RetryTransition(run_id=run_id):
@@ -421,7 +427,8 @@ class RunTrackerActor(SupervisedActor):
     def _adopt(self, agent_id: str) -> list[Run]:
         """Hand a (re)started agent its runs; one it was running is re-queued first."""
         mine = sorted(
-            (r for r in self._open.values() if r.run.agent_id == agent_id), key=lambda r: r.run.turn
+            (r for r in self._open.values() if r.run.agent_id == agent_id),
+            key=lambda r: (r.run.turn, r.run.metadata.get("position", 0)),  # creation order
         )
         for found in mine:
             if found.status is RunStatus.RUNNING:
@@ -676,6 +683,43 @@ class RunTrackerActor(SupervisedActor):
             if not found.status.terminal:
                 counts[found.status.value] += 1
         return counts
+
+    # -- groups over their life -----------------------------------------------------------
+
+    def _cancel_agent(self, agent_id: str) -> list[Future[None]]:
+        """Cancel every open run of the agent (those followed, and any the store holds
+        open), each recorded as a user's cancel is; the commit futures of the changes."""
+        followed = [
+            run_id for run_id, found in self._open.items() if found.run.agent_id == agent_id
+        ]
+        stored = [
+            run.id
+            for run in self._store.list_runs(
+                agent_id=agent_id, statuses=[RunStatus.CREATED, RunStatus.RUNNING]
+            )
+        ]
+        futures = []
+        for run_id in dict.fromkeys([*followed, *stored]):
+            committed = self._cancel(run_id)
+            if committed is not None:
+                futures.append(committed)
+        return futures
+
+    def _forget_group(self, group_id: str) -> None:
+        """The group's rows were deleted: its runs are no longer followed. Whatever still
+        steps is asked to stop; a later write for them finds no row and changes nothing;
+        callers waiting for them hear RunNotFound."""
+        gone: dict[str, Exception] = {}
+        for run_id, found in list(self._open.items()):
+            if found.run.group_id != group_id:
+                continue
+            self._flags.raise_flag(run_id)
+            self._flags.forget(run_id)
+            del self._open[run_id]
+            gone[run_id] = RunNotFound(run_id)
+        self._waiters.fail_runs(gone)
+        if gone:
+            log.info("group_runs_forgotten", group_id=group_id, runs=len(gone))
 
     # -- waiting --------------------------------------------------------------------------
 

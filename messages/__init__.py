@@ -21,6 +21,7 @@ from messages._content import (
 from messages._errors import (
     AgentConfigError,
     AgentNotFound,
+    AgentNotInGroup,
     AgentRoleError,
     BlockExists,
     BlockNotFound,
@@ -87,6 +88,7 @@ __all__ = [
     "Agent",
     "AgentConfigError",
     "AgentNotFound",
+    "AgentNotInGroup",
     "AgentRoleError",
     "AgentSpec",
     "Block",

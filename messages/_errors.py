@@ -350,3 +350,18 @@ class BlockExists(SleeptimeError):
             f"a block labelled {label!r} already exists in {where}: change it with "
             "set_block, delete it first, or choose another label"
         )
+
+
+# -- groups over their life ---------------------------------------------------------------
+
+
+class AgentNotInGroup(SleeptimeError, LookupError):
+    """An agent named for a change of a group's sleeptime agents that is not one of them:
+    the group's primary agent, or an agent of another group."""
+
+    def __init__(self, agent_id: str, group_id: str, detail: str) -> None:
+        self.agent_id = agent_id
+        self.group_id = group_id
+        super().__init__(
+            f"agent {agent_id!r} is not a sleeptime agent of group {group_id!r}: {detail}"
+        )

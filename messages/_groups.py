@@ -52,6 +52,16 @@ class Agent(BaseModel):
     kind: str
     config: dict[str, Any]
     created_at: datetime
+    # -- groups over their life (read-only: set by the runtime) --
+    added_turn: int = 0
+    """The group's turns when this agent joined it (0 for the agents it was created with)."""
+    coverage_from_seq: int = 1
+    """The first primary message sequence this sleeptime agent's windows cover: 1, the
+    cursor + 1 when added live, or the first message still stored when added with backfill."""
+    removed_at: datetime | None = None
+    """When this sleeptime agent was taken out of its live group (None: still a member)."""
+    removed_turn: int | None = None
+    """The group's turns when it was removed: it took part in firings up to this turn."""
 
 
 def check_label(label: str) -> str:

@@ -12,6 +12,8 @@ from persistence._leases import DEFAULT_SHARDS, MAX_SHARDS, Leases, ShardBook, S
 from persistence._models import utcnow
 from persistence._observed import StoreObserver
 from persistence._records import (
+    AgentJoin,
+    AgentLeave,
     GroupState,
     NewGroup,
     RetentionMarks,
@@ -24,6 +26,8 @@ from persistence._store import StaleTurn, Store
 __all__ = [
     "DEFAULT_SHARDS",
     "MAX_SHARDS",
+    "AgentJoin",
+    "AgentLeave",
     "GroupState",
     "Leases",
     "NewGroup",

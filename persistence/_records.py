@@ -129,3 +129,39 @@ class RetentionMarks:
     messages_pruned_through: int
     turns_pruned_through: int
     runs_pruned_through_seq: dict[str, int]
+
+
+# -- groups over their life ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AgentJoin:
+    """A sleeptime agent joining a live group, with its own `memory_persona` block and its
+    backfill runs (if any), written in one transaction.
+
+    Refused (StaleTurn) unless the group is still at `expected_turns` and nothing of its
+    primary history was pruned past `expected_pruned` meanwhile. `persona_source` is who
+    wrote the block's first value: `application` (given in the spec) or `runtime` (the
+    default text).
+    """
+
+    group_id: str
+    expected_turns: int
+    expected_pruned: int
+    agent: Agent
+    persona: Block
+    persona_source: BlockSource
+    runs: list[Run]
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AgentLeave:
+    """A sleeptime agent taken out of its live group at `turns` (its rows stay).
+
+    Refused (StaleTurn) unless the group is still at `turns`."""
+
+    group_id: str
+    agent_id: str
+    turns: int
+    at: datetime

@@ -78,6 +78,7 @@ from persistence._models import (
     BlockVersionRow,
     GroupRow,
     MessageRow,
+    PruneRow,
     RunEventRow,
     RunRow,
     TurnRequestRow,
@@ -86,6 +87,8 @@ from persistence._models import (
 from persistence._observed import NO_STORE_OBSERVER, StoreObserver
 from persistence._ownership import DatabaseFile, Ownership
 from persistence._records import (
+    AgentJoin,
+    AgentLeave,
     GroupState,
     NewGroup,
     RetentionMarks,
@@ -106,6 +109,7 @@ messages = cast(Table, MessageRow.__table__)
 runs = cast(Table, RunRow.__table__)
 run_events = cast(Table, RunEventRow.__table__)
 turn_requests = cast(Table, TurnRequestRow.__table__)
+prunes = cast(Table, PruneRow.__table__)
 
 _MOVE_GROUP = (
     update(groups)
@@ -1140,11 +1144,22 @@ class Store:
         )
 
     def store_messages(self, stored: Sequence[Message]) -> Future[None]:
-        """Append messages to agents' histories (e.g. those of a run refused late)."""
+        """Append messages to agents' histories (e.g. those of a run refused late).
+
+        Messages of an agent no longer stored (its group was deleted meanwhile) are
+        dropped, in the writing transaction: a late run never brings rows back."""
         lease = self.lease_of(stored[0].group_id) if stored else None
-        return self.committer.submit(
-            Write(appends=[_message_values(m) for m in stored], lease=lease)
-        )
+        rows = [_message_values(m) for m in stored]
+
+        def plan(connection: Connection, txn: Txn) -> tuple[Write | None, None]:
+            wanted = list(dict.fromkeys(row["agent_id"] for row in rows))
+            alive = set(
+                connection.execute(select(agents.c.id).where(agents.c.id.in_(wanted))).scalars()
+            )
+            kept = [row for row in rows if row["agent_id"] in alive]
+            return (Write(appends=kept) if kept else None), None
+
+        return self.committer.submit(Planned(plan, keys=(), lease=lease))
 
     def get_run(self, run_id: str) -> Run:
         def query(connection: Connection) -> Run:
@@ -1217,7 +1232,7 @@ class Store:
         statement = (
             select(runs)
             .where(runs.c.status.in_(OPEN_STATUSES))
-            .order_by(runs.c.agent_id, runs.c.turn)
+            .order_by(runs.c.agent_id, runs.c.turn, runs.c.position)
         )
         return self._read(lambda c: [_run(r) for r in c.execute(statement).mappings()])
 
@@ -1359,6 +1374,136 @@ class Store:
 
         return self._read(query)
 
+    # -- groups over their life ----------------------------------------------------------
+
+    def group_agents(self, group_id: str) -> list[Agent]:
+        """Every agent the group ever had, in the group's order: the primary, then the
+        sleeptime agents, those taken out of it (`removed_at` set) included."""
+
+        def query(connection: Connection) -> list[Agent]:
+            if connection.execute(_SELECT_GROUP, {"group_id": group_id}).first() is None:
+                raise GroupNotFound(group_id)
+            rows = connection.execute(_SELECT_GROUP_AGENTS, {"group_id": group_id}).mappings()
+            return [_agent(r) for r in rows]
+
+        return self._read(query)
+
+    def messages_pruned_through(self, group_id: str) -> int:
+        """The last primary message sequence retention removed (0: none): what is
+        stored of the group's primary history starts after it."""
+        statement = select(groups.c.messages_pruned_through).where(groups.c.id == group_id)
+        found = self._read(lambda c: c.execute(statement).first())
+        if found is None:
+            raise GroupNotFound(group_id)
+        return int(found[0])
+
+    def join_agent(self, join: AgentJoin) -> Future[None]:
+        """Add a sleeptime agent to a live group, with its own block (and that block's
+        first version) and its backfill runs, in one transaction; StaleTurn if the group
+        moved meanwhile (see `AgentJoin`)."""
+        lease = self.lease_of(join.group_id)
+
+        def op(connection: Connection) -> None:
+            _move_group_between_turns(
+                connection, join.group_id, join.expected_turns, join.at, join.expected_pruned
+            )
+            agent_at = connection.execute(
+                select(func.max(agents.c.position)).where(agents.c.group_id == join.group_id)
+            ).scalar()
+            block_at = connection.execute(
+                select(func.max(blocks.c.position)).where(blocks.c.group_id == join.group_id)
+            ).scalar()
+            connection.execute(insert(agents), [_agent_values(join.agent, (agent_at or 0) + 1)])
+            connection.execute(
+                insert(blocks),
+                [_block_values(join.persona, 0 if block_at is None else block_at + 1)],
+            )
+            connection.execute(
+                insert(block_versions),
+                [_version_values(join.persona, "created", join.persona_source, at=join.at)],
+            )
+            if join.runs:
+                connection.execute(_INSERT_RUNS, [_run_values(r) for r in join.runs])
+                connection.execute(
+                    _INSERT_EVENTS,
+                    [
+                        {
+                            "run_id": r.id,
+                            "status": r.status.value,
+                            "at": r.created_at,
+                            "attempt": r.attempt,
+                            "reason": "created",
+                            "epoch": lease[1],
+                        }
+                        for r in join.runs
+                    ],
+                )
+
+        future = self.committer.submit(op, lease=lease)
+        future.add_done_callback(partial(self._layout_changed, join.group_id))
+        return future
+
+    def leave_agent(self, leave: AgentLeave) -> Future[Agent]:
+        """Take a sleeptime agent out of its live group: `removed_at` / `removed_turn` set,
+        every row of it kept; StaleTurn if the group moved meanwhile."""
+
+        def op(connection: Connection) -> Agent:
+            _move_group_between_turns(connection, leave.group_id, leave.turns, leave.at)
+            changed = connection.execute(
+                update(agents)
+                .where(
+                    agents.c.id == leave.agent_id,
+                    agents.c.group_id == leave.group_id,
+                    agents.c.role == "sleeptime",
+                    agents.c.removed_at.is_(None),
+                )
+                .values(removed_at=leave.at, removed_turn=leave.turns)
+            )
+            if changed.rowcount != 1:
+                raise StaleTurn(f"agent {leave.agent_id} is no member of group {leave.group_id}")
+            row = connection.execute(_SELECT_AGENT, {"agent_id": leave.agent_id}).mappings().one()
+            return _agent(row)
+
+        return self.committer.submit(op, lease=self.lease_of(leave.group_id))
+
+    def delete_group(self, group_id: str) -> Future[list[str]]:
+        """Remove the group and everything of it, in one transaction: its agents, their
+        messages, its runs and their events, its blocks and their versions, its turn
+        requests and its prune records. Resolves with the ids of the agents it had;
+        GroupNotFound (nothing removed) if there is no such group."""
+
+        def op(connection: Connection) -> list[str]:
+            agent_ids = list(
+                connection.execute(
+                    select(agents.c.id).where(agents.c.group_id == group_id)
+                ).scalars()
+            )
+            group_runs = select(runs.c.id).where(runs.c.group_id == group_id)
+            connection.execute(delete(run_events).where(run_events.c.run_id.in_(group_runs)))
+            connection.execute(delete(runs).where(runs.c.group_id == group_id))
+            if agent_ids:  # by agent (indexed): every message is in one agent's history
+                connection.execute(delete(messages).where(messages.c.agent_id.in_(agent_ids)))
+            connection.execute(delete(block_versions).where(block_versions.c.group_id == group_id))
+            connection.execute(delete(blocks).where(blocks.c.group_id == group_id))
+            connection.execute(delete(turn_requests).where(turn_requests.c.group_id == group_id))
+            connection.execute(delete(prunes).where(prunes.c.group_id == group_id))
+            connection.execute(delete(agents).where(agents.c.group_id == group_id))
+            if connection.execute(delete(groups).where(groups.c.id == group_id)).rowcount != 1:
+                raise GroupNotFound(group_id)  # rolled back: nothing of it was removed
+            for agent_id in agent_ids:  # (the writer thread's own memory)
+                self._next_sequence.pop(agent_id, None)
+            return agent_ids
+
+        future: Future[list[str]] = self.committer.submit(op, lease=self.lease_of(group_id))
+        future.add_done_callback(partial(self._layout_changed, group_id))
+        return future
+
+    def _layout_changed(self, group_id: str, done: Future[Any]) -> None:
+        """A group's blocks were added or removed (or may have been): the owner's cache
+        reads that group's blocks again."""
+        if self._block_cache is not None:
+            self._block_cache.forget_group(group_id)
+
 
 def _view(url: URL) -> DatabaseFile | None:
     """A read-only store's hold on a SQLite file (see `DatabaseFile`), if it can be had."""
@@ -1398,6 +1543,26 @@ def _run_filters(
     return found
 
 
+def _move_group_between_turns(
+    connection: Connection,
+    group_id: str,
+    turns: int,
+    at: datetime,
+    pruned_through: int | None = None,
+) -> None:
+    """Mark the group changed, if it is still at `turns` (and, if given, its primary
+    history still pruned through `pruned_through`): else GroupNotFound or StaleTurn."""
+    conditions = [groups.c.id == group_id, groups.c.turns == turns]
+    if pruned_through is not None:
+        conditions.append(groups.c.messages_pruned_through == pruned_through)
+    moved = connection.execute(update(groups).where(*conditions).values(updated_at=at))
+    if moved.rowcount == 1:
+        return
+    if connection.execute(_SELECT_GROUP, {"group_id": group_id}).first() is None:
+        raise GroupNotFound(group_id)
+    raise StaleTurn(f"group {group_id} moved past turn {turns} (or was pruned) meanwhile")
+
+
 # -- rows <-> models ----------------------------------------------------------------------
 
 M = TypeVar("M", bound=BaseModel)
@@ -1419,6 +1584,7 @@ def _load_group(connection: Connection, group_id: str) -> tuple[Group, int, list
     members = [
         _agent(r)
         for r in connection.execute(_SELECT_GROUP_AGENTS, {"group_id": group_id}).mappings()
+        if r["removed_at"] is None  # a sleeptime agent taken out of the group is no member
     ]
     sleeptime_ids = [a.id for a in members if a.role == "sleeptime"]
     return _from_row(Group, row, sleeptime_agent_ids=sleeptime_ids), row["cursor_seq"], members

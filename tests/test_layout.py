@@ -20,6 +20,7 @@ PACKAGES = ("actors", "messages", "persistence", "cli")
 ERRORS = {
     "AgentConfigError",
     "AgentNotFound",
+    "AgentNotInGroup",
     "AgentRoleError",
     "BlockExists",
     "BlockNotFound",
@@ -131,6 +132,8 @@ PUBLIC: dict[str, set[str]] = {
         "GroupState",
         "NewGroup",
         "RetentionMarks",
+        "AgentJoin",
+        "AgentLeave",
         "StaleTurn",
         "Transition",
         "TurnRequest",

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from actors import (
     AgentNotFound,
+    AgentNotInGroup,
     AgentRoleError,
     AsyncRuntime,
     BlockExists,
@@ -231,6 +232,29 @@ def test_block_calls_reach_the_owner_and_errors_keep_their_types(api: API) -> No
         api.set_block("group-nobody-made", "human", "x")
     with pytest.raises(AgentNotFound):
         api.delete_block("agent-nobody-made", "human")
+
+
+def test_groups_over_their_life(api: API) -> None:
+    group = api.create_group(primary=SCRIPTED, sleeptime=[MEMORY], frequency=1)
+    first = api.step(group.id, [user("my name is Ada")])
+    added = api.add_sleeptime_agent(group.id, MEMORY, backfill=True, backfill_window=1)
+    assert (added.added_turn, added.coverage_from_seq) == (1, 1)
+    backfill = api.list_runs(agent_id=added.id)
+    assert [(r.window_first_seq, r.window_last_seq) for r in backfill] == [(1, 1), (2, 2)]
+    removed = api.remove_sleeptime_agent(group.id, group.sleeptime_agent_ids[0])
+    assert removed.removed_turn == 1
+    assert api.get_group(group.id).sleeptime_agent_ids == [added.id]
+    with pytest.raises(AgentNotInGroup):
+        api.remove_sleeptime_agent(group.id, group.primary_agent_id)
+    later = api.step(group.id, [user("my name is Bo")])
+    api.wait_for_runs(first.run_ids + [r.id for r in backfill] + later.run_ids, timeout=30)
+    report = api.check_invariants([group.id])
+    assert report.ok and report.coverage[added.id] == 1, report.violations
+    api.delete_group(group.id)
+    with pytest.raises(GroupNotFound):
+        api.get_group(group.id)
+    with pytest.raises(GroupNotFound):
+        api.step(group.id, [user("hi")])
 
 
 def test_the_async_client_takes_turns_streams_and_waits(cluster: RayCluster) -> None:
