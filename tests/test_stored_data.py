@@ -1,0 +1,104 @@
+"""Stored data over time, the parts together (SPEC 18): blocks, agents joining and leaving
+with backfill, retention and paging on one group, in the orders a long-lived service
+meets them. Each part has its own tests (test_blocks, test_group_lifecycle, test_prune,
+test_paging); these check that they agree with each other."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from actors import GroupNotFound, Runtime
+from messages import RunStatus
+from tests.agents import user
+
+MEMORY = {"kind": "memory"}
+SCRIPTED = {"kind": "scripted"}
+TIMEOUT = 30
+
+
+def _turns(rt: Runtime, group_id: str, count: int, start: int = 0) -> list[str]:
+    run_ids: list[str] = []
+    for n in range(start, start + count):
+        run_ids += rt.step(group_id, [user(f"my favorite number is {n}")]).run_ids
+    return run_ids
+
+
+def test_backfill_after_a_prune_starts_at_the_first_message_still_stored(rt: Runtime) -> None:
+    group = rt.create_group(primary=SCRIPTED, sleeptime=[MEMORY], frequency=2)
+    rt.wait_for_runs(_turns(rt, group.id, 8), timeout=TIMEOUT)
+    report = rt.prune(messages=True, keep_messages=4)
+    pruned = report.removed["messages"]
+    assert pruned > 0 and pruned % 2 == 0  # whole turns: an input and an output each
+    assert rt.list_messages(group.primary_agent_id)[0].turn == pruned // 2 + 1
+
+    late = rt.add_sleeptime_agent(group.id, MEMORY, backfill=True, backfill_window=3)
+    assert late.coverage_from_seq == pruned + 1
+    backfill = rt.list_runs(agent_id=late.id)
+    assert backfill and all(r.metadata.get("backfill") for r in backfill)
+    assert backfill[0].window_first_seq == pruned + 1
+    assert backfill[-1].window_last_seq == 14  # turns 1, 3, 5, 7 fired: the cursor
+    assert all(r.window_last_seq - r.window_first_seq < 3 for r in backfill)
+    done = rt.wait_for_runs([r.id for r in backfill], timeout=TIMEOUT)
+    assert all(r.status is RunStatus.COMPLETED for r in done)
+
+    rt.wait_for_runs(_turns(rt, group.id, 4, start=8), timeout=TIMEOUT)
+    report_after = rt.check_invariants([group.id])
+    assert report_after.ok, report_after.violations
+    assert report_after.coverage[late.id] == pruned + 1
+
+
+def test_prune_keeps_what_an_unfinished_backfill_still_has_to_read(db_url: str) -> None:
+    # A slow agent joins with backfill: its queued runs' windows must survive a prune.
+    slow = {"kind": "simulated", "config": {"latency_ms": 200, "seed": 3}}
+    with Runtime.start(db_url) as rt:
+        group = rt.create_group(primary=SCRIPTED, sleeptime=[MEMORY], frequency=1)
+        rt.wait_for_runs(_turns(rt, group.id, 6), timeout=TIMEOUT)
+        late = rt.add_sleeptime_agent(group.id, slow, backfill=True, backfill_window=2)
+        first_window = rt.list_runs(agent_id=late.id)[0].window_first_seq
+        rt.prune(messages=True)
+        kept = [m.sequence for m in rt.list_messages(group.primary_agent_id)]
+        assert kept and kept[0] <= first_window
+        runs = rt.wait_for_runs([r.id for r in rt.list_runs(agent_id=late.id)], timeout=TIMEOUT)
+        assert all(r.status is RunStatus.COMPLETED for r in runs)
+        rt.prune(messages=True)  # now every agent is past them
+        assert rt.list_messages(group.primary_agent_id) == []
+        report = rt.check_invariants([group.id])
+        assert report.ok, report.violations
+
+
+def test_block_history_pages_survive_pruning_and_the_group_deletes_whole(rt: Runtime) -> None:
+    group = rt.create_group(primary=SCRIPTED, sleeptime=[MEMORY], frequency=1)
+    agent_id = group.sleeptime_agent_ids[0]
+    rt.create_block(group.id, "plans", "none yet")
+    for n in range(6):
+        rt.set_block(group.id, "plans", f"plan {n}")
+    rt.wait_for_runs(_turns(rt, group.id, 3), timeout=TIMEOUT)  # memory runs edit `human`
+    pages, after = [], None
+    while page := rt.block_history(agent_id, "plans", limit=2, after=after):
+        pages.append([v.version for v in page])
+        after = page[-1].id
+    assert [v for p in pages for v in p] == list(range(1, 8))
+
+    rt.prune(keep_block_versions=2, before=datetime.now(UTC) + timedelta(hours=1))
+    assert [v.version for v in rt.block_history(agent_id, "plans")] == [6, 7]
+    assert rt.get_block(agent_id, "plans").value == "plan 5"
+    report = rt.check_invariants([group.id])
+    assert report.ok, report.violations
+
+    rt.delete_group(group.id)
+    for call in (
+        lambda: rt.get_group(group.id),
+        lambda: rt.get_block(group.id, "plans"),
+        lambda: rt.block_history(group.id, "plans"),
+        lambda: rt.list_runs(group_id=group.id, after="run-gone"),
+    ):
+        try:
+            call()
+        except GroupNotFound:
+            continue
+        except Exception as error:  # another typed NotFound is fine for a cursor
+            assert type(error).__name__.endswith("NotFound"), error
+            continue
+        raise AssertionError("a call on a deleted group did not fail")
+    assert rt.list_runs(group_id=group.id) == []
+    assert rt.check_invariants().ok
