@@ -86,6 +86,9 @@ class GroupWiring:
 
 log = get_logger("sleeptime.group")
 
+JOIN_ATTEMPTS = 5
+"""How many times an agent's join is planned again when a prune moved the group's first
+stored message meanwhile."""
 MAX_TAIL_MESSAGES = 512
 """At most this many messages since the cursor are kept for the next runs' window;
 a longer window is read back from the store."""
@@ -440,31 +443,18 @@ class GroupActor(SupervisedActor):
         known = next((a for a in self._sleeptime if a.id == command.agent.id), None)
         if known is not None:
             return known  # a retried call: added already
-        now = utcnow()
-        pruned = store.messages_pruned_through(group.id)
-        runs: list[Run] = []
-        coverage = self._cursor_seq + 1
-        if command.backfill:
-            coverage = min(pruned + 1, coverage)
-            size = (
-                command.backfill_window or group.transcript_max_messages or DEFAULT_BACKFILL_WINDOW
-            )
-            windows = backfill_windows(coverage, self._cursor_seq, size)
-            runs = backfill_runs(group, command.agent.id, windows, now)
-        agent = command.agent.model_copy(
-            update={"group_id": group.id, "added_turn": group.turns, "coverage_from_seq": coverage}
-        )
-        join = AgentJoin(
-            group_id=group.id,
-            expected_turns=group.turns,
-            expected_pruned=pruned,
-            agent=agent,
-            persona=command.persona,
-            persona_source=command.persona_source,
-            runs=runs,
-            at=now,
-        )
-        self._between_turns(lambda: store.join_agent(join).result())
+        # A prune may move the first message still stored between the plan and its
+        # commit (turns cannot: this actor takes them): plan again, a few times.
+        for attempt in range(1, JOIN_ATTEMPTS + 1):
+            group, join = self._group, self._plan_join(command)
+            try:
+                self._between_turns(partial(_commit_join, store, join))
+                break
+            except SleeptimeError as refused:  # reloaded, if the group moved
+                if attempt == JOIN_ATTEMPTS or not isinstance(refused.__cause__, StaleTurn):
+                    raise
+        agent, runs, now = join.agent, join.runs, join.at
+        coverage = agent.coverage_from_seq
         self._sleeptime = [*self._sleeptime, agent]
         self._group = group.model_copy(
             update={
@@ -481,6 +471,33 @@ class GroupActor(SupervisedActor):
             backfill_runs=len(runs),
         )
         return agent
+
+    def _plan_join(self, command: AddSleeptimeAgent) -> AgentJoin:
+        """The agent joining now, with its backfill runs (if asked), to commit at once."""
+        group, now = self._group, utcnow()
+        pruned = self._wiring.store.messages_pruned_through(group.id)
+        runs: list[Run] = []
+        coverage = self._cursor_seq + 1
+        if command.backfill:
+            coverage = min(pruned + 1, coverage)
+            size = (
+                command.backfill_window or group.transcript_max_messages or DEFAULT_BACKFILL_WINDOW
+            )
+            windows = backfill_windows(coverage, self._cursor_seq, size)
+            runs = backfill_runs(group, command.agent.id, windows, now)
+        agent = command.agent.model_copy(
+            update={"group_id": group.id, "added_turn": group.turns, "coverage_from_seq": coverage}
+        )
+        return AgentJoin(
+            group_id=group.id,
+            expected_turns=group.turns,
+            expected_pruned=pruned,
+            agent=agent,
+            persona=command.persona,
+            persona_source=command.persona_source,
+            runs=runs,
+            at=now,
+        )
 
     def _remove_agent(self, agent_id: str) -> Agent:
         """A sleeptime agent leaves: its open runs are cancelled (recorded, through the
@@ -553,3 +570,7 @@ class _Sink:
         except Exception as error:
             self._target = None
             self._log.warning("stream_consumer_dropped", error=repr(error))
+
+
+def _commit_join(store: Store, join: AgentJoin) -> None:
+    store.join_agent(join).result()

@@ -5,6 +5,7 @@ test_paging); these check that they agree with each other."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 
 from actors import GroupNotFound, Runtime
@@ -102,3 +103,38 @@ def test_block_history_pages_survive_pruning_and_the_group_deletes_whole(rt: Run
         raise AssertionError("a call on a deleted group did not fail")
     assert rt.list_runs(group_id=group.id) == []
     assert rt.check_invariants().ok
+
+
+def test_agents_join_with_backfill_while_prunes_run(rt: Runtime) -> None:
+    # Prunes move the first stored message while agents join: each join lands (planned
+    # again if a prune moved it between its plan and its commit), covering from there.
+    group = rt.create_group(primary=SCRIPTED, sleeptime=[MEMORY], frequency=1)
+    rt.wait_for_runs(_turns(rt, group.id, 4), timeout=TIMEOUT)
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def turns_and_prunes() -> None:
+        n = 4
+        try:
+            while not done.is_set():
+                rt.wait_for_runs(_turns(rt, group.id, 1, start=n), timeout=TIMEOUT)
+                rt.prune(messages=True, keep_messages=2, batch_size=1)
+                n += 1
+        except BaseException as error:
+            errors.append(error)
+
+    worker = threading.Thread(target=turns_and_prunes)
+    worker.start()
+    try:
+        joined = [
+            rt.add_sleeptime_agent(group.id, MEMORY, backfill=True, backfill_window=2)
+            for _ in range(6)
+        ]
+    finally:
+        done.set()
+        worker.join(timeout=TIMEOUT)
+    assert not errors, errors
+    open_runs = [r.id for a in joined for r in rt.list_runs(agent_id=a.id)]
+    rt.wait_for_runs(open_runs, timeout=TIMEOUT)
+    report = rt.check_invariants([group.id])
+    assert report.ok, report.violations
