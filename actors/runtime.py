@@ -715,14 +715,7 @@ class Runtime:
             for label, b in spec.block_specs().items()
         ]
         stored_blocks += [
-            Block(
-                id=new_id("block"),
-                group_id=group_id,
-                agent_id=agent.id,
-                label=MEMORY_PERSONA,
-                value=persona,
-                limit=max(len(persona), BlockCreate().limit),
-            )
+            _persona_block(agent, persona)
             for agent, persona in zip(agents[1:], personas, strict=True)
         ]
         group = new_group(group_id, agents[0].id, [a.id for a in agents[1:]], spec.settings(), now)
@@ -943,14 +936,7 @@ class Runtime:
             agent = agent.model_copy(update={"id": check_id(agent_id, "agent_id")})
         command = AddSleeptimeAgent(
             agent=agent,
-            persona=Block(
-                id=new_id("block"),
-                group_id=group_id,
-                agent_id=agent.id,
-                label=MEMORY_PERSONA,
-                value=persona,
-                limit=max(len(persona), BlockCreate().limit),
-            ),
+            persona=_persona_block(agent, persona),
             persona_source="application" if given else "runtime",
             backfill=asked.backfill,
             backfill_window=asked.backfill_window,
@@ -1617,6 +1603,18 @@ def _outcome(
         raise TurnTimeout(group_id, timeout)
     result: TurnResult = reply.result()
     return result
+
+
+def _persona_block(agent: Agent, persona: str) -> Block:
+    """A sleeptime agent's own `memory_persona` block, room for its text at least."""
+    return Block(
+        id=new_id("block"),
+        group_id=agent.group_id,
+        agent_id=agent.id,
+        label=MEMORY_PERSONA,
+        value=persona,
+        limit=max(len(persona), BlockCreate().limit),
+    )
 
 
 def _view_name(group_id: str, agent_id: str | None) -> str:

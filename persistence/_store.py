@@ -1031,17 +1031,7 @@ class Store:
         rows = [_message_values(m) for m in turn.messages]
         run_rows = [_run_values(r) for r in turn.runs]
         lease = self.lease_of(turn.group_id)
-        event_rows = [
-            {
-                "run_id": r.id,
-                "status": r.status.value,
-                "at": r.created_at,
-                "attempt": r.attempt,
-                "reason": "created",
-                "epoch": lease[1],
-            }
-            for r in turn.runs
-        ]
+        event_rows = _created_events(turn.runs, lease[1])
         request_rows = [] if turn.request is None else [_turn_request_values(turn)]
 
         return self.committer.submit(
@@ -1424,20 +1414,7 @@ class Store:
             )
             if join.runs:
                 connection.execute(_INSERT_RUNS, [_run_values(r) for r in join.runs])
-                connection.execute(
-                    _INSERT_EVENTS,
-                    [
-                        {
-                            "run_id": r.id,
-                            "status": r.status.value,
-                            "at": r.created_at,
-                            "attempt": r.attempt,
-                            "reason": "created",
-                            "epoch": lease[1],
-                        }
-                        for r in join.runs
-                    ],
-                )
+                connection.execute(_INSERT_EVENTS, _created_events(join.runs, lease[1]))
 
         future = self.committer.submit(op, lease=lease)
         future.add_done_callback(partial(self._layout_changed, join.group_id))
@@ -1644,6 +1621,21 @@ def _version_values(
         "tool_call_id": None if tool_call_id is None else storable(tool_call_id)[:200],
         "at": at,
     }
+
+
+def _created_events(created: Sequence[Run], epoch: int) -> list[dict[str, Any]]:
+    """The first event of each run just created, written under the lease at `epoch`."""
+    return [
+        {
+            "run_id": r.id,
+            "status": r.status.value,
+            "at": r.created_at,
+            "attempt": r.attempt,
+            "reason": "created",
+            "epoch": epoch,
+        }
+        for r in created
+    ]
 
 
 def _message(row: RowMapping) -> Message:
