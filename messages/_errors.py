@@ -168,11 +168,10 @@ class DatabaseInUse(SleeptimeError):
 class OwnershipLost(SleeptimeError):
     """This runtime found its database owned by another one, and stopped writing to it.
 
-    Raised by every call that would write once the writer's connection was refused the
-    database's ownership. PostgreSQL databases are shared under shard leases since
-    revision 0004, where a lost shard raises `ShardLost` instead; this stays for writers
-    whose engine refuses a connection (and for code that catches it).
-    Stop this runtime; the owner recovers its open runs.
+    No longer raised: since revision 0004 PostgreSQL databases are shared under shard
+    leases, and a process that lost a shard gets `ShardLost` (a call for a group owned
+    elsewhere, `NotOwner`); a SQLite file stays locked by its owner for its whole life.
+    Kept so that code catching it still imports.
     """
 
     def __init__(self, url: str, detail: str) -> None:

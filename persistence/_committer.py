@@ -23,12 +23,8 @@ only there.
 The writer keeps one connection for its whole life. A transaction that failed because
 the connection was lost, before its COMMIT was sent, is run once more on a new
 connection (nothing of it was stored); a failure during the COMMIT is reported, since its
-outcome is unknown. A committer given a `heartbeat` runs it whenever it had nothing to
-write for that long, so a lost connection is found (and made again) while idle.
-
-A new connection may find that this runtime no longer owns the database (`OwnershipLost`,
-raised by the engine on PostgreSQL): from then on the committer writes nothing, and every
-write, queued or later, fails with that error.
+outcome is unknown. On PostgreSQL, what this process may still write is decided per
+transaction by its fence (the leases of its shards), not by its connection.
 
 When a guard of a merged batch misses (a run that moved meanwhile), the batch is rolled
 back and run again write by write in one transaction, and only the refused write fails.
@@ -48,7 +44,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Connection, Delete, Engine, Insert, Update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from messages import OwnershipLost, RuntimeStopped, StoreUnavailable
+from messages import RuntimeStopped, StoreUnavailable
 from messages._futures import reject, resolve
 from messages._log import get_logger
 from persistence._observed import NO_STORE_OBSERVER, StoreObserver
@@ -188,14 +184,12 @@ class Committer:
         insert_order: Sequence[Insert] = (),
         append: tuple[Insert, Numberer] | None = None,
         max_batch: int = 512,
-        heartbeat: tuple[float, Op[object]] | None = None,
         fence: Fence | None = None,
         observer: StoreObserver = NO_STORE_OBSERVER,
     ) -> None:
         """`insert_order`: the INSERTs in an order that respects foreign keys (parents
         first); `append`: the INSERT of messages and the function that numbers rows to
-        append, (connection, rows, txn) -> rows with their `sequence`; `heartbeat`:
-        (seconds, op), the op to run (uncounted) after that long without a write;
+        append, (connection, rows, txn) -> rows with their `sequence`;
         `fence`: (connection, leases) -> {lease: error} for the (shard, epoch) leases
         this process no longer holds, run first in every transaction that writes under
         a lease (the work under a refused lease fails with its error, the rest commits);
@@ -210,9 +204,7 @@ class Committer:
         self._closed = False
         self._close_lock = threading.Lock()
         self._connection: Connection | None = None  # the writer's own, held across batches
-        self._heartbeat = heartbeat
         self._fence = fence
-        self._lost: OwnershipLost | None = None  # once set, nothing is written again
         self._observer = observer
         self._away_since: float | None = None  # when an outage began (time.monotonic())
         self.transactions = 0
@@ -266,13 +258,8 @@ class Committer:
             self._disconnect()
 
     def _serve(self) -> None:
-        interval = None if self._heartbeat is None else self._heartbeat[0]
         while True:
-            try:
-                job = self._queue.get(timeout=interval)
-            except queue.Empty:
-                self._beat()
-                continue
+            job = self._queue.get()
             if job is None:
                 return
             batch = [job]
@@ -289,16 +276,6 @@ class Committer:
             self._commit(batch)
             if stop:
                 return
-
-    def _beat(self) -> None:
-        assert self._heartbeat is not None
-        if self._lost is not None:
-            return
-        job: _Job = _Job(self._heartbeat[1], Future(), None)
-        try:
-            self._transaction([job], merged=False, counted=False)
-        except Exception as error:  # the next write will say it to its caller
-            log.debug("heartbeat_failed", error=str(error), error_type=type(error).__name__)
 
     def _commit(self, batch: list[_Job]) -> None:
         live = [job for job in batch if job.future.set_running_or_notify_cancel()]
@@ -356,9 +333,7 @@ class Committer:
         """Writes waiting for the writer thread (roughly: it may be taking some now)."""
         return self._queue.qsize()
 
-    def _transaction(
-        self, jobs: list[_Job], *, merged: bool, counted: bool = True
-    ) -> list[tuple[bool, Any]]:
+    def _transaction(self, jobs: list[_Job], *, merged: bool) -> list[tuple[bool, Any]]:
         """Run the jobs in one transaction: (True, result) or (False, refusal) per job."""
         began = time.perf_counter()
         for attempt in (1, 2):
@@ -383,10 +358,9 @@ class Committer:
             except BaseException:
                 self._disconnect()  # the outcome is unknown; a new connection next time
                 raise
-            if counted:
-                self.transactions += 1
-                self.ops += len(jobs)
-                self._observer.batch_committed(len(jobs), time.perf_counter() - began)
+            self.transactions += 1
+            self.ops += len(jobs)
+            self._observer.batch_committed(len(jobs), time.perf_counter() - began)
             self._reached()
             txn.committed()
             return outcomes
@@ -406,16 +380,9 @@ class Committer:
         return refused
 
     def _connect(self) -> Connection:
-        """The writer's connection: the one held, or a new one (which the engine checks,
-        before its first use, still owns the database)."""
-        if self._lost is not None:
-            raise _again(self._lost)
+        """The writer's connection: the one held, or a new one."""
         if self._connection is None:
-            try:
-                self._connection = self._engine.connect()
-            except OwnershipLost as lost:
-                self._lost = lost
-                raise
+            self._connection = self._engine.connect()
         return self._connection
 
     def _roll_back(self, transaction: Any) -> None:
@@ -523,19 +490,9 @@ def _settle(job: _Job, ok: bool, value: Any) -> None:
         reject(job.future, value)
 
 
-def _again(error: OwnershipLost) -> OwnershipLost:
-    """The same error as a new exception: raising one instance for every later write
-    would grow its traceback without end."""
-    again = OwnershipLost.__new__(OwnershipLost)
-    again.__dict__.update(error.__dict__)
-    again.args = error.args
-    return again
-
-
 def _unreachable(error: Exception) -> bool:
-    """Whether no other write could succeed now either: the database is out of reach, or
-    no longer this runtime's."""
-    return lost_connection(error) or isinstance(error, StoreUnavailable | OwnershipLost)
+    """Whether no other write could succeed now either: the database is out of reach."""
+    return lost_connection(error) or isinstance(error, StoreUnavailable)
 
 
 def lost_connection(error: Exception) -> bool:

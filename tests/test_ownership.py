@@ -11,18 +11,15 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, create_engine, event
 from sqlalchemy.exc import DBAPIError
 
-from actors import DatabaseInUse, OwnershipLost, Runtime
+from actors import DatabaseInUse, Runtime
 from persistence import Store
-from persistence._committer import Committer
 from tests.agents import user, wait_until
 from tests.logs import Records, host_logging
 
@@ -292,55 +289,7 @@ def test_sqlite_keeps_its_locks_when_an_owner_of_the_same_process_stops(
         assert viewer.get_group(group.id).id == group.id
 
 
-# -- PostgreSQL: the lock lives on the writer's own connection, and comes back with it -------
-
-
-def test_a_committer_that_lost_the_database_never_writes_again(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite:///{tmp_path / 'lost.db'}", pool_size=1, max_overflow=0)
-    with engine.begin() as connection:
-        connection.exec_driver_sql("CREATE TABLE notes (text TEXT)")
-    taken = threading.Event()
-    lost = OwnershipLost("sqlite:///lost.db", "its lock is held by pid 1 on elsewhere")
-
-    @event.listens_for(engine, "checkout")
-    def check(*_: object) -> None:
-        if taken.is_set():
-            raise lost
-
-    def note(text: str) -> Callable[[Connection], object]:
-        return lambda c: c.exec_driver_sql("INSERT INTO notes VALUES (?)", (text,))
-
-    committer = Committer(engine)
-    try:
-        committer.run(note("mine"))
-        taken.set()
-        with pytest.raises(OwnershipLost, match="no longer owns"):
-            committer.run(lambda c: c.invalidate())  # its connection dies; a new one is refused
-        with pytest.raises(OwnershipLost):
-            committer.run(note("lost"))
-        taken.clear()  # whatever the engine says now, the loss holds
-        queued = [committer.submit(note(f"later {n}")) for n in range(5)]
-        for future in queued:
-            with pytest.raises(OwnershipLost):
-                future.result(timeout=10)
-    finally:
-        committer.close()
-    with engine.connect() as connection:
-        assert connection.exec_driver_sql("SELECT text FROM notes").scalars().all() == ["mine"]
-    engine.dispose()
-
-
-def test_an_idle_committer_beats_without_counting(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite:///{tmp_path / 'idle.db'}", pool_size=1, max_overflow=0)
-    beats = threading.Semaphore(0)
-    committer = Committer(engine, heartbeat=(0.01, lambda c: beats.release()))
-    try:
-        for _ in range(3):
-            assert beats.acquire(timeout=10)
-        assert committer.transactions == 0
-    finally:
-        committer.close()
-        engine.dispose()
+# -- only the writer writes -----------------------------------------------------------------
 
 
 def test_only_the_writer_writes(db_url: str) -> None:
