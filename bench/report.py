@@ -72,17 +72,21 @@ def table(rows: list[CaseResult]) -> str:
 def ratios(cases: dict[str, CaseResult]) -> dict[str, float]:
     """runtime(100 groups) / limit and / naive, from whichever cases ran."""
     found: dict[str, float] = {}
-    runtime = cases.get("runtime_100")
-    if runtime is None:
-        return found
-    for name, key in [
-        ("runtime_100/limit", "limit"),
-        ("runtime_100/limit_with_history", "limit_history"),
-        ("runtime_100/naive_100", "naive_100"),
-    ]:
-        other = cases.get(key)
-        if other is not None and other.turns_per_s > 0:
-            found[name] = runtime.turns_per_s / other.turns_per_s
+    for case in ("runtime_100", "runtime_100_gc"):
+        runtime = cases.get(case)
+        if runtime is None:
+            continue
+        for name, key in [
+            (f"{case}/limit", "limit"),
+            (f"{case}/limit_with_history", "limit_history"),
+            (f"{case}/naive_100", "naive_100"),
+        ]:
+            other = cases.get(key)
+            if other is not None and other.turns_per_s > 0:
+                found[name] = runtime.turns_per_s / other.turns_per_s
+    gc_tuned, plain = cases.get("runtime_100_gc"), cases.get("runtime_100")
+    if gc_tuned is not None and plain is not None and plain.turns_per_s > 0:
+        found["runtime_100_gc/runtime_100"] = gc_tuned.turns_per_s / plain.turns_per_s
     return found
 
 
@@ -158,6 +162,10 @@ def targets(cases: dict[str, CaseResult], scale: dict[str, Any] | None) -> list[
         ),
         _cpu_target(cases.get("runtime_100")),
     ]
+    if "runtime_100_gc" in cases:  # what a host tuning its collector sees (cli.collector)
+        tuned = _cpu_target(cases["runtime_100_gc"])
+        name = tuned.name.replace("(100", "(gc tuned, 100")
+        lines.append(Target(name, tuned.passed, tuned.detail))
     if scale is None:
         return [*lines, Target("10,000 groups", None, "not measured")]
     groups = scale.get("groups", 0)

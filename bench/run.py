@@ -51,9 +51,11 @@ from bench.cases import (
     median,
 )
 from bench.scale import child_main, measure_in_child
+from cli.collector import tuned_collector
 
 CASES = (
     "runtime_100",
+    "runtime_100_gc",
     "runtime_1000",
     "runtime_1000_uncapped",
     "naive_100",
@@ -192,6 +194,22 @@ def run_cases(
                 for repeat in range(plan.repeats)
             ]
         )
+    if "runtime_100_gc" in wanted:
+        announce(f"runtime, 100 groups, the collector tuned (cli.collector), x{plan.repeats}")
+        with tuned_collector():
+            cases["runtime_100_gc"] = median(
+                [
+                    measure_runtime(
+                        "runtime, gc tuned",
+                        _runtime_url(db, work, f"runtime-100-gc-{repeat}"),
+                        100,
+                        plan.turns_per_group_100,
+                        plan.threads,
+                        plan.workers,
+                    )
+                    for repeat in range(plan.repeats)
+                ]
+            )
     if "runtime_1000" in wanted:
         announce("runtime, 1,000 groups")
         cases["runtime_1000"] = measure_runtime(

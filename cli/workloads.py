@@ -24,6 +24,7 @@ from typing import Any
 
 from actors import Runtime, configure_logging
 from cli import fanout, loadsim
+from cli.collector import tuned_collector
 from cli.command import EXIT_FAILED, EXIT_OK, CommandError
 from cli.options import llm_endpoint
 from cli.tables import format_table, print_invariants
@@ -63,7 +64,7 @@ def workload_runtime(
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    with rt:
+    with rt, tuned_collector():
         print(f"Database: {redact(url)}", flush=True)
         yield rt, url
 
