@@ -5,10 +5,20 @@ test_paging); these check that they agree with each other."""
 
 from __future__ import annotations
 
+import random
 import threading
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from actors import GroupNotFound, Runtime
+from actors import (
+    AgentNotFound,
+    AgentNotInGroup,
+    BlockExists,
+    BlockNotFound,
+    GroupNotFound,
+    RunNotFound,
+    Runtime,
+)
 from messages import RunStatus
 from tests.agents import user
 
@@ -138,3 +148,95 @@ def test_agents_join_with_backfill_while_prunes_run(rt: Runtime) -> None:
     rt.wait_for_runs(open_runs, timeout=TIMEOUT)
     report = rt.check_invariants([group.id])
     assert report.ok, report.violations
+
+
+STORM_ERRORS = (
+    GroupNotFound,
+    BlockNotFound,
+    BlockExists,
+    AgentNotInGroup,
+    AgentNotFound,
+    RunNotFound,
+)
+
+
+def test_a_storm_of_every_call_leaves_the_invariants_holding(db_url: str) -> None:
+    # Threads call everything SPEC 18 adds, at random, beside turns on the same groups:
+    # only typed refusals come back, and what is stored holds, before and after a restart.
+    slow: dict[str, Any] = {"kind": "simulated", "config": {"latency_ms": 5, "seed": 1}}
+    untyped: list[str] = []
+    with Runtime.start(db_url, workers=8) as rt:
+        groups = [
+            rt.create_group(primary=SCRIPTED, sleeptime=[MEMORY, slow], frequency=n % 3 + 1).id
+            for n in range(4)
+        ]
+        lock = threading.Lock()
+
+        def one(r: random.Random) -> None:
+            with lock:
+                g = r.choice(groups)
+            kind = r.choices(
+                ["step", "set", "create", "drop", "add", "remove", "prune", "delete", "page"],
+                [30, 8, 4, 4, 3, 2, 3, 1, 3],
+            )[0]
+            if kind == "step":
+                rt.step(g, [user(f"my favorite color is c{r.randint(0, 9)}")])
+            elif kind == "set":
+                rt.set_block(g, "human", f"set {r.randint(0, 999)}")
+            elif kind == "create":
+                rt.create_block(g, f"l{r.randint(0, 2)}", "x")
+            elif kind == "drop":
+                rt.delete_block(g, f"l{r.randint(0, 2)}")
+            elif kind == "add":
+                rt.add_sleeptime_agent(
+                    g, r.choice([MEMORY, slow]), backfill=r.random() < 0.5, backfill_window=3
+                )
+            elif kind == "remove":
+                members = rt.get_group(g).sleeptime_agent_ids
+                if members:
+                    rt.remove_sleeptime_agent(g, r.choice(members))
+            elif kind == "prune":
+                rt.prune(
+                    before=datetime.now(UTC) + timedelta(hours=1),
+                    keep_runs=r.randint(0, 2),
+                    messages=True,
+                    keep_messages=r.randint(0, 4),
+                    keep_block_versions=r.randint(1, 2),
+                    batch_size=r.randint(1, 10),
+                )
+            elif kind == "delete":
+                rt.delete_group(g)
+                fresh = rt.create_group(primary=SCRIPTED, sleeptime=[MEMORY], frequency=2).id
+                with lock:
+                    groups[groups.index(g)] = fresh
+            else:
+                seen: set[str] = set()
+                after: str | None = None
+                while page := rt.list_runs(group_id=g, limit=4, after=after):
+                    assert not seen & {run.id for run in page}, "a run listed twice"
+                    seen |= {run.id for run in page}
+                    after = page[-1].id
+
+        def worker(seed: int) -> None:
+            r = random.Random(seed)
+            for _ in range(60):
+                try:
+                    one(r)
+                except STORM_ERRORS:
+                    pass
+                except BaseException as error:  # anything else is a bug
+                    untyped.append(f"{type(error).__name__}: {error}")
+
+        threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not untyped, untyped[:5]
+        still_open = [r.id for r in rt.list_runs(statuses=["created", "running"])]
+        rt.wait_for_runs(still_open, timeout=TIMEOUT)
+        report = rt.check_invariants()
+        assert report.ok, report.violations
+    with Runtime.start(db_url) as again:
+        report = again.check_invariants()
+        assert report.ok, report.violations
