@@ -20,32 +20,22 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Table, delete, exists, func, insert, select, update
+from sqlalchemy import Connection, delete, exists, func, insert, select, update
 
 from messages import PruneSettings, RunStatus
 from messages._retention import no_rows
-from persistence._models import (
-    AgentRow,
-    BlockRow,
-    BlockVersionRow,
-    GroupRow,
-    MessageRow,
-    PruneRow,
-    RunEventRow,
-    RunRow,
-    TurnRequestRow,
-    utcnow,
+from persistence._models import utcnow
+from persistence._tables import (
+    agents,
+    block_versions,
+    blocks,
+    groups,
+    messages,
+    prunes,
+    run_events,
+    runs,
+    turn_requests,
 )
-
-groups: Table = GroupRow.__table__  # type: ignore[assignment]
-agents: Table = AgentRow.__table__  # type: ignore[assignment]
-blocks: Table = BlockRow.__table__  # type: ignore[assignment]
-block_versions: Table = BlockVersionRow.__table__  # type: ignore[assignment]
-messages: Table = MessageRow.__table__  # type: ignore[assignment]
-runs: Table = RunRow.__table__  # type: ignore[assignment]
-run_events: Table = RunEventRow.__table__  # type: ignore[assignment]
-turn_requests: Table = TurnRequestRow.__table__  # type: ignore[assignment]
-prunes: Table = PruneRow.__table__  # type: ignore[assignment]
 
 OPEN = (RunStatus.CREATED.value, RunStatus.RUNNING.value)
 CHUNK = 500  # ids per IN list: well under every backend's limit on parameters

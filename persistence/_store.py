@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from datetime import datetime
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy import (
@@ -20,7 +20,6 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     RowMapping,
-    Table,
     and_,
     bindparam,
     delete,
@@ -72,18 +71,7 @@ from persistence._engine import (
     sqlite_file,
 )
 from persistence._leases import DEFAULT_SHARDS, Leases, ShardBook, ShardOwner, fence_for
-from persistence._models import (
-    AgentRow,
-    BlockRow,
-    BlockVersionRow,
-    GroupRow,
-    MessageRow,
-    PruneRow,
-    RunEventRow,
-    RunRow,
-    TurnRequestRow,
-    utcnow,
-)
+from persistence._models import utcnow
 from persistence._observed import NO_STORE_OBSERVER, StoreObserver
 from persistence._ownership import DatabaseFile, Ownership
 from persistence._records import (
@@ -96,20 +84,22 @@ from persistence._records import (
     TurnRequest,
     TurnWrite,
 )
+from persistence._tables import (
+    agents,
+    block_versions,
+    blocks,
+    groups,
+    messages,
+    prunes,
+    run_events,
+    runs,
+    turn_requests,
+)
 
 T = TypeVar("T")
 OPEN_STATUSES = (RunStatus.CREATED.value, RunStatus.RUNNING.value)
 MAX_REMEMBERED_HISTORIES = 1_000_000  # agents whose history end the writer remembers
 
-groups = cast(Table, GroupRow.__table__)
-agents = cast(Table, AgentRow.__table__)
-blocks = cast(Table, BlockRow.__table__)
-block_versions = cast(Table, BlockVersionRow.__table__)
-messages = cast(Table, MessageRow.__table__)
-runs = cast(Table, RunRow.__table__)
-run_events = cast(Table, RunEventRow.__table__)
-turn_requests = cast(Table, TurnRequestRow.__table__)
-prunes = cast(Table, PruneRow.__table__)
 
 _MOVE_GROUP = (
     update(groups)

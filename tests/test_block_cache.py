@@ -22,7 +22,7 @@ from messages._ids import new_id
 from persistence import Store, utcnow
 from persistence._block_cache import BlockCache
 from persistence._engine import make_engines
-from persistence._store import blocks, messages
+from persistence._tables import blocks, messages
 
 
 def block(
