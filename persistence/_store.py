@@ -99,6 +99,7 @@ from persistence._tables import (
 T = TypeVar("T")
 OPEN_STATUSES = (RunStatus.CREATED.value, RunStatus.RUNNING.value)
 MAX_REMEMBERED_HISTORIES = 1_000_000  # agents whose history end the writer remembers
+_IN_CHUNK = 500  # ids per IN list: well under every backend's limit on parameters
 
 
 _MOVE_GROUP = (
@@ -558,7 +559,7 @@ class Store:
         key = (groups.c.created_at, groups.c.id)
 
         def query(connection: Connection) -> list[Group]:
-            statement = select(groups.c.id)
+            statement = select(groups)
             if statuses is not None:
                 statement = statement.where(groups.c.status.in_(list(statuses)))
             if primary_kind is not None:
@@ -573,8 +574,12 @@ class Store:
             statement = statement.order_by(*key)
             if limit is not None:
                 statement = statement.limit(limit)
-            ids = connection.execute(statement).scalars().all()
-            return [_load_group(connection, group_id)[0] for group_id in ids]
+            rows = connection.execute(statement).mappings().all()
+            members = _sleeptime_members(connection, [row["id"] for row in rows])
+            return [
+                _from_row(Group, row, sleeptime_agent_ids=members.get(row["id"], []))
+                for row in rows
+            ]
 
         return self._read(query)
 
@@ -1542,6 +1547,26 @@ def _from_row(model: type[M], row: RowMapping, **extra: Any) -> M:
     """
     values = {**{k: row[k] for k in model.model_fields if k in row}, **extra}
     return model.model_validate(values, context=STORED)
+
+
+def _sleeptime_members(connection: Connection, group_ids: Sequence[str]) -> dict[str, list[str]]:
+    """Each group's sleeptime agents still in it, in position order: a query per 500
+    groups, not per group."""
+    found: dict[str, list[str]] = {}
+    for start in range(0, len(group_ids), _IN_CHUNK):
+        chunk = group_ids[start : start + _IN_CHUNK]
+        rows = connection.execute(
+            select(agents.c.group_id, agents.c.id)
+            .where(
+                agents.c.group_id.in_(chunk),
+                agents.c.role == "sleeptime",
+                agents.c.removed_at.is_(None),
+            )
+            .order_by(agents.c.group_id, agents.c.position)
+        )
+        for group_id, agent_id in rows:
+            found.setdefault(group_id, []).append(agent_id)
+    return found
 
 
 def _load_group(connection: Connection, group_id: str) -> tuple[Group, int, list[Agent]]:
