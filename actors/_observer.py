@@ -35,10 +35,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 from messages import Run
 from persistence import StoreObserver, Transition
+
+W = TypeVar("W", bound="Watch")
 
 
 class Watch:
@@ -260,10 +262,12 @@ def combine(observers: Sequence[Observer]) -> Observer:
     return Observers(observers)
 
 
-class _Watches(Watch):
+class _Watches(Watch, Generic[W]):
+    """Several watches as one: entered in order, left in reverse."""
+
     __slots__ = ("_each",)
 
-    def __init__(self, watches: list[Watch]) -> None:
+    def __init__(self, watches: list[W]) -> None:
         self._each = watches
 
     def __enter__(self) -> Self:
@@ -281,25 +285,8 @@ class _Watches(Watch):
             watch.__exit__(exc_type, exc, tb)
 
 
-class _TurnWatches(TurnWatch):
-    __slots__ = ("_each",)
-
-    def __init__(self, watches: list[TurnWatch]) -> None:
-        self._each = watches
-
-    def __enter__(self) -> Self:
-        for watch in self._each:
-            watch.__enter__()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        for watch in reversed(self._each):
-            watch.__exit__(exc_type, exc, tb)
+class _TurnWatches(_Watches[TurnWatch], TurnWatch):
+    __slots__ = ()
 
     def step(self) -> Watch:
         return _Watches([watch.step() for watch in self._each])
@@ -314,25 +301,8 @@ class _TurnWatches(TurnWatch):
             watch.recorded(turn, fired, runs, error)
 
 
-class _RequestWatches(RequestWatch):
-    __slots__ = ("_each",)
-
-    def __init__(self, watches: list[RequestWatch]) -> None:
-        self._each = watches
-
-    def __enter__(self) -> Self:
-        for watch in self._each:
-            watch.__enter__()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        for watch in reversed(self._each):
-            watch.__exit__(exc_type, exc, tb)
+class _RequestWatches(_Watches[RequestWatch], RequestWatch):
+    __slots__ = ()
 
     def failed(self, outcome: str, error: BaseException) -> None:
         for watch in self._each:
