@@ -10,6 +10,8 @@ import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from actors import (
     AgentNotFound,
     AgentNotInGroup,
@@ -146,6 +148,38 @@ def test_agents_join_with_backfill_while_prunes_run(rt: Runtime) -> None:
     assert not errors, errors
     open_runs = [r.id for a in joined for r in rt.list_runs(agent_id=a.id)]
     rt.wait_for_runs(open_runs, timeout=TIMEOUT)
+    report = rt.check_invariants([group.id])
+    assert report.ok, report.violations
+
+
+def test_a_join_whose_plan_a_prune_overtook_is_planned_again(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Deterministic: the first time the join reads where the stored history starts, a
+    # prune moves it before the join commits. The join must land all the same, with its
+    # coverage and backfill starting where history starts after that prune.
+    group = rt.create_group(primary=SCRIPTED, sleeptime=[MEMORY], frequency=1)
+    rt.wait_for_runs(_turns(rt, group.id, 6), timeout=TIMEOUT)
+    store = rt._store
+    read = store.messages_pruned_through
+    overtaken: list[int] = []
+
+    def read_then_prune(group_id: str) -> int:
+        found = read(group_id)
+        if not overtaken:
+            overtaken.append(found)
+            rt.prune(messages=True, keep_messages=4)  # straight through the writer
+        return found
+
+    monkeypatch.setattr(store, "messages_pruned_through", read_then_prune)
+    late = rt.add_sleeptime_agent(group.id, MEMORY, backfill=True, backfill_window=2)
+    assert overtaken == [0]
+    pruned = read(group.id)
+    assert pruned > 0
+    assert late.coverage_from_seq == pruned + 1  # planned again, after the prune
+    backfill = rt.list_runs(agent_id=late.id)
+    assert backfill[0].window_first_seq == pruned + 1
+    rt.wait_for_runs([r.id for r in backfill], timeout=TIMEOUT)
     report = rt.check_invariants([group.id])
     assert report.ok, report.violations
 
