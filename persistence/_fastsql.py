@@ -13,7 +13,7 @@ JSON and every other type convert exactly as before) and the driver call are SQL
   `positional`, `positiontup`, `bind_names` and `escaped_bind_names`;
 - `TypeEngine.dialect_impl(dialect).bind_processor(dialect)`, the processor
   `Connection.execute` applies to each value (taken to be a function of the value, as
-  SQLAlchemy's are: None is processed once per statement, not once per row);
+  SQLAlchemy's are: None is processed once, when the statement is compiled);
 - `Connection.exec_driver_sql`, so the transaction, the wrapping of driver errors (a
   `DBAPIError`, with `connection_invalidated` when the driver says the connection is
   gone), the invalidation of a lost connection and the `rowcount` stay SQLAlchemy's.
