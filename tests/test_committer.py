@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     bindparam,
     create_engine,
+    event,
     func,
     insert,
     select,
@@ -177,6 +178,21 @@ def test_a_batch_of_writes_to_different_rows_is_a_few_statements(
     assert committer.statements - before[1] == 2  # one UPDATE, one INSERT, for fifty writes
     assert set(statuses(engine).values()) == {"running"}
     assert len(logged(engine)) == 50
+
+
+def test_merged_statements_bypass_connection_execute(
+    committer: Committer, engines: tuple[Engine, Engine], engine: Engine
+) -> None:
+    """They go through the committer's FastExecutor (tests/test_fastsql.py: the same SQL,
+    rows, rowcounts and errors as Connection.execute)."""
+    ids = seed(committer, 5)
+    executed: list[object] = []
+    event.listen(engines[0], "before_execute", lambda _c, statement, *_: executed.append(statement))
+    futures = in_one_batch(committer, [move(i, "created", "running") for i in ids])
+    assert all(f.result() is None for f in futures)
+    assert executed == []
+    assert set(statuses(engine).values()) == {"running"}
+    assert len(logged(engine)) == 5
 
 
 def test_a_refused_write_fails_alone_and_the_rest_of_its_batch_commits(
