@@ -182,6 +182,7 @@ def move(group_id: str, expected: int) -> dict[str, Any]:
 
 def transition(run_id: str, status: RunStatus, **fields: Any) -> dict[str, Any]:
     values = {"run_id": run_id, "status": status.value, "attempt": 1, "at": AT}
+    values["expected_attempt"] = fields.pop("expected_attempt", values["attempt"])
     return {**values, "stop_reason": None, "error": None, **fields}
 
 
@@ -199,7 +200,10 @@ BATCH: list[tuple[Statement, Rows]] = [
             transition("r-missing", RunStatus.FAILED, error="gone"),
         ],
     ),
-    (_REQUEUE_RUN, [{"run_id": "r-requeued", "status": "created", "attempt": 2}]),
+    (
+        _REQUEUE_RUN,
+        [{"run_id": "r-requeued", "status": "created", "attempt": 2, "expected_attempt": 1}],
+    ),
     (_INSERT_MESSAGES, [_message_values(m) for m in MESSAGES]),
     (_INSERT_RUNS, [_run_values(r) for r in RUNS]),
     (_INSERT_EVENTS, EVENTS),
