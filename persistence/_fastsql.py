@@ -34,13 +34,14 @@ from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import Connection, Insert, Update
+from sqlalchemy import Connection, Delete, Insert, Update
 from sqlalchemy.engine import BindTyping, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
 Processor = Callable[[Any], Any]
 Getter = Callable[[Any], Any]
 Rows = Sequence[Mapping[str, Any]]
+Dml = Insert | Update | Delete
 
 MAX_PLANS = 256
 """Statements (per set of row keys) whose plan is kept; more means statements that are
@@ -119,7 +120,7 @@ class _Plan:
 
 
 class FastExecutor:
-    """Runs INSERTs and UPDATEs of many rows with less work per row than
+    """Runs INSERTs, UPDATEs and DELETEs of many rows with less work per row than
     `Connection.execute`: the same statements, values, errors and rowcount.
 
     Used by one thread (the writer's): its plans are not shared.
@@ -129,9 +130,9 @@ class FastExecutor:
         self._dialect = dialect
         # Only execute() binds values through setinputsizes() (e.g. cx_Oracle).
         self._enabled = dialect.bind_typing is not BindTyping.SETINPUTSIZES
-        self._plans: dict[tuple[Insert | Update, frozenset[str], bool], _Plan | None] = {}
+        self._plans: dict[tuple[Dml, frozenset[str], bool], _Plan | None] = {}
 
-    def execute(self, connection: Connection, statement: Insert | Update, rows: Rows) -> int:
+    def execute(self, connection: Connection, statement: Dml, rows: Rows) -> int:
         """Execute `statement` once per row (an executemany); return the rows it matched."""
         if not rows:
             return 0
@@ -145,7 +146,7 @@ class FastExecutor:
                 return connection.exec_driver_sql(plan.sql, parameters).rowcount
         return connection.execute(statement, list(rows)).rowcount
 
-    def _plan(self, statement: Insert | Update, keys: frozenset[str], many: bool) -> _Plan | None:
+    def _plan(self, statement: Dml, keys: frozenset[str], many: bool) -> _Plan | None:
         cache_key = (statement, keys, many)
         try:
             return self._plans[cache_key]

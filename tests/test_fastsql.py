@@ -39,11 +39,8 @@ from persistence._store import (
     _START_RUN,
     _message_values,
     _run_values,
-    groups,
-    messages,
-    run_events,
-    runs,
 )
+from persistence._tables import groups, messages, run_events, runs
 
 Rows = list[dict[str, Any]]
 Statement = Insert | Update
