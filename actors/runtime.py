@@ -1598,10 +1598,13 @@ def _outcome(
 ) -> TurnResult:
     """A turn's result (or its error), waiting at most until `deadline`."""
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-    if wait([reply], timeout=remaining).not_done:
-        assert timeout is not None
-        raise TurnTimeout(group_id, timeout)
-    result: TurnResult = reply.result()
+    try:
+        result: TurnResult = reply.result(remaining)
+    except TimeoutError:
+        if not reply.done():
+            assert timeout is not None
+            raise TurnTimeout(group_id, timeout) from None
+        result = reply.result()  # done meanwhile, or failed with a TimeoutError of its own
     return result
 
 
