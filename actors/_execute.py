@@ -8,7 +8,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from actors._observer import NO_OBSERVER, Observer
-from actors._protocol import StepDone
+from actors._protocol import StartDecision, StepDone
 from actors._transcript import render_transcript
 from actors.sdk import AgentBehaviour, AgentContext, Memory, StepFailed, StepResult
 from messages import Group, Message, MessageCreate, Run, StopReason, StoreUnavailable, TextContent
@@ -62,27 +62,51 @@ def as_output(
 def execute_run(
     *,
     run: Run,
-    attempt: int,
+    token: int,
+    decided: Future[StartDecision],
     group: Group,
-    behaviour: AgentBehaviour,
+    behaviour: AgentBehaviour | None,
     store: Store,
-    cancel: threading.Event,
-    started: Future[None],
+    abandoned: threading.Event,
     window: list[Message] | None = None,
+    build_error: str | None = None,
     observer: Observer = NO_OBSERVER,
 ) -> StepDone:
-    """Build the transcript of the run's window, step the agent, and report the outcome.
+    """Wait for the tracker's decision on the start request `token` and for the start's
+    commit, then build the transcript of the run's window, step the agent, and report the
+    outcome.
 
     Never raises: whatever goes wrong, even a `SystemExit` from the agent's code, ends up
-    as the run's error text. `observer` watches the agent's step.
+    as the run's error text. A run that does not start (refused, put off, its start not
+    recorded) is reported with `started` False; so is one whose agent gave up on it
+    (`abandoned`: its deadline passed) before it began. `behaviour` None: the agent could
+    not be built (`build_error`), the run fails once started. `observer` watches the step.
     """
+    # The decision comes once the start is committed. The agent gives the request up at
+    # its deadline (and sets `abandoned`); this wait, longer, only frees the thread if the
+    # tracker never answers.
     try:
-        started.result()  # the run is durably `running` before any of its work
+        decision = decided.result(2 * group.run_timeout + 1)
+    except TimeoutError:
+        return _not_started(run, run.attempt, token, "the start was not decided in time")
+    if not decision.started:
+        return _not_started(
+            run, run.attempt, token, decision.reason or "not started", retry=decision.retry
+        )
+    attempt = decision.attempt
+    assert decision.committed is not None and decision.cancel is not None
+    cancel = decision.cancel
+    try:
+        decision.committed.result()  # the run is durably `running` before any of its work
+        if abandoned.is_set():
+            return _not_started(run, attempt, token, "given up at its deadline")
         if window is None:
             window = store.window(group.primary_agent_id, run.window_first_seq, run.window_last_seq)
     except StoreUnavailable as error:
         # An outage of the store is not the agent's failure: the run is queued again.
-        return _not_started(run, attempt, f"the store was unavailable at the start: {error}")
+        return _not_started(
+            run, attempt, token, f"the store was unavailable at the start: {error}", aborted=True
+        )
     except Exception as error:
         return StepDone(
             run_id=run.id,
@@ -90,6 +114,16 @@ def execute_run(
             messages=[],
             stop_reason=StopReason.ERROR,
             error=f"could not record the start: {error}",
+            token=token,
+        )
+    if behaviour is None:
+        return StepDone(
+            run_id=run.id,
+            attempt=attempt,
+            messages=[],
+            stop_reason=StopReason.ERROR,
+            error=build_error or "agent could not be built",
+            token=token,
         )
     messages: list[Message] = []
     try:
@@ -124,6 +158,7 @@ def execute_run(
                 messages=messages,
                 stop_reason=failure.stop_reason,
                 error=str(failure),
+                token=token,
             )
         messages.extend(_stamp_all(produced, run, group.id))
     except BaseException as error:  # agent code: even SystemExit fails only this run
@@ -133,11 +168,16 @@ def execute_run(
             messages=messages,
             stop_reason=StopReason.ERROR,
             error=f"{type(error).__name__}: {error}",
+            token=token,
         )
-    return StepDone(run_id=run.id, attempt=attempt, messages=messages, stop_reason=stop_reason)
+    return StepDone(
+        run_id=run.id, attempt=attempt, messages=messages, stop_reason=stop_reason, token=token
+    )
 
 
-def _not_started(run: Run, attempt: int, error: str) -> StepDone:
+def _not_started(
+    run: Run, attempt: int, token: int, error: str, *, retry: bool = True, aborted: bool = False
+) -> StepDone:
     return StepDone(
         run_id=run.id,
         attempt=attempt,
@@ -145,6 +185,9 @@ def _not_started(run: Run, attempt: int, error: str) -> StepDone:
         stop_reason=StopReason.ERROR,
         error=error,
         started=False,
+        token=token,
+        retry=retry,
+        aborted=aborted,
     )
 
 

@@ -111,27 +111,33 @@ class AssignRun:
 
 @dataclass(frozen=True, slots=True)
 class StepDone:
-    """The agent's step for a run returned (or raised).
+    """The agent's step for a run returned (or raised), or the run never reached it.
 
-    `started` is False when the run never reached its agent because the store was
-    unavailable (its start could not be recorded, or its window read): not the agent's
-    failure, so the run is queued again rather than ended.
+    `token` is the start request's. `started` is False when the run never reached its
+    agent: the tracker refused the start (the run is terminal or unknown: `retry` False,
+    nothing more to do), put it off (the store is unavailable: `retry`), or recorded it
+    but its commit or its window's read met a store outage (`aborted`: the tracker is
+    told the start is given back). None of these is the agent's failure: a run put off or
+    aborted is queued again rather than ended.
     """
 
     run_id: str
-    attempt: int
+    attempt: int | None  # None: not known (the pool failed, not the step)
     messages: list[Message]
     stop_reason: StopReason
     error: str | None = None
     started: bool = True
+    token: int = 0
+    retry: bool = True
+    aborted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class RunDeadline:
-    """The run's `run_timeout` elapsed."""
+    """The run's `run_timeout` elapsed (for the start request `token`)."""
 
     run_id: str
-    attempt: int
+    token: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,14 +182,18 @@ class StartDecision:
 
 @dataclass(frozen=True, slots=True)
 class StartRun:
-    """Ask to move a run to `running`; the tracker tells `reply_to` a `StartDecision`.
+    """Ask to move a run to `running`; the tracker completes `decided` with its
+    `StartDecision`: once the start is committed (or failed to be) if it starts, at once
+    if it does not.
 
-    Told, not asked, so the agent's actor never blocks on the tracker; `token` comes back
-    with the decision, so an incarnation acts only on the answers to its own requests.
+    The agent's step waits on `decided` on its pool thread, so the run starts without a
+    message back to the agent's actor, which never blocks on the tracker. `token` names
+    the request: a finish without an attempt (`FinishRun.attempt` None) means "the attempt
+    this request started".
     """
 
     run_id: str
-    reply_to: Recipient
+    decided: Future[StartDecision]
     token: int
 
 
@@ -200,14 +210,18 @@ class StartAborted:
 
 @dataclass(frozen=True, slots=True)
 class FinishRun:
-    """A run ended as its agent saw it; refused (and logged) if it is already terminal."""
+    """A run ended as its agent saw it; refused (and logged) if it is already terminal.
+
+    `attempt` None: the attempt the start request `token` began, if it began one (a run
+    whose deadline passed before its agent learnt the tracker's decision)."""
 
     run_id: str
-    attempt: int
+    attempt: int | None
     status: RunStatus
     stop_reason: StopReason
     error: str | None = None
     messages: list[Message] = field(default_factory=list)
+    token: int = 0
 
 
 @dataclass(frozen=True, slots=True)

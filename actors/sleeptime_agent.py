@@ -141,10 +141,13 @@ class AgentSnapshot:
 
 @dataclass(slots=True)
 class _Current:
+    """The run this agent asked to start and steps (or waits to step) on the pool."""
+
     run: Run
     window: list[Message] | None
-    attempt: int
-    decision: StartDecision
+    token: int
+    decided: Future[StartDecision]  # completed by the tracker (see `StartRun`)
+    abandoned: threading.Event  # set at the deadline: the step must not begin any more
     future: Future[StepDone]
     deadline: Timer
 
@@ -152,13 +155,25 @@ class _Current:
     def run_id(self) -> str:
         return self.run.id
 
+    def started(self) -> StartDecision | None:
+        """The tracker's decision if it started the run and the start is committed."""
+        if not self.decided.done():
+            return None
+        decision = self.decided.result()
+        if not decision.started or decision.committed is None:
+            return None
+        if not decision.committed.done() or decision.committed.exception() is not None:
+            return None
+        return decision
+
 
 class SleeptimeAgentActor(SupervisedActor):
     """Executes the runs of one sleeptime agent, one at a time, in creation order.
 
     Told: `AssignRun`, `StepDone`, `RunDeadline`, `GroupChanged`, `KindRegistered`, and
-    the tracker's answers `Adopted` and `StartDecision`. It never waits on another actor:
-    it tells the tracker `AdoptRuns` (on start) or `StartRun` and goes on when told back.
+    the tracker's answer `Adopted`. It never waits on another actor: it tells the tracker
+    `AdoptRuns` (on start) and goes on when told back, and `StartRun` with the run's step
+    handed to the pool at once (the step waits for the decision on its own thread).
     """
 
     def __init__(
@@ -227,15 +242,13 @@ class SleeptimeAgentActor(SupervisedActor):
                 self._enqueue(run, window)
             case StepDone():
                 self._step_done(message)
-            case RunDeadline(run_id=run_id, attempt=attempt):
-                self._deadline(run_id, attempt)
+            case RunDeadline(run_id=run_id, token=token):
+                self._deadline(run_id, token)
             case GroupChanged(group=group):
                 self._group = group
             case KindRegistered(kind=kind):
                 if kind == self._agent.kind:
                     self._behaviour, self._build_error = None, None
-            case StartDecision():
-                self._decided(message)
             case Adopted():
                 self._adopted(message)
             case _EarlierStepEnded():
@@ -269,7 +282,9 @@ class SleeptimeAgentActor(SupervisedActor):
                 self._windows[run.id] = window
 
     def _pump(self) -> None:
-        """Ask the tracker to start the next run, if nothing runs or awaits an answer."""
+        """Start the next run, if nothing runs or awaits an answer: ask the tracker to
+        start it and hand its step to the pool at once; the step waits for the tracker's
+        decision (and the start's commit) on its pool thread, so no answer comes back here."""
         if self._current is not None or self._asked is not None or not self._queue:
             return
         if not self._ready() or self._held() or self._earlier_step_executing():
@@ -278,20 +293,31 @@ class SleeptimeAgentActor(SupervisedActor):
         self._queued.discard(run.id)
         window = self._windows.pop(run.id, None)
         token = next(_TOKENS)
-        self._asked = (token, run, window)
-        self._wiring.tracker.tell(StartRun(run.id, self._address, token))
-
-    def _decided(self, decision: StartDecision) -> None:
-        if self._asked is None or self._asked[0] != decision.token:
-            return  # an answer to an earlier incarnation (whose runs the tracker re-queued)
-        _, run, window = self._asked
-        self._asked = None
-        assert run is not None
-        if decision.started:
-            self._begin(run, decision, window)
-        elif decision.retry:  # the store is away: this run first, once it is back
-            self._enqueue(run, window, first=True)
-            self._hold(decision.reason)
+        decided: Future[StartDecision] = Future()
+        self._wiring.tracker.tell(StartRun(run.id, decided, token))
+        abandoned = threading.Event()
+        job = partial(
+            execute_run,
+            run=run,
+            token=token,
+            decided=decided,
+            group=self._group,
+            behaviour=self._behaviour,
+            build_error=self._build_error,
+            store=self._wiring.store,
+            abandoned=abandoned,
+            window=window,
+            observer=self._wiring.observer,
+        )
+        future = self._wiring.pool.submit(job)
+        timeout = self._group.run_timeout
+        self._wiring.steps.track(self._agent.id, future, time.monotonic() + timeout)
+        address = self._address
+        deadline = self._wiring.scheduler.call_later(
+            timeout, partial(address.tell, RunDeadline(run_id=run.id, token=token))
+        )
+        self._current = _Current(run, window, token, decided, abandoned, future, deadline)
+        future.add_done_callback(partial(_report, address, run.id, token))
 
     def _held(self) -> bool:
         return time.monotonic() < self._hold_until
@@ -341,54 +367,20 @@ class SleeptimeAgentActor(SupervisedActor):
             self._build_error = str(error)
         return True
 
-    def _begin(self, run: Run, decision: StartDecision, window: list[Message] | None) -> None:
-        assert decision.cancel is not None and decision.committed is not None
-        address = self._address
-        if self._behaviour is None:
-            error = self._build_error or "agent could not be built"
-            self._wiring.tracker.tell(
-                FinishRun(
-                    run_id=run.id,
-                    attempt=decision.attempt,
-                    status=RunStatus.FAILED,
-                    stop_reason=StopReason.ERROR,
-                    error=error,
-                )
-            )
-            return
-        job = partial(
-            execute_run,
-            run=run,
-            attempt=decision.attempt,
-            group=self._group,
-            behaviour=self._behaviour,
-            store=self._wiring.store,
-            cancel=decision.cancel,
-            started=decision.committed,
-            window=window,
-            observer=self._wiring.observer,
-        )
-        future = self._wiring.pool.submit(job)
-        timeout = self._group.run_timeout
-        self._wiring.steps.track(self._agent.id, future, time.monotonic() + timeout)
-        deadline = self._wiring.scheduler.call_later(
-            timeout, partial(address.tell, RunDeadline(run_id=run.id, attempt=decision.attempt))
-        )
-        self._current = _Current(run, window, decision.attempt, decision, future, deadline)
-        future.add_done_callback(partial(_report, address, run.id, decision.attempt))
-
     def _step_done(self, done: StepDone) -> None:
         current = self._current
-        if current is None or (current.run_id, current.attempt) != (done.run_id, done.attempt):
+        if current is None or (current.run_id, current.token) != (done.run_id, done.token):
             self._log.info("late_result_ignored", run_id=done.run_id, error=done.error)
             return
         current.deadline.cancel()
         self._current = None
         if not done.started:
-            self._wiring.tracker.tell(StartAborted(run_id=done.run_id, attempt=done.attempt))
-            self._enqueue(current.run, current.window, first=True)
-            self._hold(done.error)
-            return
+            if done.aborted and done.attempt is not None:  # its start did not land: given back
+                self._wiring.tracker.tell(StartAborted(run_id=done.run_id, attempt=done.attempt))
+            if done.retry:  # the store is away: this run first, once it is back
+                self._enqueue(current.run, current.window, first=True)
+                self._hold(done.error)
+            return  # refused: the run is terminal or unknown, nothing to do
         self._start_failures = 0
         status = RunStatus.FAILED if done.error is not None else RunStatus.COMPLETED
         self._wiring.tracker.tell(
@@ -399,41 +391,51 @@ class SleeptimeAgentActor(SupervisedActor):
                 stop_reason=done.stop_reason,
                 error=done.error,
                 messages=done.messages,
+                token=done.token,
             )
         )
 
-    def _deadline(self, run_id: str, attempt: int) -> None:
+    def _deadline(self, run_id: str, token: int) -> None:
         current = self._current
-        if current is None or (current.run_id, current.attempt) != (run_id, attempt):
+        if current is None or (current.run_id, current.token) != (run_id, token):
             return
-        assert current.decision.cancel is not None
-        current.decision.cancel.set()
+        decision = current.started()
+        if decision is None and current.decided.done():
+            return  # not started after all: its step reports that at once
+        current.abandoned.set()
+        if decision is not None:
+            assert decision.cancel is not None
+            decision.cancel.set()
         self._wiring.pool.abandon(current.future)
         self._current = None
         error = f"run exceeded the group's run_timeout of {self._group.run_timeout:g}s"
         self._wiring.tracker.tell(
             FinishRun(
                 run_id=run_id,
-                attempt=attempt,
+                # Unknown while the decision is still to come: the tracker takes the
+                # attempt this request started, if it started one.
+                attempt=None if decision is None else decision.attempt,
                 status=RunStatus.FAILED,
                 stop_reason=StopReason.TIMEOUT,
                 error=error,
+                token=token,
             )
         )
         self._log.warning("run_timed_out", run_id=run_id, timeout_s=self._group.run_timeout)
 
 
-def _report(address: Address, run_id: str, attempt: int, future: Future[StepDone]) -> None:
+def _report(address: Address, run_id: str, token: int, future: Future[StepDone]) -> None:
     error = future.exception()
     done = (
         future.result()
         if error is None
-        else StepDone(
+        else StepDone(  # execute_run never raises: only a failure of the pool gets here
             run_id=run_id,
-            attempt=attempt,
+            attempt=None,  # the tracker ends the attempt this request started, if any
             messages=[],
             stop_reason=StopReason.ERROR,
             error=f"{type(error).__name__}: {error}",
+            token=token,
         )
     )
     address.tell(done)

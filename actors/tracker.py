@@ -178,6 +178,8 @@ class _Open:
     unsure: bool = False
     """A start or re-queue of this run failed (a store outage, a commit whose outcome is
     unknown): the stored status and attempt are read back before its next change."""
+    start_token: int = 0
+    """The agent's request that started its current attempt (see `FinishRun`)."""
 
 
 def _opened(run: Run) -> _Open:
@@ -271,8 +273,8 @@ class RunTrackerActor(SupervisedActor):
             case RunsCreated(runs=runs):
                 for run in runs:
                     self._open.setdefault(run.id, _opened(run))
-            case StartRun(run_id=run_id, reply_to=reply_to, token=token):
-                reply_to.tell(self._answer_start(run_id, token))
+            case StartRun(run_id=run_id, decided=decided, token=token):
+                self._decide_start(run_id, token, decided)
             case StartAborted(run_id=run_id, attempt=attempt):
                 self._start_aborted(run_id, attempt)
             case FinishRun():
@@ -368,8 +370,16 @@ class RunTrackerActor(SupervisedActor):
     def _finish(self, finish: FinishRun) -> None:
         run = self._open.get(finish.run_id)
         self._read_back_if_unsure(run)
+        attempt = finish.attempt
+        if (
+            attempt is None
+            and run is not None
+            and run.status is RunStatus.RUNNING
+            and run.start_token == finish.token
+        ):
+            attempt = run.attempt  # the attempt its agent's request began, still running
         try:
-            if run is None or run.attempt != finish.attempt:
+            if run is None or run.attempt != attempt:
                 raise TransitionRefused(finish.run_id, "terminal or re-queued", finish.status.value)
             self._write(
                 finish.run_id,
@@ -408,6 +418,17 @@ class RunTrackerActor(SupervisedActor):
 
     # A told request must be answered whatever happens: its sender waits for the answer,
     # and a crash here would lose the request (only a message no code ran is redelivered).
+
+    def _decide_start(self, run_id: str, token: int, decided: Future[StartDecision]) -> None:
+        """Answer a start request through its `decided` future: once the start's commit
+        is known if the run starts (the step waits for it anyway), at once otherwise."""
+        decision = self._answer_start(run_id, token)
+        if not decision.started:
+            resolve(decided, decision)
+            return
+        self._open[run_id].start_token = token
+        assert decision.committed is not None
+        decision.committed.add_done_callback(lambda _: resolve(decided, decision))
 
     def _answer_start(self, run_id: str, token: int) -> StartDecision:
         try:

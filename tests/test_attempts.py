@@ -220,7 +220,7 @@ def test_a_requeue_that_never_landed_is_made_again_before_the_next_change(
     dropped = _drop_first_requeue(monkeypatch)
     # As in test_supervision: the agent's actor crashes while its first run steps.
     chaos = Chaos(
-        crash_rate=1.0, only=f"agent:{group.sleeptime_agent_ids[0]}", crash_limit=1, after=3
+        crash_rate=1.0, only=f"agent:{group.sleeptime_agent_ids[0]}", crash_limit=1, after=2
     )
     try:
         with Runtime.start(

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import threading
+from concurrent.futures import Future
 
 import pytest
 
 from actors import AgentContext, RunsTimeout, Runtime, StepFailed, render_transcript
 from messages import MessageCreate, RunStatus, StopReason
 from messages._runs import is_legal_history
+from persistence import Store, Transition
 from tests.agents import Echo, Recorder, StepLimited, user
 
 
@@ -177,6 +179,51 @@ def test_run_timeout_fails_a_slow_run_and_the_next_one_starts(rt: Runtime) -> No
     gate.set()
     assert rt.wait_for_runs([nxt], timeout=30)[0].status is RunStatus.COMPLETED
     assert [e.status for e in rt.run_events(slow)] == ["created", "running", "failed"]
+
+
+def test_a_run_whose_start_commit_outlasts_its_timeout_fails_without_stepping(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent hands a run's step to the pool before the tracker decides; if the start's
+    commit is not known by the run's deadline, the agent gives the run up without knowing
+    its attempt (the tracker ends the attempt its request started), and the step, once
+    told, never runs."""
+    released = threading.Event()
+    original = Store.apply_transition
+
+    def slow_start(store: Store, change: Transition) -> Future[None]:
+        committed = original(store, change)
+        if change.new is not RunStatus.RUNNING:
+            return committed
+        late: Future[None] = Future()
+
+        def tell_late() -> None:
+            released.wait(30)
+            error = committed.exception()
+            late.set_result(None) if error is None else late.set_exception(error)
+
+        threading.Thread(target=tell_late, daemon=True).start()
+        return late
+
+    monkeypatch.setattr(Store, "apply_transition", slow_start)
+    recorder = Recorder()
+    group_id = _group(rt, recorder, run_timeout=0.3)
+    try:
+        run_id = rt.step(group_id, [user("slow start")]).run_ids[0]
+        (ended,) = rt.wait_for_runs([run_id], timeout=30)
+    finally:
+        released.set()
+    assert (ended.status, ended.stop_reason, ended.attempt) == (
+        RunStatus.FAILED,
+        StopReason.TIMEOUT,
+        1,
+    )
+    assert [e.status for e in rt.run_events(run_id)] == ["created", "running", "failed"]
+    monkeypatch.setattr(Store, "apply_transition", original)
+    after = rt.step(group_id, [user("next")]).run_ids[0]  # the agent goes on
+    assert rt.wait_for_runs([after], timeout=30)[0].status is RunStatus.COMPLETED
+    assert recorder.run_ids == [after]  # the step of the run given up never ran
+    assert rt.check_invariants().ok
 
 
 def test_max_steps_completes_with_its_stop_reason(rt: Runtime) -> None:
