@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +36,42 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return None if value is None else value.replace(tzinfo=UTC)
+
+    def bind_processor(self, dialect: Dialect) -> Callable[[Any], Any] | None:
+        """On SQLite, one function instead of three (this type's, its `DateTime`'s and
+        the dialect's text formatting), writing the same text: every row of every turn
+        carries a few datetimes. Any other storage format or dialect: SQLAlchemy's own."""
+        general = super().bind_processor(dialect)
+        impl = getattr(self.dialect_impl(dialect), "impl", None)
+        if dialect.name != "sqlite" or getattr(impl, "_storage_format", None) != _SQLITE_FORMAT:
+            return general
+        assert general is not None
+
+        def process(value: Any) -> Any:
+            if value is None:
+                return None
+            if type(value) is not datetime:  # a subclass, or not a datetime: as SQLAlchemy does
+                return general(value)
+            if value.tzinfo is None:
+                raise ValueError("naive datetimes are ambiguous: pass an aware UTC datetime")
+            v = value.astimezone(UTC)
+            return "%04d-%02d-%02d %02d:%02d:%02d.%06d" % (  # noqa: UP031 (the dialect's own)
+                v.year,
+                v.month,
+                v.day,
+                v.hour,
+                v.minute,
+                v.second,
+                v.microsecond,
+            )
+
+        return process
+
+
+_SQLITE_FORMAT = (
+    "%(year)04d-%(month)02d-%(day)02d %(hour)02d:%(minute)02d:%(second)02d.%(microsecond)06d"
+)
+"""How SQLAlchemy's SQLite `DATETIME` writes a datetime (its default `storage_format`)."""
 
 
 def utcnow() -> datetime:
