@@ -131,7 +131,9 @@ class MessageCreate(BaseModel):
 
     def has_content(self) -> bool:
         """Whether some part says something: an image, or text that is not empty."""
-        return any(isinstance(p, ImageContent) or p.text for p in self.parts())
+        if isinstance(self.content, str):  # one text part, without building it
+            return bool(self.content)
+        return any(isinstance(p, ImageContent) or p.text for p in self.content)
 
     def parts(self) -> list[TextContent | ImageContent | ReasoningContent]:
         """The content as a list of parts (a string is one text part)."""
@@ -141,7 +143,9 @@ class MessageCreate(BaseModel):
 
     def text(self) -> str:
         """All text parts joined by newlines."""
-        return "\n".join(p.text for p in self.parts() if isinstance(p, TextContent))
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text for p in self.content if isinstance(p, TextContent))
 
 
 class Message(BaseModel):
