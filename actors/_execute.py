@@ -108,23 +108,9 @@ def execute_run(
             run, attempt, token, f"the store was unavailable at the start: {error}", aborted=True
         )
     except Exception as error:
-        return StepDone(
-            run_id=run.id,
-            attempt=attempt,
-            messages=[],
-            stop_reason=StopReason.ERROR,
-            error=f"could not record the start: {error}",
-            token=token,
-        )
+        return _failed_before_step(run, attempt, token, f"could not record the start: {error}")
     if behaviour is None:
-        return StepDone(
-            run_id=run.id,
-            attempt=attempt,
-            messages=[],
-            stop_reason=StopReason.ERROR,
-            error=build_error or "agent could not be built",
-            token=token,
-        )
+        return _failed_before_step(run, attempt, token, build_error or "agent could not be built")
     messages: list[Message] = []
     try:
         text = render_transcript(window, group.preamble, group.transcript_max_messages)
@@ -152,27 +138,36 @@ def execute_run(
                 produced, stop_reason = as_output(behaviour.step(context, [transcript]))
         except StepFailed as failure:
             messages.extend(_stamp_all(failure.messages, run, group.id))
-            return StepDone(
-                run_id=run.id,
-                attempt=attempt,
-                messages=messages,
-                stop_reason=failure.stop_reason,
-                error=str(failure),
-                token=token,
-            )
+            return _ended(run, attempt, token, messages, failure.stop_reason, str(failure))
         messages.extend(_stamp_all(produced, run, group.id))
     except BaseException as error:  # agent code: even SystemExit fails only this run
-        return StepDone(
-            run_id=run.id,
-            attempt=attempt,
-            messages=messages,
-            stop_reason=StopReason.ERROR,
-            error=f"{type(error).__name__}: {error}",
-            token=token,
-        )
+        error_text = f"{type(error).__name__}: {error}"
+        return _ended(run, attempt, token, messages, StopReason.ERROR, error_text)
+    return _ended(run, attempt, token, messages, stop_reason)
+
+
+def _ended(
+    run: Run,
+    attempt: int,
+    token: int,
+    messages: list[Message],
+    stop_reason: StopReason,
+    error: str | None = None,
+) -> StepDone:
+    """How a started attempt ended: what its agent said, and why it stopped."""
     return StepDone(
-        run_id=run.id, attempt=attempt, messages=messages, stop_reason=stop_reason, token=token
+        run_id=run.id,
+        attempt=attempt,
+        messages=messages,
+        stop_reason=stop_reason,
+        error=error,
+        token=token,
     )
+
+
+def _failed_before_step(run: Run, attempt: int, token: int, error: str) -> StepDone:
+    """The run started but its agent never stepped: it fails with `error`."""
+    return _ended(run, attempt, token, [], StopReason.ERROR, error)
 
 
 def _not_started(

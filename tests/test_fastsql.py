@@ -8,7 +8,7 @@ rowcounts and the errors.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -16,14 +16,9 @@ from sqlalchemy import Connection, Engine, Insert, Table, Update, create_engine,
 from sqlalchemy.exc import DBAPIError
 
 from messages import (
-    ImageContent,
-    Message,
-    ReasoningContent,
     Run,
     RunStatus,
     StopReason,
-    TextContent,
-    ToolCall,
 )
 from persistence._committer import lost_connection
 from persistence._engine import make_engines
@@ -41,15 +36,12 @@ from persistence._store import (
     _run_values,
 )
 from persistence._tables import groups, messages, run_events, runs
+from tests.stored_rows import AT, ELSEWHERE, MESSAGES, UNICODE
 
 Rows = list[dict[str, Any]]
 Statement = Insert | Update
 Execute = Callable[[Connection, Statement, Rows], int]
 WAYS = ("execute", "fast")
-
-AT = datetime(2025, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
-ELSEWHERE = timezone(timedelta(hours=5, minutes=30))  # stored as the same instant in UTC
-UNICODE = 'héllo ✓ 漢字 😀 \u202e \u2028 "quoted" \\ back\nslash'
 
 
 @pytest.fixture
@@ -110,40 +102,6 @@ def run(run_id: str, status: RunStatus = RunStatus.CREATED, **fields: Any) -> Ru
     return Run(**{**values, **fields})
 
 
-def message(number: int, **fields: Any) -> Message:
-    values: dict[str, Any] = {
-        "id": f"m-{number:03d}",
-        "agent_id": "agent-p",
-        "group_id": "g1",
-        "sequence": number,
-        "role": "user",
-        "content": [TextContent(text="my favorite color is coral")],
-        "created_at": AT,
-    }
-    return Message(**{**values, **fields})
-
-
-# Every content kind, tool calls, unicode, None and set optional fields, other time zones.
-MESSAGES = [
-    message(1),
-    message(2, content=[TextContent(text=UNICODE)], turn=4, run_id="r-created"),
-    message(3, content=[ImageContent(url="https://example.com/a.png")]),
-    message(4, content=[ImageContent(data="aGVsbG8=", media_type="image/png")]),
-    message(5, content=[ReasoningContent(text="think"), TextContent(text="say")], role="assistant"),
-    message(
-        6,
-        role="assistant",
-        content=[],
-        tool_calls=[
-            ToolCall(id="call-1", name="core_memory_append", arguments='{"label": "human"}'),
-            ToolCall(id="call-2", name="noop"),
-        ],
-    ),
-    message(7, role="tool", tool_call_id="call-1", name="core_memory_append"),
-    message(8, content=[TextContent(text="")], created_at=AT.astimezone(ELSEWHERE)),
-    message(9, created_at=AT.replace(microsecond=0)),
-    message(10, role="system", content=[TextContent(text="\x01 control ~ \t tab")]),
-]
 RUNS = [
     run("r-new-1"),
     run("r-new-2", metadata={"position": 1, "nested": {"a": [1, 2.5, None, True]}, "ü": "ç"}),
@@ -358,19 +316,3 @@ def test_a_lost_connection_is_reported_and_invalidated_as_execute_does(
             assert raised.value.connection_invalidated, how
             assert lost_connection(raised.value), how
             assert connection.invalidated, how
-
-
-def reference_values(message: Message) -> dict[str, Any]:
-    """A message's row as the store made it before `_message_values` read fields directly."""
-    values = message.model_dump(mode="json", exclude={"created_at"})
-    values["content"] = [p.model_dump(mode="json", exclude_none=True) for p in message.content]
-    return {**values, "created_at": message.created_at}
-
-
-@pytest.mark.parametrize("stored_message", MESSAGES, ids=lambda m: m.id)
-def test_a_message_row_is_its_json_dump(stored_message: Message) -> None:
-    values = _message_values(stored_message)
-    expected = reference_values(stored_message)
-    assert values == expected
-    assert [list(part) for part in values["content"]] == [list(p) for p in expected["content"]]
-    assert [type(v) for v in values.values()] == [type(v) for v in expected.values()]
