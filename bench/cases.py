@@ -7,7 +7,10 @@ when its call returned, that is once its messages, counter, cursor and run are c
 
 from __future__ import annotations
 
+import gc
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,35 @@ class CaseResult:
         }
 
 
+@dataclass(slots=True)
+class CollectorTime:
+    """What the garbage collector took meanwhile: wall seconds (it holds the GIL, so
+    this is CPU the runtime's threads did not get) and collections, by generation."""
+
+    seconds: float = 0.0
+    collections: list[int] = field(default_factory=lambda: [0, 0, 0])
+
+
+@contextmanager
+def collector_time() -> Iterator[CollectorTime]:
+    """Time every collection made meanwhile, on any thread (through `gc.callbacks`)."""
+    spent = CollectorTime()
+    began = [0.0]
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            spent.seconds += time.perf_counter() - began[0]
+            spent.collections[info["generation"]] += 1
+
+    gc.callbacks.append(timed)
+    try:
+        yield spent
+    finally:
+        gc.callbacks.remove(timed)
+
+
 def median(results: list[CaseResult]) -> CaseResult:
     """The repeat with the median turns/s, noting the others (one run is noisy)."""
     ordered = sorted(results, key=lambda result: result.turns_per_s)
@@ -106,9 +138,10 @@ def measure_runtime(
         warm = drive(ids, 1, threads, step)
         rt.wait_for_runs([r for ids_ in warm.results for r in ids_], timeout=RUNS_TIMEOUT_S)
         cpu_began = time.process_time()
-        done = drive(ids, turns_per_group, threads, step)
-        run_ids = [r for ids_ in done.results for r in ids_]
-        runs = rt.wait_for_runs(run_ids, timeout=RUNS_TIMEOUT_S)
+        with collector_time() as collected:
+            done = drive(ids, turns_per_group, threads, step)
+            run_ids = [r for ids_ in done.results for r in ids_]
+            runs = rt.wait_for_runs(run_ids, timeout=RUNS_TIMEOUT_S)
         all_done_s = time.perf_counter() - done.started
         # The whole process's CPU (callers included) until every run of the turns ended.
         cpu_ms_per_turn = (time.process_time() - cpu_began) * 1000 / max(1, done.calls)
@@ -127,7 +160,8 @@ def measure_runtime(
     )
     _latencies(result, done)
     writes_per_txn = stats["writes"] / max(1, stats["transactions"])
-    result.notes.append(f"{cpu_ms_per_turn:.2f} ms CPU/turn")
+    gc_ms_per_turn = collected.seconds * 1000 / max(1, done.calls)
+    result.notes.append(f"{cpu_ms_per_turn:.2f} ms CPU/turn ({gc_ms_per_turn:.2f} in gc)")
     result.notes.append(f"{writes_per_txn:.1f} writes/txn")
     if stats.get("passivations"):
         result.notes.append(f"{stats['passivations']:,} passivations")
@@ -148,6 +182,8 @@ def measure_runtime(
             "stats": stats,
             "writes_per_transaction": writes_per_txn,
             "cpu_ms_per_turn": cpu_ms_per_turn,
+            "gc_ms_per_turn": gc_ms_per_turn,
+            "gc_collections": collected.collections,
         }
     )
     return result

@@ -86,6 +86,7 @@ def measure(mode: str, url: str, turns: int, sample: float = 1.0) -> dict[str, A
         "turns_per_s": result.turns_per_s,
         "turns_per_s_all_runs_done": result.turns_per_s_all_runs_done or 0.0,
         "cpu_ms_per_turn": float(result.details["cpu_ms_per_turn"]),
+        "gc_ms_per_turn": float(result.details["gc_ms_per_turn"]),
         "spans": exporter.spans,
     }
 
@@ -143,7 +144,8 @@ def main() -> int:
                 print(
                     f"round {row['round']:>2} {mode:>8}: {row['turns_per_s']:7.1f} turns/s, "
                     f"{row['turns_per_s_all_runs_done']:7.1f} with every run done, "
-                    f"{row['cpu_ms_per_turn']:.2f} ms CPU/turn, {row['spans']:,} spans",
+                    f"{row['cpu_ms_per_turn']:.2f} ms CPU/turn "
+                    f"({row['gc_ms_per_turn']:.2f} in gc), {row['spans']:,} spans",
                     flush=True,
                 )
     off = results["off"]
