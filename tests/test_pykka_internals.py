@@ -48,9 +48,13 @@ def test_a_missing_internal_is_named_at_import(monkeypatch: pytest.MonkeyPatch) 
 def test_the_pin_is_the_tested_range_and_the_installed_pykka_is_in_it() -> None:
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert f"pykka{TESTED_PYKKA}" in dependencies
-    low, high = re.fullmatch(r">=([\d.]+),<(\d+)", TESTED_PYKKA).groups()  # type: ignore[union-attr]
+    low, high = re.fullmatch(r">=([\d.]+),<([\d.]+)", TESTED_PYKKA).groups()  # type: ignore[union-attr]
     installed = tuple(int(part) for part in version("pykka").split(".")[:2])
-    assert tuple(int(part) for part in low.split(".")) <= installed < (int(high),)
+
+    def parsed(text: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in text.split("."))
+
+    assert parsed(low) <= installed < parsed(high)
 
 
 class _Idle(pykka.ThreadingActor):
