@@ -179,9 +179,7 @@ class ShardHost:
         request_id: str | None,
         new_request: bool = False,
     ) -> TurnResult:
-        return await self._rt.step(
-            group_id, messages, timeout, request_id=request_id, new_request=new_request
-        )
+        return await self._rt._turn(group_id, messages, "step", timeout, request_id, new_request)
 
     async def record_turn(
         self,
@@ -191,9 +189,7 @@ class ShardHost:
         request_id: str | None,
         new_request: bool = False,
     ) -> TurnResult:
-        return await self._rt.record_turn(
-            group_id, messages, timeout, request_id=request_id, new_request=new_request
-        )
+        return await self._rt._turn(group_id, messages, "record", timeout, request_id, new_request)
 
     async def stream(
         self,
@@ -206,9 +202,7 @@ class ShardHost:
         """A streamed turn: `StreamSent` once the turn is sent, each message as the
         primary agent produces it, then the turn's `TurnResult` (or its error).
         `new_request`: the client made `request_id` just now (see `Runtime._prepare_turn`)."""
-        stream = self._rt.stream(
-            group_id, messages, timeout, request_id=request_id, new_request=new_request
-        )
+        stream = self._rt._stream(group_id, messages, timeout, request_id, new_request)
         async with stream:
             await stream.sent()
             yield StreamSent()

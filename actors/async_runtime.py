@@ -278,39 +278,74 @@ class AsyncRuntime:
         group_id: str,
         messages: Sequence[MessageCreate | Mapping[str, Any]],
         timeout: float | None = None,
-        **options: Any,
+        *,
+        request_id: str | None = None,
     ) -> TurnResult:
         """`Runtime.step`, awaited: run the primary agent on `messages` and apply the
-        sleeptime rules (SPEC 4-7); the same arguments (passed on as they are), result
-        and errors (PrimaryAgentError, TurnTimeout, GroupBusy, RuntimeBusy, ...)."""
-        return await self._take_turn(self._prepare(group_id, messages, "step", timeout, options))
+        sleeptime rules (SPEC 4-7); the same arguments, result and errors
+        (PrimaryAgentError, TurnTimeout, GroupBusy, RuntimeBusy, ...)."""
+        return await self._turn(group_id, messages, "step", timeout, request_id)
 
     async def record_turn(
         self,
         group_id: str,
         messages: Sequence[MessageCreate | Mapping[str, Any]],
         timeout: float | None = None,
-        **options: Any,
+        *,
+        request_id: str | None = None,
     ) -> TurnResult:
         """`Runtime.record_turn`, awaited: store one already-produced turn and apply the
         sleeptime rules."""
-        return await self._take_turn(self._prepare(group_id, messages, "record", timeout, options))
+        return await self._turn(group_id, messages, "record", timeout, request_id)
 
     def stream(
         self,
         group_id: str,
         messages: Sequence[MessageCreate | Mapping[str, Any]],
         timeout: float | None = None,
-        **options: Any,
+        *,
+        request_id: str | None = None,
     ) -> AsyncTurnStream:
         """`Runtime.stream`, for `async for`: the output messages as the primary agent
         produces them. Call it on the loop: the turn is on its way at once, whether or
         not the stream is read. Malformed input, a stopped runtime and GroupBusy raise
         here; the rest comes out of the stream (see AsyncTurnStream)."""
+        return self._stream(group_id, messages, timeout, request_id)
+
+    async def _turn(
+        self,
+        group_id: str,
+        messages: Sequence[MessageCreate | Mapping[str, Any]],
+        mode: TurnMode,
+        timeout: float | None,
+        request_id: str | None,
+        new_request: bool = False,
+    ) -> TurnResult:
+        """A step or a recorded turn; `new_request` as `Runtime._prepare_turn` has it (for
+        a Ray shard host, not for users)."""
+        call = self._runtime._prepare_turn(
+            group_id, messages, mode, timeout, request_id=request_id, new_request=new_request
+        )
+        return await self._take_turn(call)
+
+    def _stream(
+        self,
+        group_id: str,
+        messages: Sequence[MessageCreate | Mapping[str, Any]],
+        timeout: float | None,
+        request_id: str | None,
+        new_request: bool = False,
+    ) -> AsyncTurnStream:
         loop = asyncio.get_running_loop()
         sink = LoopSink(loop)
         call = self._runtime._prepare_turn(
-            group_id, messages, "stream", timeout, sink=sink, **options
+            group_id,
+            messages,
+            "stream",
+            timeout,
+            sink=sink,
+            request_id=request_id,
+            new_request=new_request,
         )
         ticket = self._runtime._admission.admit(call.group_id)
         sending = loop.create_task(self._send(call, ticket))
@@ -328,16 +363,6 @@ class AsyncRuntime:
             sink.end()
         else:
             sending.result().add_done_callback(sink.end)
-
-    def _prepare(
-        self,
-        group_id: str,
-        messages: Sequence[Any],
-        mode: TurnMode,
-        timeout: float | None,
-        options: dict[str, Any],
-    ) -> TurnCall:
-        return self._runtime._prepare_turn(group_id, messages, mode, timeout, **options)
 
     async def _take_turn(self, call: TurnCall) -> TurnResult:
         reply = await self._send(call, self._runtime._admission.admit(call.group_id))

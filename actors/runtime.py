@@ -1068,8 +1068,8 @@ class Runtime:
     ) -> TurnCall:
         """Check a turn call (ValidationError, RuntimeStopped, ...); nothing is sent.
 
-        Both APIs build their turns here, and `AsyncRuntime` passes its callers' keyword
-        arguments on as they are: an argument a turn call grows belongs here, once.
+        Both APIs build their turns here: an argument a turn call grows is checked here,
+        once (and added to the signatures of both APIs' `step`, `record_turn`, `stream`).
         `new_request` (for a Ray shard host, whose client made the `request_id` just now
         and sends it for the first time) skips looking the id up; it is still recorded."""
         group_id = check_id(group_id, "group_id")
