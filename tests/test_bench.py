@@ -10,7 +10,12 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from bench import async_turns, llm
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from actors.tracing import RuntimeTracing
+from bench import async_turns, llm, observer_calls
 from bench.cases import CaseResult
 from bench.drive import drive
 from bench.limit import count_rows, write_turns
@@ -186,3 +191,21 @@ def test_async_turns_reports_its_rows_and_targets() -> None:
     shown = async_turns.render(figures)
     assert "async / sync turns/s: 1.10x" in shown and "MISS  async: threads" in shown
     assert "max_turns_in_flight=16" in shown
+
+
+def test_observer_calls_drive_a_turn_and_its_run_as_the_runtime_does() -> None:
+    """bench/observer_calls.py makes the calls of a turn firing one run: with every turn
+    traced, each turn yields its span and its run's, linked; the figures are CPU times."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = RuntimeTracing(provider)
+    observer_calls._drive(tracing, observer_calls._runs(3))
+    tracing.close()
+    spans = exporter.get_finished_spans()
+    assert sorted(s.name for s in spans) == ["sleeptime.run"] * 3 + ["sleeptime.turn"] * 3
+    turns = {s.context.span_id for s in spans if s.name == "sleeptime.turn"}
+    assert {s.links[0].context.span_id for s in spans if s.name == "sleeptime.run"} == turns
+    for mode in observer_calls.MODES:
+        here, elsewhere = observer_calls.measure(mode, 20)
+        assert elsewhere >= 0.0 and here > -1000.0  # CPU figures, the loop's own subtracted
