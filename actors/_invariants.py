@@ -60,17 +60,24 @@ class InvariantReport(BaseModel):
 def check_invariants(
     store: Store, group_ids: Iterable[str] | None = None, max_violations: int = 50
 ) -> InvariantReport:
-    """Check every group (or the given ones); see INVARIANTS for the names."""
+    """Check every group (or the given ones); see INVARIANTS for the names.
+
+    Everything is read in one snapshot of the database, so a check made while the runtime
+    works reports what was stored at one moment (runs still open fail `runs_terminal`,
+    and only that), never a mix of before and after a commit."""
     found: dict[str, list[str]] = {name: [] for name in INVARIANTS}
-    groups = store.list_groups() if group_ids is None else [store.get_group(g) for g in group_ids]
     run_count = 0
     coverage: dict[str, int] = {}
-    for group in groups:
-        runs = store.list_runs(group_id=group.id)
-        run_count += len(runs)
-        sleepers = [a for a in store.group_agents(group.id) if a.role == "sleeptime"]
-        coverage.update((a.id, a.coverage_from_seq) for a in sleepers)
-        _check_group(store, group, runs, found, sleepers)
+    with store.snapshot():
+        groups = (
+            store.list_groups() if group_ids is None else [store.get_group(g) for g in group_ids]
+        )
+        for group in groups:
+            runs = store.list_runs(group_id=group.id)
+            run_count += len(runs)
+            sleepers = [a for a in store.group_agents(group.id) if a.role == "sleeptime"]
+            coverage.update((a.id, a.coverage_from_seq) for a in sleepers)
+            _check_group(store, group, runs, found, sleepers)
     violations = [f"{name}: {detail}" for name, details in found.items() for detail in details][
         :max_violations
     ]

@@ -8,8 +8,10 @@ bookkeeping nor statement compilation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
@@ -63,6 +65,7 @@ from persistence import _schema as schema
 from persistence._block_cache import BlockCache, visible_to
 from persistence._committer import Committer, Planned, Txn, Write, lost_connection
 from persistence._engine import (
+    is_sqlite,
     make_engines,
     make_lease_engine,
     parse_url,
@@ -257,6 +260,7 @@ class Store:
         SQLite file) or SchemaMismatch (a schema this code cannot use as it is).
         """
         self._observer = observer
+        self._snapshots = threading.local()  # `snapshot()`'s connection, per thread
         parsed = parse_url(url)
         self.url = redact(parsed)
         self.book = ShardBook(shards)
@@ -488,11 +492,42 @@ class Store:
             raise self._translate(error) from error
 
     def _read(self, query: Callable[[Connection], T]) -> T:
+        pinned: Connection | None = getattr(self._snapshots, "connection", None)
+        if pinned is not None:  # inside `snapshot()` on this thread: its transaction
+            return self._guard(lambda: query(pinned))
+
         def run() -> T:
             with self._reader.connect() as connection:
                 return query(connection)
 
         return self._guard(run)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Every read this thread makes meanwhile sees the database at one moment.
+
+        One read-only transaction holds them all (SQLite: its WAL snapshot; PostgreSQL:
+        REPEATABLE READ), so reads made one after the other agree with each other while
+        the writer commits (a run read as `running` is not found with a `completed` event
+        read a moment later). Nested snapshots are the outer one. Keep it short: a long
+        snapshot holds back SQLite's checkpoints and PostgreSQL's vacuum."""
+        if getattr(self._snapshots, "connection", None) is not None:
+            yield
+            return
+        connection = self._guard(self._reader.connect)
+        try:
+            if not is_sqlite(self._reader.url):
+                connection = connection.execution_options(isolation_level="REPEATABLE READ")
+            with connection.begin():
+                self._snapshots.connection = connection
+                try:
+                    yield
+                finally:
+                    self._snapshots.connection = None
+        except DBAPIError as error:
+            raise self._translate(error) from error
+        finally:
+            connection.close()
 
     # -- groups and agents ----------------------------------------------------------------
 

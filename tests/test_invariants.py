@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -209,3 +210,42 @@ def test_no_write_is_accepted_from_a_stale_epoch(
     epochs: list[tuple[int, int | None]], found: list[str]
 ) -> None:
     assert stale_writes(epochs) == found
+
+
+def test_a_check_made_while_the_runtime_works_sees_one_moment(db_url: str) -> None:
+    """Checks made while turns and runs are being committed read one snapshot: open runs
+    fail `runs_terminal`, and nothing else ever fails (a run read as `running` next to a
+    `completed` event committed a moment later would read as an illegal history)."""
+    with Runtime.start(db_url, workers=8) as rt:
+        group_ids = [
+            rt.create_group(
+                primary={"kind": "simulated"},
+                sleeptime=[{"kind": "simulated", "config": {"latency_ms": 1}}] * 2,
+                frequency=1,
+            ).id
+            for _ in range(8)
+        ]
+        for group_id in group_ids:  # every check finds runs
+            rt.step(group_id, [user("my name is Ada")])
+        stop = threading.Event()
+
+        def drive(group_id: str) -> None:
+            while not stop.is_set():
+                rt.step(group_id, [user("my favorite color is coral")])
+
+        drivers = [threading.Thread(target=drive, args=(g,)) for g in group_ids]
+        for driver in drivers:
+            driver.start()
+        try:
+            reports = [rt.check_invariants(group_ids) for _ in range(25)]
+        finally:
+            stop.set()
+            for driver in drivers:
+                driver.join(timeout=30)
+        assert all(r.runs > 0 for r in reports)
+        for report in reports:
+            failed = [name for name, ok in report.checks.items() if not ok]
+            assert failed in ([], ["runs_terminal"]), report.violations[:5]
+        open_runs = rt.list_runs(statuses=[RunStatus.CREATED, RunStatus.RUNNING])
+        rt.wait_for_runs([r.id for r in open_runs], timeout=60)
+        assert rt.check_invariants(group_ids).ok
