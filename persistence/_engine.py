@@ -99,7 +99,8 @@ def make_engines(url: str, readers: int = 8) -> tuple[Engine, Engine]:
     """Return (writer, reader) engines for `url`, or raise StoreUnavailable saying why.
 
     The reader pool keeps `readers` connections open (more are opened at peaks, and closed
-    after): size it to the threads that read at once, or each peak pays a reconnect.
+    after): size it to the threads that read at once, or each peak pays a reconnect. Each
+    read transaction sees one moment (on a server: REPEATABLE READ).
     """
     parsed = parse_url(url)
     shown = redact(parsed)
@@ -115,7 +116,11 @@ def make_engines(url: str, readers: int = 8) -> tuple[Engine, Engine]:
         parsed, options = _server_options(parsed, "sleeptime-runtime")
     try:
         writer = create_engine(parsed, pool_size=1, max_overflow=0, **options)
-        reader = create_engine(parsed, pool_size=readers, max_overflow=24, **options)
+        # A read of several statements sees one moment: SQLite's transactions are
+        # snapshots already; on a server, REPEATABLE READ (a read-only transaction cannot
+        # meet a serialization failure, so nothing is ever retried for it).
+        consistent = {} if is_sqlite(parsed) else {"isolation_level": "REPEATABLE READ"}
+        reader = create_engine(parsed, pool_size=readers, max_overflow=24, **options, **consistent)
     except (NoSuchModuleError, ImportError, ArgumentError) as error:
         hint = driver_hint(parsed)
         raise StoreUnavailable(shown, f"no driver for this URL: {error}{hint}") from error

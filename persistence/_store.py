@@ -65,7 +65,6 @@ from persistence import _schema as schema
 from persistence._block_cache import BlockCache, visible_to
 from persistence._committer import Committer, Planned, Txn, Write, lost_connection
 from persistence._engine import (
-    is_sqlite,
     make_engines,
     make_lease_engine,
     parse_url,
@@ -507,7 +506,7 @@ class Store:
         """Every read this thread makes meanwhile sees the database at one moment.
 
         One read-only transaction holds them all (SQLite: its WAL snapshot; PostgreSQL:
-        REPEATABLE READ), so reads made one after the other agree with each other while
+        the readers' REPEATABLE READ), so reads made one after the other agree while
         the writer commits (a run read as `running` is not found with a `completed` event
         read a moment later). Nested snapshots are the outer one. Keep it short: a long
         snapshot holds back SQLite's checkpoints and PostgreSQL's vacuum."""
@@ -516,8 +515,6 @@ class Store:
             return
         connection = self._guard(self._reader.connect)
         try:
-            if not is_sqlite(self._reader.url):
-                connection = connection.execution_options(isolation_level="REPEATABLE READ")
             with connection.begin():
                 self._snapshots.connection = connection
                 try:
