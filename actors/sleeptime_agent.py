@@ -195,9 +195,9 @@ class SleeptimeAgentActor(SupervisedActor):
         self._start_failures = 0  # starts in a row that met a store outage
         self._hold_until = 0.0  # no start before this time.monotonic() value
         self._awaited: Future[StepDone] | None = None  # an earlier step we wait for
-        # The request this incarnation awaits the tracker's answer to: its token, and for
-        # a start the run and its window. Nothing starts while one is out.
-        self._asked: tuple[int, Run | None, list[Message] | None] | None = None
+        # The token of the `AdoptRuns` this incarnation awaits the answer to: nothing
+        # starts while it is out (the adopted runs go first).
+        self._adopting: int | None = None
         self._behaviour: AgentBehaviour | None = None
         self._build_error: str | None = None
         self._log = log.bind(agent_id=agent.id, group_id=agent.group_id)
@@ -208,18 +208,18 @@ class SleeptimeAgentActor(SupervisedActor):
     def _ask_for_runs(self, token: int | None = None) -> None:
         """Ask the tracker for this agent's open runs (the answer is `Adopted`)."""
         token = next(_TOKENS) if token is None else token
-        self._asked = (token, None, None)
+        self._adopting = token
         self._wiring.tracker.tell(AdoptRuns(self._agent.id, self._address, token))
 
     def _adopted(self, adopted: Adopted) -> None:
-        if self._asked is None or self._asked[0] != adopted.token:
+        if self._adopting != adopted.token:
             return  # an answer to an earlier incarnation
         if adopted.retry:  # still awaited: asked again, with a new token, after a while
             again = next(_TOKENS)
-            self._asked = (again, None, None)
+            self._adopting = again
             self._hold("the tracker could not list the runs", then=_AskAgain(again))
             return
-        self._asked = None
+        self._adopting = None
         # The adopted runs are older than any assigned since: they go first.
         assigned = [run for run in self._queue if run.id not in {r.id for r in adopted.runs}]
         self._queue.clear()
@@ -254,7 +254,7 @@ class SleeptimeAgentActor(SupervisedActor):
             case _EarlierStepEnded():
                 pass  # the pump below looks again
             case _AskAgain(token=token):
-                if self._asked is not None and self._asked[0] == token:
+                if self._adopting == token:
                     self._ask_for_runs(token)
             case _:
                 raise TypeError(f"a sleeptime agent does not handle {type(message).__name__}")
@@ -263,7 +263,7 @@ class SleeptimeAgentActor(SupervisedActor):
 
     @property
     def busy(self) -> bool:
-        return self._current is not None or bool(self._queue) or self._asked is not None
+        return self._current is not None or bool(self._queue) or self._adopting is not None
 
     def idle(self) -> bool:
         return not self.busy
@@ -285,7 +285,7 @@ class SleeptimeAgentActor(SupervisedActor):
         """Start the next run, if nothing runs or awaits an answer: ask the tracker to
         start it and hand its step to the pool at once; the step waits for the tracker's
         decision (and the start's commit) on its pool thread, so no answer comes back here."""
-        if self._current is not None or self._asked is not None or not self._queue:
+        if self._current is not None or self._adopting is not None or not self._queue:
             return
         if not self._ready() or self._held() or self._earlier_step_executing():
             return

@@ -179,13 +179,12 @@ def run_cases(
     def announce(name: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", file=sys.stderr, flush=True)
 
-    if "runtime_100" in wanted:
-        announce(f"runtime, 100 groups, x{plan.repeats}")
-        cases["runtime_100"] = median(
+    def runtime_100(case: str, name: str) -> CaseResult:
+        return median(
             [
                 measure_runtime(
-                    "runtime",
-                    _runtime_url(db, work, f"runtime-100-{repeat}"),
+                    case,
+                    _runtime_url(db, work, f"{name}-{repeat}"),
                     100,
                     plan.turns_per_group_100,
                     plan.threads,
@@ -194,22 +193,14 @@ def run_cases(
                 for repeat in range(plan.repeats)
             ]
         )
+
+    if "runtime_100" in wanted:
+        announce(f"runtime, 100 groups, x{plan.repeats}")
+        cases["runtime_100"] = runtime_100("runtime", "runtime-100")
     if "runtime_100_gc" in wanted:
         announce(f"runtime, 100 groups, the collector tuned (cli.collector), x{plan.repeats}")
         with tuned_collector():
-            cases["runtime_100_gc"] = median(
-                [
-                    measure_runtime(
-                        "runtime, gc tuned",
-                        _runtime_url(db, work, f"runtime-100-gc-{repeat}"),
-                        100,
-                        plan.turns_per_group_100,
-                        plan.threads,
-                        plan.workers,
-                    )
-                    for repeat in range(plan.repeats)
-                ]
-            )
+            cases["runtime_100_gc"] = runtime_100("runtime, gc tuned", "runtime-100-gc")
     if "runtime_1000" in wanted:
         announce("runtime, 1,000 groups")
         cases["runtime_1000"] = measure_runtime(

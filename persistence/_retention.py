@@ -43,7 +43,8 @@ Batch = tuple[dict[str, int], bool]
 """What a batch removed (by kind) and whether more of its kind may remain."""
 
 
-def _chunks(ids: Sequence[Any]) -> Iterator[Sequence[Any]]:
+def chunks(ids: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    """`ids` in slices of at most CHUNK, for IN lists."""
     for start in range(0, len(ids), CHUNK):
         yield ids[start : start + CHUNK]
 
@@ -123,7 +124,7 @@ def runs_batch(
         if left is not None:
             left -= len(ids)
         if not delete_rows:
-            for chunk in _chunks(ids):
+            for chunk in chunks(ids):
                 counts["run_events"] += connection.execute(
                     select(func.count()).where(run_events.c.run_id.in_(chunk))
                 ).scalar_one()
@@ -134,7 +135,7 @@ def runs_batch(
                 ).scalar_one()
             continue
         history_end = history_mark
-        for chunk in _chunks(ids):
+        for chunk in chunks(ids):
             theirs = (messages.c.agent_id == agent_id, messages.c.run_id.in_(chunk))
             last = connection.execute(select(func.max(messages.c.sequence)).where(*theirs))
             history_end = max(history_end, last.scalar() or 0)
@@ -339,7 +340,7 @@ def block_versions_batch(
     chosen = list(ids)
     counts["block_versions"] = len(chosen)
     if delete_rows:
-        for chunk in _chunks(chosen):
+        for chunk in chunks(chosen):
             connection.execute(delete(block_versions).where(block_versions.c.id.in_(chunk)))
     return counts, limit is not None and len(chosen) >= limit
 
@@ -366,7 +367,7 @@ def turn_requests_batch(
     )
     counts["turn_requests"] = len(chosen)
     if delete_rows:
-        for chunk in _chunks(chosen):
+        for chunk in chunks(chosen):
             connection.execute(
                 delete(turn_requests).where(
                     turn_requests.c.group_id == group_id, turn_requests.c.request_id.in_(chunk)

@@ -101,7 +101,6 @@ from persistence._tables import (
 T = TypeVar("T")
 OPEN_STATUSES = (RunStatus.CREATED.value, RunStatus.RUNNING.value)
 MAX_REMEMBERED_HISTORIES = 1_000_000  # agents whose history end the writer remembers
-_IN_CHUNK = 500  # ids per IN list: well under every backend's limit on parameters
 
 
 _MOVE_GROUP = (
@@ -1585,8 +1584,7 @@ def _sleeptime_members(connection: Connection, group_ids: Sequence[str]) -> dict
     """Each group's sleeptime agents still in it, in position order: a query per 500
     groups, not per group."""
     found: dict[str, list[str]] = {}
-    for start in range(0, len(group_ids), _IN_CHUNK):
-        chunk = group_ids[start : start + _IN_CHUNK]
+    for chunk in retention.chunks(group_ids):
         rows = connection.execute(
             select(agents.c.group_id, agents.c.id)
             .where(

@@ -6,6 +6,7 @@ so a change that breaks a baseline's rows shows up in the test suite, not in a f
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,6 @@ def test_observer_calls_drive_a_turn_and_its_run_as_the_runtime_does() -> None:
     assert sorted(s.name for s in spans) == ["sleeptime.run"] * 3 + ["sleeptime.turn"] * 3
     turns = {s.context.span_id for s in spans if s.name == "sleeptime.turn"}
     assert {s.links[0].context.span_id for s in spans if s.name == "sleeptime.run"} == turns
-    for mode in observer_calls.MODES:
+    for mode in observer_calls.MODES:  # each mode runs its observer end to end
         here, elsewhere = observer_calls.measure(mode, 20)
-        assert elsewhere >= 0.0 and here > -1000.0  # CPU figures, the loop's own subtracted
+        assert math.isfinite(here) and elsewhere >= 0.0  # (timings: no bound asserted)
