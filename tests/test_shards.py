@@ -274,9 +274,20 @@ def test_a_server_restart_keeps_one_owner_per_shard_and_a_third_takes_only_free_
             mine, theirs_now = held(b), a.held()
             assert held(c).isdisjoint(mine) and held(c).isdisjoint(theirs_now)
             assert len(held(c) | mine | theirs_now) == SHARDS
+            # Three processes, each taking turns on a group it made once the shards were
+            # shared out (a group made before may have moved to c: that is the share).
+            of_c = c.create_group(primary={"kind": "scripted"}, sleeptime=[MEMORY], frequency=1)
+            of_b = b.create_group(primary={"kind": "scripted"}, sleeptime=[MEMORY], frequency=1)
+            (of_a,) = make_groups(a, 1, MEMORY)
+            assert c.owner_of(of_c.id).here and not b.owner_of(of_c.id).here
+            c.wait_for_runs(c.step(of_c.id, [user("from c")]).run_ids, timeout=30)
+            b.wait_for_runs(b.step(of_b.id, [user("from b")]).run_ids, timeout=30)
+            assert "ok" in a.send(f"rt.step({of_a!r}, [user('from a')])")
         finally:
             c.stop()
-        assert b.check_invariants().ok
+        open_runs = b.list_runs(statuses=[RunStatus.CREATED, RunStatus.RUNNING])
+        b.wait_for_runs([r.id for r in open_runs if b.owner_of(r.group_id).here], timeout=30)
+        assert wait_until(lambda: b.check_invariants().ok, timeout=30)
     finally:
         b.stop()
 
