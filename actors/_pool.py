@@ -14,6 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from messages._futures import Reply
+
 T = TypeVar("T")
 
 
@@ -47,7 +49,7 @@ class StepPool:
             return self._threads
 
     def submit(self, fn: Callable[[], T]) -> Future[T]:
-        future: Future[T] = Future()
+        future: Future[T] = Reply()
         self._queue.put((fn, future))
         return future
 

@@ -31,6 +31,7 @@ from messages import (
     StopReason,
     TurnResult,
 )
+from messages._futures import Reply
 
 R = TypeVar("R")
 TurnMode = Literal["step", "stream", "record"]
@@ -75,7 +76,7 @@ class TakeTurn(Ask[TurnResult]):
     new_request: bool = False
     parent: Any = None
     """What the observer took in the caller's thread (`Observer.caller_context`)."""
-    reply: Future[TurnResult] = field(default_factory=Future)
+    reply: Future[TurnResult] = field(default_factory=Reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +84,7 @@ class ChangeSettings(Ask[Group]):
     """Change a group's settings between two turns; replies with the updated Group."""
 
     changes: dict[str, Any]
-    reply: Future[Group] = field(default_factory=Future)
+    reply: Future[Group] = field(default_factory=Reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +230,7 @@ class CancelRun(Ask[Future[None] | None]):
     """Cancel a run; the reply is the commit future of the change, or None if none."""
 
     run_id: str
-    reply: Future[Future[None] | None] = field(default_factory=Future)
+    reply: Future[Future[None] | None] = field(default_factory=Reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,14 +238,14 @@ class WatchRuns(Ask[list[Future[None]]]):
     """The reply is one future per run id, resolved once that run is terminal and committed."""
 
     run_ids: list[str]
-    reply: Future[list[Future[None]]] = field(default_factory=Future)
+    reply: Future[list[Future[None]]] = field(default_factory=Reply)
 
 
 @dataclass(frozen=True, slots=True)
 class CountOpenRuns(Ask[dict[str, int]]):
     """The reply is how many runs the tracker follows that are not terminal, by status."""
 
-    reply: Future[dict[str, int]] = field(default_factory=Future)
+    reply: Future[dict[str, int]] = field(default_factory=Reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +321,7 @@ class AdoptShards(Ask[list[str]]):
     `running` as a restart does; replies with the agent ids that have open runs."""
 
     shards: frozenset[int]
-    reply: Future[list[str]] = field(default_factory=Future)
+    reply: Future[list[str]] = field(default_factory=Reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,7 +332,7 @@ class DropShards(Ask[None]):
 
     shards: frozenset[int]
     lost: bool
-    reply: Future[None] = field(default_factory=Future)
+    reply: Future[None] = field(default_factory=Reply)
 
 
 # -- groups over their life ---------------------------------------------------------------
@@ -342,7 +343,7 @@ class DeleteGroup(Ask[None]):
     """Delete the group between two turns: its rows go in one transaction, and every
     later message to the group is refused with GroupNotFound."""
 
-    reply: Future[None] = field(default_factory=Future)
+    reply: Future[None] = field(default_factory=Reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,7 +358,7 @@ class AddSleeptimeAgent(Ask[Agent]):
     persona_source: BlockSource
     backfill: bool
     backfill_window: int | None
-    reply: Future[Agent] = field(default_factory=Future)
+    reply: Future[Agent] = field(default_factory=Reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +367,7 @@ class RemoveSleeptimeAgent(Ask[Agent]):
     cancelled first, then it is marked removed; replies with the stored agent."""
 
     agent_id: str
-    reply: Future[Agent] = field(default_factory=Future)
+    reply: Future[Agent] = field(default_factory=Reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,7 +376,7 @@ class CancelAgentRuns(Ask[list[Future[None]]]):
     future of each cancellation."""
 
     agent_id: str
-    reply: Future[list[Future[None]]] = field(default_factory=Future)
+    reply: Future[list[Future[None]]] = field(default_factory=Reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,4 +385,4 @@ class ForgetGroup(Ask[None]):
     cancel flags, and answer whoever waits for them with RunNotFound."""
 
     group_id: str
-    reply: Future[None] = field(default_factory=Future)
+    reply: Future[None] = field(default_factory=Reply)

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import queue
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -73,7 +74,13 @@ def stop_now(actor: pykka.Actor) -> None:
 
 class QuietActor(pykka.ThreadingActor):
     """A threading actor that ends without pykka's log when its code fails; whoever
-    supervises it reports the failure."""
+    supervises it reports the failure. Its inbox is a `queue.SimpleQueue`: pykka only puts,
+    gets and asks `empty()`, and the C queue does each without the Python-level lock and
+    conditions of pykka's default `queue.Queue` (three per message, and a turn passes seven)."""
+
+    @staticmethod
+    def _create_actor_inbox() -> Any:
+        return queue.SimpleQueue()
 
     def _handle_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
         # pykka's own: unregister and stop, after logging the crash on the `pykka` logger.

@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -109,7 +109,7 @@ from messages import (
     TurnTimeout,
 )
 from messages._blocks import BlockSpec, BlockValue
-from messages._futures import reject
+from messages._futures import reject, wait_all
 from messages._groups import GroupCreate
 from messages._ids import new_id
 from messages._lifecycle import SleeptimeAgentAdd
@@ -547,7 +547,7 @@ class Runtime:
                 open_ids = [r.id for r in self._store.open_runs() if in_shards(r.group_id)]
                 if open_ids:
                     futures = self._parts.tracker.ask(WatchRuns(run_ids=open_ids))
-                    _, not_done = wait(futures, timeout=timeout)
+                    not_done = wait_all(futures, timeout=timeout)
                     if not_done:
                         log.warning("hand_over_runs_left", runs=len(not_done))
             except Exception as error:  # the runs stay open, for the next owner
@@ -645,7 +645,7 @@ class Runtime:
         except Exception as error:
             log.warning("drain_skipped", error=str(error))
             return
-        _, not_done = wait(futures, timeout=timeout)
+        not_done = wait_all(futures, timeout=timeout)
         if not_done:
             log.warning("drain_timed_out", open_runs=len(not_done))
 
@@ -1148,13 +1148,14 @@ class Runtime:
         deadline = None if timeout is None else time.monotonic() + timeout
         watched = self._watch_runs(ids)
         # The timeout holds even if the tracker cannot answer (it is restarting, say).
-        if wait([watched], timeout=timeout).not_done:
+        if wait_all([watched], timeout=timeout):
             raise RunsTimeout(list(dict.fromkeys(ids)), timeout or 0.0)
         futures = watched.result()
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        _, not_done = wait(futures, timeout=remaining)
+        not_done = wait_all(futures, timeout=remaining)
         if not_done:
-            open_ids = [i for i, f in zip(ids, futures, strict=True) if f in not_done]
+            left = set(not_done)
+            open_ids = [i for i, f in zip(ids, futures, strict=True) if f in left]
             raise RunsTimeout(list(dict.fromkeys(open_ids)), timeout or 0.0)
         for future in futures:
             future.result()  # RuntimeFailed if the tracker escalated while we waited

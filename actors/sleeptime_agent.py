@@ -56,6 +56,7 @@ from messages import (
     StopReason,
     UnknownAgentKind,
 )
+from messages._futures import Reply
 from messages._log import get_logger
 from persistence import Store
 
@@ -293,7 +294,7 @@ class SleeptimeAgentActor(SupervisedActor):
         self._queued.discard(run.id)
         window = self._windows.pop(run.id, None)
         token = next(_TOKENS)
-        decided: Future[StartDecision] = Future()
+        decided: Future[StartDecision] = Reply()
         self._wiring.tracker.tell(StartRun(run.id, decided, token))
         abandoned = threading.Event()
         job = partial(

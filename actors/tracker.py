@@ -60,7 +60,7 @@ from messages import (
     StoreUnavailable,
     TransitionRefused,
 )
-from messages._futures import reject, resolve
+from messages._futures import Reply, reject, resolve
 from messages._log import get_logger
 from messages._runs import check_transition
 from persistence import Store, Transition, utcnow
@@ -99,7 +99,7 @@ class RunWaiters:
         self._waiting: dict[str, list[Future[None]]] = {}
 
     def add(self, run_id: str) -> Future[None]:
-        future: Future[None] = Future()
+        future: Future[None] = Reply()
         with self._lock:
             self._waiting.setdefault(run_id, []).append(future)
         return future
@@ -752,7 +752,7 @@ class RunTrackerActor(SupervisedActor):
             if run_id not in self._open and run_id not in stored:
                 raise RunNotFound(run_id)
             if run_id not in self._open and stored[run_id].status.terminal:
-                done: Future[None] = Future()
+                done: Future[None] = Reply()
                 done.set_result(None)
                 futures[run_id] = done
                 continue

@@ -1,20 +1,184 @@
-"""Completing a future that its caller may cancel at any moment.
+"""The futures the runtime's threads hand each other, and completing them safely.
+
+`Reply` is a `concurrent.futures.Future` (the same methods, the same errors, accepted
+wherever one is) built for the hot path: a turn and its run pass through about seven, and
+the standard future allocates a `Condition` each (an `RLock`, a deque, a waiters' list,
+five bound methods) and takes it three times. A `Reply` holds one plain lock as its
+gate: locked while pending, released once done, so a waiter blocks on it and passes it
+on. State changes take one lock shared by every reply, held for a few instructions.
+`concurrent.futures.wait` reads the standard future's private fields and cannot wait on
+it: `wait_all` waits on any mix of futures.
 
 `if not future.done(): future.set_result(x)` is a race: the caller can cancel between the
 check and the set, and the set then raises `InvalidStateError` in the thread that was
-only trying to report. These two functions are the one place that completes a caller's
+only trying to report. `resolve` and `reject` are the one place that completes a caller's
 future; a future already done (cancelled, or completed by someone else) is left alone.
 
 Example:
-    >>> resolve(command.reply, result)    # False if the caller had given up
+    >>> reply: Future[int] = Reply()
+    >>> resolve(reply, 7)                 # False if the caller had given up
+    True
+    >>> reply.result(timeout=1)
+    7
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Future, InvalidStateError
-from typing import TypeVar
+import _thread
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, Future, InvalidStateError
+from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+_PENDING, _RUNNING, _CANCELLED, _NOTIFIED, _FINISHED = range(5)  # _NOTIFIED: cancelled, and
+# the worker was told (`set_running_or_notify_cancel`), as the standard future tells them apart
+_NAMES = ("pending", "running", "cancelled", "cancelled", "finished")
+_GUARD = _thread.allocate_lock()
+"""Guards every reply's state change; held for a few instructions, never while waiting or
+calling back."""
+_LOG = logging.getLogger("concurrent.futures")  # where the standard future reports too
+
+
+class Reply(Future[T]):
+    """A future with the standard one's behaviour and a fraction of its weight."""
+
+    __slots__ = ("_callbacks", "_error", "_gate", "_status", "_value")
+
+    def __init__(self) -> None:  # (the base's __init__ would build what this one avoids)
+        self._gate = _thread.allocate_lock()
+        self._gate.acquire()  # held while pending: waiters block on it
+        self._status = _PENDING
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Future[T]], object]] | None = None
+
+    def __repr__(self) -> str:
+        return f"<Reply at {id(self):#x} state={_NAMES[self._status]}>"
+
+    # -- the caller's side ----------------------------------------------------------------
+
+    def cancel(self) -> bool:
+        with _GUARD:
+            if self._status in (_RUNNING, _FINISHED):
+                return False
+            if self._status in (_CANCELLED, _NOTIFIED):
+                return True
+            self._status = _CANCELLED
+            callbacks = self._open_gate()
+        self._call_back(callbacks)
+        return True
+
+    def cancelled(self) -> bool:
+        return self._status in (_CANCELLED, _NOTIFIED)
+
+    def running(self) -> bool:
+        return self._status == _RUNNING
+
+    def done(self) -> bool:
+        return self._status >= _CANCELLED
+
+    def result(self, timeout: float | None = None) -> T:
+        if not self._wait(timeout):
+            raise TimeoutError()
+        if self._status != _FINISHED:
+            raise CancelledError()
+        if self._error is not None:
+            raise self._error
+        value: T = self._value
+        return value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        if not self._wait(timeout):
+            raise TimeoutError()
+        if self._status != _FINISHED:
+            raise CancelledError()
+        return self._error
+
+    def add_done_callback(self, fn: Callable[[Future[T]], object]) -> None:
+        with _GUARD:
+            if self._status < _CANCELLED:
+                if self._callbacks is None:
+                    self._callbacks = [fn]
+                else:
+                    self._callbacks.append(fn)
+                return
+        self._call_back([fn])
+
+    # -- the worker's side ----------------------------------------------------------------
+
+    def set_running_or_notify_cancel(self) -> bool:
+        with _GUARD:
+            if self._status == _CANCELLED:
+                self._status = _NOTIFIED
+                return False
+            if self._status == _PENDING:
+                self._status = _RUNNING
+                return True
+        raise RuntimeError(f"{self!r} in unexpected state")
+
+    def set_result(self, result: T) -> None:
+        with _GUARD:
+            if self._status >= _CANCELLED:
+                raise InvalidStateError(f"{_NAMES[self._status]}: {self!r}")
+            self._value = result
+            self._status = _FINISHED
+            callbacks = self._open_gate()
+        self._call_back(callbacks)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        with _GUARD:
+            if self._status >= _CANCELLED:
+                raise InvalidStateError(f"{_NAMES[self._status]}: {self!r}")
+            self._error = exception
+            self._status = _FINISHED
+            callbacks = self._open_gate()
+        self._call_back(callbacks)
+
+    # -- inside ---------------------------------------------------------------------------
+
+    def _open_gate(self) -> list[Callable[[Future[T]], object]] | None:
+        """Let the waiters through; the callbacks to call (with `_GUARD` held)."""
+        self._gate.release()
+        callbacks, self._callbacks = self._callbacks, None
+        return callbacks
+
+    def _call_back(self, callbacks: list[Callable[[Future[T]], object]] | None) -> None:
+        for fn in callbacks or ():
+            try:
+                fn(self)
+            except Exception:
+                _LOG.exception("exception calling callback for %r", self)
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Whether it is done within `timeout` seconds (None: however long it takes)."""
+        if self._status >= _CANCELLED:
+            return True
+        gate = self._gate
+        if timeout is None:
+            gate.acquire()
+        elif not (gate.acquire(timeout=timeout) if timeout > 0 else gate.acquire(False)):
+            return False
+        gate.release()  # the next waiter's turn
+        return True
+
+
+def wait_all(futures: Sequence[Future[Any]], timeout: float | None = None) -> list[Future[Any]]:
+    """Wait until every future is done or `timeout` seconds passed; those not done, in
+    order (`concurrent.futures.wait` for any mix of standard futures and replies)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for future in futures:
+        if future.done():
+            continue
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            future.exception(remaining)
+        except (TimeoutError, CancelledError):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+    return [future for future in futures if not future.done()]
 
 
 def resolve(future: Future[T], value: T) -> bool:

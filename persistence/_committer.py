@@ -46,7 +46,7 @@ from sqlalchemy import Connection, Delete, Engine, Insert, Update
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from messages import RuntimeStopped, StoreUnavailable
-from messages._futures import reject, resolve
+from messages._futures import Reply, reject, resolve
 from messages._log import get_logger
 from persistence._fastsql import FastExecutor
 from persistence._observed import NO_STORE_OBSERVER, StoreObserver
@@ -234,7 +234,7 @@ class Committer:
             raise ValueError(f"a {type(work).__name__} carries its own keys and lease")
         if isinstance(work, Write) and work.appends and self._append is None:
             raise ValueError("this committer was made without an appender")
-        future: Future[T] = Future()
+        future: Future[T] = Reply()
         with self._close_lock:
             if self._closed:
                 raise RuntimeStopped()
