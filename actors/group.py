@@ -216,8 +216,8 @@ class GroupActor(SupervisedActor):
             with watch.step():
                 try:
                     for create in self._produce(behaviour, stored, command.mode == "stream"):
-                        seq += 1
-                        message = self._stamp(create, seq, turn)
+                        message = self._stamp(create, seq + 1, turn)
+                        seq += 1  # (only once stamped: a message that fails leaves no gap)
                         output.append(message)
                         sink.offer(message)
                 except BaseException as failure:  # agent code: even SystemExit fails only it

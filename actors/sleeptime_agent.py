@@ -56,7 +56,7 @@ from messages import (
     StopReason,
     UnknownAgentKind,
 )
-from messages._futures import Reply
+from messages._futures import Flag, Reply
 from messages._log import get_logger
 from persistence import Store
 
@@ -296,7 +296,7 @@ class SleeptimeAgentActor(SupervisedActor):
         token = next(_TOKENS)
         decided: Future[StartDecision] = Reply()
         self._wiring.tracker.tell(StartRun(run.id, decided, token))
-        abandoned = threading.Event()
+        abandoned: threading.Event = Flag()
         job = partial(
             execute_run,
             run=run,

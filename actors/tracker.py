@@ -60,7 +60,7 @@ from messages import (
     StoreUnavailable,
     TransitionRefused,
 )
-from messages._futures import Reply, reject, resolve
+from messages._futures import Flag, Reply, reject, resolve
 from messages._log import get_logger
 from messages._runs import check_transition
 from persistence import Store, Transition, utcnow
@@ -147,7 +147,7 @@ class CancelFlags:
         self._flags: dict[str, threading.Event] = {}
 
     def new_attempt(self, run_id: str) -> threading.Event:
-        flag = threading.Event()
+        flag: threading.Event = Flag()
         with self._lock:
             self._flags[run_id] = flag
         return flag
@@ -318,6 +318,9 @@ class RunTrackerActor(SupervisedActor):
                 self._read_back(run)
             except StoreUnavailable as error:
                 return StartDecision(started=False, retry=True, reason=str(error))
+            except RunNotFound:  # its group was deleted meanwhile
+                self._forget_runs([run_id])
+                return StartDecision(started=False, reason="run is deleted")
         if run is None or run.status is not RunStatus.CREATED:
             status = "unknown" if run is None else run.status.value
             log.debug("start_refused", run_id=run_id, status=status)
@@ -366,10 +369,12 @@ class RunTrackerActor(SupervisedActor):
             self._read_back(run)
         except StoreUnavailable as error:  # still unsure: read back at its next change
             log.warning("read_back_failed", run_id=run.run.id, error=str(error))
+        except RunNotFound:  # its group was deleted meanwhile (its start found no row)
+            self._forget_runs([run.run.id])
 
     def _finish(self, finish: FinishRun) -> None:
-        run = self._open.get(finish.run_id)
-        self._read_back_if_unsure(run)
+        self._read_back_if_unsure(self._open.get(finish.run_id))
+        run = self._open.get(finish.run_id)  # (None if reading back found it deleted)
         attempt = finish.attempt
         if (
             attempt is None
@@ -730,17 +735,19 @@ class RunTrackerActor(SupervisedActor):
         """The group's rows were deleted: its runs are no longer followed. Whatever still
         steps is asked to stop; a later write for them finds no row and changes nothing;
         callers waiting for them hear RunNotFound."""
-        gone: dict[str, Exception] = {}
-        for run_id, found in list(self._open.items()):
-            if found.run.group_id != group_id:
-                continue
-            self._flags.raise_flag(run_id)
-            self._flags.forget(run_id)
-            del self._open[run_id]
-            gone[run_id] = RunNotFound(run_id)
-        self._waiters.fail_runs(gone)
+        gone = [run_id for run_id, found in self._open.items() if found.run.group_id == group_id]
+        self._forget_runs(gone)
         if gone:
             log.info("group_runs_forgotten", group_id=group_id, runs=len(gone))
+
+    def _forget_runs(self, run_ids: list[str]) -> None:
+        """Stop following runs whose rows are gone: whatever still steps is asked to stop,
+        and callers waiting for them hear RunNotFound."""
+        for run_id in run_ids:
+            self._flags.raise_flag(run_id)
+            self._flags.forget(run_id)
+            self._open.pop(run_id, None)
+        self._waiters.fail_runs({run_id: RunNotFound(run_id) for run_id in run_ids})
 
     # -- waiting --------------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ five bound methods) and takes it three times. A `Reply` holds one plain lock as 
 gate: locked while pending, released once done, so a waiter blocks on it and passes it
 on. State changes take one lock shared by every reply, held for a few instructions.
 `concurrent.futures.wait` reads the standard future's private fields and cannot wait on
-it: `wait_all` waits on any mix of futures.
+it: `wait_all` waits on any mix of futures. `Flag` is a `threading.Event` built the same
+way, for the two flags every run gets (its cancel flag and its step's deadline).
 
 `if not future.done(): future.set_result(x)` is a race: the caller can cancel between the
 check and the set, and the set then raises `InvalidStateError` in the thread that was
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, InvalidStateError
@@ -162,6 +164,51 @@ class Reply(Future[T]):
         elif not (gate.acquire(timeout=timeout) if timeout > 0 else gate.acquire(False)):
             return False
         gate.release()  # the next waiter's turn
+        return True
+
+
+class Flag(threading.Event):
+    """A `threading.Event` with one plain lock as its gate (locked while down)."""
+
+    __slots__ = ("_gate", "_up")
+
+    def __init__(self) -> None:  # (the base's __init__ would build a Condition)
+        self._gate = _thread.allocate_lock()
+        self._gate.acquire()
+        self._up = False
+
+    def __repr__(self) -> str:
+        return f"<Flag at {id(self):#x}: {'set' if self._up else 'unset'}>"
+
+    def _at_fork_reinit(self) -> None:
+        self._gate = _thread.allocate_lock()
+        if not self._up:
+            self._gate.acquire()
+
+    def is_set(self) -> bool:
+        return self._up
+
+    def set(self) -> None:
+        with _GUARD:
+            if not self._up:
+                self._up = True
+                self._gate.release()
+
+    def clear(self) -> None:
+        with _GUARD:
+            if self._up:
+                self._up = False
+                self._gate.acquire()  # (a waiter passing through holds it a moment at most)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._up:
+            return True
+        gate = self._gate
+        if timeout is None:
+            gate.acquire()
+        elif not (gate.acquire(timeout=timeout) if timeout > 0 else gate.acquire(False)):
+            return self._up
+        gate.release()
         return True
 
 

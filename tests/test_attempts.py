@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from actors import Chaos, Runtime, StoreUnavailable, TransitionRefused
+from actors import Chaos, RunNotFound, Runtime, StoreUnavailable, TransitionRefused
 from actors._execute import stamp
 from actors._protocol import FinishRun
 from messages import MessageCreate, RunStatus, StopReason
@@ -247,3 +247,28 @@ def test_a_requeue_that_never_landed_is_made_again_before_the_next_change(
             assert report.ok, report.violations
     finally:
         gate.set()
+
+
+def test_a_run_whose_group_is_deleted_while_its_start_is_written_ends_without_a_crash(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group's rows go while the tracker writes its run's start: the guarded write finds
+    no row, so the tracker reads the run back before its end, finds it gone, and stops
+    following it (it crashed on `RunNotFound` before, and was restarted)."""
+    with Runtime.start(db_url, kinds={"echo": Echo}) as rt:
+        group = rt.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "echo"}])
+        original = Store.apply_transition
+        deleted: list[str] = []
+
+        def apply(self: Store, change: Transition) -> Future[None]:
+            if change.new is RUNNING and not deleted:
+                deleted.extend(self.delete_group(group.id).result(timeout=30))
+            return original(self, change)
+
+        monkeypatch.setattr(Store, "apply_transition", apply)
+        (run_id,) = rt.step(group.id, [user("hi")]).run_ids
+        assert wait_until(lambda: bool(deleted))
+        with pytest.raises(RunNotFound):
+            rt.wait_for_runs([run_id], timeout=30)
+        assert rt.stats()["restarts"] == 0
+        assert rt.stats()["escalations"] == 0

@@ -22,7 +22,7 @@ from actors import (
     StoreUnavailable,
     UnknownAgentKind,
 )
-from messages import RunStatus
+from messages import MessageCreate, RunStatus
 from tests.agents import Echo, user
 
 
@@ -306,6 +306,40 @@ def test_agent_returning_garbage_fails_cleanly(rt: Runtime) -> None:
     with pytest.raises(PrimaryAgentError, match="list of messages"):
         rt.step(bad_primary.id, [user("hi")])
     assert rt.get_group(bad_primary.id).turns == 1
+
+
+@pytest.mark.parametrize("how", ["step", "stream"])
+def test_a_primary_message_that_cannot_be_stored_leaves_no_gap_in_the_history(
+    rt: Runtime, how: str
+) -> None:
+    """An agent's unvalidated message (`model_construct` skips pydantic's checks) fails its
+    turn when it is stamped; the messages before it and the next turns keep every sequence
+    number, one after the other (a number was once used up, and the history had a gap)."""
+
+    class Unvalidated:
+        def __init__(self, config: dict[str, object]) -> None:
+            pass
+
+        def step(self, context: object, messages: object) -> list[MessageCreate]:
+            return [
+                MessageCreate(role="assistant", content="first"),
+                MessageCreate.model_construct(role="assistant", content=None),  # type: ignore[arg-type]
+            ]
+
+    rt.agents.register("unvalidated", Unvalidated)
+    group = rt.create_group(primary={"kind": "unvalidated"}, sleeptime=[{"kind": "memory"}])
+    with pytest.raises(PrimaryAgentError):
+        if how == "stream":
+            list(rt.stream(group.id, [user("hi")]))
+        else:
+            rt.step(group.id, [user("hi")])
+    rt.record_turn(group.id, [user("again"), MessageCreate(role="assistant", content="ok")])
+    history = rt.list_messages(group.primary_agent_id)
+    assert [m.sequence for m in history] == [1, 2, 3, 4]
+    assert [m.text() for m in history] == ["hi", "first", "again", "ok"]
+    rt.wait_for_runs([run.id for run in rt.list_runs(group_id=group.id)], timeout=30)
+    report = rt.check_invariants([group.id])
+    assert report.ok, report.violations
 
 
 def test_database_file_is_left_usable_after_bad_input(db_url: str, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""`Reply` behaves as `concurrent.futures.Future` does, and `wait_all` as `wait`."""
+"""`Reply` behaves as `concurrent.futures.Future` does, `Flag` as `threading.Event`, and
+`wait_all` as `concurrent.futures.wait`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from messages._futures import Reply, reject, resolve, wait_all
+from messages._futures import Flag, Reply, reject, resolve, wait_all
 
 WAIT_S = 10.0
 
@@ -153,3 +154,47 @@ def test_an_event_loop_awaits_a_reply() -> None:
         return await asyncio.wait_for(asyncio.wrap_future(reply), WAIT_S)
 
     assert asyncio.run(main()) == 5
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(("set", "clear", "is_set", "wait_now")), max_size=10))
+def test_a_flag_answers_every_sequence_of_calls_as_the_standard_event(
+    operations: list[str],
+) -> None:
+    standard, flag = threading.Event(), Flag()
+    for operation in operations:
+        answers: list[bool | None] = []
+        for event in (standard, flag):
+            if operation == "set":
+                event.set()
+                answers.append(None)
+            elif operation == "clear":
+                event.clear()
+                answers.append(None)
+            elif operation == "is_set":
+                answers.append(event.is_set())
+            else:
+                answers.append(event.wait(0))
+        assert answers[0] == answers[1], (operation, operations)
+
+
+def test_a_flag_wakes_its_waiters_and_times_out_while_down() -> None:
+    flag = Flag()
+    assert not flag.wait(0.01)
+    woke = threading.Barrier(5)
+
+    def wait() -> None:
+        assert flag.wait(WAIT_S)
+        woke.wait(WAIT_S)
+
+    waiters = [threading.Thread(target=wait) for _ in range(4)]
+    for waiter in waiters:
+        waiter.start()
+    flag.set()
+    woke.wait(WAIT_S)  # every waiter woke
+    for waiter in waiters:
+        waiter.join(WAIT_S)
+    flag.clear()
+    assert not flag.wait(0)
+    threading.Timer(0.02, flag.set).start()
+    assert flag.wait(WAIT_S)
