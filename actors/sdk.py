@@ -36,6 +36,7 @@ from messages import (
     StopReason,
     StoreUnavailable,
 )
+from messages._futures import Flag
 
 AgentRole = Literal["primary", "sleeptime"]
 AGENT_ROLES: tuple[AgentRole, ...] = ("primary", "sleeptime")
@@ -244,7 +245,7 @@ class AgentContext:
     run_id: str | None
     memory: Memory
     history: Callable[[], list[Message]] = field(default=list)
-    cancel_event: threading.Event = field(default_factory=threading.Event)
+    cancel_event: threading.Event = field(default_factory=Flag)
     recent_history: Callable[[int], list[Message]] = field(default=lambda limit: [])
     observer: Observer = field(default=NO_OBSERVER)
 
