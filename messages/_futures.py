@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +42,16 @@ _NAMES = ("pending", "running", "cancelled", "cancelled", "finished")
 _GUARD = _thread.allocate_lock()
 """Guards every reply's state change; held for a few instructions, never while waiting or
 calling back."""
+
+
+def _new_guard_after_fork() -> None:
+    # In a forked child only the forking thread lives on: a guard another thread held
+    # at the fork would stay held for ever.
+    global _GUARD  # noqa: PLW0603
+    _GUARD = _thread.allocate_lock()
+
+
+os.register_at_fork(after_in_child=_new_guard_after_fork)
 _LOG = logging.getLogger("concurrent.futures")  # where the standard future reports too
 
 
