@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import queue
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -104,13 +103,6 @@ class SupervisedActor(QuietActor):
     """
 
     use_daemon_thread = True
-
-    @staticmethod
-    def _create_actor_inbox() -> Any:
-        # pykka's extension point for the inbox. queue.SimpleQueue is implemented in C
-        # and takes no Python-level condition per put and get, where pykka's default
-        # queue.Queue costs several (every message of every turn passes through one).
-        return queue.SimpleQueue()
 
     def __init__(self, reporter: CrashReporter | None = None) -> None:
         super().__init__()
