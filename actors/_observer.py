@@ -130,6 +130,10 @@ class Observer(StoreObserver):
 
     # -- runs -----------------------------------------------------------------------------
 
+    def runs_backfilled(self, runs: Sequence[Run]) -> None:
+        """Runs committed outside a turn: those a sleeptime agent joining with backfill
+        got (a turn's runs come with `TurnWatch.recorded`)."""
+
     def run_committed(self, run: Run, change: Transition, started_at: datetime | None) -> None:
         """A status change of `run` (as it was created) is committed; `started_at` is when
         its current attempt started running (None if it has not)."""
@@ -201,6 +205,10 @@ class Observers(Observer):
 
     def turn(self, group_id: str, agent_id: str, parent: Any) -> TurnWatch:
         return _TurnWatches([o.turn(group_id, agent_id, parent) for o in self._each])
+
+    def runs_backfilled(self, runs: Sequence[Run]) -> None:
+        for observer in self._each:
+            observer.runs_backfilled(runs)
 
     def run_committed(self, run: Run, change: Transition, started_at: datetime | None) -> None:
         for observer in self._each:

@@ -32,7 +32,6 @@ from actors._protocol import (
     GroupChanged,
     KindRegistered,
     RemoveSleeptimeAgent,
-    RunsCreated,
     TakeTurn,
 )
 from actors._scheduler import Scheduler
@@ -76,6 +75,8 @@ class GroupWiring:
     build_agent: Callable[[str, Mapping[str, Any]], AgentBehaviour]
     """Build the primary agent of a kind from its config."""
     tracker: Address
+    follow_runs: Callable[[list[Run]], None]
+    """Give the tracker the runs a turn committed, to follow (`NewRuns.add`)."""
     agent: Callable[[str], Address]
     """The address of a sleeptime agent's actor (started on demand)."""
     notify_agent: Callable[[str, Any], None]
@@ -385,7 +386,7 @@ class GroupActor(SupervisedActor):
             return
         if attempt == 0:
             # The tracker hears of the runs before any agent can ask to start one.
-            self._wiring.tracker.tell(RunsCreated(runs=runs))
+            self._wiring.follow_runs(runs)
         undelivered = []
         for run in runs:
             try:
@@ -462,6 +463,8 @@ class GroupActor(SupervisedActor):
                 "updated_at": now,
             }
         )
+        if runs:
+            self._wiring.observer.runs_backfilled(runs)
         self._dispatch(runs)
         self._log.info(
             "sleeptime_agent_added",
@@ -475,10 +478,11 @@ class GroupActor(SupervisedActor):
     def _plan_join(self, command: AddSleeptimeAgent) -> AgentJoin:
         """The agent joining now, with its backfill runs (if asked), to commit at once."""
         group, now = self._group, utcnow()
-        pruned = self._wiring.store.messages_pruned_through(group.id)
+        pruned: int | None = None  # only a backfill depends on what a prune left
         runs: list[Run] = []
         coverage = self._cursor_seq + 1
         if command.backfill:
+            pruned = self._wiring.store.messages_pruned_through(group.id)
             coverage = min(pruned + 1, coverage)
             size = (
                 command.backfill_window or group.transcript_max_messages or DEFAULT_BACKFILL_WINDOW

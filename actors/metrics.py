@@ -90,7 +90,9 @@ class RuntimeMetrics(Observer):
             "Seconds from a group's actor taking a turn to its reply.",
             _FAST,
         )
-        self._runs_created = counter("runs_created", "Sleeptime runs created by turns.")
+        self._runs_created = counter(
+            "runs_created", "Sleeptime runs created (by turns, and as an agent joins: backfill)."
+        )
         self._runs_ended = counter(
             "runs_ended", "Runs that ended, by status and stop reason.", ["status", "stop_reason"]
         )
@@ -178,6 +180,9 @@ class RuntimeMetrics(Observer):
 
     def turn(self, group_id: str, agent_id: str, parent: Any) -> TurnWatch:
         return _TurnTimer(self)
+
+    def runs_backfilled(self, runs: Sequence[Run]) -> None:
+        self._runs_created.inc(len(runs))
 
     def run_committed(self, run: Run, change: Transition, started_at: datetime | None) -> None:
         new = change.new

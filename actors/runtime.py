@@ -99,6 +99,7 @@ from messages import (
     ReadOnlyRuntime,
     Run,
     RunEvent,
+    RunNotFound,
     RunStatus,
     RunsTimeout,
     RuntimeBusy,
@@ -1168,8 +1169,12 @@ class Runtime:
         return command.reply
 
     def _stored_runs(self, run_ids: list[str]) -> list[Run]:
-        """The runs as stored, in the order asked."""
+        """The runs as stored, in the order asked; RunNotFound for one gone meanwhile (a
+        prune removed it, or its group was deleted, once it ended)."""
         runs = self._store.get_runs(run_ids)
+        for run_id in run_ids:
+            if run_id not in runs:
+                raise RunNotFound(run_id)
         return [runs[i] for i in run_ids]
 
     def get_run(self, run_id: str) -> Run:

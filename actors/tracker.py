@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -37,7 +38,6 @@ from actors._protocol import (
     FinishRun,
     ForgetGroup,
     RetryTransition,
-    RunsCreated,
     StartAborted,
     StartDecision,
     StartRun,
@@ -89,6 +89,35 @@ def _when_store_answers(load: Callable[[], T], patience: float) -> T:
             log.warning("tracker_waiting_for_store", error=str(error), retry_in_s=pause)
             wait.wait(pause)
             pause = min(2.0, pause * 2)
+
+
+class NewRuns:
+    """Runs committed by turns, for the tracker to follow, kept across tracker restarts.
+
+    The groups' actors add them and the tracker takes them before each message it handles
+    (and as it starts): it only records them (no write, no answer), so hearing of them
+    needs no thread switch of its own, and nothing can ask about a run (its agent to start
+    it, a caller to wait for it or cancel it) before it was added.
+    """
+
+    __slots__ = ("_runs",)
+
+    def __init__(self) -> None:
+        self._runs: deque[Run] = deque()  # (append and popleft need no lock)
+
+    def __bool__(self) -> bool:
+        return bool(self._runs)
+
+    def add(self, runs: Iterable[Run]) -> None:
+        self._runs.extend(runs)
+
+    def take(self) -> list[Run]:
+        taken: list[Run] = []
+        while True:
+            try:
+                taken.append(self._runs.popleft())
+            except IndexError:
+                return taken
 
 
 class RunWaiters:
@@ -190,7 +219,8 @@ def _opened(run: Run) -> _Open:
 class RunTrackerActor(SupervisedActor):
     """Records run status changes, durably and in a legal order.
 
-    Told: `RunsCreated`, `FinishRun`, `FailGroupRuns`. With a reply: `StartRun` ->
+    Hears of new runs through `NewRuns`. Told: `FinishRun`, `FailGroupRuns`. With a reply:
+    `StartRun` ->
     `StartDecision`, `CancelRun` -> commit future or None, `WatchRuns` -> futures,
     `AdoptRuns` -> runs, `CountOpenRuns` -> counts by status. Every change committed is
     told to the observer and logged (`run_started`, `run_requeued`, `run_finished`).
@@ -206,6 +236,7 @@ class RunTrackerActor(SupervisedActor):
         address: Address,
         recovered: Future[None] | None = None,
         observer: Observer = NO_OBSERVER,
+        news: NewRuns | None = None,
     ) -> None:
         """`recovered`: given to the first incarnation of a starting runtime, which
         recovers the runs an earlier process left `running` and resolves it once that is
@@ -219,6 +250,7 @@ class RunTrackerActor(SupervisedActor):
         self._flags = flags
         self._address = address
         self._recovered = recovered
+        self._news = NewRuns() if news is None else news
         self._open: dict[str, _Open] = {}
 
     def started(self) -> None:
@@ -228,6 +260,7 @@ class RunTrackerActor(SupervisedActor):
             patience = 0.0 if self._recovered is not None else STORE_PATIENCE_S
             for run in _when_store_answers(self._load, patience):
                 self._open[run.id] = _opened(run)
+            self._follow_news()  # (those the store returned already are kept as read)
             for run_id in self._waiters.run_ids():
                 if run_id not in self._open:
                     self._waiters.resolve(run_id)  # ended while no tracker was listening
@@ -268,11 +301,14 @@ class RunTrackerActor(SupervisedActor):
         if writes:
             log.warning("runs_recovered", runs=len(writes))
 
+    def _follow_news(self) -> None:
+        for run in self._news.take():
+            self._open.setdefault(run.id, _opened(run))
+
     def receive(self, message: Any) -> Any:
+        if self._news:
+            self._follow_news()
         match message:
-            case RunsCreated(runs=runs):
-                for run in runs:
-                    self._open.setdefault(run.id, _opened(run))
             case StartRun(run_id=run_id, decided=decided, token=token):
                 self._decide_start(run_id, token, decided)
             case StartAborted(run_id=run_id, attempt=attempt):
@@ -319,7 +355,7 @@ class RunTrackerActor(SupervisedActor):
             except StoreUnavailable as error:
                 return StartDecision(started=False, retry=True, reason=str(error))
             except RunNotFound:  # its group was deleted meanwhile
-                self._forget_runs([run_id])
+                self._gone(run_id)
                 return StartDecision(started=False, reason="run is deleted")
         if run is None or run.status is not RunStatus.CREATED:
             status = "unknown" if run is None else run.status.value
@@ -370,7 +406,7 @@ class RunTrackerActor(SupervisedActor):
         except StoreUnavailable as error:  # still unsure: read back at its next change
             log.warning("read_back_failed", run_id=run.run.id, error=str(error))
         except RunNotFound:  # its group was deleted meanwhile (its start found no row)
-            self._forget_runs([run.run.id])
+            self._gone(run.run.id)
 
     def _finish(self, finish: FinishRun) -> None:
         self._read_back_if_unsure(self._open.get(finish.run_id))
@@ -663,7 +699,10 @@ class RunTrackerActor(SupervisedActor):
             self._store.store_messages(change.messages)
         try:
             stored = self._store.get_run(run_id)
-        except (RunNotFound, StoreUnavailable) as failure:
+        except RunNotFound:  # its group was deleted (or it was pruned) meanwhile
+            self._gone(run_id)
+            return
+        except StoreUnavailable as failure:
             log.error("resync_failed", run_id=run_id, error=str(failure))
             return
         requeue_lost = (
@@ -692,7 +731,10 @@ class RunTrackerActor(SupervisedActor):
     def _resync(self, run_id: str, run: _Open) -> None:
         try:
             stored = self._store.get_run(run_id)
-        except (RunNotFound, StoreUnavailable) as error:
+        except RunNotFound:
+            self._gone(run_id)
+            return
+        except StoreUnavailable as error:
             log.error("resync_failed", run_id=run_id, error=str(error))
             return
         self._take_stored(run, stored)
@@ -739,6 +781,12 @@ class RunTrackerActor(SupervisedActor):
         self._forget_runs(gone)
         if gone:
             log.info("group_runs_forgotten", group_id=group_id, runs=len(gone))
+
+    def _gone(self, run_id: str) -> None:
+        """A run this tracker follows is no longer stored (its group was deleted, or a
+        prune removed it, while it changed): it is forgotten, as a deleted group's are."""
+        log.info("run_gone", run_id=run_id)
+        self._forget_runs([run_id])
 
     def _forget_runs(self, run_ids: list[str]) -> None:
         """Stop following runs whose rows are gone: whatever still steps is asked to stop,

@@ -140,14 +140,16 @@ class AgentJoin:
     backfill runs (if any), written in one transaction.
 
     Refused (StaleTurn) unless the group is still at `expected_turns` and nothing of its
-    primary history was pruned past `expected_pruned` meanwhile. `persona_source` is who
+    primary history was pruned past `expected_pruned` meanwhile (None: the join does not
+    depend on it, having no backfill, so a prune going on beside it never refuses it).
+    `persona_source` is who
     wrote the block's first value: `application` (given in the spec) or `runtime` (the
     default text).
     """
 
     group_id: str
     expected_turns: int
-    expected_pruned: int
+    expected_pruned: int | None
     agent: Agent
     persona: Block
     persona_source: BlockSource

@@ -7,6 +7,7 @@ whose tracker re-queued the run.
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future
 from typing import Any
@@ -19,6 +20,7 @@ from actors._protocol import FinishRun
 from messages import MessageCreate, RunStatus, StopReason
 from persistence import Store, Transition, utcnow
 from tests.agents import Echo, Recorder, user, wait_until
+from tests.logs import Records, host_logging
 from tests.test_committer import in_one_batch
 
 CREATED, RUNNING = RunStatus.CREATED, RunStatus.RUNNING
@@ -272,3 +274,26 @@ def test_a_run_whose_group_is_deleted_while_its_start_is_written_ends_without_a_
             rt.wait_for_runs([run_id], timeout=30)
         assert rt.stats()["restarts"] == 0
         assert rt.stats()["escalations"] == 0
+
+
+def test_a_run_whose_rows_go_while_it_steps_is_forgotten_without_an_error(db_url: str) -> None:
+    """The run's end is refused because its row is gone (its group deleted beside the
+    tracker, say, or pruned): the tracker forgets it (`run_gone`, at info), its waiter
+    hears RunNotFound, and nothing is logged at error (it logged `resync_failed`)."""
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    records = Records()
+    with host_logging():
+        logging.getLogger("sleeptime").addHandler(records)
+        logging.getLogger("sleeptime").setLevel(logging.INFO)
+        with Runtime.start(db_url, kinds={"echo": Echo, "rec": recorder.factory}) as rt:
+            group = rt.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "rec"}])
+            (run_id,) = rt.step(group.id, [user("hi")]).run_ids
+            assert recorder.started.acquire(timeout=30)
+            rt._store.delete_group(group.id).result(timeout=30)  # behind the tracker's back
+            gate.set()
+            with pytest.raises(RunNotFound):
+                rt.wait_for_runs([run_id], timeout=30)
+            assert wait_until(lambda: bool(records.events("run_gone")))
+            assert rt.stats()["restarts"] == 0
+    assert [r.getMessage() for r in records.records if r.levelno >= logging.ERROR] == []

@@ -100,6 +100,21 @@ def test_a_known_workload_scrapes_as_exactly_what_happened(db_url: str) -> None:
         assert value(rt, "writes_queued") == 0
 
 
+def test_runs_an_agent_joining_with_backfill_gets_are_counted_as_created(db_url: str) -> None:
+    """Backfill runs are created by the join, not by a turn: counted all the same, so
+    `runs_created_total` agrees with `runs_ended_total` and with the runs table."""
+    with Runtime.start(db_url, metrics=True) as rt:
+        group = rt.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+        made = [r for n in range(3) for r in rt.step(group.id, [user(f"turn {n}")]).run_ids]
+        agent = rt.add_sleeptime_agent(group.id, {"kind": "memory"}, backfill=True)
+        backfilled = [r.id for r in rt.list_runs(agent_id=agent.id)]
+        assert backfilled
+        rt.wait_for_runs(made + backfilled, timeout=30)
+        stored = rt.list_runs(group_id=group.id)
+        assert value(rt, "runs_created_total") == len(stored) == len(made) + len(backfilled)
+        assert sum(by_label(rt, "runs_ended_total", "status").values()) == len(stored)
+
+
 def test_open_runs_and_turns_show_in_the_gauges_while_they_are_open(db_url: str) -> None:
     recorder = Recorder(gate=threading.Event())
     with Runtime.start(db_url, kinds={"recorder": recorder.factory}, metrics=True) as rt:

@@ -408,3 +408,36 @@ def test_run_py_prune_counts_then_removes(db_url: str, capsys: pytest.CaptureFix
     assert "nothing to prune" in capsys.readouterr().err
     assert run.main(["prune", "--db", db_url, "--older-than", "soon"]) == 2
     assert "is not an age" in capsys.readouterr().err
+
+
+def test_a_run_gone_between_its_end_and_its_read_back_is_not_found(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`wait_for_runs` reads the runs back once they ended; one a prune (or its group's
+    deletion) removed in between raises RunNotFound, as the README says (a bare KeyError
+    before)."""
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    with Runtime.start(db_url, kinds={"rec": recorder.factory}) as rt:
+        group = rt.create_group(primary=SCRIPTED, sleeptime=[{"kind": "rec"}])
+        (run_id,) = rt.step(group.id, [user("hi")]).run_ids
+        recorder.started.acquire(timeout=30)
+        outcome: list[BaseException | None] = []
+
+        def wait() -> None:
+            try:
+                rt.wait_for_runs([run_id], timeout=30)
+            except BaseException as error:
+                outcome.append(error)
+            else:
+                outcome.append(None)
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        assert wait_until(lambda: run_id in rt._parts.waiters.run_ids())  # it waits
+        monkeypatch.setattr("persistence.Store.get_runs", lambda self, ids: {})  # it was pruned
+        gate.set()
+        waiter.join(30)
+        monkeypatch.undo()
+        assert len(outcome) == 1
+        assert type(outcome[0]).__name__ == "RunNotFound", outcome
