@@ -33,7 +33,7 @@ from actors._supervisor import ChildSpec, Supervisor
 from actors.group import GroupActor, GroupWiring
 from actors.kinds._registry import AgentKinds
 from actors.sleeptime_agent import AgentSnapshot, AgentWiring, SleeptimeAgentActor, StepsInFlight
-from actors.tracker import CancelFlags, NewRuns, RunTrackerActor, RunWaiters
+from actors.tracker import CancelFlags, RunTrackerActor, RunWaiters
 from messages import AgentNotFound, GroupFailed, RuntimeFailed, RuntimeStopped
 from messages._log import get_logger
 from persistence import GroupState, Store
@@ -70,7 +70,6 @@ class RuntimeParts:
     chaos: Chaos | None = None
     observer: Observer = field(default=NO_OBSERVER)
     waiters: RunWaiters = field(default_factory=RunWaiters)
-    new_runs: NewRuns = field(default_factory=NewRuns)
     flags: CancelFlags = field(default_factory=CancelFlags)
     steps: StepsInFlight = field(default_factory=StepsInFlight)
     crashes: CrashInjection = field(init=False)
@@ -119,7 +118,6 @@ class ActorDirectory:
                 reporter.address,
                 recovered=first.pop() if first else None,
                 observer=parts.observer,
-                news=parts.new_runs,
             )
 
         parts.tracker = parts.supervisor.supervise(
@@ -162,7 +160,6 @@ class ActorDirectory:
                 store=store,
                 build_agent=parts.kinds.build,
                 tracker=parts.tracker,
-                follow_runs=parts.new_runs.add,
                 agent=self.agent,
                 notify_agent=self.tell_if_alive,
                 scheduler=parts.scheduler,

@@ -159,6 +159,13 @@ class KindRegistered:
 
 
 @dataclass(frozen=True, slots=True)
+class RunsCreated:
+    """Runs committed by a turn; the tracker now follows them."""
+
+    runs: list[Run]
+
+
+@dataclass(frozen=True, slots=True)
 class StartDecision:
     """Whether the run may start, and if so its cancel flag and the start's commit.
 

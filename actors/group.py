@@ -32,6 +32,7 @@ from actors._protocol import (
     GroupChanged,
     KindRegistered,
     RemoveSleeptimeAgent,
+    RunsCreated,
     TakeTurn,
 )
 from actors._scheduler import Scheduler
@@ -75,8 +76,6 @@ class GroupWiring:
     build_agent: Callable[[str, Mapping[str, Any]], AgentBehaviour]
     """Build the primary agent of a kind from its config."""
     tracker: Address
-    follow_runs: Callable[[list[Run]], None]
-    """Give the tracker the runs a turn committed, to follow (`NewRuns.add`)."""
     agent: Callable[[str], Address]
     """The address of a sleeptime agent's actor (started on demand)."""
     notify_agent: Callable[[str, Any], None]
@@ -386,7 +385,7 @@ class GroupActor(SupervisedActor):
             return
         if attempt == 0:
             # The tracker hears of the runs before any agent can ask to start one.
-            self._wiring.follow_runs(runs)
+            self._wiring.tracker.tell(RunsCreated(runs=runs))
         undelivered = []
         for run in runs:
             try:

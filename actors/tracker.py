@@ -17,8 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -38,6 +37,7 @@ from actors._protocol import (
     FinishRun,
     ForgetGroup,
     RetryTransition,
+    RunsCreated,
     StartAborted,
     StartDecision,
     StartRun,
@@ -89,35 +89,6 @@ def _when_store_answers(load: Callable[[], T], patience: float) -> T:
             log.warning("tracker_waiting_for_store", error=str(error), retry_in_s=pause)
             wait.wait(pause)
             pause = min(2.0, pause * 2)
-
-
-class NewRuns:
-    """Runs committed by turns, for the tracker to follow, kept across tracker restarts.
-
-    The groups' actors add them and the tracker takes them before each message it handles
-    (and as it starts): it only records them (no write, no answer), so hearing of them
-    needs no thread switch of its own, and nothing can ask about a run (its agent to start
-    it, a caller to wait for it or cancel it) before it was added.
-    """
-
-    __slots__ = ("_runs",)
-
-    def __init__(self) -> None:
-        self._runs: deque[Run] = deque()  # (append and popleft need no lock)
-
-    def __bool__(self) -> bool:
-        return bool(self._runs)
-
-    def add(self, runs: Iterable[Run]) -> None:
-        self._runs.extend(runs)
-
-    def take(self) -> list[Run]:
-        taken: list[Run] = []
-        while True:
-            try:
-                taken.append(self._runs.popleft())
-            except IndexError:
-                return taken
 
 
 class RunWaiters:
@@ -219,8 +190,7 @@ def _opened(run: Run) -> _Open:
 class RunTrackerActor(SupervisedActor):
     """Records run status changes, durably and in a legal order.
 
-    Hears of new runs through `NewRuns`. Told: `FinishRun`, `FailGroupRuns`. With a reply:
-    `StartRun` ->
+    Told: `RunsCreated`, `FinishRun`, `FailGroupRuns`. With a reply: `StartRun` ->
     `StartDecision`, `CancelRun` -> commit future or None, `WatchRuns` -> futures,
     `AdoptRuns` -> runs, `CountOpenRuns` -> counts by status. Every change committed is
     told to the observer and logged (`run_started`, `run_requeued`, `run_finished`).
@@ -236,7 +206,6 @@ class RunTrackerActor(SupervisedActor):
         address: Address,
         recovered: Future[None] | None = None,
         observer: Observer = NO_OBSERVER,
-        news: NewRuns | None = None,
     ) -> None:
         """`recovered`: given to the first incarnation of a starting runtime, which
         recovers the runs an earlier process left `running` and resolves it once that is
@@ -250,7 +219,6 @@ class RunTrackerActor(SupervisedActor):
         self._flags = flags
         self._address = address
         self._recovered = recovered
-        self._news = NewRuns() if news is None else news
         self._open: dict[str, _Open] = {}
 
     def started(self) -> None:
@@ -260,7 +228,6 @@ class RunTrackerActor(SupervisedActor):
             patience = 0.0 if self._recovered is not None else STORE_PATIENCE_S
             for run in _when_store_answers(self._load, patience):
                 self._open[run.id] = _opened(run)
-            self._follow_news()  # (those the store returned already are kept as read)
             for run_id in self._waiters.run_ids():
                 if run_id not in self._open:
                     self._waiters.resolve(run_id)  # ended while no tracker was listening
@@ -301,14 +268,11 @@ class RunTrackerActor(SupervisedActor):
         if writes:
             log.warning("runs_recovered", runs=len(writes))
 
-    def _follow_news(self) -> None:
-        for run in self._news.take():
-            self._open.setdefault(run.id, _opened(run))
-
     def receive(self, message: Any) -> Any:
-        if self._news:
-            self._follow_news()
         match message:
+            case RunsCreated(runs=runs):
+                for run in runs:
+                    self._open.setdefault(run.id, _opened(run))
             case StartRun(run_id=run_id, decided=decided, token=token):
                 self._decide_start(run_id, token, decided)
             case StartAborted(run_id=run_id, attempt=attempt):
