@@ -499,7 +499,12 @@ def _unreachable(error: Exception) -> bool:
 
 
 def lost_connection(error: Exception) -> bool:
-    """Whether the database could not be reached (trying again at once would not help)."""
-    return isinstance(error, DBAPIError) and (
-        error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
-    )
+    """Whether the database could not be reached (trying again at once would not help).
+
+    A SQLite file that cannot be written (read-only, on a read-only mount) is reachable:
+    it refuses every write until someone changes it, so it is not an outage to wait out."""
+    if not isinstance(error, DBAPIError):
+        return False
+    if str(getattr(error.orig, "sqlite_errorname", "")).startswith("SQLITE_READONLY"):
+        return False
+    return error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)

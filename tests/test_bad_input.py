@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from actors import (
     RunNotFound,
     Runtime,
     RuntimeStopped,
+    StoreRejected,
     StoreUnavailable,
     UnknownAgentKind,
 )
@@ -340,6 +342,24 @@ def test_a_primary_message_that_cannot_be_stored_leaves_no_gap_in_the_history(
     rt.wait_for_runs([run.id for run in rt.list_runs(group_id=group.id)], timeout=30)
     report = rt.check_invariants([group.id])
     assert report.ok, report.violations
+
+
+def test_a_sqlite_file_that_cannot_be_written_refuses_writes_for_good(tmp_path: Path) -> None:
+    """An immutable (or read-only) SQLite file: every write is StoreRejected, which says
+    trying again will not help, not StoreUnavailable, the outage a caller waits out."""
+    path = tmp_path / "frozen.db"
+    with Runtime.start(f"sqlite:///{path}") as rt:
+        group = rt.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+    frozen = subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False)
+    if frozen.returncode != 0:  # (root ignores file modes: only an immutable file stops it)
+        pytest.skip(f"cannot make the file immutable here: {frozen.stderr.strip()!r}")
+    try:
+        with Runtime.start(f"sqlite:///{path}") as rt:
+            with pytest.raises(StoreRejected, match="readonly"):
+                rt.record_turn(group.id, [user("hi")])
+            assert rt.get_group(group.id).turns == 0  # what was stored reads as before
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
 def test_database_file_is_left_usable_after_bad_input(db_url: str, tmp_path: Path) -> None:
