@@ -52,7 +52,6 @@ from messages import (
     Message,
     MessageCreate,
     Run,
-    RunsTimeout,
     RuntimeBusy,
     RuntimeStopped,
     TurnResult,
@@ -425,12 +424,11 @@ class AsyncRuntime:
             return []
         deadline = None if timeout is None else time.monotonic() + timeout
         watched = self._runtime._watch_runs(ids)
-        if not await wait_done(watched, timeout):
-            raise RunsTimeout(list(dict.fromkeys(ids)), timeout or 0.0)
+        if not await wait_done(watched, timeout):  # the store says which are still open
+            return await self._blocking(self._runtime._ended_by_now, ids, timeout)
         futures = watched.result()
         if not await wait_all_done(futures, _remaining(deadline)):
-            open_ids = [i for i, f in zip(ids, futures, strict=True) if not f.done()]
-            raise RunsTimeout(list(dict.fromkeys(open_ids)), timeout or 0.0)
+            return await self._blocking(self._runtime._ended_by_now, ids, timeout)
         for future in futures:
             future.result()  # RuntimeFailed if the tracker escalated while we waited
         return await self._blocking(self._runtime._stored_runs, ids)

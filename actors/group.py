@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from actors._address import Address
 from actors._execute import as_output, stamp
@@ -85,10 +85,8 @@ class GroupWiring:
 
 
 log = get_logger("sleeptime.group")
+T = TypeVar("T")
 
-JOIN_ATTEMPTS = 5
-"""How many times an agent's join is planned again when a prune moved the group's first
-stored message meanwhile."""
 MAX_TAIL_MESSAGES = 512
 """At most this many messages since the cursor are kept for the next runs' window;
 a longer window is read back from the store."""
@@ -420,7 +418,7 @@ class GroupActor(SupervisedActor):
         if self._group.status == "failed":
             raise GroupFailed(self._group.id, self._group.failure_reason or "stopped")
 
-    def _between_turns(self, write: Callable[[], Any]) -> Any:
+    def _between_turns(self, write: Callable[[], T]) -> T:
         """Commit a change made between two turns, as a turn's commit is handled."""
         try:
             return write()
@@ -443,18 +441,9 @@ class GroupActor(SupervisedActor):
         known = next((a for a in self._sleeptime if a.id == command.agent.id), None)
         if known is not None:
             return known  # a retried call: added already
-        # A prune may move the first message still stored between the plan and its
-        # commit (turns cannot: this actor takes them): plan again, a few times.
-        for attempt in range(1, JOIN_ATTEMPTS + 1):
-            group, join = self._group, self._plan_join(command)
-            try:
-                self._between_turns(partial(_commit_join, store, join))
-                break
-            except SleeptimeError as refused:  # reloaded, if the group moved
-                if attempt == JOIN_ATTEMPTS or not isinstance(refused.__cause__, StaleTurn):
-                    raise
-        agent, runs, now = join.agent, join.runs, join.at
-        coverage = agent.coverage_from_seq
+        group, join = self._group, self._plan_join(command)
+        agent, runs = self._between_turns(partial(_commit_join, store, join))
+        now, coverage = join.at, agent.coverage_from_seq
         self._sleeptime = [*self._sleeptime, agent]
         self._group = group.model_copy(
             update={
@@ -475,31 +464,34 @@ class GroupActor(SupervisedActor):
         return agent
 
     def _plan_join(self, command: AddSleeptimeAgent) -> AgentJoin:
-        """The agent joining now, with its backfill runs (if asked), to commit at once."""
-        group, now = self._group, utcnow()
-        pruned: int | None = None  # only a backfill depends on what a prune left
-        runs: list[Run] = []
-        coverage = self._cursor_seq + 1
-        if command.backfill:
-            pruned = self._wiring.store.messages_pruned_through(group.id)
-            coverage = min(pruned + 1, coverage)
-            size = (
-                command.backfill_window or group.transcript_max_messages or DEFAULT_BACKFILL_WINDOW
-            )
-            windows = backfill_windows(coverage, self._cursor_seq, size)
-            runs = backfill_runs(group, command.agent.id, windows, now)
+        """The agent joining now at the cursor, to commit at once; with backfill, its
+        coverage and runs are planned in the join's transaction, from the first primary
+        message still stored then (a prune going on beside it cannot move it meanwhile)."""
+        group, now, cursor_seq = self._group, utcnow(), self._cursor_seq
         agent = command.agent.model_copy(
-            update={"group_id": group.id, "added_turn": group.turns, "coverage_from_seq": coverage}
+            update={
+                "group_id": group.id,
+                "added_turn": group.turns,
+                "coverage_from_seq": cursor_seq + 1,
+            }
         )
+        size = command.backfill_window or group.transcript_max_messages or DEFAULT_BACKFILL_WINDOW
+
+        def backfill(pruned: int) -> tuple[Agent, list[Run]]:
+            coverage = min(pruned + 1, cursor_seq + 1)
+            windows = backfill_windows(coverage, cursor_seq, size)
+            covering = agent.model_copy(update={"coverage_from_seq": coverage})
+            return covering, backfill_runs(group, agent.id, windows, now)
+
         return AgentJoin(
             group_id=group.id,
             expected_turns=group.turns,
-            expected_pruned=pruned,
             agent=agent,
             persona=command.persona,
             persona_source=command.persona_source,
-            runs=runs,
+            runs=[],
             at=now,
+            backfill=backfill if command.backfill else None,
         )
 
     def _remove_agent(self, agent_id: str) -> Agent:
@@ -575,5 +567,5 @@ class _Sink:
             self._log.warning("stream_consumer_dropped", error=repr(error))
 
 
-def _commit_join(store: Store, join: AgentJoin) -> None:
-    store.join_agent(join).result()
+def _commit_join(store: Store, join: AgentJoin) -> tuple[Agent, list[Run]]:
+    return store.join_agent(join).result()

@@ -1148,16 +1148,14 @@ class Runtime:
             return []
         deadline = None if timeout is None else time.monotonic() + timeout
         watched = self._watch_runs(ids)
-        # The timeout holds even if the tracker cannot answer (it is restarting, say).
+        # The timeout holds even if the tracker cannot answer (it is restarting, busy, or
+        # the timeout is 0): the store then says which runs are still open.
         if wait_all([watched], timeout=timeout):
-            raise RunsTimeout(list(dict.fromkeys(ids)), timeout or 0.0)
+            return self._ended_by_now(ids, timeout)
         futures = watched.result()
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        not_done = wait_all(futures, timeout=remaining)
-        if not_done:
-            left = set(not_done)
-            open_ids = [i for i, f in zip(ids, futures, strict=True) if f in left]
-            raise RunsTimeout(list(dict.fromkeys(open_ids)), timeout or 0.0)
+        if wait_all(futures, timeout=remaining):
+            return self._ended_by_now(ids, timeout)
         for future in futures:
             future.result()  # RuntimeFailed if the tracker escalated while we waited
         return self._stored_runs(ids)
@@ -1167,6 +1165,16 @@ class Runtime:
         command = WatchRuns(run_ids=run_ids)
         self._parts.tracker.tell(command)
         return command.reply
+
+    def _ended_by_now(self, run_ids: list[str], timeout: float | None) -> list[Run]:
+        """The runs as stored, once `wait_for_runs`'s timeout passed: all of them if each
+        is terminal by now; else RunsTimeout naming those still open (RunNotFound for one
+        not stored). Read from the store, not from the tracker, whose answer may be late."""
+        runs = self._stored_runs(run_ids)
+        still_open = [run.id for run in runs if not run.status.terminal]
+        if still_open:
+            raise RunsTimeout(list(dict.fromkeys(still_open)), timeout or 0.0)
+        return runs
 
     def _stored_runs(self, run_ids: list[str]) -> list[Run]:
         """The runs as stored, in the order asked; RunNotFound for one gone meanwhile (a

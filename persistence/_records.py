@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -139,22 +140,22 @@ class AgentJoin:
     """A sleeptime agent joining a live group, with its own `memory_persona` block and its
     backfill runs (if any), written in one transaction.
 
-    Refused (StaleTurn) unless the group is still at `expected_turns` and nothing of its
-    primary history was pruned past `expected_pruned` meanwhile (None: the join does not
-    depend on it, having no backfill, so a prune going on beside it never refuses it).
-    `persona_source` is who
-    wrote the block's first value: `application` (given in the spec) or `runtime` (the
-    default text).
+    Refused (StaleTurn) unless the group is still at `expected_turns`. `persona_source` is
+    who wrote the block's first value: `application` (given in the spec) or `runtime` (the
+    default text). `backfill`, for a join with backfill: given the last primary sequence
+    retention removed, read in the join's own transaction (so a prune beside it cannot
+    move it in between), the agent with its coverage and its backfill runs, written
+    instead of `agent` and `runs`.
     """
 
     group_id: str
     expected_turns: int
-    expected_pruned: int | None
     agent: Agent
     persona: Block
     persona_source: BlockSource
     runs: list[Run]
     at: datetime
+    backfill: Callable[[int], tuple[Agent, list[Run]]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1413,23 +1413,27 @@ class Store:
             raise GroupNotFound(group_id)
         return int(found[0])
 
-    def join_agent(self, join: AgentJoin) -> Future[None]:
+    def join_agent(self, join: AgentJoin) -> Future[tuple[Agent, list[Run]]]:
         """Add a sleeptime agent to a live group, with its own block (and that block's
         first version) and its backfill runs, in one transaction; StaleTurn if the group
-        moved meanwhile (see `AgentJoin`)."""
+        moved meanwhile (see `AgentJoin`). Resolves to the agent and the runs written."""
         lease = self.lease_of(join.group_id)
 
-        def op(connection: Connection) -> None:
-            _move_group_between_turns(
-                connection, join.group_id, join.expected_turns, join.at, join.expected_pruned
-            )
+        def op(connection: Connection) -> tuple[Agent, list[Run]]:
+            _move_group_between_turns(connection, join.group_id, join.expected_turns, join.at)
+            agent, planned = join.agent, join.runs
+            if join.backfill is not None:
+                pruned = connection.execute(
+                    select(groups.c.messages_pruned_through).where(groups.c.id == join.group_id)
+                ).scalar_one()
+                agent, planned = join.backfill(int(pruned))
             agent_at = connection.execute(
                 select(func.max(agents.c.position)).where(agents.c.group_id == join.group_id)
             ).scalar()
             block_at = connection.execute(
                 select(func.max(blocks.c.position)).where(blocks.c.group_id == join.group_id)
             ).scalar()
-            connection.execute(insert(agents), [_agent_values(join.agent, (agent_at or 0) + 1)])
+            connection.execute(insert(agents), [_agent_values(agent, (agent_at or 0) + 1)])
             connection.execute(
                 insert(blocks),
                 [_block_values(join.persona, 0 if block_at is None else block_at + 1)],
@@ -1438,9 +1442,10 @@ class Store:
                 insert(block_versions),
                 [_version_values(join.persona, "created", join.persona_source, at=join.at)],
             )
-            if join.runs:
-                connection.execute(_INSERT_RUNS, [_run_values(r) for r in join.runs])
-                connection.execute(_INSERT_EVENTS, _created_events(join.runs, lease[1]))
+            if planned:
+                connection.execute(_INSERT_RUNS, [_run_values(r) for r in planned])
+                connection.execute(_INSERT_EVENTS, _created_events(planned, lease[1]))
+            return agent, planned
 
         future = self.committer.submit(op, lease=lease)
         future.add_done_callback(partial(self._layout_changed, join.group_id))
@@ -1547,23 +1552,17 @@ def _run_filters(
 
 
 def _move_group_between_turns(
-    connection: Connection,
-    group_id: str,
-    turns: int,
-    at: datetime,
-    pruned_through: int | None = None,
+    connection: Connection, group_id: str, turns: int, at: datetime
 ) -> None:
-    """Mark the group changed, if it is still at `turns` (and, if given, its primary
-    history still pruned through `pruned_through`): else GroupNotFound or StaleTurn."""
-    conditions = [groups.c.id == group_id, groups.c.turns == turns]
-    if pruned_through is not None:
-        conditions.append(groups.c.messages_pruned_through == pruned_through)
-    moved = connection.execute(update(groups).where(*conditions).values(updated_at=at))
+    """Mark the group changed, if it is still at `turns`: else GroupNotFound or StaleTurn."""
+    moved = connection.execute(
+        update(groups).where(groups.c.id == group_id, groups.c.turns == turns).values(updated_at=at)
+    )
     if moved.rowcount == 1:
         return
     if connection.execute(_SELECT_GROUP, {"group_id": group_id}).first() is None:
         raise GroupNotFound(group_id)
-    raise StaleTurn(f"group {group_id} moved past turn {turns} (or was pruned) meanwhile")
+    raise StaleTurn(f"group {group_id} moved past turn {turns} meanwhile")
 
 
 # -- rows <-> models ----------------------------------------------------------------------

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import threading
 from concurrent.futures import Future
 
 import pytest
 
-from actors import AgentContext, RunsTimeout, Runtime, StepFailed, render_transcript
+from actors import (
+    AgentContext,
+    AsyncRuntime,
+    RunNotFound,
+    RunsTimeout,
+    Runtime,
+    StepFailed,
+    render_transcript,
+)
 from messages import MessageCreate, RunStatus, StopReason
 from messages._runs import is_legal_history
 from persistence import Store, Transition
@@ -245,6 +254,47 @@ def test_wait_for_runs_names_the_runs_still_open(rt: Runtime) -> None:
     assert run_id in str(caught.value)
     gate.set()
     assert rt.wait_for_runs([run_id, run_id], timeout=30)[1].id == run_id
+
+
+def test_a_wait_with_no_time_left_names_only_the_runs_still_open(rt: Runtime) -> None:
+    """`timeout=0` (or any timeout shorter than the tracker's answer): the runs ended by
+    then are returned, the open ones named, an unknown one not found. It named every run
+    asked, ended or unknown, whenever the tracker had not answered yet."""
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    group_id = _group(rt, recorder)
+    first = rt.step(group_id, [user("one")]).run_ids[0]
+    gate.set()
+    rt.wait_for_runs([first], timeout=30)
+    for _ in range(20):  # the tracker rarely answers within no time at all
+        assert [r.id for r in rt.wait_for_runs([first, first], timeout=0)] == [first, first]
+    gate.clear()
+    second = rt.step(group_id, [user("two")]).run_ids[0]
+    assert recorder.started.acquire(timeout=30)
+    assert recorder.started.acquire(timeout=30)
+    for _ in range(20):
+        with pytest.raises(RunsTimeout) as caught:
+            rt.wait_for_runs([first, second], timeout=0)
+        assert caught.value.open_run_ids == [second]
+        with pytest.raises(RunNotFound):
+            rt.wait_for_runs([first, "run-does-not-exist"], timeout=0)
+    gate.set()
+    assert [r.status for r in rt.wait_for_runs([first, second], timeout=30)] == [
+        RunStatus.COMPLETED,
+        RunStatus.COMPLETED,
+    ]
+
+
+def test_an_awaited_wait_with_no_time_left_returns_the_runs_ended(rt: Runtime) -> None:
+    group_id = _group(rt, Recorder())
+    run_id = rt.step(group_id, [user("one")]).run_ids[0]
+    rt.wait_for_runs([run_id], timeout=30)
+
+    async def waits() -> list[list[str]]:
+        api = AsyncRuntime.wrap(rt)
+        return [[r.id for r in await api.wait_for_runs([run_id], timeout=0)] for _ in range(20)]
+
+    assert asyncio.run(waits()) == [[run_id]] * 20
 
 
 def test_list_runs_filters_by_agent_group_and_status(rt: Runtime) -> None:

@@ -152,33 +152,33 @@ def test_agents_join_with_backfill_while_prunes_run(rt: Runtime) -> None:
     assert report.ok, report.violations
 
 
-def test_a_join_whose_plan_a_prune_overtook_is_planned_again(
+def test_a_join_plans_its_backfill_from_where_history_starts_in_its_own_transaction(
     rt: Runtime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Deterministic: the first time the join reads where the stored history starts, a
-    # prune moves it before the join commits. The join must land all the same, with its
-    # coverage and backfill starting where history starts after that prune.
+    # Deterministic: a prune lands after the join was asked for and before its transaction.
+    # The join reads where the stored history starts inside that transaction, so its
+    # coverage and backfill start after the prune (it was once planned from an earlier
+    # read, refused, and planned again a few times; a busy prune could exhaust them).
     group = rt.create_group(primary=SCRIPTED, sleeptime=[MEMORY], frequency=1)
     rt.wait_for_runs(_turns(rt, group.id, 6), timeout=TIMEOUT)
     store = rt._store
-    read = store.messages_pruned_through
+    join = store.join_agent
     overtaken: list[int] = []
 
-    def read_then_prune(group_id: str) -> int:
-        found = read(group_id)
-        if not overtaken:
-            overtaken.append(found)
-            rt.prune(messages=True, keep_messages=4)  # straight through the writer
-        return found
+    def prune_then_join(joining: Any) -> Any:
+        overtaken.append(store.messages_pruned_through(group.id))
+        rt.prune(messages=True, keep_messages=4)  # straight through the writer
+        return join(joining)
 
-    monkeypatch.setattr(store, "messages_pruned_through", read_then_prune)
+    monkeypatch.setattr(store, "join_agent", prune_then_join)
     late = rt.add_sleeptime_agent(group.id, MEMORY, backfill=True, backfill_window=2)
     assert overtaken == [0]
-    pruned = read(group.id)
+    pruned = store.messages_pruned_through(group.id)
     assert pruned > 0
-    assert late.coverage_from_seq == pruned + 1  # planned again, after the prune
+    assert late.coverage_from_seq == pruned + 1
     backfill = rt.list_runs(agent_id=late.id)
     assert backfill[0].window_first_seq == pruned + 1
+    assert rt.get_agent(late.id).coverage_from_seq == pruned + 1  # as stored
     rt.wait_for_runs([r.id for r in backfill], timeout=TIMEOUT)
     report = rt.check_invariants([group.id])
     assert report.ok, report.violations
