@@ -133,24 +133,20 @@ class Reply(Future[T]):
         raise RuntimeError(f"{self!r} in unexpected state")
 
     def set_result(self, result: T) -> None:
-        with _GUARD:
-            if self._status >= _CANCELLED:
-                raise InvalidStateError(f"{_NAMES[self._status]}: {self!r}")
-            self._value = result
-            self._status = _FINISHED
-            callbacks = self._open_gate()
-        self._call_back(callbacks)
+        self._finish(result, None)
 
     def set_exception(self, exception: BaseException | None) -> None:
+        self._finish(None, exception)
+
+    # -- inside ---------------------------------------------------------------------------
+
+    def _finish(self, value: Any, error: BaseException | None) -> None:
         with _GUARD:
             if self._status >= _CANCELLED:
                 raise InvalidStateError(f"{_NAMES[self._status]}: {self!r}")
-            self._error = exception
-            self._status = _FINISHED
+            self._value, self._error, self._status = value, error, _FINISHED
             callbacks = self._open_gate()
         self._call_back(callbacks)
-
-    # -- inside ---------------------------------------------------------------------------
 
     def _open_gate(self) -> list[Callable[[Future[T]], object]] | None:
         """Let the waiters through; the callbacks to call (with `_GUARD` held)."""
