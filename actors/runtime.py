@@ -298,6 +298,11 @@ class Runtime:
         self._keeper: ShardKeeper | None = None
         self._hand_over_timeout = 0.0  # how long a hand-over waits for open runs (s)
         self._adopting = False  # shards acquired are adopted by the tracker (once it runs)
+        # Shard losses found by writes, not handled yet; and the order of shard changes:
+        # a loss is always handled before the same shard, taken again, is adopted.
+        self._losses: dict[int, int] = {}
+        self._losses_lock = threading.Lock()  # (taken on the writer's thread: never waits long)
+        self._shard_changes = threading.RLock()
 
     @classmethod
     def start(
@@ -494,7 +499,16 @@ class Runtime:
 
     def _acquired(self, shards: Mapping[int, int]) -> None:
         """Shards came to this process: recover their runs as a restart would (those
-        left running are re-queued or failed), then start the agents that have runs."""
+        left running are re-queued or failed), then start the agents that have runs.
+
+        A loss of the same shards that a write found and that is not handled yet is
+        handled first: handled after, it would drop the runs adopted now, and nothing
+        would start them again while this process holds the shard."""
+        with self._shard_changes:
+            self._handle_losses()
+            self._adopt(shards)
+
+    def _adopt(self, shards: Mapping[int, int]) -> None:
         self._store.shards_moved()
         if not self._adopting:
             return  # starting: the tracker's first incarnation loads every held shard
@@ -518,6 +532,10 @@ class Runtime:
     def _lost(self, shards: Mapping[int, int]) -> None:
         """Shards were taken over (this process was away too long): stop their actors
         without waiting, forget their runs; their new owner carries everything on."""
+        with self._shard_changes:
+            self._forget_shards(shards)
+
+    def _forget_shards(self, shards: Mapping[int, int]) -> None:
         chosen = frozenset(shards)
         in_lost = self._in_shards(chosen)
         self._directory.stop_groups(
@@ -528,8 +546,18 @@ class Runtime:
         self._store.shards_moved()
 
     def _lost_by_write(self, shards: dict[int, int]) -> None:
-        """A write found shards lost (told from the writer thread): handle it elsewhere."""
-        self._parts.scheduler.call_later(0.0, partial(self._lost, shards))
+        """A write found shards lost (told from the writer thread): handle it elsewhere,
+        soon, and in any case before any of them is adopted again (`_acquired`)."""
+        with self._losses_lock:
+            self._losses.update(shards)
+        self._parts.scheduler.call_later(0.0, self._handle_losses)
+
+    def _handle_losses(self) -> None:
+        with self._shard_changes:
+            with self._losses_lock:
+                losses, self._losses = self._losses, {}
+            if losses:
+                self._forget_shards(losses)
 
     def _hand_over(self, shards: Mapping[int, int]) -> None:
         """Give shards to another process cleanly: no new turns (NotOwner), queued turns

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 
 from actors import NotOwner, Runtime, ShardLost
 from messages import RunStatus
@@ -295,3 +296,55 @@ def test_a_server_restart_keeps_one_owner_per_shard_and_a_third_takes_only_free_
 def test_shard_lost_is_an_error_users_can_catch() -> None:
     error = ShardLost(7)
     assert error.shard == 7 and "shard 7" in str(error)
+
+
+def test_a_shard_lost_to_a_write_and_taken_back_before_the_loss_is_handled_keeps_its_runs(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write finds its shard taken over (another member held it a moment), and this
+    process takes the shard back at a new epoch before its busy scheduler handled the
+    loss. The loss is handled first, then the shard adopted as after a takeover: every
+    run of it ends, in order. (The late loss once dropped the runs just adopted: they
+    stayed open, later runs of the same agent overtaking them, until the next restart.)"""
+    rt = start(pg_url)
+    engine = sqlalchemy.create_engine(pg_url)
+    try:
+        scheduler = rt._parts.scheduler
+        schedule = scheduler.call_later
+        late: list[str] = []
+
+        def busy(delay: float, fn: Any) -> Any:
+            name = getattr(fn, "__name__", getattr(getattr(fn, "func", None), "__name__", ""))
+            if name in ("_handle_losses", "_lost"):  # handling a loss a write found
+                late.append(name)
+                delay = 3.0  # as a scheduler thread behind other work would run it
+            return schedule(delay, fn)
+
+        monkeypatch.setattr(scheduler, "call_later", busy)
+        slow = {"kind": "simulated", "config": {"latency_ms": 300, "seed": 1}}
+        group = rt.create_group(primary={"kind": "scripted"}, sleeptime=[slow], frequency=1)
+        shard = rt.owner_of(group.id).shard
+        runs = [r for n in range(3) for r in rt.step(group.id, [user(f"turn {n}")]).run_ids]
+        with engine.begin() as connection:  # another member held the shard a moment
+            connection.execute(
+                sqlalchemy.text(
+                    "UPDATE shard_leases SET epoch = epoch + 1, member = 'elsewhere', "
+                    "holder = 'elsewhere', expires_at = (now() AT TIME ZONE 'UTC') "
+                    "+ interval '1 second' WHERE shard = :shard"
+                ),
+                {"shard": shard},
+            )
+        with pytest.raises(ShardLost):
+            rt.step(group.id, [user("under the old epoch")])  # the write finds it lost
+        assert late  # the loss is handled late
+        assert wait_until(lambda: rt.owner_of(group.id).here, timeout=30)  # taken back
+        later = rt.step(group.id, [user("under the new epoch")]).run_ids
+        ended = rt.wait_for_runs(runs + later, timeout=30)
+        assert all(run.status is RunStatus.COMPLETED for run in ended), ended
+        started = [run.started_at for run in ended if run.started_at is not None]
+        assert len(started) == len(ended) and started == sorted(started)  # in creation order
+        report = rt.check_invariants([group.id])
+        assert report.ok, report.violations
+    finally:
+        engine.dispose()
+        rt.stop()
