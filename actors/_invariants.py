@@ -3,8 +3,8 @@
 Call it once the runs have finished (`Runtime.stop` drains them, or `wait_for_runs`):
 an open run is itself a violation. What retention removed is read from its marks
 (`Store.retention_marks`): the checks hold on what remains. Each check reads the store
-only; the pure ones (`attempts_decrease`, `overlapping_runs`, `request_problems`) take
-rows and can be called directly.
+only; the pure ones (`attempts_decrease`, `overlapping_runs`, `runs_out_of_order`,
+`request_problems`) take rows and can be called directly.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ INVARIANTS = (
     "windows_contiguous_disjoint_covering",
     "attempts_monotonic",
     "agent_runs_disjoint",
+    "agent_runs_in_order",
     "request_ids_unique",
     "epochs_monotonic",
     "block_histories_consistent",
@@ -115,6 +116,9 @@ def _check_group(
         mine = [r for r in runs if r.agent_id == agent_id]
         found["agent_runs_disjoint"] += [
             f"agent {agent_id}: {problem}" for problem in overlapping_runs(mine, histories)
+        ]
+        found["agent_runs_in_order"] += [
+            f"agent {agent_id}: {problem}" for problem in runs_out_of_order(mine, histories)
         ]
     found["request_ids_unique"] += [
         f"group {group.id}: {problem}"
@@ -292,6 +296,32 @@ def overlapping_runs(runs: Sequence[Run], histories: dict[str, list[Event]]) -> 
             problems.append(
                 f"run {run_id} {end}, after run {next_id} started {next_start.isoformat()}"
             )
+    return problems
+
+
+def runs_out_of_order(runs: Sequence[Run], histories: dict[str, list[Event]]) -> list[str]:
+    """Where runs of one agent started out of the order they were created in: by turn,
+    then position (a backfill's runs, all of one turn), as its actor runs them. Only runs
+    that started count, each at its `started_at`, else its last `running` event (as
+    `overlapping_runs` takes them): a run re-queued after an interruption is run again
+    before any later one, so its last start is still before theirs."""
+    problems = []
+    latest: tuple[datetime, str] | None = None  # the latest start so far, and its run
+    created = sorted(runs, key=lambda run: (run.turn, int(run.metadata.get("position", 0))))
+    for run in created:
+        events = histories.get(run.id, [])
+        started = run.started_at or max(
+            (at for status, _, at in events if status == "running"), default=None
+        )
+        if started is None:
+            continue  # never started: cancelled or failed while created
+        if latest is not None and started < latest[0]:
+            problems.append(
+                f"run {run.id} (turn {run.turn}) started {started.isoformat()}, before run "
+                f"{latest[1]}, created earlier, which started {latest[0].isoformat()}"
+            )
+        if latest is None or started > latest[0]:
+            latest = (started, run.id)
     return problems
 
 

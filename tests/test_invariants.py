@@ -15,6 +15,7 @@ from actors._invariants import (
     attempts_decrease,
     overlapping_runs,
     request_problems,
+    runs_out_of_order,
     stale_writes,
 )
 from messages import Run, RunStatus
@@ -63,6 +64,12 @@ DAMAGE: list[tuple[str, str, str]] = [
         "UPDATE runs SET completed_at = NULL WHERE id = :first;"
         "DELETE FROM run_events WHERE run_id = :first AND status = 'completed'",
         "never ended",
+    ),
+    (
+        "agent_runs_in_order",  # the last run started (and ended) before the earlier ones
+        "UPDATE runs SET started_at = (SELECT created_at FROM runs WHERE id = :first), "
+        "completed_at = (SELECT created_at FROM runs WHERE id = :first) WHERE id = :run",
+        "created earlier",
     ),
     (
         "request_ids_unique",  # the primary key gone, a request recorded twice
@@ -130,6 +137,31 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
+
+
+def test_runs_of_one_agent_start_in_the_order_they_were_created() -> None:
+    def run(turn: int, started: float | None, position: int = 0) -> Run:
+        return Run(
+            id=f"run-{turn}-{position}",
+            group_id="group-1",
+            agent_id="agent-1",
+            status=RunStatus.COMPLETED,
+            turn=turn,
+            window_first_seq=1,
+            window_last_seq=2,
+            created_at=at(turn),
+            started_at=None if started is None else at(started),
+            metadata={"position": position} if position else {},
+        )
+
+    requeued: dict[str, list[Event]] = {  # first started at 1, interrupted, again at 3
+        "run-1-0": [("created", 1, at(0)), ("running", 1, at(1)), ("created", 2, at(2))]
+    }
+    assert runs_out_of_order([run(1, 3), run(2, None), run(3, 5)], requeued) == []
+    backfill = [run(4, 9, position=1), run(4, 8, position=0), run(5, 10)]  # (any order given)
+    assert runs_out_of_order(backfill, {}) == []
+    found = runs_out_of_order([run(1, 6), run(3, 5)], {})
+    assert len(found) == 1 and "run-3-0" in found[0] and "run-1-0" in found[0]
 
 
 def test_attempts_may_only_grow_along_the_events() -> None:
