@@ -279,9 +279,7 @@ def overlapping_runs(runs: Sequence[Run], histories: dict[str, list[Event]]) -> 
     spans: list[tuple[datetime, datetime | None, str]] = []
     for run in runs:
         events = histories.get(run.id, [])
-        started = run.started_at or max(
-            (at for status, _, at in events if status == "running"), default=None
-        )
+        started = _started(run, events)
         if started is None:
             continue  # never started: cancelled or failed while created
         ended = run.completed_at or next(
@@ -299,6 +297,14 @@ def overlapping_runs(runs: Sequence[Run], histories: dict[str, list[Event]]) -> 
     return problems
 
 
+def _started(run: Run, events: Sequence[Event]) -> datetime | None:
+    """When the run's current attempt started: its `started_at`, else its last `running`
+    event; None if it never started."""
+    return run.started_at or max(
+        (at for status, _, at in events if status == "running"), default=None
+    )
+
+
 def runs_out_of_order(runs: Sequence[Run], histories: dict[str, list[Event]]) -> list[str]:
     """Where runs of one agent started out of the order they were created in: by turn,
     then position (a backfill's runs, all of one turn), as its actor runs them. Only runs
@@ -309,10 +315,7 @@ def runs_out_of_order(runs: Sequence[Run], histories: dict[str, list[Event]]) ->
     latest: tuple[datetime, str] | None = None  # the latest start so far, and its run
     created = sorted(runs, key=lambda run: (run.turn, int(run.metadata.get("position", 0))))
     for run in created:
-        events = histories.get(run.id, [])
-        started = run.started_at or max(
-            (at for status, _, at in events if status == "running"), default=None
-        )
+        started = _started(run, histories.get(run.id, []))
         if started is None:
             continue  # never started: cancelled or failed while created
         if latest is not None and started < latest[0]:
