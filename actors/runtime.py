@@ -150,6 +150,8 @@ messages are kept in the agent's history if it returns in that time."""
 STOP_ACTORS_S = 10.0
 """How long deleting a group waits for each of its actors to stop."""
 """How long a scrape of the metrics waits for the run tracker's count of open runs."""
+LOSS_RETRY_S = 0.05
+"""How soon the scheduler tries again to handle a shard loss while shards are adopted."""
 DEFAULT_MEMORY_PERSONA = (
     "You keep the primary agent's long-term memory. Record durable facts about the user "
     "(name, preferences, plans, circumstances) in the human block, one fact per line, and "
@@ -550,7 +552,19 @@ class Runtime:
         soon, and in any case before any of them is adopted again (`_acquired`)."""
         with self._losses_lock:
             self._losses.update(shards)
-        self._parts.scheduler.call_later(0.0, self._handle_losses)
+        self._parts.scheduler.call_later(0.0, self._handle_losses_soon)
+
+    def _handle_losses_soon(self) -> None:
+        """On the scheduler's thread, which must not wait for an adoption under way (it
+        asks the tracker): if one is, try again a moment later (it handles what it finds
+        pending first)."""
+        if not self._shard_changes.acquire(blocking=False):
+            self._parts.scheduler.call_later(LOSS_RETRY_S, self._handle_losses_soon)
+            return
+        try:
+            self._handle_losses()
+        finally:
+            self._shard_changes.release()
 
     def _handle_losses(self) -> None:
         with self._shard_changes:

@@ -315,7 +315,7 @@ def test_a_shard_lost_to_a_write_and_taken_back_before_the_loss_is_handled_keeps
 
         def busy(delay: float, fn: Any) -> Any:
             name = getattr(fn, "__name__", getattr(getattr(fn, "func", None), "__name__", ""))
-            if name in ("_handle_losses", "_lost"):  # handling a loss a write found
+            if name in ("_handle_losses_soon", "_lost"):  # handling a loss a write found
                 late.append(name)
                 delay = 3.0  # as a scheduler thread behind other work would run it
             return schedule(delay, fn)
