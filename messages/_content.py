@@ -93,10 +93,11 @@ class ToolCall(BaseModel):
         return value
 
     def parsed_arguments(self) -> dict[str, Any] | None:
-        """The arguments as a dict, or None when they are not a JSON object."""
+        """The arguments as a dict, or None when they are not a JSON object (nested too
+        deeply to read included)."""
         try:
             parsed = json.loads(self.arguments)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             return None
         return parsed if isinstance(parsed, dict) else None
 

@@ -22,13 +22,15 @@ from pydantic import ValidationError
 
 import run
 from actors import Runtime, configure_logging
-from actors.kinds import Memory, OpenAIAgent, OpenAIConfig
+from actors.kinds import Memory, OpenAIAgent, OpenAIConfig, openai_chat
 from actors.kinds._chat_http import (
     ChatEndpoint,
     MalformedAnswer,
     ServerStatus,
     ServerTimeout,
     ServerUnreachable,
+    _json_object,
+    error_message,
     parse_retry_after,
 )
 from actors.kinds._chat_protocol import (
@@ -303,6 +305,33 @@ def test_unknown_tool_fails_the_run_naming_it_and_keeps_what_was_done(
     history = run_messages(rt, g.sleeptime_agent_ids[0], run.id)
     assert [m.role for m in history] == ["user", "assistant", "tool", "assistant"]
     assert history[-1].tool_calls is not None and history[-1].tool_calls[0].name == "send_email"
+
+
+def test_a_tool_call_that_fails_outright_fails_the_run_and_keeps_the_calls_before(
+    rt: Runtime, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edits made before a tool call that raised stay in the blocks: so do their calls
+    and results in the history (they were dropped, leaving an edit no call explains)."""
+    g = group(rt, fake)
+    fake.script_sleeptime(
+        Reply.call("memory_insert", {"label": "human", "text": "name: Ada"}),
+        Reply.call("memory_insert", {"label": "human", "text": "age: 36"}),
+    )
+    real = call_memory_tool
+
+    def second_fails(memory: Any, call: Any) -> Any:
+        if "age" in call.arguments:
+            raise RuntimeError("the tool broke")
+        return real(memory, call)
+
+    monkeypatch.setattr(openai_chat, "call_memory_tool", second_fails)
+    (run,) = rt.wait_for_runs(rt.step(g.id, user("hi")).run_ids, timeout=30)
+
+    assert (run.status, run.stop_reason) == (RunStatus.FAILED, StopReason.ERROR)
+    assert run.error == "RuntimeError: the tool broke"
+    assert "name: Ada" in rt.get_blocks(g.primary_agent_id)["human"].value
+    history = run_messages(rt, g.sleeptime_agent_ids[0], run.id)
+    assert [m.role for m in history] == ["user", "assistant", "tool", "assistant"]
 
 
 def test_timeouts_fail_the_run_with_stop_reason_timeout(rt: Runtime, fake: FakeOpenAI) -> None:
@@ -688,7 +717,15 @@ def test_memory_tool_arguments_are_checked_before_the_tool_runs() -> None:
         False,
         "the arguments of memory_rethink are not a JSON object: [1]",
     )
+    deep = '{"label": "human", "text": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert call("memory_insert", deep)[0] is False  # too deep to read: not a JSON object
     assert editor.block.value == "a\nb\nc"
+
+
+def test_an_answer_nested_too_deeply_to_read_is_malformed() -> None:
+    with pytest.raises(MalformedAnswer, match="not JSON"):
+        _json_object(b"[" * 100_000 + b"]" * 100_000)
+    assert error_message(b"[" * 100_000 + b"]" * 100_000).startswith("[[[")
 
 
 def _stored(sequence: int, role: Any, text: str) -> Message:

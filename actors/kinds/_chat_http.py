@@ -101,7 +101,7 @@ def error_message(data: bytes) -> str:
     """The server's explanation in an error body: OpenAI's `error.message`, or the text."""
     try:
         payload = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         payload = None
     if isinstance(payload, dict):
         error = payload.get("error", payload)
@@ -319,7 +319,7 @@ def _check_status(answer: Answer, data: bytes) -> None:
 def _json_object(data: bytes) -> dict[str, Any]:
     try:
         payload = json.loads(data)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # (nested too deeply to read)
         raise MalformedAnswer(f"the answer is not JSON ({error}): {_shown(data)}") from error
     if not isinstance(payload, dict):
         raise MalformedAnswer(f"the answer is not a JSON object: {_shown(data)}")

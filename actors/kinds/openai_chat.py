@@ -330,7 +330,11 @@ class OpenAIAgent:
             for call in answer.tool_calls:
                 if context.cancelled():
                     return produced
-                result = call_memory_tool(context.memory, call)
+                try:
+                    result = call_memory_tool(context.memory, call)
+                except Exception as error:  # the edits made so far stay: so do their calls
+                    failed = f"{type(error).__name__}: {error}"
+                    raise StepFailed(failed, messages=produced) from error
                 finished = finished or (call.name == FINISH and result.ok)
                 reply = tool_message(call, result)
                 produced.append(reply)
