@@ -71,12 +71,14 @@ def show_runs(args: argparse.Namespace) -> int:
             agent_id=agent_id,
             group_id=group_id,
             statuses=args.status,
-            limit=args.limit,
+            limit=args.limit + 1,  # one more: whether there is a next page at all
             newest_first=True,
             after=args.after,
         )
     finally:
         rt.stop(drain_timeout=0)
+    more = len(runs) > args.limit
+    runs = runs[: args.limit]
     if not runs:
         print("No more runs match." if args.after else "No runs match.")
         return EXIT_OK
@@ -99,7 +101,7 @@ def show_runs(args: argparse.Namespace) -> int:
         for run in runs
     ]
     print(format_table(headers, rows, right={5, 6, 9}))
-    if len(runs) == args.limit:
+    if more:
         print(f"{len(runs)} run(s), newest first; older ones: {next_page(args, runs[-1].id)}")
     else:
         print(f"{len(runs)} run(s), newest first")
@@ -151,10 +153,15 @@ def show_groups(args: argparse.Namespace) -> int:
     rt = open_existing(args.db)
     try:
         groups = rt.list_groups(
-            statuses=args.status, primary_kind=args.primary_kind, limit=args.limit, after=args.after
+            statuses=args.status,
+            primary_kind=args.primary_kind,
+            limit=args.limit + 1,  # one more: whether there is a next page at all
+            after=args.after,
         )
     finally:
         rt.stop(drain_timeout=0)
+    more = len(groups) > args.limit
+    groups = groups[: args.limit]
     if not groups:
         filtered = args.after or args.status or args.primary_kind
         print("No more groups match." if filtered else "No groups yet.")
@@ -173,7 +180,7 @@ def show_groups(args: argparse.Namespace) -> int:
         for group in groups
     ]
     print(format_table(headers, rows, right={1, 2, 3, 5}))
-    if len(groups) == args.limit:
+    if more:
         print(f"{len(groups)} group(s); more: {next_page(args, groups[-1].id)}")
     else:
         print(f"{len(groups)} group(s)")

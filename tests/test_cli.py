@@ -343,6 +343,11 @@ def test_runs_filters_take_the_short_ids_shown(
     out = capsys.readouterr().out
     assert runs[2].id in out and runs[0].id not in out  # the newest two
     assert "older ones: " in out and f"--after {runs[1].id}" in out
+    # A full page that is the last one says so: no next page to follow into nothing.
+    assert run.main(["runs", "--db", demo_db, "--agent", sleeper, "--limit", "3"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "3 run(s), newest first"
+    assert run.main(["groups", "--db", demo_db, "--limit", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "1 group(s)"
     assert run.main(["runs", "--db", demo_db, "--agent", group.primary_agent_id]) == 0
     assert capsys.readouterr().out == "No runs match.\n"
 
