@@ -425,10 +425,11 @@ class AsyncRuntime:
         deadline = None if timeout is None else time.monotonic() + timeout
         watched = self._runtime._watch_runs(ids)
         if not await wait_done(watched, timeout):  # the store says which are still open
-            return await self._blocking(self._runtime._ended_by_now, ids, timeout)
+            return await self._blocking(self._runtime._ended_by_now, ids, timeout, ids)
         futures = watched.result()
         if not await wait_all_done(futures, _remaining(deadline)):
-            return await self._blocking(self._runtime._ended_by_now, ids, timeout)
+            left = [i for i, future in zip(ids, futures, strict=True) if not future.done()]
+            return await self._blocking(self._runtime._ended_by_now, ids, timeout, left)
         for future in futures:
             future.result()  # RuntimeFailed if the tracker escalated while we waited
         return await self._blocking(self._runtime._stored_runs, ids)

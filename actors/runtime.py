@@ -106,6 +106,7 @@ from messages import (
     RuntimeFailed,
     RuntimeStopped,
     ShardLost,
+    StoreUnavailable,
     TurnResult,
     TurnTimeout,
 )
@@ -567,11 +568,11 @@ class Runtime:
             self._shard_changes.release()
 
     def _handle_losses(self) -> None:
-        with self._shard_changes:
-            with self._losses_lock:
-                losses, self._losses = self._losses, {}
-            if losses:
-                self._forget_shards(losses)
+        """Forget the shards writes found lost (with `_shard_changes` held)."""
+        with self._losses_lock:
+            losses, self._losses = self._losses, {}
+        if losses:
+            self._forget_shards(losses)
 
     def _hand_over(self, shards: Mapping[int, int]) -> None:
         """Give shards to another process cleanly: no new turns (NotOwner), queued turns
@@ -1193,11 +1194,12 @@ class Runtime:
         # The timeout holds even if the tracker cannot answer (it is restarting, busy, or
         # the timeout is 0): the store then says which runs are still open.
         if wait_all([watched], timeout=timeout):
-            return self._ended_by_now(ids, timeout)
+            return self._ended_by_now(ids, timeout, ids)
         futures = watched.result()
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         if wait_all(futures, timeout=remaining):
-            return self._ended_by_now(ids, timeout)
+            left = [i for i, future in zip(ids, futures, strict=True) if not future.done()]
+            return self._ended_by_now(ids, timeout, left)
         for future in futures:
             future.result()  # RuntimeFailed if the tracker escalated while we waited
         return self._stored_runs(ids)
@@ -1208,11 +1210,18 @@ class Runtime:
         self._parts.tracker.tell(command)
         return command.reply
 
-    def _ended_by_now(self, run_ids: list[str], timeout: float | None) -> list[Run]:
+    def _ended_by_now(
+        self, run_ids: list[str], timeout: float | None, unsure: list[str]
+    ) -> list[Run]:
         """The runs as stored, once `wait_for_runs`'s timeout passed: all of them if each
         is terminal by now; else RunsTimeout naming those still open (RunNotFound for one
-        not stored). Read from the store, not from the tracker, whose answer may be late."""
-        runs = self._stored_runs(run_ids)
+        not stored). Read from the store, not from the tracker, whose answer may be late;
+        while the store is away, RunsTimeout names the runs not known to have ended
+        (`unsure`), as a timeout does."""
+        try:
+            runs = self._stored_runs(run_ids)
+        except StoreUnavailable:
+            raise RunsTimeout(list(dict.fromkeys(unsure)), timeout or 0.0) from None
         still_open = [run.id for run in runs if not run.status.terminal]
         if still_open:
             raise RunsTimeout(list(dict.fromkeys(still_open)), timeout or 0.0)

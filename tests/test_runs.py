@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import threading
 from concurrent.futures import Future
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,7 @@ from actors import (
     RunsTimeout,
     Runtime,
     StepFailed,
+    StoreUnavailable,
     render_transcript,
 )
 from messages import MessageCreate, RunStatus, StopReason
@@ -283,6 +285,29 @@ def test_a_wait_with_no_time_left_names_only_the_runs_still_open(rt: Runtime) ->
         RunStatus.COMPLETED,
         RunStatus.COMPLETED,
     ]
+
+
+def test_a_wait_whose_time_ran_out_while_the_store_is_away_still_times_out(
+    rt: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store cannot say which runs are open: RunsTimeout names those not known to have
+    ended, as a timeout does, not the store's outage."""
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    group_id = _group(rt, recorder)
+    run_id = rt.step(group_id, [user("one")]).run_ids[0]
+    assert recorder.started.acquire(timeout=30)
+
+    def away(run_ids: list[str]) -> list[Any]:
+        raise StoreUnavailable("sqlite:///gone.db", "the disk went away")
+
+    monkeypatch.setattr(rt, "_stored_runs", away)
+    with pytest.raises(RunsTimeout) as caught:
+        rt.wait_for_runs([run_id], timeout=0.05)
+    assert caught.value.open_run_ids == [run_id]
+    monkeypatch.undo()
+    gate.set()
+    rt.wait_for_runs([run_id], timeout=30)
 
 
 def test_an_awaited_wait_with_no_time_left_returns_the_runs_ended(rt: Runtime) -> None:
