@@ -1407,11 +1407,7 @@ class Store:
     def messages_pruned_through(self, group_id: str) -> int:
         """The last primary message sequence retention removed (0: none): what is
         stored of the group's primary history starts after it."""
-        statement = select(groups.c.messages_pruned_through).where(groups.c.id == group_id)
-        found = self._read(lambda c: c.execute(statement).first())
-        if found is None:
-            raise GroupNotFound(group_id)
-        return int(found[0])
+        return self._read(lambda connection: _pruned_through(connection, group_id))
 
     def join_agent(self, join: AgentJoin) -> Future[tuple[Agent, list[Run]]]:
         """Add a sleeptime agent to a live group, with its own block (and that block's
@@ -1423,10 +1419,7 @@ class Store:
             _move_group_between_turns(connection, join.group_id, join.expected_turns, join.at)
             agent, planned = join.agent, join.runs
             if join.backfill is not None:
-                pruned = connection.execute(
-                    select(groups.c.messages_pruned_through).where(groups.c.id == join.group_id)
-                ).scalar_one()
-                agent, planned = join.backfill(int(pruned))
+                agent, planned = join.backfill(_pruned_through(connection, join.group_id))
             agent_at = connection.execute(
                 select(func.max(agents.c.position)).where(agents.c.group_id == join.group_id)
             ).scalar()
@@ -1549,6 +1542,15 @@ def _run_filters(
     if statuses is not None:
         found.append(runs.c.status.in_([RunStatus(s).value for s in statuses]))
     return found
+
+
+def _pruned_through(connection: Connection, group_id: str) -> int:
+    """The last primary message sequence retention removed of the group (0: none)."""
+    statement = select(groups.c.messages_pruned_through).where(groups.c.id == group_id)
+    found = connection.execute(statement).first()
+    if found is None:
+        raise GroupNotFound(group_id)
+    return int(found[0])
 
 
 def _move_group_between_turns(
