@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
 from actors._observer import NO_OBSERVER, Observer
 from actors._protocol import StartDecision, StepDone
 from actors._transcript import render_transcript
-from actors.sdk import AgentBehaviour, AgentContext, Memory, StepFailed, StepResult
+from actors.sdk import (
+    COMPLETED_STOP_REASONS,
+    FAILED_STOP_REASONS,
+    AgentBehaviour,
+    AgentContext,
+    Memory,
+    StepFailed,
+    StepResult,
+)
 from messages import Group, Message, MessageCreate, Run, StopReason, StoreUnavailable, TextContent
+from messages._errors import describe, text_of
 from messages._ids import new_id
 from persistence import Store, utcnow
 
@@ -49,7 +58,10 @@ def as_output(
 ) -> tuple[list[MessageCreate], StopReason]:
     """An agent's return value as messages and a stop reason (dicts are validated)."""
     if isinstance(output, StepResult):
-        return list(output.messages), output.stop_reason
+        reason = output.stop_reason  # (validated, unless built with model_construct)
+        if type(reason) is not StopReason or reason not in COMPLETED_STOP_REASONS:
+            raise ValueError(f"a completed step's stop reason cannot be {reason!r}")
+        return list(output.messages), reason
     if isinstance(output, (str, bytes)) or not isinstance(output, Sequence):
         raise TypeError(
             f"an agent's step must return a list of messages, not {type(output).__name__}"
@@ -61,6 +73,7 @@ def as_output(
 
 def execute_run(
     *,
+    begin: Callable[[], None] = lambda: None,
     run: Run,
     token: int,
     decided: Future[StartDecision],
@@ -72,9 +85,9 @@ def execute_run(
     build_error: str | None = None,
     observer: Observer = NO_OBSERVER,
 ) -> StepDone:
-    """Wait for the tracker's decision on the start request `token` and for the start's
-    commit, then build the transcript of the run's window, step the agent, and report the
-    outcome.
+    """Ask for the run's start (`begin`: the start request `token`, and the step's
+    deadline from now), wait for the tracker's decision and for the start's commit, then
+    build the transcript of the run's window, step the agent, and report the outcome.
 
     Never raises: whatever goes wrong, even a `SystemExit` from the agent's code, ends up
     as the run's error text. A run that does not start (refused, put off, its start not
@@ -86,6 +99,7 @@ def execute_run(
     # its deadline (and sets `abandoned`); this wait, longer, only frees the thread if the
     # tracker never answers.
     try:
+        begin()
         decision = decided.result(2 * group.run_timeout + 1)
     except TimeoutError:
         return _not_started(run, run.attempt, token, "the start was not decided in time")
@@ -135,13 +149,19 @@ def execute_run(
         )
         try:
             with observer.run_step(run, attempt):
-                produced, stop_reason = as_output(behaviour.step(context, [transcript]))
+                try:
+                    produced, stop_reason = as_output(behaviour.step(context, [transcript]))
+                finally:
+                    memory.close()
         except StepFailed as failure:
             messages.extend(_stamp_all(failure.messages, run, group.id))
-            return _ended(run, attempt, token, messages, failure.stop_reason, str(failure))
+            reason = failure.stop_reason  # (checked as it was raised, unless changed since)
+            if type(reason) is not StopReason or reason not in FAILED_STOP_REASONS:
+                reason = StopReason.ERROR
+            return _ended(run, attempt, token, messages, reason, text_of(failure))
         messages.extend(_stamp_all(produced, run, group.id))
     except BaseException as error:  # agent code: even SystemExit fails only this run
-        error_text = f"{type(error).__name__}: {error}"
+        error_text = describe(error)
         return _ended(run, attempt, token, messages, StopReason.ERROR, error_text)
     return _ended(run, attempt, token, messages, stop_reason)
 

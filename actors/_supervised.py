@@ -25,6 +25,7 @@ from typing import Any
 from actors._address import Address
 from actors._passivation import Passivate
 from actors._pykka import QuietActor, stop_now
+from messages._errors import describe
 from messages._futures import reject, resolve
 
 ReceiveWrapper = Callable[[Any, Callable[[Any], Any]], Any]
@@ -40,7 +41,7 @@ class ActorRaised(Exception):
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
-        super().__init__(f"{type(error).__name__}: {error}")
+        super().__init__(describe(error))
 
 
 def contained(error: BaseException) -> Exception:

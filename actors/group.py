@@ -54,6 +54,7 @@ from messages import (
     StoreUnavailable,
     TurnResult,
 )
+from messages._errors import describe
 from messages._lifecycle import DEFAULT_BACKFILL_WINDOW
 from messages._log import get_logger
 from persistence import (
@@ -220,6 +221,11 @@ class GroupActor(SupervisedActor):
                         sink.offer(message)
                 except BaseException as failure:  # agent code: even SystemExit fails only it
                     error = failure
+            outage = None if error is None else _store_outage(error)
+            if outage is not None:
+                # The store the agent read through (its memory, its history) is away: not
+                # the agent's failure, and nothing is recorded; a retry takes the turn.
+                raise outage
         decision = decide_fire(group.frequency, group.counter)
         recorded = stored if command.mode == "record" else stored + output
         runs, cursor, cursor_seq = claim_window(
@@ -232,7 +238,7 @@ class GroupActor(SupervisedActor):
             fired=decision.fired,
             run_ids=[r.id for r in runs],
         )
-        detail = None if error is None else f"{type(error).__name__}: {error}"
+        detail = None if error is None else describe(error)
         write = TurnWrite(
             group_id=group.id,
             expected_turns=group.turns,
@@ -267,7 +273,7 @@ class GroupActor(SupervisedActor):
             turn=turn,
             fired=decision.fired,
             runs=len(runs),
-            error=None if error is None else repr(error),
+            error=detail,
             duration_ms=round(1000 * (time.perf_counter() - began), 3),
         )
         if detail is not None:
@@ -310,28 +316,35 @@ class GroupActor(SupervisedActor):
     def _produce(
         self, behaviour: AgentBehaviour, stored: list[Message], streaming: bool
     ) -> Iterator[MessageCreate]:
+        store = self._wiring.store
+        memory = Memory(partial(store.get_blocks, self._primary.id), store)
         context = AgentContext(
             agent_id=self._primary.id,
             group_id=self._group.id,
             run_id=None,
-            memory=Memory(
-                partial(self._wiring.store.get_blocks, self._primary.id), self._wiring.store
-            ),
+            memory=memory,
             history=lambda: self._wiring.store.list_messages(self._primary.id),
             recent_history=partial(self._wiring.store.recent_messages, self._primary.id),
             observer=self._wiring.observer,
         )
         if streaming:
-            for item in stream_of(behaviour, context, stored):
-                yield (
-                    item if isinstance(item, MessageCreate) else MessageCreate.model_validate(item)
-                )
+            try:
+                for item in stream_of(behaviour, context, stored):
+                    yield (
+                        item
+                        if isinstance(item, MessageCreate)
+                        else MessageCreate.model_validate(item)
+                    )
+            finally:
+                memory.close()
             return
         try:
             produced, _ = as_output(behaviour.step(context, stored))
         except StepFailed as failure:
             yield from failure.messages  # what the agent said before it failed is kept
             raise
+        finally:
+            memory.close()
         yield from produced
 
     def _stamp(self, create: MessageCreate, sequence: int, turn: int) -> Message:
@@ -565,6 +578,19 @@ class _Sink:
         except Exception as error:
             self._target = None
             self._log.warning("stream_consumer_dropped", error=repr(error))
+
+
+def _store_outage(error: BaseException) -> StoreUnavailable | None:
+    """The StoreUnavailable behind an agent's failure (raised, or what it raised from),
+    if an outage of the store made it fail; None when the agent failed by itself."""
+    seen: set[int] = set()
+    found: BaseException | None = error
+    while found is not None and id(found) not in seen:
+        if isinstance(found, StoreUnavailable):
+            return found
+        seen.add(id(found))
+        found = found.__cause__ or found.__context__
+    return None
 
 
 def _commit_join(store: Store, join: AgentJoin) -> tuple[Agent, list[Run]]:

@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -126,6 +126,10 @@ log = get_logger("sleeptime.runtime")
 
 DEFAULT_URL = "sqlite:///sleeptime.db"
 DEFAULT_PASSIVATE_AFTER = 300.0
+LATE_READ_S = 1.0
+"""How long `wait_for_runs`, its timeout passed, waits for the store to say which runs
+ended; a store that does not answer by then is treated as away."""
+LATE_READ_THREADS = 2
 """Seconds a group may be told nothing before its actors give their threads back."""
 DEFAULT_MAX_ACTIVE_GROUPS = 256
 """Groups with live actors at most (each holds a thread, and one per busy agent)."""
@@ -286,6 +290,9 @@ class Runtime:
         self.read_only = read_only
         self.agents = kinds
         self._stopped = threading.Event()
+        # Reads made once a wait's time is up, so a stalled database cannot hold the
+        # caller past it (its threads start only when first needed).
+        self._late_reads = ThreadPoolExecutor(LATE_READ_THREADS, "sleeptime-late-read")
         scheduler = Scheduler()
         self._parts = RuntimeParts(
             store=store,
@@ -677,6 +684,7 @@ class Runtime:
         self._parts.supervisor.stop("tracker", RuntimeStopped(), timeout=10.0)
         self._parts.pool.close()
         self._parts.scheduler.close()
+        self._late_reads.shutdown(wait=False, cancel_futures=True)
         self._store.close()
         self._parts.observer.close()
         _running.discard(self)
@@ -1217,11 +1225,17 @@ class Runtime:
         is terminal by now; else RunsTimeout naming those still open (RunNotFound for one
         not stored). Read from the store, not from the tracker, whose answer may be late;
         while the store is away, RunsTimeout names the runs not known to have ended
-        (`unsure`), as a timeout does."""
+        (`unsure`), as a timeout does, and so it does when the store has not answered
+        within `LATE_READ_S` (a database that hangs, say, instead of refusing)."""
+        late = RunsTimeout(list(dict.fromkeys(unsure)), timeout or 0.0)
         try:
-            runs = self._stored_runs(run_ids)
-        except StoreUnavailable:
-            raise RunsTimeout(list(dict.fromkeys(unsure)), timeout or 0.0) from None
+            read = self._late_reads.submit(self._stored_runs, run_ids)
+        except RuntimeError:  # stopping: no more reads
+            raise late from None
+        try:
+            runs = read.result(LATE_READ_S)
+        except (StoreUnavailable, TimeoutError):
+            raise late from None
         still_open = [run.id for run in runs if not run.status.terminal]
         if still_open:
             raise RunsTimeout(list(dict.fromkeys(still_open)), timeout or 0.0)

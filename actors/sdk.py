@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from actors import _memory_tools as tools
 from actors._observer import NO_OBSERVER, Observer
@@ -53,12 +53,27 @@ class ToolResult(BaseModel):
         return self.message
 
 
+COMPLETED_STOP_REASONS = (StopReason.END_TURN, StopReason.MAX_STEPS)
+"""How an agent may say its step completed (`StepResult`)."""
+FAILED_STOP_REASONS = (StopReason.ERROR, StopReason.TIMEOUT)
+"""How an agent may say its step failed (`StepFailed`): `cancelled` and `interrupted` are
+the runtime's to decide, and a run that reached its step limit completed."""
+
+
 class StepResult(BaseModel):
-    """An agent's output with a stop reason other than `end_turn` (e.g. `max_steps`)."""
+    """An agent's output with a stop reason other than `end_turn` (e.g. `max_steps`).
+
+    The run completes: `stop_reason` is `end_turn` or `max_steps` (a step that failed
+    raises `StepFailed`)."""
 
     model_config = ConfigDict(frozen=True)
     messages: list[MessageCreate]
     stop_reason: StopReason = StopReason.END_TURN
+
+    @field_validator("stop_reason")
+    @classmethod
+    def _completed(cls, reason: StopReason) -> StopReason:
+        return _one_of(reason, COMPLETED_STOP_REASONS, "a completed step (StepResult)")
 
 
 class StepFailed(Exception):
@@ -76,12 +91,28 @@ class StepFailed(Exception):
         self,
         text: str,
         *,
-        stop_reason: StopReason = StopReason.ERROR,
-        messages: Sequence[MessageCreate] = (),
+        stop_reason: StopReason | str = StopReason.ERROR,
+        messages: Sequence[MessageCreate | Mapping[str, Any]] = (),
     ) -> None:
         super().__init__(text)
-        self.stop_reason = stop_reason
-        self.messages = list(messages)
+        # Checked here, in the agent's code: a wrong value fails its run as any error does.
+        self.stop_reason = _one_of(stop_reason, FAILED_STOP_REASONS, "a failed step (StepFailed)")
+        self.messages = [
+            m if isinstance(m, MessageCreate) else MessageCreate.model_validate(m) for m in messages
+        ]
+
+
+def _one_of(reason: StopReason | str, allowed: tuple[StopReason, ...], what: str) -> StopReason:
+    """`reason` as a StopReason among `allowed`; ValueError saying which otherwise."""
+    try:
+        found = StopReason(reason)
+    except ValueError:
+        found = None
+    if found is None or found not in allowed:
+        names = " or ".join(repr(r.value) for r in allowed)
+        shown = reason.value if isinstance(reason, StopReason) else reason
+        raise ValueError(f"the stop reason of {what} is {names}, not {shown!r}")
+    return found
 
 
 class BlockEditor(Protocol):
@@ -120,7 +151,16 @@ class Memory:
         >>> context.memory.memory_replace("human", "color: orange", "color: coral")
     """
 
-    __slots__ = ("_blocks", "_cancelled", "_editor", "_load", "_lock", "_run_id", "finished")
+    __slots__ = (
+        "_blocks",
+        "_cancelled",
+        "_closed",
+        "_editor",
+        "_load",
+        "_lock",
+        "_run_id",
+        "finished",
+    )
 
     def __init__(
         self,
@@ -136,7 +176,13 @@ class Memory:
         self._cancelled = cancelled
         self._run_id = run_id  # the sleeptime run editing (None: a primary agent's turn)
         self._lock = threading.Lock()
+        self._closed = False
         self.finished = False
+
+    def close(self) -> None:
+        """The step it was given to has returned: every later edit is refused (a thread
+        the agent left behind cannot edit memory in the name of a run that ended)."""
+        self._closed = True
 
     @property
     def blocks(self) -> Blocks:
@@ -199,6 +245,8 @@ class Memory:
     ) -> ToolResult:
         if self._cancelled():
             return ToolResult(ok=False, message="the run was cancelled: no more memory edits")
+        if self._closed:
+            return ToolResult(ok=False, message="the step has returned: no more memory edits")
         current = self.blocks.get(label)
         if current is None:
             return ToolResult(

@@ -3,10 +3,14 @@
 Runs start in creation order; the next starts only when the current one has ended
 (completed, failed, cancelled and returned, or timed out), so two runs of one agent
 never overlap. Steps execute on the shared step pool, so this actor stays free to take
-deadlines and new runs while its agent works. A new incarnation takes its queue from the
-tracker, which re-queues the run the previous one was running; it starts nothing while a
-step started by an earlier incarnation still executes (`StepsInFlight`), unless that step
-is past its run's timeout, which is logged as `step_overlaps_timed_out_step`.
+deadlines and new runs while its agent works. A run is started (asked of the tracker,
+then `running`) only once a pool thread takes its step, and its `run_timeout` counts
+from then: a run waiting for a thread is still `created`, and its time is not spent.
+
+A new incarnation takes its queue from the tracker, which re-queues the run the previous
+one was running; it starts nothing while a step started by an earlier incarnation still
+executes or waits for a thread (`StepsInFlight`), unless that step is past its run's
+timeout, which is logged as `step_overlaps_timed_out_step`.
 
 A run whose start met a store outage never reached its agent: it goes back to the head
 of the queue and is started again, with a growing delay, once the store answers.
@@ -15,6 +19,7 @@ of the queue and is started again, with a growing delay, once the store answers.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -56,6 +61,7 @@ from messages import (
     StopReason,
     UnknownAgentKind,
 )
+from messages._errors import describe
 from messages._futures import Flag, Reply
 from messages._log import get_logger
 from persistence import Store
@@ -91,28 +97,43 @@ class StepsInFlight:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._steps: dict[str, tuple[Future[StepDone], float]] = {}
+        self._steps: dict[str, tuple[Future[StepDone], StepClock]] = {}
         self.postponed = 0  # starts put off because the store was unavailable
 
     def count_postponed(self) -> None:
         with self._lock:
             self.postponed += 1
 
-    def track(self, agent_id: str, step: Future[StepDone], deadline: float) -> None:
+    def track(self, agent_id: str, step: Future[StepDone], clock: StepClock) -> None:
         """Follow `step` until it returns (call before adding any other callback to it)."""
         with self._lock:
-            self._steps[agent_id] = (step, deadline)
+            self._steps[agent_id] = (step, clock)
         step.add_done_callback(partial(self._returned, agent_id))
 
     def executing(self, agent_id: str) -> tuple[Future[StepDone], float] | None:
-        """The agent's step still executing, with its deadline; None if there is none."""
+        """The agent's step still executing (or waiting for a pool thread), with its
+        deadline (infinite until it begins); None if there is none."""
         with self._lock:
-            return self._steps.get(agent_id)
+            found = self._steps.get(agent_id)
+        return None if found is None else (found[0], found[1].deadline)
 
     def _returned(self, agent_id: str, step: Future[StepDone]) -> None:
         with self._lock:
             if self._steps.get(agent_id, (None, 0.0))[0] is step:
                 del self._steps[agent_id]
+
+
+@dataclass(slots=True)
+class StepClock:
+    """When a run's step times out: set as the step begins on a pool thread (a step
+    waiting for a thread has no deadline yet), with the timer that tells its actor."""
+
+    deadline: float = math.inf  # a time.monotonic() value
+    timer: Timer | None = None
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 class _EarlierStepEnded:
@@ -150,7 +171,7 @@ class _Current:
     decided: Future[StartDecision]  # completed by the tracker (see `StartRun`)
     abandoned: threading.Event  # set at the deadline: the step must not begin any more
     future: Future[StepDone]
-    deadline: Timer
+    clock: StepClock
 
     @property
     def run_id(self) -> str:
@@ -230,11 +251,11 @@ class SleeptimeAgentActor(SupervisedActor):
 
     def on_stop(self) -> None:
         if self._current is not None:
-            self._current.deadline.cancel()
+            self._current.clock.cancel()
 
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
         if self._current is not None:
-            self._current.deadline.cancel()
+            self._current.clock.cancel()
         super().on_failure(exception_type, exception_value, traceback)
 
     def receive(self, message: Any) -> Any:
@@ -283,9 +304,10 @@ class SleeptimeAgentActor(SupervisedActor):
                 self._windows[run.id] = window
 
     def _pump(self) -> None:
-        """Start the next run, if nothing runs or awaits an answer: ask the tracker to
-        start it and hand its step to the pool at once; the step waits for the tracker's
-        decision (and the start's commit) on its pool thread, so no answer comes back here."""
+        """Start the next run, if nothing runs or awaits an answer: hand its step to the
+        pool, which asks the tracker to start it once a thread takes it (`_begin`), and
+        waits for the tracker's decision (and the start's commit) on that thread, so no
+        answer comes back here."""
         if self._current is not None or self._adopting is not None or not self._queue:
             return
         if not self._ready() or self._held() or self._earlier_step_executing():
@@ -295,10 +317,19 @@ class SleeptimeAgentActor(SupervisedActor):
         window = self._windows.pop(run.id, None)
         token = next(_TOKENS)
         decided: Future[StartDecision] = Reply()
-        self._wiring.tracker.tell(StartRun(run.id, decided, token))
         abandoned: threading.Event = Flag()
+        clock = StepClock()
+        begin = partial(
+            _begin,
+            self._wiring,
+            self._address,
+            StartRun(run.id, decided, token),
+            clock,
+            self._group.run_timeout,
+        )
         job = partial(
             execute_run,
+            begin=begin,
             run=run,
             token=token,
             decided=decided,
@@ -311,14 +342,9 @@ class SleeptimeAgentActor(SupervisedActor):
             observer=self._wiring.observer,
         )
         future = self._wiring.pool.submit(job)
-        timeout = self._group.run_timeout
-        self._wiring.steps.track(self._agent.id, future, time.monotonic() + timeout)
-        address = self._address
-        deadline = self._wiring.scheduler.call_later(
-            timeout, partial(address.tell, RunDeadline(run_id=run.id, token=token))
-        )
-        self._current = _Current(run, window, token, decided, abandoned, future, deadline)
-        future.add_done_callback(partial(_report, address, run.id, token))
+        self._wiring.steps.track(self._agent.id, future, clock)
+        self._current = _Current(run, window, token, decided, abandoned, future, clock)
+        future.add_done_callback(partial(_report, self._address, run.id, token))
 
     def _held(self) -> bool:
         return time.monotonic() < self._hold_until
@@ -351,8 +377,14 @@ class SleeptimeAgentActor(SupervisedActor):
             self._awaited = step
             address = self._address
             step.add_done_callback(lambda _: address.tell(_EarlierStepEnded()))
-            self._wiring.scheduler.call_later(remaining, partial(address.tell, _EarlierStepEnded()))
-            self._log.info("waiting_for_earlier_step", timeout_in_s=round(remaining, 3))
+            if math.isfinite(remaining):
+                self._wiring.scheduler.call_later(
+                    remaining, partial(address.tell, _EarlierStepEnded())
+                )
+            # A step still waiting for a thread has no deadline yet: the one it gets as it
+            # begins tells this address (`RunDeadline`), and the pump looks again then.
+            timeout = round(remaining, 3) if math.isfinite(remaining) else None
+            self._log.info("waiting_for_earlier_step", timeout_in_s=timeout)
         return True
 
     def _ready(self) -> bool:
@@ -371,9 +403,14 @@ class SleeptimeAgentActor(SupervisedActor):
     def _step_done(self, done: StepDone) -> None:
         current = self._current
         if current is None or (current.run_id, current.token) != (done.run_id, done.token):
-            self._log.info("late_result_ignored", run_id=done.run_id, error=done.error)
+            # A step given up at its deadline, or started by an earlier incarnation: its
+            # run ended (or was re-queued) without it. The tracker refuses the finish but
+            # keeps what the agent was given and did in its history (SPEC 8).
+            self._log.info("late_result", run_id=done.run_id, error=done.error)
+            if done.started and done.messages:
+                self._finish(done)
             return
-        current.deadline.cancel()
+        current.clock.cancel()
         self._current = None
         if not done.started:
             if done.aborted and done.attempt is not None:  # its start did not land: given back
@@ -383,6 +420,9 @@ class SleeptimeAgentActor(SupervisedActor):
                 self._hold(done.error)
             return  # refused: the run is terminal or unknown, nothing to do
         self._start_failures = 0
+        self._finish(done)
+
+    def _finish(self, done: StepDone) -> None:
         status = RunStatus.FAILED if done.error is not None else RunStatus.COMPLETED
         self._wiring.tracker.tell(
             FinishRun(
@@ -425,6 +465,18 @@ class SleeptimeAgentActor(SupervisedActor):
         self._log.warning("run_timed_out", run_id=run_id, timeout_s=self._group.run_timeout)
 
 
+def _begin(
+    wiring: AgentWiring, address: Address, start: StartRun, clock: StepClock, timeout: float
+) -> None:
+    """A pool thread took the run's step: ask the tracker to start the run, and give the
+    step its deadline, from now (called on that thread, first thing)."""
+    clock.deadline = time.monotonic() + timeout
+    clock.timer = wiring.scheduler.call_later(
+        timeout, partial(address.tell, RunDeadline(run_id=start.run_id, token=start.token))
+    )
+    wiring.tracker.tell(start)
+
+
 def _report(address: Address, run_id: str, token: int, future: Future[StepDone]) -> None:
     error = future.exception()
     done = (
@@ -435,7 +487,7 @@ def _report(address: Address, run_id: str, token: int, future: Future[StepDone])
             attempt=None,  # the tracker ends the attempt this request started, if any
             messages=[],
             stop_reason=StopReason.ERROR,
-            error=f"{type(error).__name__}: {error}",
+            error=describe(error),
             token=token,
         )
     )

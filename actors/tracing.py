@@ -49,6 +49,7 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 
 from actors._observer import NO_WATCH, Observer, RequestWatch, TurnWatch, Watch
 from messages import Run, RunStatus
+from messages._errors import describe
 from persistence import Transition
 
 TRACER = "sleeptime-runtime"
@@ -419,4 +420,4 @@ class _RequestSpan(RequestWatch):
 
 def _failed(span: Span, error: BaseException) -> None:
     span.record_exception(error)
-    span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+    span.set_status(Status(StatusCode.ERROR, describe(error)))

@@ -364,3 +364,21 @@ class AgentNotInGroup(SleeptimeError, LookupError):
         super().__init__(
             f"agent {agent_id!r} is not a sleeptime agent of group {group_id!r}: {detail}"
         )
+
+
+def text_of(error: BaseException) -> str:
+    """`str(error)`, whatever its `__str__` does.
+
+    Agent code may raise anything, even an exception whose `__str__` raises (itself, say):
+    such an error is named as unprintable instead of raising again, so the run, turn or
+    actor it failed still ends as a failure with its error recorded.
+    """
+    try:
+        return str(error)
+    except BaseException:
+        return f"<unprintable {type(error).__name__} object>"
+
+
+def describe(error: BaseException) -> str:
+    """`error` as `Type: text` (see `text_of`)."""
+    return f"{type(error).__name__}: {text_of(error)}"

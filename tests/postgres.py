@@ -8,12 +8,14 @@ import pwd
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
@@ -205,6 +207,20 @@ class PostgresCluster:
         self.stop()
         self.start()
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Freeze the server meanwhile (SIGSTOP to it and every backend, SIGCONT after): a
+        database that hangs, with its connections open, instead of refusing them."""
+        postmaster = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        pids = [postmaster, *_children(postmaster)]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+
     def remove(self) -> None:
         """Stop the server if it runs and delete its directory."""
         try:
@@ -301,6 +317,21 @@ class PostgresCluster:
             f"PostgreSQL test cluster: `{shlex.join(command)}` failed: {detail}\n"
             f"server log ({self.log_file}), last lines:\n{self.log_tail()}"
         )
+
+
+def _children(parent: int) -> list[int]:
+    """The processes whose parent is `parent` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == parent:
+            found.append(int(entry.name))
+    return found
 
 
 def _server_account() -> pwd.struct_passwd:

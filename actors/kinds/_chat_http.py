@@ -39,6 +39,7 @@ from actors.kinds._http1 import (
     TunnelRefused,
     request_head,
 )
+from messages._errors import describe, text_of
 
 MAX_IDLE_CONNECTIONS = 4
 _SHOWN_BODY_CHARS = 300
@@ -357,4 +358,4 @@ def _shown(data: bytes) -> str:
 
 
 def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return describe(error) if text_of(error) else type(error).__name__

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.sdk import AGENT_ROLES, AgentBehaviour, AgentFactory, AgentRole
 from messages import AgentConfigError, AgentRoleError, UnknownAgentKind
+from messages._errors import describe
 from messages._text import Kind
 
 
@@ -94,7 +95,7 @@ class AgentKinds:
         except (pydantic.ValidationError, AgentConfigError):
             raise
         except BaseException as error:  # user code: even SystemExit is a config error here
-            raise AgentConfigError(kind, f"{type(error).__name__}: {error}") from error
+            raise AgentConfigError(kind, describe(error)) from error
         if not callable(getattr(agent, "step", None)):
             raise AgentConfigError(
                 kind, "the factory returned an object without step(context, messages)"

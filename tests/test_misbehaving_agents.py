@@ -1,0 +1,194 @@
+"""Sleeptime agents that misbehave: each fails, or times out, only its own run, at once,
+with what it was given and did kept in its history (SPEC 6 and 8, README "Guarantees")."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from actors import AgentContext, Runtime, StepFailed, StepResult, ToolResult
+from messages import Message, MessageCreate, PrimaryAgentError, RunStatus, StopReason
+from tests.agents import Echo, user, wait_until
+
+
+class _Unprintable(Exception):
+    """An error whose text cannot be had: its __str__ raises the error itself."""
+
+    def __str__(self) -> str:
+        raise self
+
+
+class _Raises:
+    """A sleeptime agent that raises what the test gave it."""
+
+    agent_roles = ("primary", "sleeptime")
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def factory(self, config: dict[str, Any]) -> _Raises:
+        return self
+
+    def step(self, context: AgentContext, messages: Sequence[Message]) -> list[MessageCreate]:
+        raise self.error
+
+
+def _one_run(rt: Runtime, agent: Any, **settings: Any) -> Any:
+    rt.agents.register("echo", Echo)
+    rt.agents.register("odd", agent.factory)
+    group = rt.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "odd"}], **settings)
+    (run,) = rt.wait_for_runs(rt.step(group.id, [user("hi")]).run_ids, timeout=30)
+    return group, run
+
+
+@pytest.mark.parametrize(
+    ("given", "status", "stop_reason", "error"),
+    [
+        ("timeout", RunStatus.FAILED, StopReason.TIMEOUT, "gave up"),
+        (StopReason.ERROR, RunStatus.FAILED, StopReason.ERROR, "gave up"),
+        ("end_turn", RunStatus.FAILED, StopReason.ERROR, "ValueError: the stop reason of a fail"),
+        ("nonsense", RunStatus.FAILED, StopReason.ERROR, "'error' or 'timeout', not 'nonsense'"),
+    ],
+)
+def test_step_failed_takes_its_stop_reason_as_text_or_fails_as_an_error(
+    rt: Runtime, given: Any, status: RunStatus, stop_reason: StopReason, error: str
+) -> None:
+    class Fails:
+        def step(self, context: AgentContext, messages: object) -> list[MessageCreate]:
+            raise StepFailed("gave up", stop_reason=given)
+
+    agent = Fails()
+    agent.factory = lambda config: agent  # type: ignore[attr-defined]
+    _, run = _one_run(rt, agent, run_timeout=30)
+    assert (run.status, run.stop_reason) == (status, stop_reason)
+    assert error in (run.error or "")
+    assert rt.stats()["restarts"] == 0  # the tracker took it in its stride
+
+
+def test_step_result_refuses_a_stop_reason_of_a_failure() -> None:
+    with pytest.raises(ValueError, match="'end_turn' or 'max_steps', not 'cancelled'"):
+        StepResult(messages=[], stop_reason="cancelled")  # type: ignore[arg-type]
+    assert StepResult(messages=[], stop_reason="max_steps").stop_reason is StopReason.MAX_STEPS  # type: ignore[arg-type]
+
+
+def test_step_failed_keeps_messages_given_as_dicts(rt: Runtime) -> None:
+    class Fails:
+        def step(self, context: AgentContext, messages: object) -> list[MessageCreate]:
+            raise StepFailed("half done", messages=[{"role": "assistant", "content": "looked"}])
+
+    agent = Fails()
+    agent.factory = lambda config: agent  # type: ignore[attr-defined]
+    group, run = _one_run(rt, agent)
+    assert (run.status, run.error) == (RunStatus.FAILED, "half done")
+    kept = rt.list_messages(group.sleeptime_agent_ids[0])
+    assert [m.text() for m in kept][1:] == ["looked"]
+
+
+def test_an_error_that_cannot_be_printed_fails_its_run_at_once(rt: Runtime) -> None:
+    _, run = _one_run(rt, _Raises(_Unprintable()), run_timeout=600)
+    assert (run.status, run.stop_reason) == (RunStatus.FAILED, StopReason.ERROR)
+    assert run.error == "_Unprintable: <unprintable _Unprintable object>"
+
+
+def test_a_primary_agent_error_that_cannot_be_printed_fails_its_turn(rt: Runtime) -> None:
+    rt.agents.register("odd", _Raises(_Unprintable()).factory)
+    rt.agents.register("echo", Echo)
+    group = rt.create_group(primary={"kind": "odd"}, sleeptime=[{"kind": "echo"}])
+    with pytest.raises(PrimaryAgentError, match="<unprintable _Unprintable object>"):
+        rt.step(group.id, [user("hi")])
+    with pytest.raises(PrimaryAgentError, match="<unprintable _Unprintable object>"):
+        rt.step(group.id, [user("again")])  # the group goes on taking turns
+    assert rt.get_group(group.id).turns == 2  # each recorded, as a failed turn is
+
+
+class _Blocks:
+    """A sleeptime agent whose steps each hold their thread until the test lets them go."""
+
+    def __init__(self) -> None:
+        self.entered: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self.release = threading.Event()
+
+    def factory(self, config: dict[str, Any]) -> _Blocks:
+        return self
+
+    def step(self, context: AgentContext, messages: object) -> list[MessageCreate]:
+        self.entered.put(context.run_id)
+        assert self.release.wait(30), "never released"
+        return [MessageCreate(role="assistant", content="done late")]
+
+
+def test_a_run_waiting_for_a_step_thread_is_created_and_its_time_not_spent(
+    db_url: str,
+) -> None:
+    """One step thread: the second group's run waits for it, `created`, and its
+    run_timeout counts only once a thread takes it."""
+    with Runtime.start(db_url, workers=1) as rt:
+        blocks = _Blocks()
+        rt.agents.register("echo", Echo)
+        rt.agents.register("blocks", blocks.factory)
+        first = rt.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "blocks"}])
+        second = rt.create_group(
+            primary={"kind": "echo"}, sleeptime=[{"kind": "echo"}], run_timeout=0.5
+        )
+        (holding,) = rt.step(first.id, [user("hold the thread")]).run_ids
+        assert blocks.entered.get(timeout=10) == holding
+        (waiting,) = rt.step(second.id, [user("wait for it")]).run_ids
+        # Longer than the waiting run's timeout: it has not started, so none of it counts.
+        assert not wait_until(lambda: rt.get_run(waiting).status.terminal, timeout=1.0)
+        assert rt.get_run(waiting).status is RunStatus.CREATED
+        blocks.release.set()
+        held, waited = rt.wait_for_runs([holding, waiting], timeout=30)
+        assert held.status is waited.status is RunStatus.COMPLETED
+        events = [e.status for e in rt.run_events(waiting)]
+        assert events == ["created", "running", "completed"]
+
+
+def test_a_timed_out_run_keeps_its_transcript_and_what_its_agent_said_late(rt: Runtime) -> None:
+    blocks = _Blocks()
+    rt.agents.register("echo", Echo)
+    rt.agents.register("blocks", blocks.factory)
+    group = rt.create_group(
+        primary={"kind": "echo"}, sleeptime=[{"kind": "blocks"}], run_timeout=0.3
+    )
+    (run_id,) = rt.step(group.id, [user("my favorite color is teal")]).run_ids
+    (run,) = rt.wait_for_runs([run_id], timeout=30)
+    assert (run.status, run.stop_reason) == (RunStatus.FAILED, StopReason.TIMEOUT)
+    blocks.release.set()  # the agent returns after all, past its run's end
+    agent_id = group.sleeptime_agent_ids[0]
+    assert wait_until(lambda: len(rt.list_messages(agent_id)) == 2, timeout=10)
+    transcript, late = rt.list_messages(agent_id)
+    assert "my favorite color is teal" in transcript.text() and late.text() == "done late"
+    assert transcript.run_id == late.run_id == run_id
+    assert rt.get_run(run_id).stop_reason is StopReason.TIMEOUT  # the late result changed nothing
+
+
+def test_memory_refuses_edits_once_the_step_returned(rt: Runtime) -> None:
+    """A thread the agent leaves behind cannot edit memory for a run that ended."""
+    go, results = threading.Event(), queue.SimpleQueue[ToolResult]()
+
+    class LeavesAThread:
+        def step(self, context: AgentContext, messages: object) -> list[MessageCreate]:
+            def later() -> None:
+                go.wait(30)
+                results.put(context.memory.memory_insert("human", "written after the end"))
+
+            threading.Thread(target=later, daemon=True).start()
+            return [MessageCreate(role="assistant", content="done")]
+
+    agent = LeavesAThread()
+    agent.factory = lambda config: agent  # type: ignore[attr-defined]
+    rt.agents.register("echo", Echo)
+    rt.agents.register("leaves", agent.factory)  # type: ignore[attr-defined]
+    group = rt.create_group(
+        primary={"kind": "echo"}, sleeptime=[{"kind": "leaves"}], blocks={"human": "likes tea"}
+    )
+    (run,) = rt.wait_for_runs(rt.step(group.id, [user("hi")]).run_ids, timeout=30)
+    assert run.status is RunStatus.COMPLETED
+    go.set()
+    refused = results.get(timeout=10)
+    assert not refused.ok and "the step has returned" in refused.message
+    assert rt.get_blocks(group.sleeptime_agent_ids[0])["human"].value == "likes tea"
