@@ -71,8 +71,8 @@ def test_step_failed_takes_its_stop_reason_as_text_or_fails_as_an_error(
 
 def test_step_result_refuses_a_stop_reason_of_a_failure() -> None:
     with pytest.raises(ValueError, match="'end_turn' or 'max_steps', not 'cancelled'"):
-        StepResult(messages=[], stop_reason="cancelled")  # type: ignore[arg-type]
-    assert StepResult(messages=[], stop_reason="max_steps").stop_reason is StopReason.MAX_STEPS  # type: ignore[arg-type]
+        StepResult(messages=[], stop_reason="cancelled")
+    assert StepResult(messages=[], stop_reason="max_steps").stop_reason is StopReason.MAX_STEPS
 
 
 def test_step_failed_keeps_messages_given_as_dicts(rt: Runtime) -> None:
