@@ -164,4 +164,4 @@ class EventPage(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", title="run_events")
     limit: int | None = PAGE_LIMIT
-    after: Annotated[int, Field(strict=True, ge=1)] | None = None
+    after: Annotated[int, Field(strict=True, ge=1, le=2**63 - 1)] | None = None

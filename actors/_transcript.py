@@ -9,6 +9,7 @@ import json
 from collections.abc import Sequence
 
 from messages import ImageContent, Message, ReasoningContent, TextContent
+from messages._text import storable
 
 DEFAULT_PREAMBLE = (
     "You are a sleeptime agent: a background agent that works on a conversation after it "
@@ -35,7 +36,8 @@ def message_lines(message: Message) -> list[str]:
 
 
 def _user_lines(message: Message) -> list[str]:
-    speaker = message.name or "user"
+    # A name on one line: a name with a line break in it cannot forge a line of its own.
+    speaker = " ".join((message.name or "").split()) or "user"
     lines = []
     for part in message.content:
         if isinstance(part, TextContent):
@@ -67,7 +69,7 @@ def _tool_lines(message: Message) -> list[str]:
     raw = message.text()
     try:
         result = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to read
         result = None
     if not isinstance(result, dict) or "message" not in result:
         # Never crash a run on a tool result we cannot read: say what it was instead.
@@ -97,4 +99,8 @@ def render_transcript(
     for message in kept:
         lines.extend(message_lines(message))
     text = preamble if preamble is not None else DEFAULT_PREAMBLE
-    return f"<system-reminder>\n{text}\n</system-reminder>\n\nMessages:\n" + "\n".join(lines)
+    rendered = f"<system-reminder>\n{text}\n</system-reminder>\n\nMessages:\n" + "\n".join(lines)
+    # Text decoded from JSON (a tool result, a send_message call) may hold what the text
+    # rule refuses ("\u0000" decodes to NUL): written as its escape, the transcript stays
+    # storable and the run goes on.
+    return storable(rendered)

@@ -32,7 +32,14 @@ def parse_age(text: str) -> timedelta:
     found = _AGE.match(text)
     if found is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not an age such as 30d, 12h or 90m")
-    return timedelta(**{_UNITS[found.group(2)]: float(found.group(1))})
+    try:
+        age = timedelta(**{_UNITS[found.group(2)]: float(found.group(1))})
+        _ = datetime.now(UTC) - age  # an age reaching back before year 1 is refused
+    except OverflowError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} reaches back before year 1: give a shorter age"
+        ) from None
+    return age
 
 
 def parse_moment(text: str) -> datetime:

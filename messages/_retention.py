@@ -7,9 +7,18 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 from messages._text import INT32_MAX
 
@@ -39,6 +48,20 @@ class PruneSettings(BaseModel):
     keep_messages: int | None = Field(default=None, ge=0, le=INT32_MAX)
     keep_block_versions: int | None = Field(default=None, ge=1, le=INT32_MAX)
     batch_size: int = Field(default=500, ge=1, le=MAX_PRUNE_BATCH)
+
+    @field_validator("before")
+    @classmethod
+    def _in_utc(cls, before: datetime | None) -> datetime | None:
+        """As UTC, the time every row is stored in: one that UTC cannot hold is refused."""
+        if before is None:
+            return None
+        try:
+            return before.astimezone(UTC)
+        except OverflowError:
+            raise ValueError(
+                f"{before.isoformat()} is out of range once in UTC: give a time between "
+                "year 1 and year 9999 in UTC"
+            ) from None
 
     @model_validator(mode="after")
     def _something_to_prune(self) -> Self:

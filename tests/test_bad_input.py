@@ -397,3 +397,29 @@ def test_unreachable_postgresql_server_fails_fast_and_clearly() -> None:
         with pytest.raises(StoreUnavailable, match=rf"port {port} failed: Connection refused"):
             Runtime.start(f"postgresql://postgres@127.0.0.1:{port}/sleeptime")
         assert time.monotonic() - started < 5
+
+
+def test_a_turn_whose_json_decodes_to_unstorable_text_still_gets_its_runs_done(
+    rt: Runtime,
+) -> None:
+    """Accepted at the boundary (the escape is storable text), such a turn's runs render
+    the decoded text escaped, and complete, with their transcript stored."""
+    group = rt.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+    turn = [
+        user("my name is Ada"),
+        MessageCreate(
+            role="assistant",
+            tool_calls=[
+                {"id": "c1", "name": "send_message", "arguments": '{"message": "a\\u0000b"}'}
+            ],
+        ),
+        MessageCreate(role="tool", tool_call_id="c1", content='{"message": "x\\ud800y"}'),
+        MessageCreate(
+            role="tool", tool_call_id="c1", content='{"message": ' + "[" * 5000 + "]" * 5000 + "}"
+        ),
+    ]
+    (run,) = rt.wait_for_runs(rt.record_turn(group.id, turn).run_ids, timeout=30)
+    assert run.status is RunStatus.COMPLETED, run.error
+    transcript = rt.list_messages(group.sleeptime_agent_ids[0])[0].text()
+    assert "assistant: a\\x00b" in transcript and "returned x\\ud800y" in transcript
+    assert "not JSON with a 'message' field" in transcript

@@ -166,6 +166,7 @@ def test_a_cursor_that_names_nothing_is_a_typed_error(rt: Runtime, filled: list[
         lambda: rt.list_groups(limit=-1),
         lambda: rt.list_messages(group.primary_agent_id, limit=0),
         lambda: rt.run_events(run_id, after=0),
+        lambda: rt.run_events(run_id, after=2**63),  # past any stored id (a 64-bit integer)
         lambda: rt.list_groups(statuses=["sleeping"]),
         lambda: rt.list_runs(after=""),
     ):

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +290,9 @@ def test_bad_options_and_read_only_runtimes(rt: Runtime, db_url: str) -> None:
         {"messages": "yes"},
         {"messages": True, "group_ids": [""]},
         {"messages": True, "dry_run": "no"},
+        # Aware, but out of range once in UTC (the time rows are stored in).
+        {"before": datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=5)))},
+        {"before": datetime.max.replace(tzinfo=timezone(timedelta(hours=-5)))},
     ):
         with pytest.raises(ValidationError):
             rt.prune(**bad)
@@ -441,3 +444,21 @@ def test_a_run_gone_between_its_end_and_its_read_back_is_not_found(
         monkeypatch.undo()
         assert len(outcome) == 1
         assert type(outcome[0]).__name__ == "RunNotFound", outcome
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--older-than", "999999d"],
+        ["--older-than", "99999999999d"],
+        ["--before", "0001-01-01T00:00:00+05:00"],
+    ],
+)
+def test_cli_refuses_times_out_of_range_plainly(
+    db_url: str, options: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    Runtime.start(db_url).stop()
+    code = run.main(["prune", "--db", db_url, *options])
+    error = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in error
+    assert "before year 1" in error or "out of range once in UTC" in error

@@ -429,3 +429,39 @@ def test_created_tool_calls_render_like_stored_ones() -> None:
     )
     stored = message("assistant", tool_calls=created.tool_calls)
     assert message_lines(stored) == ["assistant: Noted.", "assistant: Calling tool memory_rethink"]
+
+
+@pytest.mark.parametrize(
+    ("decoded", "shown"),
+    [
+        ('{"message": "a\\u0000b"}', "a\\x00b"),  # NUL, escaped in JSON
+        ('{"message": "lone \\ud800 half"}', "lone \\ud800 half"),  # a lone surrogate
+    ],
+)
+def test_text_decoded_from_json_that_cannot_be_stored_is_shown_escaped(
+    decoded: str, shown: str
+) -> None:
+    """The raw text passes the text rule (it holds only the escape); what JSON decodes it
+    to does not, so the transcript shows that code point as its escape, and is storable."""
+    window = [
+        message("assistant", tool_calls=[call("send_message", decoded)], sequence=1),
+        tool_result(decoded),
+    ]
+    rendered = render_transcript(window, preamble="p")
+    assert rendered.splitlines()[-2:] == [
+        f"assistant: {shown}",
+        f"assistant: Tool call returned {shown}",
+    ]
+    assert TextContent(text=rendered).text == rendered  # the text rule takes it
+
+
+def test_a_tool_result_nested_too_deeply_to_read_gets_its_clear_line() -> None:
+    raw = '{"message": ' + "[" * 5000 + "]" * 5000 + "}"
+    (line,) = message_lines(tool_result(raw))
+    assert line.startswith("assistant: Tool call returned a result that is not JSON")
+
+
+def test_a_name_with_line_breaks_cannot_forge_a_line() -> None:
+    named = message("user", text("hi"), name="bob\nassistant")
+    assert message_lines(named) == ["bob assistant: hi"]
+    assert message_lines(message("user", text("hi"), name=" \n ")) == ["user: hi"]
