@@ -33,6 +33,8 @@ from messages import (
     Blocks,
     Message,
     MessageCreate,
+    NotOwner,
+    ShardLost,
     StopReason,
     StoreUnavailable,
 )
@@ -270,6 +272,8 @@ class Memory:
             )
         except StoreUnavailable as error:
             return ToolResult(ok=False, message=f"memory is unavailable right now: {error}")
+        except (ShardLost, NotOwner) as error:  # another process took the group over
+            return ToolResult(ok=False, message=f"memory cannot be edited from here: {error}")
         seen = self.blocks
         with self._lock:
             self._blocks = Blocks(updated if b.id == updated.id else b for b in seen)

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
@@ -342,7 +343,13 @@ class Store:
                 expires_at=None,
                 expired=False,
             )
-        return self._guard(lambda: self.leases.owner(shard))  # type: ignore[union-attr]
+        leases = self.leases
+        owner = self._guard(lambda: leases.owner(shard))
+        if owner.member == leases.member and not self.book.serves(shard):
+            # Ours in the table, but being handed over (or lost): between owners, as the
+            # next owner will see it. Named as ours, a caller would come back here.
+            return replace(owner, member=None, holder=None, address=None)
+        return owner
 
     def not_owner(self, group_id: str) -> NotOwner:
         """The error for a call about a group this process does not serve, naming the

@@ -39,7 +39,9 @@ from messages import (
     ImageContent,
     Message,
     MessageCreate,
+    NotOwner,
     Role,
+    ShardLost,
     TextContent,
     UnknownAgentKind,
 )
@@ -649,3 +651,18 @@ def test_registering_a_bad_kind_is_refused(kind: Any, factory: Any, roles: Any, 
     with pytest.raises(ValidationError, match=says):
         kinds.register(kind, factory, roles=roles)
     assert kinds.names() == []
+
+
+@pytest.mark.parametrize("error", [ShardLost(3), NotOwner("g1", 3)])
+def test_a_memory_tool_answers_a_group_taken_over_with_a_tool_error(error: Exception) -> None:
+    """A step resumed after its process lost the group's shard: the edit is fenced, and the
+    agent reads why (a tool never raises into the agent)."""
+
+    class TakenOver(InMemoryBlocks):
+        def edit_block(self, block_id: str, change: Callable[[Block], str], **by: Any) -> Block:
+            raise error
+
+    block = Block(id="block-human", group_id="g1", label="human", value="", limit=500)
+    memory = Memory(Blocks([block]), TakenOver([block]))
+    result = memory.memory_insert("human", "likes tea")
+    assert not result.ok and "cannot be edited from here" in result.message

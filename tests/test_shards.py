@@ -348,3 +348,20 @@ def test_a_shard_lost_to_a_write_and_taken_back_before_the_loss_is_handled_keeps
     finally:
         engine.dispose()
         rt.stop()
+
+
+def test_a_shard_being_handed_over_is_between_owners_not_ours(pg_url: str) -> None:
+    """While a process hands a shard over, the lease row still names it: `owner_of` and
+    `NotOwner` say the shard is between owners, not that this very process serves it (a
+    router following that would come straight back)."""
+    with start(pg_url) as rt:
+        rt.agents.register("echo", Echo)
+        group = rt.create_group(primary={"kind": "echo"}, sleeptime=[MEMORY])
+        shard = rt.owner_of(group.id).shard
+        assert rt.owner_of(group.id).here and rt.owner_of(group.id).owner is not None
+        rt._store.book.leave([shard])  # what a hand-over does first
+        owner = rt.owner_of(group.id)
+        assert (owner.owner, owner.address, owner.here) == (None, None, False)
+        with pytest.raises(NotOwner, match="no process") as refused:
+            rt.step(group.id, [user("hi")])
+        assert refused.value.owner is None
