@@ -101,6 +101,18 @@ class ActorDirectory:
     def __init__(self, parts: RuntimeParts) -> None:
         self._parts = parts
         self._lock = threading.RLock()
+        self._closed: set[str] = set()  # "group:", "agent:": no new actor of that kind
+
+    def close(self, prefix: str) -> None:
+        """Start no more actors whose identity starts with `prefix` (the runtime is
+        stopping): asking for one raises RuntimeStopped. Once this returns, no actor of
+        that kind is being started, so stopping those that run stops them all."""
+        with self._lock:
+            self._closed.add(prefix)
+
+    def _check_open(self, identity: str) -> None:
+        if identity.startswith(tuple(self._closed)):
+            raise RuntimeStopped()
 
     def start_tracker(self, recovered: Future[None] | None = None) -> None:
         """Start the run tracker; its first incarnation recovers the runs an earlier
@@ -154,6 +166,7 @@ class ActorDirectory:
             address = self._parts.supervisor.child(identity)
             if address is not None:
                 return address
+            self._check_open(identity)
             store, parts = self._parts.store, self._parts
             state = _once(store.group_state(group_id), lambda: store.group_state(group_id))
             wiring = GroupWiring(
@@ -194,6 +207,7 @@ class ActorDirectory:
             address = self._parts.supervisor.child(identity)
             if address is not None:
                 return address
+            self._check_open(identity)
             store, parts = self._parts.store, self._parts
             agent = store.get_agent(agent_id)
             if agent.role != "sleeptime" or agent.removed_at is not None:

@@ -676,10 +676,12 @@ class Runtime:
             # Every shard is handed over: queued turns finish, runs get the drain time.
             self._hand_over_timeout = drain_timeout
             self._keeper.stop()
+        self._directory.close("group:")  # a turn sent from now on is refused, not started
         self._directory.stop("group:", timeout=60.0)
         # A read-only runtime runs nothing; a shard keeper drained as it handed over.
         if drain_timeout > 0 and not self.read_only and self._keeper is None:
             self._drain(drain_timeout)
+        self._directory.close("agent:")
         self._directory.stop("agent:", timeout=5.0)
         self._parts.supervisor.stop("tracker", RuntimeStopped(), timeout=10.0)
         self._parts.pool.close()

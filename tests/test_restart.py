@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
 
 import pytest
 
-from actors import AgentFactory, ReadOnlyRuntime, Runtime, UnknownAgentKind
+from actors import (
+    AgentFactory,
+    NotOwner,
+    ReadOnlyRuntime,
+    Runtime,
+    RuntimeStopped,
+    UnknownAgentKind,
+)
 from messages import RunStatus, StopReason
-from tests.agents import Echo, Recorder, user
+from tests.agents import Echo, Gated, Recorder, user, wait_until
 from tests.invariants import check_group
 
 
@@ -132,3 +142,49 @@ def test_read_only_runtime_inspects_without_recovering_or_changing(db_url: str) 
             assert viewer.get_run(run_id).attempt == 1
     finally:
         gate.set()
+
+
+def test_a_turn_sent_once_stop_began_is_refused_and_no_actor_outlives_stop(db_url: str) -> None:
+    """A turn admitted before `stop` and waiting for a permit is sent once stop began: it
+    gets RuntimeStopped, and no new group actor is started for it (one started then was
+    never stopped, and recorded the turn behind stop's back)."""
+    gated = Gated()
+    rt = Runtime.start(db_url, max_turns_in_flight=1)
+    rt.agents.register("gated", gated.factory)
+    holder = rt.create_group(primary={"kind": "gated"}, sleeptime=[{"kind": "memory"}])
+    waiter = rt.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+    gated.gate.clear()
+    outcomes: dict[str, Future[Any]] = {"holder": Future(), "waiter": Future(), "stop": Future()}
+
+    def call(name: str, fn: Callable[[], Any]) -> None:
+        try:
+            outcomes[name].set_result(fn())
+        except BaseException as error:
+            outcomes[name].set_exception(error)
+
+    threads = [
+        threading.Thread(target=call, args=("holder", lambda: rt.step(holder.id, [user("a")])))
+    ]
+    threads[0].start()
+    gated.wait_entered()
+    threads.append(
+        threading.Thread(target=call, args=("waiter", lambda: rt.step(waiter.id, [user("b")])))
+    )
+    threads[1].start()
+    assert wait_until(lambda: rt.stats()["turns_waiting"] == 1)
+    threads.append(threading.Thread(target=call, args=("stop", lambda: rt.stop(drain_timeout=5))))
+    threads[2].start()
+    assert wait_until(rt._stopped.is_set)
+    gated.gate.set()
+    assert outcomes["holder"].result(timeout=30).turn == 1  # queued before stop: finished
+    # (On PostgreSQL stopping hands the shards over first: the group is then moving.)
+    with pytest.raises((RuntimeStopped, NotOwner)):
+        outcomes["waiter"].result(timeout=30)
+    outcomes["stop"].result(timeout=60)
+    actors = ("GroupActor", "SleeptimeAgentActor")
+    assert wait_until(
+        lambda: not [t for t in threading.enumerate() if t.name.startswith(actors)], timeout=10
+    )
+    with Runtime.start(db_url) as again:
+        assert again.get_group(waiter.id).turns == 0
+        assert again.get_group(holder.id).turns == 1
