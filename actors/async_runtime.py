@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -57,6 +58,7 @@ from messages import (
     TurnResult,
     TurnTimeout,
 )
+from messages._futures import Reply
 
 if TYPE_CHECKING:
     from actors.metrics import RuntimeMetrics
@@ -99,7 +101,7 @@ class AsyncTurnStream(AsyncIterator[Message]):
     `timeout`, each raises TurnTimeout once that many seconds passed since the call.
     """
 
-    def __init__(self, call: TurnCall, sink: LoopSink, sending: asyncio.Task[Future[TurnResult]]):
+    def __init__(self, call: TurnCall, sink: LoopSink, sending: asyncio.Future[Future[TurnResult]]):
         self._call = call
         self._sink = sink
         self._sending = sending
@@ -174,7 +176,10 @@ class AsyncRuntime:
             BLOCKING_THREADS.validate_python(blocking_threads),
             thread_name_prefix="sleeptime-async",
         )
-        self._sending: set[asyncio.Task[Any]] = set()  # streams' sends, held until done
+        # Streams' sends still to run, by loop, with their tickets: held until done, and
+        # withdrawn if their loop closed first (a task that never ran never frees them).
+        self._sending: dict[asyncio.AbstractEventLoop, dict[asyncio.Task[Any], TurnTicket]] = {}
+        self._sending_lock = threading.Lock()  # (several loops, on several threads)
 
     @classmethod
     async def start(
@@ -346,24 +351,48 @@ class AsyncRuntime:
             request_id=request_id,
             new_request=new_request,
         )
+        self._withdraw_closed()
         ticket = self._runtime._admission.admit(call.group_id)
-        sending = loop.create_task(self._send(call, ticket))
-        self._sending.add(sending)
+        if ticket.granted:  # sent at once, as `stream` says, whatever the loop does next
+            sending: asyncio.Future[Future[TurnResult]] = loop.create_task(
+                self._sent_by(self._send_granted(call, ticket))
+            )
+        else:  # a permit to wait for, on the loop
+            sending = loop.create_task(self._send(call, ticket))
+            with self._sending_lock:
+                self._sending.setdefault(loop, {})[sending] = ticket
         sending.add_done_callback(functools.partial(self._sent, sink, ticket))
         return AsyncTurnStream(call, sink, sending)
+
+    @staticmethod
+    async def _sent_by(sent: Future[Future[TurnResult]]) -> Future[TurnResult]:
+        await wait_done(sent)
+        return sent.result()
 
     def _sent(
         self, sink: LoopSink, ticket: TurnTicket, sending: asyncio.Task[Future[TurnResult]]
     ) -> None:
         """A stream's send ended: its end comes with the reply, or now if it failed."""
-        self._sending.discard(sending)
+        with self._sending_lock:
+            self._sending.get(sending.get_loop(), {}).pop(sending, None)
         if sending.cancelled() or sending.exception() is not None:  # retrieved: not logged
             ticket.withdraw()  # a task cancelled before it ran holds its place: free it
             sink.end()
         else:
             sending.result().add_done_callback(sink.end)
 
+    def _withdraw_closed(self) -> None:
+        """Free the tickets of streams' sends whose loop was closed before they ran (a
+        loop stopped in the very iteration a stream was opened, then closed): they will
+        never run, and their places and permits would be held for good."""
+        with self._sending_lock:
+            closed = [self._sending.pop(loop) for loop in list(self._sending) if loop.is_closed()]
+        for sends in closed:
+            for ticket in sends.values():
+                ticket.withdraw()  # (a ticket already sent is not withdrawn)
+
     async def _take_turn(self, call: TurnCall) -> TurnResult:
+        self._withdraw_closed()
         reply = await self._send(call, self._runtime._admission.admit(call.group_id))
         if not await wait_done(reply, _remaining(call.deadline)):
             assert call.timeout is not None
@@ -373,25 +402,39 @@ class AsyncRuntime:
     async def _send(self, call: TurnCall, ticket: TurnTicket) -> Future[TurnResult]:
         """Wait for the turn's permit, then send it: on the loop if its group's actor
         runs, else on the executor (it is started from the store there)."""
-        runtime = self._runtime
         if not ticket.granted:
             try:
                 await self._permit(call, ticket)
             except BaseException:
                 ticket.withdraw()  # cancelled or timed out: its place and permit go on
                 raise
+        sent = self._send_granted(call, ticket)
+        await wait_done(sent)
+        return sent.result()
+
+    def _send_granted(self, call: TurnCall, ticket: TurnTicket) -> Future[Future[TurnResult]]:
+        """Send a turn that holds its permit, without waiting: told to its group's actor
+        now if it runs, else handed to the executor (it is started from the store
+        there). Either way the turn is sent whatever happens to the caller, or its loop,
+        from now on. The answer is the turn's reply, once sent."""
+        runtime = self._runtime
         address = runtime._running_group(call.group_id)
         if address is not None:
-            return runtime._send_turn(call, ticket, address)
+            sent: Future[Future[TurnResult]] = Reply()
+            try:
+                sent.set_result(runtime._send_turn(call, ticket, address))
+            except Exception as error:  # (the reply, rejected, ended the ticket)
+                sent.set_exception(error)
+            return sent
         try:
             job = self._executor.submit(runtime._send_turn, call, ticket)
         except RuntimeError:  # the executor was shut down: the runtime is stopped
             ticket.withdraw()
-            raise RuntimeStopped() from None
-        # Handed over: the turn is sent whatever happens to this coroutine from now on.
+            stopped: Future[Future[TurnResult]] = Reply()
+            stopped.set_exception(RuntimeStopped())
+            return stopped
         ticket.send()
-        await wait_done(job)
-        return job.result()
+        return job
 
     async def _permit(self, call: TurnCall, ticket: TurnTicket) -> None:
         """Wait on the loop for the ticket's permit; RuntimeBusy past `permit_timeout`."""

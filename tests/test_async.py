@@ -588,3 +588,73 @@ def test_the_asyncio_turn_calls_take_exactly_the_arguments_of_the_synchronous_on
         (p.name, p.kind, p.default) for p in sync.values()
     ]
     assert "new_request" not in asynchronous and "sink" not in asynchronous
+
+
+LOOP_CLOSED_WARNINGS = pytest.mark.filterwarnings(
+    "ignore::RuntimeWarning", "ignore::pytest.PytestUnraisableExceptionWarning"
+)
+"""What asyncio says of a task on a loop closed before it ran: the user's doing."""
+
+
+def _stream_on_a_loop_closed_at_once(art: AsyncRuntime, group_id: str, text: str) -> None:
+    """Open a stream and stop the loop in the same iteration, then close the loop (a loop
+    stopped by a signal handler, or a run_until_complete ending then): the stream's
+    send may never get to run on it."""
+    loop = asyncio.new_event_loop()
+
+    async def handler() -> None:
+        art.stream(group_id, [user(text)])
+        loop.stop()
+
+    task = loop.create_task(handler())
+    loop.run_forever()
+    loop.close()
+    assert task.done()
+
+
+@LOOP_CLOSED_WARNINGS
+def test_a_stream_whose_loop_closed_at_once_is_still_sent_and_frees_its_place(
+    db_url: str,
+) -> None:
+    """SPEC 14: a stream sends its turn at once; one left on a closed loop still
+    completes and is recorded. Before, its send waited for a task the closed loop never
+    ran: nothing was recorded, and its permit and place in its group were held for good
+    (the group then refused every turn with GroupBusy)."""
+    with Runtime.start(db_url, max_turns_in_flight=16, max_queued_turns=8) as rt:
+        art = AsyncRuntime.wrap(rt)
+        cold = rt.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+        warm = rt.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+        rt.step(warm.id, [user("hello")])  # its actor runs: told on the loop's own thread
+        for n in range(3):
+            _stream_on_a_loop_closed_at_once(art, cold.id, f"cold {n}")
+            _stream_on_a_loop_closed_at_once(art, warm.id, f"warm {n}")
+        assert wait_until(
+            lambda: rt.get_group(cold.id).turns == 3 and rt.get_group(warm.id).turns == 4
+        )
+        assert wait_until(lambda: rt.stats()["turns_in_flight"] == 0)
+        assert rt.step(cold.id, [user("and again")]).turn == 4
+
+
+@LOOP_CLOSED_WARNINGS
+def test_a_stream_waiting_for_a_permit_on_a_loop_closed_at_once_frees_its_place(
+    db_url: str,
+) -> None:
+    """A stream with no permit yet waits for one on its loop; if that loop closes before
+    it ran, its place and its turn's waiting are given up by the next call."""
+    gated = Gated()
+    with Runtime.start(db_url, max_turns_in_flight=1, max_queued_turns=1) as rt:
+        art = AsyncRuntime.wrap(rt)
+        rt.agents.register("gated", gated.factory)
+        holder = rt.create_group(primary={"kind": "gated"}, sleeptime=[{"kind": "memory"}])
+        other = rt.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+        gated.gate.clear()
+        thread = threading.Thread(target=lambda: rt.step(holder.id, [user("hold")]), daemon=True)
+        thread.start()
+        gated.wait_entered()
+        _stream_on_a_loop_closed_at_once(art, other.id, "never sent")
+        assert rt.stats()["turns_waiting"] == 1
+        gated.gate.set()
+        thread.join(30)
+        result = asyncio.run(art.step(other.id, [user("after")], timeout=30))
+        assert result.turn == 1  # its place was free again; the closed loop's turn was not sent
+        assert rt.stats()["turns_waiting"] == 0 and rt.stats()["turns_in_flight"] == 0
