@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from messages._log import get_logger
-from persistence._leases import Leases, ShardBook, rebalance
+from persistence._leases import Leases, ShardBook, hand_over_first, rebalance
 
 log = get_logger("sleeptime.shards")
 
@@ -46,8 +46,10 @@ class ShardKeeper:
         on_acquired: Callable[[Shards], None],
         on_lost: Callable[[Shards], None],
         on_hand_over: Callable[[Shards], None],
+        busy: Callable[[], set[int]] = set,
     ) -> None:
         self._leases = leases
+        self._busy = busy
         self._book = book
         self._on_acquired = on_acquired
         self._on_lost = on_lost
@@ -124,15 +126,23 @@ class ShardKeeper:
                     self._on_acquired(taken)
                 return len(held) + len(taken) >= self._book.shards // max(1, members)
             if move < 0:
-                # The highest shards go: members that join later tend to take the same. On
-                # a thread of its own: finishing their turns may take long, and this thread
-                # must go on renewing every lease meanwhile, theirs included.
-                excess = dict(sorted(held.items())[move:])
+                excess = self._excess(held, -move)
+                # On a thread of its own: finishing their turns may take long, and this
+                # thread must go on renewing every lease meanwhile, theirs included.
                 self._handing = threading.Thread(
                     target=self._hand_over, args=(excess,), name="sleeptime-hand-over"
                 )
                 self._handing.start()
             return len(held) >= self._book.shards // max(1, members)
+
+    def _excess(self, held: Shards, count: int) -> Shards:
+        """The `count` shards to hand over (`hand_over_first`), by what runs here now."""
+        try:
+            busy = self._busy()
+        except Exception as error:  # the database is away: the highest, as ever
+            log.warning("busy_shards_unknown", error=str(error))
+            busy = set()
+        return hand_over_first(held, count, busy)
 
     def wait_for_hand_over(self, timeout: float | None = None) -> bool:
         """Wait for a rebalancing hand-over under way (if any); False if still going."""

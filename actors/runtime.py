@@ -504,8 +504,14 @@ class Runtime:
             on_acquired=self._acquired,
             on_lost=self._lost,
             on_hand_over=self._hand_over,
+            busy=self._busy_shards,
         )
         self._keeper.start(settle_s=settle_s)
+
+    def _busy_shards(self) -> set[int]:
+        """The shards with a run running here (the keeper hands the others over first)."""
+        running = self._store.open_runs()
+        return {self._store.shard_of(r.group_id) for r in running if r.status is RunStatus.RUNNING}
 
     def _acquired(self, shards: Mapping[int, int]) -> None:
         """Shards came to this process: recover their runs as a restart would (those

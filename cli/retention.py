@@ -21,7 +21,7 @@ from actors import PruneReport, Runtime
 from cli.command import EXIT_OK, CommandError, command_name
 from cli.tables import format_table
 from messages import PRUNE_KINDS
-from persistence import parse_url, redact, sqlite_file
+from persistence import parse_url, redact, serving_processes, sqlite_file
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -105,6 +105,15 @@ def prune(args: argparse.Namespace) -> int:
     file = sqlite_file(parse_url(args.db))
     if file is not None and not Path(file).exists():
         raise CommandError(f"no database at {file}: nothing to prune")
+    serving = serving_processes(args.db)
+    if serving:
+        # It would join them as one more process: take its share of their shards (their
+        # groups waiting meanwhile), prune only those, and hold their runs it cannot run.
+        raise CommandError(
+            f"{len(serving)} runtime process(es) serve this database now ({', '.join(serving)}):"
+            " prune from inside them (rt.prune in each process prunes the groups it serves),"
+            " or stop them first"
+        )
     before = args.before
     if args.older_than is not None:
         before = datetime.now(UTC) - args.older_than

@@ -8,7 +8,14 @@ Example:
 """
 
 from persistence._engine import parse_url, redact, sqlite_file
-from persistence._leases import DEFAULT_SHARDS, MAX_SHARDS, Leases, ShardBook, ShardOwner
+from persistence._leases import (
+    DEFAULT_SHARDS,
+    MAX_SHARDS,
+    Leases,
+    ShardBook,
+    ShardOwner,
+    serving_processes,
+)
 from persistence._models import utcnow
 from persistence._observed import StoreObserver
 from persistence._records import (
@@ -42,6 +49,7 @@ __all__ = [
     "TurnWrite",
     "parse_url",
     "redact",
+    "serving_processes",
     "sqlite_file",
     "utcnow",
 ]

@@ -28,9 +28,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy.exc import DBAPIError
 
-from messages import ShardLost
+from messages import ShardLost, StoreUnavailable
+from persistence._engine import is_sqlite, make_engines, parse_url, redact
 
 DEFAULT_SHARDS = 1024
 """Virtual shards of a new database: enough for hundreds of processes with a fair share
@@ -263,6 +265,42 @@ def rebalance(held: int, members: int, free: int, shards: int, fewest: int | Non
     if free == 0 and fewest is not None and fewest < floor and held > floor:
         return floor - held
     return 0
+
+
+_LIVE_HOLDERS = text(f"SELECT holder FROM shard_members WHERE expires_at > {_NOW} ORDER BY holder")
+
+
+def serving_processes(url: str) -> list[str]:
+    """The runtime processes serving the database at `url` now (pid and host of each
+    live member; none on SQLite, whose one process owns the file, nor on a database no
+    process has served). StoreUnavailable if it cannot be read."""
+    parsed = parse_url(url)
+    if is_sqlite(parsed):
+        return []
+    engines = make_engines(url, readers=1)
+    try:
+        with engines[1].connect() as connection:
+            if not inspect(connection).has_table("shard_members"):
+                return []
+            return [str(holder) for holder in connection.execute(_LIVE_HOLDERS).scalars()]
+    except DBAPIError as error:
+        raise StoreUnavailable(redact(parsed), str(error.orig or error)) from error
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
+def hand_over_first(held: Mapping[int, int], count: int, busy: set[int]) -> dict[int, int]:
+    """Which `count` of the shards `held` ({shard: epoch}) a member hands over: first those
+    with no run running (`busy` has the others: a run handed over running is re-queued
+    by its new owner, an attempt spent although nothing crashed), the highest first
+    (members that join later tend to take the same).
+
+    >>> hand_over_first({1: 5, 2: 5, 3: 5}, 2, busy={3})
+    {2: 5, 1: 5}
+    """
+    chosen = sorted(held, key=lambda shard: (shard in busy, -shard))[: max(0, count)]
+    return {shard: held[shard] for shard in chosen}
 
 
 class ShardBook:

@@ -140,6 +140,7 @@ PUBLIC: dict[str, set[str]] = {
         "TurnWrite",
         "parse_url",
         "redact",
+        "serving_processes",
         "sqlite_file",
         "utcnow",
     },

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, create_engine
 from messages import ShardLost
 from persistence import Store
 from persistence._committer import Committer
-from persistence._leases import Leases, ShardBook, fence_for, rebalance, shard_of
+from persistence._leases import Leases, ShardBook, fence_for, hand_over_first, rebalance, shard_of
 from tests.agents import wait_until
 from tests.postgres import PostgresCluster
 
@@ -264,3 +264,21 @@ def test_the_committer_refuses_only_the_writes_of_a_lost_shard(
     with a._engine.connect() as connection:
         rows = connection.exec_driver_sql("SELECT shard, note FROM notes ORDER BY 1, 2").all()
     assert [tuple(r) for r in rows] == [(0, "first"), (0, "second"), (1, "first")]
+
+
+@pytest.mark.parametrize(
+    ("held", "count", "busy", "handed"),
+    [
+        ({1: 5, 2: 5, 3: 5}, 1, set(), {3: 5}),  # nothing running: the highest
+        ({1: 5, 2: 5, 3: 5}, 2, {3}, {2: 5, 1: 5}),  # a running run stays: the others go
+        ({1: 5, 2: 6, 3: 7}, 2, {1, 2, 3}, {3: 7, 2: 6}),  # all busy: the highest still
+        ({1: 5, 2: 5}, 3, {1}, {2: 5, 1: 5}),  # no more than held
+        ({1: 5}, 0, set(), {}),
+    ],
+)
+def test_shards_without_a_running_run_are_handed_over_first(
+    held: dict[int, int], count: int, busy: set[int], handed: dict[int, int]
+) -> None:
+    """A run handed over running is re-queued by its new owner (an attempt spent although
+    nothing crashed): a member gives the shards where nothing runs first."""
+    assert hand_over_first(held, count, busy) == handed

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +22,10 @@ from typing import Any
 import pytest
 import sqlalchemy
 
+import run
 from actors import NotOwner, Runtime, ShardLost
 from messages import RunStatus
-from tests.agents import Echo, user, wait_until
+from tests.agents import Echo, Recorder, user, wait_until
 from tests.postgres import PostgresCluster
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -365,3 +367,49 @@ def test_a_shard_being_handed_over_is_between_owners_not_ours(pg_url: str) -> No
         with pytest.raises(NotOwner, match="no process") as refused:
             rt.step(group.id, [user("hi")])
         assert refused.value.owner is None
+
+
+def test_a_member_joining_takes_shards_where_nothing_runs_first(
+    pg_url: str, members: list[Member]
+) -> None:
+    """SPEC 6: only a crash re-queues a run. A process handing shards over to one that
+    joins gives those where no run is running first, so a run in progress is not handed
+    over (its new owner would re-queue it, an attempt spent) when there is a choice."""
+    with start(pg_url) as a:
+        gate = threading.Event()
+        recorder = Recorder(gate=gate)
+        a.agents.register("echo", Echo)
+        a.agents.register("recorder", recorder.factory)
+        while True:  # a group in the highest shards: those a plain hand-over gives away
+            group = a.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "recorder"}])
+            if a.owner_of(group.id).shard >= SHARDS // 2:
+                break
+        (run_id,) = a.step(group.id, [user("hi")]).run_ids
+        recorder.wait_started()
+        join(pg_url, members)
+        assert wait_until(lambda: len(held(a)) == SHARDS // 2, timeout=30)
+        assert a.owner_of(group.id).here  # kept: its run is running here
+        gate.set()
+        (run,) = a.wait_for_runs([run_id], timeout=30)
+        assert (run.status, run.attempt) == (RunStatus.COMPLETED, 1)
+        assert [e.status for e in a.run_events(run_id)] == ["created", "running", "completed"]
+
+
+def test_the_prune_command_leaves_a_served_database_to_its_processes(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run.py prune` would join the serving processes as one more: take its share of
+    their shards (their groups waiting meanwhile) and their runs, which it cannot run. It
+    says to prune from inside them instead, and changes nothing; once they stopped, it
+    prunes."""
+    with start(pg_url) as rt:
+        group = rt.create_group(primary={"kind": "scripted"}, sleeptime=[MEMORY])
+        rt.wait_for_runs(rt.step(group.id, [user("hi")]).run_ids, timeout=30)
+        assert run.main(["prune", "--db", pg_url, "--keep-runs", "0"]) == 2
+        error = capsys.readouterr().err
+        assert "1 runtime process(es) serve this database now" in error
+        assert f"pid {os.getpid()}" in error and "rt.prune" in error
+        assert len(rt.list_runs(group_id=group.id)) == 1
+    assert run.main(["prune", "--db", pg_url, "--keep-runs", "0"]) == 0
+    with start(pg_url) as rt:
+        assert rt.list_runs(group_id=group.id) == []
