@@ -286,9 +286,15 @@ class Committer:
             return
         try:
             outcomes = self._transaction(live, merged=True)
+        except _OutcomeUnknown as unknown:
+            self._fail_all(live, unknown)
+            return
         except _GuardMissed:
             try:
                 outcomes = self._transaction(live, merged=False)
+            except _OutcomeUnknown as unknown:
+                self._fail_all(live, unknown)
+                return
             except Exception:
                 self._each_alone(live)
                 return
@@ -317,7 +323,17 @@ class Committer:
                 continue
             _settle(job, ok, value)
 
+    def _fail_all(self, jobs: list[_Job], unknown: _OutcomeUnknown) -> None:
+        """The batch's COMMIT may or may not have landed: running its writes again could
+        apply them twice (or refuse one as if another had moved its row), so each fails
+        as the outage it is; its caller reads back what the store holds before going on."""
+        log.warning("commit_outcome_unknown", writes=len(jobs), error=str(unknown.error))
+        for job in jobs:
+            self._fail(job, unknown)
+
     def _fail(self, job: _Job, error: Exception) -> None:
+        if isinstance(error, _OutcomeUnknown):
+            error = error.error
         log.debug("write_failed", error=str(error), error_type=type(error).__name__)
         translated = self._translate(error)
         if self._away_since is None and isinstance(translated, StoreUnavailable):
@@ -358,9 +374,11 @@ class Committer:
                 raise
             try:
                 transaction.commit()
-            except BaseException:
-                self._disconnect()  # the outcome is unknown; a new connection next time
-                raise
+            except BaseException as error:
+                self._disconnect()  # a new connection next time
+                if isinstance(error, Exception) and lost_connection(error):
+                    raise _OutcomeUnknown(error) from error  # lost with its answer
+                raise  # refused: nothing was stored
             self.transactions += 1
             self.ops += len(jobs)
             self._observer.batch_committed(len(jobs), time.perf_counter() - began)
@@ -495,7 +513,17 @@ def _settle(job: _Job, ok: bool, value: Any) -> None:
 
 def _unreachable(error: Exception) -> bool:
     """Whether no other write could succeed now either: the database is out of reach."""
+    if isinstance(error, _OutcomeUnknown):
+        return True
     return lost_connection(error) or isinstance(error, StoreUnavailable)
+
+
+class _OutcomeUnknown(Exception):
+    """The connection was lost as the COMMIT went: the transaction may have landed."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def lost_connection(error: Exception) -> bool:

@@ -30,6 +30,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import OperationalError
 
 from actors import Runtime
 from messages import RunStatus, StoreRejected
@@ -549,3 +550,50 @@ def test_when_the_database_is_out_of_reach_a_batch_fails_after_one_try_alone(
         engine.dispose()
     assert all(isinstance(e, StoreRejected) and "unable to open" in str(e) for e in errors)
     assert len(tries_while_down) == 2  # the batch, then its first write alone; not one each
+
+
+def test_a_batch_whose_commit_lost_its_answer_fails_as_an_outage_and_is_not_run_again(
+    tmp_path: Path,
+) -> None:
+    """The connection is lost as the COMMIT goes: the batch may have landed, so its writes
+    fail as the outage it is (their callers read back what the store holds), and are not
+    run again one by one; run again, each would be refused by its own guard as if some
+    other write had moved its row ("turn not recorded... retry", of a turn recorded)."""
+    writer, reader = make_engines(f"sqlite:///{tmp_path / 'x.db'}")
+    metadata.create_all(writer)
+    committer = Committer(writer, translate=lambda error: StoreRejected("test", str(error)))
+    commits = {"seen": 0, "lose": -1}
+
+    def commit_then_lose_the_answer(connection: Connection) -> None:
+        commits["seen"] += 1
+        if commits["seen"] == commits["lose"]:
+            connection.connection.dbapi_connection.commit()  # type: ignore[union-attr]
+            error = sqlite3.OperationalError("server closed the connection unexpectedly")
+            raise OperationalError("COMMIT", {}, error)
+
+    event.listen(writer, "commit", commit_then_lose_the_answer)
+    try:
+        ids = seed(committer, 3)
+        held, release = threading.Event(), threading.Event()
+
+        def hold(connection: Connection) -> None:
+            commits["lose"] = commits["seen"] + 2  # this batch's commit, then the next one
+            held.set()
+            assert release.wait(30)
+
+        first = committer.submit(hold)
+        assert held.wait(30)
+        futures: list[Future[Any]] = [committer.submit(move(i, "created", "running")) for i in ids]
+        release.set()
+        first.result(timeout=30)
+        errors = [f.exception(timeout=30) for f in futures]
+        assert all(
+            isinstance(e, StoreRejected) and "closed the connection" in str(e) for e in errors
+        )
+        assert statuses(reader) == dict.fromkeys(ids, "running")  # it landed, once
+        assert logged(reader) == [(i, "running") for i in ids]
+        committer.submit(move(ids[0], "running", "completed")).result(timeout=30)  # goes on
+    finally:
+        committer.close()
+        reader.dispose()
+        writer.dispose()
