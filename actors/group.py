@@ -414,7 +414,10 @@ class GroupActor(SupervisedActor):
 
     def _change(self, changes: dict[str, Any]) -> Group:
         changes = {**changes, "updated_at": utcnow()}
-        self._wiring.store.update_group(self._group.id, changes).result()
+        # (An outage may leave the change stored or not: the next turn reads it back.)
+        self._between_turns(
+            lambda: self._wiring.store.update_group(self._group.id, changes).result()
+        )
         self._group = self._group.model_copy(update=changes)
         for agent_id in self._group.sleeptime_agent_ids:
             self._wiring.notify_agent(agent_id, GroupChanged(group=self._group))
