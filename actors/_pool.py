@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -38,6 +39,7 @@ class StepPool:
         self._lock = threading.Lock()
         self._threads = 0
         self._excess = 0  # threads started for abandoned steps, to leave once a step returns
+        self._given_up: weakref.WeakSet[Future[Any]] = weakref.WeakSet()  # abandoned once
         self._closed = False
         self.abandoned = 0
         for _ in range(workers):
@@ -58,12 +60,13 @@ class StepPool:
 
         The first thread to finish a step afterwards leaves the pool (the abandoned one,
         or another if the abandoned step is still hung), so abandoning a step that then
-        returns at once costs no thread for good."""
+        returns at once costs no thread for good. A step abandoned already is left as it is."""
         if future.done():
             return
         with self._lock:
-            if self._closed:
+            if self._closed or future in self._given_up:
                 return
+            self._given_up.add(future)
             self.abandoned += 1
             self._excess += 1
         self._spawn()

@@ -250,13 +250,17 @@ class SleeptimeAgentActor(SupervisedActor):
             self._enqueue(run)
 
     def on_stop(self) -> None:
-        if self._current is not None:
-            self._current.clock.cancel()
+        self._let_go()
 
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
-        if self._current is not None:
-            self._current.clock.cancel()
+        self._let_go()
         super().on_failure(exception_type, exception_value, traceback)
+
+    def _let_go(self) -> None:
+        """This incarnation ends: its step, if no thread took it yet, never runs (the next
+        incarnation adopts the run, still `created`); one that began keeps its deadline."""
+        if self._current is not None and not self._current.future.cancel():
+            self._current.clock.cancel()
 
     def receive(self, message: Any) -> Any:
         match message:
@@ -371,6 +375,7 @@ class SleeptimeAgentActor(SupervisedActor):
         if remaining <= 0:
             if self._awaited is not step:
                 self._awaited = step
+                self._wiring.pool.abandon(step)  # its thread is replaced, as at a deadline
                 self._log.warning("step_overlaps_timed_out_step")
             return False
         if self._awaited is not step:
@@ -478,6 +483,8 @@ def _begin(
 
 
 def _report(address: Address, run_id: str, token: int, future: Future[StepDone]) -> None:
+    if future.cancelled():  # its incarnation ended before a thread took it: never ran
+        return
     error = future.exception()
     done = (
         future.result()

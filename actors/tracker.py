@@ -180,6 +180,9 @@ class _Open:
     unknown): the stored status and attempt are read back before its next change."""
     start_token: int = 0
     """The agent's request that started its current attempt (see `FinishRun`)."""
+    adopted: int = 0
+    """The token of the last `AdoptRuns` of its agent, by a new incarnation: a start asked
+    with an older token comes from an incarnation gone since, and is refused."""
 
 
 def _opened(run: Run) -> _Open:
@@ -436,6 +439,13 @@ class RunTrackerActor(SupervisedActor):
         decision.committed.add_done_callback(lambda _: resolve(decided, decision))
 
     def _answer_start(self, run_id: str, token: int) -> StartDecision:
+        found = self._open.get(run_id)
+        if found is not None and token < found.adopted:
+            # A step its agent's earlier incarnation queued, taken by a thread only now:
+            # the new incarnation has the run (tokens only grow), this one must not run.
+            log.info("start_refused_stale_incarnation", run_id=run_id)
+            reason = "asked by a stopped incarnation of its agent"
+            return StartDecision(started=False, reason=reason, token=token)
         try:
             decision = self._start(run_id)
         except Exception as error:
@@ -445,18 +455,19 @@ class RunTrackerActor(SupervisedActor):
 
     def _answer_adopt(self, agent_id: str, token: int) -> Adopted:
         try:
-            return Adopted(runs=self._adopt(agent_id), token=token)
+            return Adopted(runs=self._adopt(agent_id, token), token=token)
         except Exception as error:
             log.error("adopt_failed", agent_id=agent_id, error=repr(error))
             return Adopted(runs=[], token=token, retry=True)
 
-    def _adopt(self, agent_id: str) -> list[Run]:
+    def _adopt(self, agent_id: str, token: int) -> list[Run]:
         """Hand a (re)started agent its runs; one it was running is re-queued first."""
         mine = sorted(
             (r for r in self._open.values() if r.run.agent_id == agent_id),
             key=lambda r: (r.run.turn, r.run.metadata.get("position", 0)),  # creation order
         )
         for found in mine:
+            found.adopted = max(found.adopted, token)
             if found.status is RunStatus.RUNNING:
                 self._interrupt(found)
         return [

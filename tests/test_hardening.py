@@ -25,6 +25,7 @@ from actors import (
     Runtime,
     TurnTimeout,
 )
+from actors._pool import StepPool
 from actors._protocol import TakeTurn
 from actors._scheduler import COMPACT_AT_LEAST, Scheduler
 from actors.sdk import AgentContext
@@ -391,3 +392,23 @@ def test_a_tracker_restarted_during_an_outage_waits_for_the_store(
             RunStatus.COMPLETED
         ]
         assert rt.stats()["escalations"] == 0
+
+
+def test_a_step_abandoned_twice_costs_one_stand_in_thread() -> None:
+    """Its deadline and a later incarnation's wait may both give a hung step up: one
+    thread stands in for it, and the pool is back to its size once the steps return."""
+    pool = StepPool(2)
+    release = threading.Event()
+    try:
+        hung = pool.submit(lambda: release.wait(30))
+        assert wait_until(hung.running)
+        pool.abandon(hung)
+        pool.abandon(hung)
+        assert pool.threads == 3 and pool.abandoned == 1
+        release.set()
+        hung.result(timeout=10)
+        assert pool.submit(lambda: 42).result(timeout=10) == 42
+        assert wait_until(lambda: pool.threads == 2)
+    finally:
+        release.set()
+        pool.close()

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from actors import AgentContext, Runtime, StepFailed, StepResult, ToolResult
+from actors import AgentContext, Chaos, Runtime, StepFailed, StepResult, ToolResult
 from messages import Message, MessageCreate, PrimaryAgentError, RunStatus, StopReason
 from tests.agents import Echo, user, wait_until
 
@@ -192,3 +192,40 @@ def test_memory_refuses_edits_once_the_step_returned(rt: Runtime) -> None:
     refused = results.get(timeout=10)
     assert not refused.ok and "the step has returned" in refused.message
     assert rt.get_blocks(group.sleeptime_agent_ids[0])["human"].value == "likes tea"
+
+
+def test_a_step_queued_by_an_agent_actor_that_crashed_never_runs(db_url: str) -> None:
+    """The agent's actor crashes while its run's step waits for a pool thread: that step
+    never runs (the new incarnation runs the run, under its run_timeout), so the run
+    cannot end `completed` behind a timeout nobody watches, overlapping the next run."""
+    hog, victim = _Blocks(), _Blocks()
+    kinds = {"hog": hog.factory, "victim": victim.factory, "echo": Echo}
+    with Runtime.start(db_url, kinds=kinds) as rt:  # type: ignore[arg-type]
+        hogging = rt.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "hog"}])
+        group = rt.create_group(
+            primary={"kind": "echo"}, sleeptime=[{"kind": "victim"}], run_timeout=1.0
+        )
+    agent = f"agent:{group.sleeptime_agent_ids[0]}"
+    # The agent's actor crashes once, on its third message: its first two are the
+    # tracker's answer to its start (Adopted) and its first run (AssignRun).
+    chaos = Chaos(crash_rate=1.0, only=agent, crash_limit=1, after=2)
+    with Runtime.start(db_url, kinds=kinds, workers=1, chaos=chaos) as rt:  # type: ignore[arg-type]
+        rt.step(hogging.id, [user("hold the only thread")])
+        hog.entered.get(timeout=10)
+        (first,) = rt.step(group.id, [user("one")]).run_ids  # its step waits for the thread
+        (second,) = rt.step(group.id, [user("two")]).run_ids  # the crash
+        assert wait_until(lambda: rt.stats()["restarts"] == 1)
+        hog.release.set()
+        assert victim.entered.get(timeout=10) == first  # the new incarnation's step
+        (ended,) = rt.wait_for_runs([first], timeout=30)
+        assert (ended.status, ended.stop_reason, ended.attempt) == (
+            RunStatus.FAILED,
+            StopReason.TIMEOUT,
+            1,
+        )
+        victim.release.set()
+        rt.wait_for_runs([second], timeout=30)
+        assert victim.entered.get(timeout=10) == second
+        report = rt.check_invariants()
+        assert report.ok, report.violations
+        assert rt.get_run(first).status is RunStatus.FAILED  # nothing ran it again
