@@ -37,6 +37,7 @@ from messages import (
     ShardLost,
     StopReason,
     StoreUnavailable,
+    TransitionRefused,
 )
 from messages._futures import Flag
 
@@ -272,6 +273,8 @@ class Memory:
             )
         except StoreUnavailable as error:
             return ToolResult(ok=False, message=f"memory is unavailable right now: {error}")
+        except TransitionRefused as ended:  # the run ended (cancelled, say) as it was edited
+            return ToolResult(ok=False, message=f"the run is {ended.current}: no more memory edits")
         except (ShardLost, NotOwner) as error:  # another process took the group over
             return ToolResult(ok=False, message=f"memory cannot be edited from here: {error}")
         seen = self.blocks

@@ -209,6 +209,7 @@ _REQUEUE_RUN = (
     .values(status=bindparam("status"), attempt=bindparam("attempt"))
 )
 _SELECT_RUN = select(runs).where(runs.c.id == bindparam("run_id"))
+_RUN_STATUS = select(runs.c.status).where(runs.c.id == bindparam("run_id"))
 # A block's versions are written with the block, in its transaction: the unique
 # (block_id, version) refuses a second writer of one version.
 _INSERT_BLOCK_VERSIONS = insert(block_versions)
@@ -708,8 +709,16 @@ class Store:
         """A new value for a block and its version row, in one transaction (see
         `edit_block`); `missing()` is the error if the block is gone."""
         cache = self._block_cache
+        editing_run = by[0] if source == "run" else None
 
         def plan(connection: Connection, txn: Txn) -> tuple[Write | None, Block | Exception]:
+            if editing_run is not None:
+                # In order with the run's status changes (they share its key): an edit
+                # queued behind the run's cancel, timeout or re-queue is refused.
+                status = connection.execute(_RUN_STATUS, {"run_id": editing_run}).scalar()
+                if status != RunStatus.RUNNING.value:
+                    ended = str(status or "deleted")
+                    return None, TransitionRefused(editing_run, ended, "edited")
             current = self._current_block(connection, txn, block_id)
             if current is None:
                 gone = missing() if missing is not None else None
@@ -746,7 +755,8 @@ class Store:
 
         lease = self.lease_of(self._group_of_block(block_id, missing))
         try:
-            outcome = self.committer.run(Planned(plan, keys=[block_id], lease=lease))
+            keys = [block_id] if editing_run is None else [block_id, editing_run]
+            outcome = self.committer.run(Planned(plan, keys=keys, lease=lease))
         except BaseException:
             if cache is not None:
                 cache.forget(block_id)  # it may have committed all the same

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from actors import AgentContext, Chaos, Runtime, StepFailed, StepResult, ToolResult
+from actors import AgentContext, Chaos, Memory, Runtime, StepFailed, StepResult, ToolResult
 from messages import Message, MessageCreate, PrimaryAgentError, RunStatus, StopReason
 from tests.agents import Echo, user, wait_until
 
@@ -229,3 +229,24 @@ def test_a_step_queued_by_an_agent_actor_that_crashed_never_runs(db_url: str) ->
         report = rt.check_invariants()
         assert report.ok, report.violations
         assert rt.get_run(first).status is RunStatus.FAILED  # nothing ran it again
+
+
+def test_an_edit_queued_behind_its_runs_cancel_is_refused_by_the_store(rt: Runtime) -> None:
+    """An edit whose cancel check passed just before the run was cancelled reaches the
+    writer after the cancel: the store, in order with the run's status, refuses it."""
+    blocks = _Blocks()
+    rt.agents.register("echo", Echo)
+    rt.agents.register("blocks", blocks.factory)
+    group = rt.create_group(
+        primary={"kind": "echo"}, sleeptime=[{"kind": "blocks"}], blocks={"human": "likes tea"}
+    )
+    (run_id,) = rt.step(group.id, [user("hi")]).run_ids
+    assert blocks.entered.get(timeout=10) == run_id
+    rt.cancel_run(run_id)
+    agent_id = group.sleeptime_agent_ids[0]
+    # As the run's own memory, with its cancel check already passed.
+    memory = Memory(lambda: rt._store.get_blocks(agent_id), rt._store, run_id=run_id)
+    late = memory.memory_insert("human", "written after the cancel")
+    assert not late.ok and late.message == "the run is cancelled: no more memory edits"
+    assert rt.get_blocks(agent_id)["human"].value == "likes tea"
+    blocks.release.set()
