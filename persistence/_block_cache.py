@@ -133,6 +133,21 @@ class BlockCache:
             self._epoch += 1
             self._layouts.pop(group_id, None)
 
+    def drop_group(self, group_id: str) -> None:
+        """The group's deletion committed: its blocks, layout and agents leave the cache
+        (kept, they would stay until the cache fills, one entry per group ever deleted)."""
+        with self._lock:
+            self._epoch += 1
+            layout = self._layouts.pop(group_id, None)
+            if layout is not None:
+                for block_id in layout:
+                    self._blocks.pop(block_id, None)
+            else:
+                for block_id in [i for i, b in self._blocks.items() if b.group_id == group_id]:
+                    del self._blocks[block_id]
+            for agent_id in [a for a, g in self._groups.items() if g == group_id]:
+                del self._groups[agent_id]
+
     def committed(self, block_id: str) -> Block | None:
         """The block as last committed, if known."""
         with self._lock:

@@ -1513,8 +1513,17 @@ class Store:
             return agent_ids
 
         future: Future[list[str]] = self.committer.submit(op, lease=self.lease_of(group_id))
-        future.add_done_callback(partial(self._layout_changed, group_id))
+        future.add_done_callback(partial(self._group_deleted, group_id))
         return future
+
+    def _group_deleted(self, group_id: str, done: Future[Any]) -> None:
+        """Gone: its blocks leave the owner's cache; unsure, its next read asks again."""
+        if self._block_cache is None:
+            return
+        if done.cancelled() or done.exception() is not None:
+            self._block_cache.forget_group(group_id)
+        else:
+            self._block_cache.drop_group(group_id)
 
     def _layout_changed(self, group_id: str, done: Future[Any]) -> None:
         """A group's blocks were added or removed (or may have been): the owner's cache

@@ -23,6 +23,7 @@ from persistence import Store, utcnow
 from persistence._block_cache import BlockCache
 from persistence._engine import make_engines
 from persistence._tables import blocks, messages
+from tests.agents import user
 
 
 def block(
@@ -55,6 +56,21 @@ def test_an_agent_sees_the_shared_blocks_then_its_own() -> None:
     cached = cache.blocks_of("agent-1")
     assert cached is not None and [b.id for b in cached] == ["shared-1", "shared-2", "mine"]
     assert cache.blocks_of("agent-2") is None  # never read for that agent
+
+
+def test_a_deleted_group_leaves_nothing_in_the_cache() -> None:
+    cache = BlockCache()
+    cache.remember("agent-1", "group-1", [block(1, block_id="shared")], cache.epoch)
+    cache.remember("agent-2", "group-1", [block(1, block_id="shared")], cache.epoch)
+    other = block(1, block_id="kept").model_copy(update={"group_id": "group-2"})
+    cache.remember("agent-3", "group-2", [other], cache.epoch)
+    cache.drop_group("group-1")
+    assert cache.blocks_of("agent-1") is None and cache.committed("shared") is None
+    assert cache.group_of("agent-2") is None
+    assert cache.committed("kept") == other and cache.group_of("agent-3") == "group-2"
+    cache.edited(block(2, block_id="stray"))  # known by id only, its layout never read
+    cache.drop_group("group-1")
+    assert cache.committed("stray") is None
 
 
 @given(st.lists(st.integers(1, 20), min_size=1, max_size=30))
@@ -239,3 +255,27 @@ def test_reads_racing_edits_never_bring_back_an_older_value(
             stop.set()
         assert all(reader.result(timeout=30) > 0 for reader in readers)  # their asserts too
     assert store.get_blocks(primary)["human"] == edited
+
+
+def test_groups_deleted_over_time_leave_the_cache_at_the_size_of_those_alive(
+    db_url: str,
+) -> None:
+    """A service that creates and deletes groups for weeks: what the owner remembers of
+    their blocks stays that of the live groups (it held every deleted group's blocks)."""
+    with Runtime.start(db_url) as rt:
+        cache = rt._store._block_cache
+        if cache is None:
+            pytest.skip("this store keeps no block cache")
+        alive = []
+        for n in range(12):
+            group = rt.create_group(
+                primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}], frequency=1
+            )
+            rt.wait_for_runs(rt.step(group.id, [user(f"my number is {n}")]).run_ids, timeout=30)
+            rt.get_blocks(group.primary_agent_id)
+            alive.append(group)
+            if len(alive) > 3:
+                rt.delete_group(alive.pop(0).id)
+        live = {g.id for g in alive}
+        assert {b.group_id for b in cache._blocks.values()} <= live
+        assert set(cache._groups.values()) <= live
