@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, delete, exists, func, insert, select, update
+from sqlalchemy import Connection, and_, delete, exists, func, insert, or_, select, update
 
 from messages import PruneSettings, RunStatus
 from messages._retention import no_rows
@@ -311,13 +311,19 @@ def block_versions_batch(
 ) -> Batch:
     """Remove up to `limit` versions of the group's blocks older than the newest
     `keep_block_versions` of each block (and, with `before`, made before it); never a
-    block's current version."""
+    block's current version. With `before`, every version of a block deleted before it
+    goes too (a service that creates and deletes blocks would keep a few rows of each
+    for ever)."""
     counts = no_rows()
     keep = settings.keep_block_versions
     if keep is None:
         return counts, False
     newest = (
-        select(block_versions.c.block_id, func.max(block_versions.c.version).label("top"))
+        select(
+            block_versions.c.block_id,
+            func.max(block_versions.c.version).label("top"),
+            func.max(block_versions.c.at).label("last_at"),
+        )
         .where(block_versions.c.group_id == group_id)
         .group_by(block_versions.c.block_id)
         .subquery()
@@ -325,17 +331,16 @@ def block_versions_batch(
     current = exists().where(
         blocks.c.id == block_versions.c.block_id, blocks.c.version == block_versions.c.version
     )
+    older = and_(block_versions.c.version <= newest.c.top - keep, ~current)
+    if settings.before is not None:
+        older = and_(older, block_versions.c.at < settings.before)
+        deleted = ~exists().where(blocks.c.id == block_versions.c.block_id)
+        older = or_(older, and_(deleted, newest.c.last_at < settings.before))
     statement = (
         select(block_versions.c.id)
         .join(newest, newest.c.block_id == block_versions.c.block_id)
-        .where(
-            block_versions.c.group_id == group_id,
-            block_versions.c.version <= newest.c.top - keep,
-            ~current,
-        )
+        .where(block_versions.c.group_id == group_id, older)
     )
-    if settings.before is not None:
-        statement = statement.where(block_versions.c.at < settings.before)
     ids = connection.execute(_limited(statement.order_by(block_versions.c.id), limit)).scalars()
     chosen = list(ids)
     counts["block_versions"] = len(chosen)
@@ -387,6 +392,10 @@ BATCHES: tuple[tuple[str, BatchPlan], ...] = (
 window ends are what covers primary messages)."""
 
 
+KEEP_PRUNE_RECORDS = 100
+"""The `prunes` rows kept per group: what its newest prune calls removed."""
+
+
 def record_prune(
     connection: Connection,
     group_id: str,
@@ -411,4 +420,17 @@ def record_prune(
     )
     key = created.inserted_primary_key
     assert key is not None
+    # The record of a group's prunes is kept to its newest KEEP_PRUNE_RECORDS calls:
+    # pruning on a schedule must not grow a table of its own for ever.
+    newest = (
+        select(prunes.c.id)
+        .where(prunes.c.group_id == group_id)
+        .order_by(prunes.c.id.desc())
+        .limit(KEEP_PRUNE_RECORDS)
+    )
+    connection.execute(
+        delete(prunes).where(
+            prunes.c.group_id == group_id, prunes.c.id.not_in(newest.scalar_subquery())
+        )
+    )
     return int(key[0])

@@ -28,7 +28,8 @@ from actors import (
     Runtime,
     render_transcript,
 )
-from messages import PRUNE_KINDS, TurnResult
+from messages import PRUNE_KINDS, BlockNotFound, TurnResult
+from persistence import _retention as retention
 from persistence import parse_url
 from tests.agents import Recorder, user, wait_until
 
@@ -277,6 +278,48 @@ def test_old_block_versions_go_but_never_the_current_one(rt: Runtime, db_url: st
     # The current version stays whatever is asked: here the only one of each other block.
     assert rt.prune(keep_block_versions=1).removed["block_versions"] == 1
     assert [v.version for v in rt.block_history(group.id, "human")] == [5]
+
+
+def test_a_deleted_blocks_versions_go_once_it_was_deleted_before_before(
+    rt: Runtime, db_url: str
+) -> None:
+    """Per block its newest versions stay, but a block deleted before `before` goes whole:
+    a service that creates and deletes blocks would otherwise keep rows of each for ever."""
+    group = rt.create_group(primary=SCRIPTED, sleeptime=[MEMORY])
+    for n in range(3):
+        rt.create_block(group.id, "scratch", f"draft {n}")
+        rt.set_block(group.id, "scratch", f"draft {n}, again")
+        rt.delete_block(group.id, "scratch")
+    assert len(rt.block_history(group.id, "scratch")) == 9
+    # Without `before`: each deleted block keeps its newest version (its deletion).
+    assert rt.prune(keep_block_versions=1).removed["block_versions"] == 6
+    assert len(rt.block_history(group.id, "scratch")) == 3
+    report = rt.prune(keep_block_versions=1, before=later())
+    assert report.removed["block_versions"] == 3
+    with pytest.raises(BlockNotFound):  # nothing of it is left
+        rt.block_history(group.id, "scratch")
+    assert [v.version for v in rt.block_history(group.id, "human")] == [1]  # current: stays
+    assert rt.check_invariants([group.id]).ok
+
+
+def test_a_groups_prune_records_are_kept_to_its_newest_calls(
+    rt: Runtime, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pruning on a schedule must not grow a table of its own: each group keeps the
+    records of its newest KEEP_PRUNE_RECORDS calls that removed something."""
+    monkeypatch.setattr(retention, "KEEP_PRUNE_RECORDS", 3)
+    group = rt.create_group(primary=SCRIPTED, sleeptime=[MEMORY])
+    for n in range(5):
+        rt.set_block(group.id, "human", f"v{n}")
+        rt.set_block(group.id, "human", f"v{n}, again")
+        assert rt.prune(keep_block_versions=1).removed["block_versions"] >= 1
+    engine = sqlalchemy.create_engine(parse_url(db_url))
+    try:
+        with engine.connect() as connection:
+            ids = connection.execute(text("SELECT id FROM prunes ORDER BY id")).scalars().all()
+    finally:
+        engine.dispose()
+    assert len(ids) == 3 and ids == sorted(ids)
 
 
 def test_bad_options_and_read_only_runtimes(rt: Runtime, db_url: str) -> None:
