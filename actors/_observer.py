@@ -142,6 +142,10 @@ class Observer(StoreObserver):
         """Around a sleeptime agent's step of `run`, on its step thread."""
         return NO_WATCH
 
+    def runs_forgotten(self, run_ids: Sequence[str], why: str) -> None:
+        """Runs no longer followed here before they ended: `deleted` with their group (or
+        pruned), or `moved` to the process that took their shard over."""
+
     # -- agents ---------------------------------------------------------------------------
 
     def model_request(
@@ -213,6 +217,10 @@ class Observers(Observer):
     def run_committed(self, run: Run, change: Transition, started_at: datetime | None) -> None:
         for observer in self._each:
             observer.run_committed(run, change, started_at)
+
+    def runs_forgotten(self, run_ids: Sequence[str], why: str) -> None:
+        for observer in self._each:
+            observer.runs_forgotten(run_ids, why)
 
     def run_step(self, run: Run, attempt: int) -> Watch:
         return _Watches([o.run_step(run, attempt) for o in self._each])

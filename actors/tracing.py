@@ -17,7 +17,9 @@ The spans (every attribute name starts with `sleeptime.`: `group_id`, `agent_id`
   (`sleeptime.queued_ms`, created -> running), the sleeptime agent's step
   (`sleeptime.step_ms`, its model requests' spans as children) and the commit of its end
   (`sleeptime.commit_ms`); a re-queue is an event (`requeued`). A run this process did
-  not create (recovered after a restart) starts a trace of its own;
+  not create (recovered after a restart) starts a trace of its own, and so does a backfill
+  run (`sleeptime.backfill`); a run followed no more before it ended (its group deleted,
+  its shard moved) ends its span then, its `sleeptime.run.status` saying why;
 - `sleeptime.model_request`: one per request to a model server (the `openai` kind), a
   client span, with the model and the outcome.
 
@@ -128,6 +130,28 @@ class RuntimeTracing(Observer):
             attributes=_run_attributes(run),
         )
         self._runs[run.id] = _RunSpan(span, run.created_at)
+
+    def runs_backfilled(self, runs: Sequence[Run]) -> None:
+        """Runs an agent joining with backfill got: each starts a trace of its own (no turn
+        made them), marked as backfill."""
+        for run in runs:
+            span = self._tracer.start_span(
+                "sleeptime.run",
+                context=_ROOT,
+                start_time=_ns(run.created_at),
+                attributes={**_run_attributes(run), "sleeptime.backfill": True},
+            )
+            self._runs[run.id] = _RunSpan(span, run.created_at)
+
+    def runs_forgotten(self, run_ids: Sequence[str], why: str) -> None:
+        """End the spans of runs followed no more (their group deleted, their shard moved):
+        with that as their end, not left open for ever."""
+        now = time.time_ns()
+        for run_id in run_ids:
+            found = self._runs.pop(run_id, None)
+            if found is not None and found.recording:
+                found.span.set_attribute("sleeptime.run.status", why)
+                found.span.end(end_time=now)
 
     def _run_span(self, run: Run) -> _RunSpan:
         """The run's open span; one without a link for a run this process did not create

@@ -187,7 +187,8 @@ class _Open:
 
 def _opened(run: Run) -> _Open:
     """Follow `run` at its status and attempt as given (stored, or just created)."""
-    return _Open(run, run.status, run.attempt, started_at=run.started_at)
+    started_at = run.started_at if run.status is RunStatus.RUNNING else None  # (this attempt's)
+    return _Open(run, run.status, run.attempt, started_at=started_at)
 
 
 class RunTrackerActor(SupervisedActor):
@@ -533,6 +534,8 @@ class RunTrackerActor(SupervisedActor):
             errors[run_id] = ShardLost(shard) if lost else NotOwner(group_id, shard)
         self._waiters.fail_runs(errors)
         if errors:
+            self._observer.runs_forgotten(list(errors), "moved")
+        if errors:
             log.warning("shard_runs_dropped", shards=len(shards), runs=len(errors), lost=lost)
 
     def _fail_group(self, group_id: str, reason: str) -> None:
@@ -579,6 +582,8 @@ class RunTrackerActor(SupervisedActor):
         run.status, run.attempt = new, change.attempt
         if new is RunStatus.RUNNING:
             run.started_at = change.at
+        elif new is RunStatus.CREATED:  # re-queued: its next attempt has not started
+            run.started_at = None
         return self._submit(run_id, run, change)
 
     def _submit(self, run_id: str, run: _Open, change: Transition) -> Future[None]:
@@ -771,6 +776,8 @@ class RunTrackerActor(SupervisedActor):
             self._flags.forget(run_id)
             self._open.pop(run_id, None)
         self._waiters.fail_runs({run_id: RunNotFound(run_id) for run_id in run_ids})
+        if run_ids:
+            self._observer.runs_forgotten(run_ids, "deleted")
 
     # -- waiting --------------------------------------------------------------------------
 

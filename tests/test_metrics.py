@@ -307,3 +307,25 @@ def test_without_the_extras_the_runtime_works_and_imports_neither(tmp_path: Path
         assert seen["imported"] == []
         if mode == "blocked":
             assert "pip install 'sleeptime-runtime[metrics]'" in seen["hint"]
+
+
+def test_a_requeued_run_ended_before_its_next_attempt_has_no_running_duration(
+    db_url: str,
+) -> None:
+    """`run_duration_seconds` is running -> end: a run re-queued after a stop (attempt 2)
+    and cancelled before that attempt starts ran for no time here, and is not counted
+    (it was, with its first attempt's start)."""
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    with Runtime.start(db_url, kinds={"recorder": recorder.factory}) as first:
+        group = first.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "recorder"}])
+        (run_id,) = first.step(group.id, [user("hello")]).run_ids
+        recorder.wait_started()
+        first.stop(drain_timeout=0)  # left running: the next start re-queues it
+    gate.set()
+    # Its kind is not registered here: the re-queued run waits for it, `created`.
+    with Runtime.start(db_url, metrics=True) as rt:
+        assert wait_until(lambda: rt.get_run(run_id).attempt == 2)
+        assert rt.cancel_run(run_id).status is RunStatus.CANCELLED
+        assert value(rt, "runs_ended_total", status="cancelled", stop_reason="cancelled") == 1
+        assert value(rt, "run_duration_seconds_count", status="cancelled") == 0

@@ -7,6 +7,7 @@ process, so only one test pretends it was, by standing in for its getter.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -256,3 +257,43 @@ def test_the_hosts_global_provider_is_used_unless_tracing_is_off(
             )
             rt.step(group.id, [user("hi")])
     assert len(traced.named("sleeptime.turn")) == 1  # the runtime with tracing on
+
+
+def test_the_spans_of_runs_whose_group_is_deleted_end_as_deleted(
+    tmp_path: Path, traced: Traced
+) -> None:
+    """A run followed no more (its group deleted while it ran or waited) ends its span
+    then, marked so, instead of keeping it open for as long as the runtime runs."""
+    gate = threading.Event()
+    recorder = Recorder(gate=gate)
+    with Runtime.start(f"sqlite:///{tmp_path / 'x.db'}", tracing=traced.provider) as rt:
+        rt.agents.register("recorder", recorder.factory)
+        group = rt.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "recorder"}])
+        running = rt.step(group.id, [user("one")]).run_ids
+        recorder.wait_started()
+        waiting = rt.step(group.id, [user("two")]).run_ids
+        rt.delete_group(group.id)
+        gate.set()
+    runs = [dict(s.attributes or {}) for s in traced.named("sleeptime.run")]
+    assert sorted(str(a["sleeptime.run_id"]) for a in runs) == sorted(running + waiting)
+    assert {a["sleeptime.run.status"] for a in runs} == {"deleted"}
+
+
+def test_backfill_runs_are_traced_as_backfill_not_as_recovered(
+    tmp_path: Path, traced: Traced
+) -> None:
+    with Runtime.start(f"sqlite:///{tmp_path / 'x.db'}", tracing=traced.provider) as rt:
+        group = rt.create_group(primary={"kind": "scripted"}, sleeptime=[{"kind": "memory"}])
+        rt.wait_for_runs(rt.step(group.id, [user("my name is Ada")]).run_ids, timeout=30)
+        rt.add_sleeptime_agent(group.id, {"kind": "memory"}, backfill=True)
+        joined = rt.get_group(group.id).sleeptime_agent_ids[-1]
+        run_ids = [r.id for r in rt.list_runs(agent_id=joined)]
+        assert run_ids
+        rt.wait_for_runs(run_ids, timeout=30)
+    spans = [dict(s.attributes or {}) for s in traced.named("sleeptime.run")]
+    backfilled = [a for a in spans if a["sleeptime.run_id"] in run_ids]
+    assert len(backfilled) == len(run_ids)
+    for attributes in backfilled:
+        assert attributes["sleeptime.backfill"] is True
+        assert "sleeptime.recovered" not in attributes
+        assert attributes["sleeptime.run.status"] == "completed"
