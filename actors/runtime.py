@@ -509,9 +509,9 @@ class Runtime:
         self._keeper.start(settle_s=settle_s)
 
     def _busy_shards(self) -> set[int]:
-        """The shards with a run running here (the keeper hands the others over first)."""
-        running = self._store.open_runs()
-        return {self._store.shard_of(r.group_id) for r in running if r.status is RunStatus.RUNNING}
+        """The shards with a run open here (the keeper hands the others over first): one
+        running, or one queued, which its agent may start while the hand-over waits."""
+        return {self._store.shard_of(r.group_id) for r in self._store.open_runs()}
 
     def _acquired(self, shards: Mapping[int, int]) -> None:
         """Shards came to this process: recover their runs as a restart would (those

@@ -474,12 +474,15 @@ def _begin(
     wiring: AgentWiring, address: Address, start: StartRun, clock: StepClock, timeout: float
 ) -> None:
     """A pool thread took the run's step: ask the tracker to start the run, and give the
-    step its deadline, from now (called on that thread, first thing)."""
+    step its deadline, from now (called on that thread, first thing).
+
+    The start is told first: the finish a deadline makes (however short) then always
+    reaches the tracker after it, so the tracker ends the attempt that start began."""
+    wiring.tracker.tell(start)
     clock.deadline = time.monotonic() + timeout
     clock.timer = wiring.scheduler.call_later(
         timeout, partial(address.tell, RunDeadline(run_id=start.run_id, token=start.token))
     )
-    wiring.tracker.tell(start)
 
 
 def _report(address: Address, run_id: str, token: int, future: Future[StepDone]) -> None:

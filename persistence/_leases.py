@@ -292,9 +292,10 @@ def serving_processes(url: str) -> list[str]:
 
 def hand_over_first(held: Mapping[int, int], count: int, busy: set[int]) -> dict[int, int]:
     """Which `count` of the shards `held` ({shard: epoch}) a member hands over: first those
-    with no run running (`busy` has the others: a run handed over running is re-queued
-    by its new owner, an attempt spent although nothing crashed), the highest first
-    (members that join later tend to take the same).
+    with no run open (`busy` has the others: a run handed over running is re-queued by
+    its new owner, an attempt spent although nothing crashed, and a queued one may start
+    while the hand-over waits), the highest first (members that join later tend to take
+    the same).
 
     >>> hand_over_first({1: 5, 2: 5, 3: 5}, 2, busy={3})
     {2: 5, 1: 5}

@@ -4,6 +4,7 @@ with what it was given and did kept in its history (SPEC 6 and 8, README "Guaran
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -250,3 +251,39 @@ def test_an_edit_queued_behind_its_runs_cancel_is_refused_by_the_store(rt: Runti
     assert not late.ok and late.message == "the run is cancelled: no more memory edits"
     assert rt.get_blocks(agent_id)["human"].value == "likes tea"
     blocks.release.set()
+
+
+def test_a_deadline_that_fires_at_once_still_ends_its_run(db_url: str) -> None:
+    """A run_timeout so short that the deadline fires as the step's thread asks for the
+    start: the start reaches the tracker first, so the deadline's finish ends the attempt
+    it began (the finish arriving first was refused, and the run then stayed `running`).
+    Threads switch as often as they can, to meet the race."""
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with Runtime.start(db_url, workers=1) as rt:
+            groups = [
+                rt.create_group(
+                    primary={"kind": "scripted"},
+                    sleeptime=[{"kind": "memory"}, {"kind": "memory"}],
+                    run_timeout=1e-6,
+                )
+                for _ in range(4)
+            ]
+            run_ids: list[str] = []
+
+            def turns(group_id: str) -> None:
+                for n in range(15):
+                    run_ids.extend(rt.step(group_id, [user(f"my number is {n}")]).run_ids)
+
+            threads = [threading.Thread(target=turns, args=(g.id,)) for g in groups]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            runs = rt.wait_for_runs(run_ids, timeout=60)
+            assert all(run.status.terminal for run in runs)
+            report = rt.check_invariants()
+            assert report.ok, report.violations[:3]
+    finally:
+        sys.setswitchinterval(switch)
