@@ -24,7 +24,7 @@ import sqlalchemy
 
 import run
 from actors import NotOwner, Runtime, ShardLost
-from messages import RunStatus
+from messages import Group, RunStatus
 from tests.agents import Echo, Recorder, user, wait_until
 from tests.postgres import PostgresCluster
 
@@ -381,7 +381,7 @@ def test_a_member_joining_takes_shards_where_nothing_runs_first(
         recorder = Recorder(gate=gate)
         a.agents.register("echo", Echo)
         a.agents.register("recorder", recorder.factory)
-        chosen = []
+        chosen: list[Group] = []
         while len(chosen) < 2:  # groups in the highest shards: those a plain hand-over gives
             group = a.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "recorder"}])
             if a.owner_of(group.id).shard >= SHARDS // 2:
