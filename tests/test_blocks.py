@@ -600,11 +600,13 @@ def test_a_read_begun_before_a_creation_or_deletion_is_not_remembered() -> None:
 def test_a_group_served_elsewhere_is_not_written(db_url: str, backend: str) -> None:
     if backend != "postgresql":
         pytest.skip("one process holds every shard of a SQLite file")
-    with Runtime.start(db_url, lease_s=1.0, shards=8) as first:
+    # (A lease of 2 s: at 1 s, a busy CI machine once let the first process's leases
+    # lapse as the second joined, and the second took every shard.)
+    with Runtime.start(db_url, lease_s=2.0, shards=8) as first:
         groups = [
             first.create_group(primary=SCRIPTED, sleeptime=[{"kind": "memory"}]) for _ in range(8)
         ]
-        with Runtime.start(db_url, lease_s=1.0, shards=8) as second:
+        with Runtime.start(db_url, lease_s=2.0, shards=8) as second:
             assert wait_until(lambda: any(not second.owner_of(g.id).here for g in groups), 15)
             theirs = next(g for g in groups if not second.owner_of(g.id).here)
             attempts: list[Callable[[], Block]] = [
