@@ -18,6 +18,7 @@ from actors.sdk import (
     Memory,
     StepFailed,
     StepResult,
+    checked_stop_reason,
 )
 from messages import Group, Message, MessageCreate, Run, StopReason, StoreUnavailable, TextContent
 from messages._errors import describe, text_of
@@ -58,10 +59,11 @@ def as_output(
 ) -> tuple[list[MessageCreate], StopReason]:
     """An agent's return value as messages and a stop reason (dicts are validated)."""
     if isinstance(output, StepResult):
-        reason = output.stop_reason  # (validated, unless built with model_construct)
-        if type(reason) is not StopReason or reason not in COMPLETED_STOP_REASONS:
-            raise ValueError(f"a completed step's stop reason cannot be {reason!r}")
-        return list(output.messages), reason
+        # (Validated already, unless built with model_construct.)
+        what = "a completed step (StepResult)"
+        return list(output.messages), checked_stop_reason(
+            output.stop_reason, COMPLETED_STOP_REASONS, what
+        )
     if isinstance(output, (str, bytes)) or not isinstance(output, Sequence):
         raise TypeError(
             f"an agent's step must return a list of messages, not {type(output).__name__}"
@@ -155,8 +157,9 @@ def execute_run(
                     memory.close()
         except StepFailed as failure:
             messages.extend(_stamp_all(failure.messages, run, group.id))
-            reason = failure.stop_reason  # (checked as it was raised, unless changed since)
-            if type(reason) is not StopReason or reason not in FAILED_STOP_REASONS:
+            try:  # (checked as it was raised, unless changed since)
+                reason = checked_stop_reason(failure.stop_reason, FAILED_STOP_REASONS, "")
+            except ValueError:
                 reason = StopReason.ERROR
             return _ended(run, attempt, token, messages, reason, text_of(failure))
         messages.extend(_stamp_all(produced, run, group.id))

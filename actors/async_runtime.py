@@ -374,7 +374,11 @@ class AsyncRuntime:
     ) -> None:
         """A stream's send ended: its end comes with the reply, or now if it failed."""
         with self._sending_lock:
-            self._sending.get(sending.get_loop(), {}).pop(sending, None)
+            loop = sending.get_loop()
+            sends = self._sending.get(loop, {})
+            sends.pop(sending, None)
+            if not sends:
+                self._sending.pop(loop, None)
         if sending.cancelled() or sending.exception() is not None:  # retrieved: not logged
             ticket.withdraw()  # a task cancelled before it ran holds its place: free it
             sink.end()
@@ -385,6 +389,8 @@ class AsyncRuntime:
         """Free the tickets of streams' sends whose loop was closed before they ran (a
         loop stopped in the very iteration a stream was opened, then closed): they will
         never run, and their places and permits would be held for good."""
+        if not self._sending:  # (nearly always: no stream waits for a permit)
+            return
         with self._sending_lock:
             closed = [self._sending.pop(loop) for loop in list(self._sending) if loop.is_closed()]
         for sends in closed:

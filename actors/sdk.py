@@ -76,7 +76,7 @@ class StepResult(BaseModel):
     @field_validator("stop_reason")
     @classmethod
     def _completed(cls, reason: StopReason) -> StopReason:
-        return _one_of(reason, COMPLETED_STOP_REASONS, "a completed step (StepResult)")
+        return checked_stop_reason(reason, COMPLETED_STOP_REASONS, "a completed step (StepResult)")
 
 
 class StepFailed(Exception):
@@ -99,13 +99,17 @@ class StepFailed(Exception):
     ) -> None:
         super().__init__(text)
         # Checked here, in the agent's code: a wrong value fails its run as any error does.
-        self.stop_reason = _one_of(stop_reason, FAILED_STOP_REASONS, "a failed step (StepFailed)")
+        self.stop_reason = checked_stop_reason(
+            stop_reason, FAILED_STOP_REASONS, "a failed step (StepFailed)"
+        )
         self.messages = [
             m if isinstance(m, MessageCreate) else MessageCreate.model_validate(m) for m in messages
         ]
 
 
-def _one_of(reason: StopReason | str, allowed: tuple[StopReason, ...], what: str) -> StopReason:
+def checked_stop_reason(
+    reason: StopReason | str, allowed: tuple[StopReason, ...], what: str
+) -> StopReason:
     """`reason` as a StopReason among `allowed`; ValueError saying which otherwise."""
     try:
         found = StopReason(reason)

@@ -68,6 +68,7 @@ from actors.kinds._chat_tools import (
 from actors.kinds._http1 import Proxy
 from actors.sdk import AgentContext, AgentRole, StepFailed, StepResult, parse_config
 from messages import AgentConfigError, Message, MessageCreate, StopReason
+from messages._errors import describe
 from messages._log import get_logger
 
 log = get_logger("sleeptime.openai")
@@ -333,8 +334,7 @@ class OpenAIAgent:
                 try:
                     result = call_memory_tool(context.memory, call)
                 except Exception as error:  # the edits made so far stay: so do their calls
-                    failed = f"{type(error).__name__}: {error}"
-                    raise StepFailed(failed, messages=produced) from error
+                    raise StepFailed(describe(error), messages=produced) from error
                 finished = finished or (call.name == FINISH and result.ok)
                 reply = tool_message(call, result)
                 produced.append(reply)
