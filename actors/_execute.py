@@ -75,11 +75,10 @@ def as_output(
 
 def execute_run(
     *,
-    begin: Callable[[], None] = lambda: None,
+    begin: Callable[[], Group],
     run: Run,
     token: int,
     decided: Future[StartDecision],
-    group: Group,
     behaviour: AgentBehaviour | None,
     store: Store,
     abandoned: threading.Event,
@@ -88,8 +87,9 @@ def execute_run(
     observer: Observer = NO_OBSERVER,
 ) -> StepDone:
     """Ask for the run's start (`begin`: the start request `token`, and the step's
-    deadline from now), wait for the tracker's decision and for the start's commit, then
-    build the transcript of the run's window, step the agent, and report the outcome.
+    deadline from now; it returns the group's settings the run is made with), wait for
+    the tracker's decision and for the start's commit, then build the transcript of the
+    run's window, step the agent, and report the outcome.
 
     Never raises: whatever goes wrong, even a `SystemExit` from the agent's code, ends up
     as the run's error text. A run that does not start (refused, put off, its start not
@@ -101,7 +101,7 @@ def execute_run(
     # its deadline (and sets `abandoned`); this wait, longer, only frees the thread if the
     # tracker never answers.
     try:
-        begin()
+        group = begin()
         decision = decided.result(2 * group.run_timeout + 1)
     except TimeoutError:
         return _not_started(run, run.attempt, token, "the start was not decided in time")

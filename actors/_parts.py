@@ -28,6 +28,7 @@ from actors._pool import StepPool
 from actors._protocol import FailGroupRuns
 from actors._restart import RestartPolicy
 from actors._scheduler import Scheduler
+from actors._settings import GroupSettings
 from actors._supervised import CrashReporter
 from actors._supervisor import ChildSpec, Supervisor
 from actors.group import GroupActor, GroupWiring
@@ -102,6 +103,7 @@ class ActorDirectory:
         self._parts = parts
         self._lock = threading.RLock()
         self._closed: set[str] = set()  # "group:", "agent:": no new actor of that kind
+        self._settings = GroupSettings()  # shared by each group's actor and its agents' steps
 
     def close(self, prefix: str) -> None:
         """Start no more actors whose identity starts with `prefix` (the runtime is
@@ -162,6 +164,9 @@ class ActorDirectory:
         identity = f"group:{group_id}"
         if not self._parts.store.serves(group_id):
             raise self._parts.store.not_owner(group_id)
+        address = self._parts.supervisor.child(identity)
+        if address is not None:  # the common case, without waiting for the directory
+            return address
         with self._lock:
             address = self._parts.supervisor.child(identity)
             if address is not None:
@@ -177,6 +182,7 @@ class ActorDirectory:
                 notify_agent=self.tell_if_alive,
                 scheduler=parts.scheduler,
                 observer=parts.observer,
+                settings=self._settings,
             )
 
             def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
@@ -203,6 +209,9 @@ class ActorDirectory:
     def agent(self, agent_id: str) -> Address:
         """The sleeptime agent's address; its actor takes its queue from the tracker."""
         identity = f"agent:{agent_id}"
+        address = self._parts.supervisor.child(identity)
+        if address is not None:  # the common case, without waiting for the directory
+            return address
         with self._lock:
             address = self._parts.supervisor.child(identity)
             if address is not None:
@@ -224,6 +233,7 @@ class ActorDirectory:
                     scheduler=parts.scheduler,
                     steps=parts.steps,
                     observer=parts.observer,
+                    settings=self._settings,
                 )
                 if isinstance(reporter.snapshot, AgentSnapshot):
                     return SleeptimeAgentActor.start(

@@ -36,6 +36,7 @@ from actors._protocol import (
     TakeTurn,
 )
 from actors._scheduler import Scheduler
+from actors._settings import GroupSettings
 from actors._supervised import CrashReporter, SupervisedActor
 from actors.rules import backfill_runs, backfill_windows, claim_window, decide_fire
 from actors.sdk import AgentBehaviour, AgentContext, Memory, StepFailed, stream_of
@@ -83,6 +84,8 @@ class GroupWiring:
     """Tell a sleeptime agent's running actor, if any (a passivated one reads the store)."""
     scheduler: Scheduler
     observer: Observer = field(default=NO_OBSERVER)
+    settings: GroupSettings = field(default_factory=GroupSettings)
+    """Told each change of the group's settings, as it commits (its agents' steps read it)."""
 
 
 log = get_logger("sleeptime.group")
@@ -335,6 +338,11 @@ class GroupActor(SupervisedActor):
                         if isinstance(item, MessageCreate)
                         else MessageCreate.model_validate(item)
                     )
+            except StepFailed as failure:
+                # What it said before it failed is kept, as a step's: a kind with no
+                # `stream` of its own is stepped, and its failure carries its messages.
+                yield from failure.messages
+                raise
             finally:
                 memory.close()
             return
@@ -419,6 +427,7 @@ class GroupActor(SupervisedActor):
             lambda: self._wiring.store.update_group(self._group.id, changes).result()
         )
         self._group = self._group.model_copy(update=changes)
+        self._wiring.settings.changed(self._group)
         for agent_id in self._group.sleeptime_agent_ids:
             self._wiring.notify_agent(agent_id, GroupChanged(group=self._group))
         return self._group

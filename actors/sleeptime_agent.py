@@ -49,6 +49,7 @@ from actors._protocol import (
     StepDone,
 )
 from actors._scheduler import Scheduler, Timer
+from actors._settings import GroupSettings, SettingsCell
 from actors._supervised import CrashReporter, SupervisedActor
 from actors.sdk import AgentBehaviour
 from messages import (
@@ -79,6 +80,8 @@ class AgentWiring:
     scheduler: Scheduler
     steps: StepsInFlight
     observer: Observer = field(default=NO_OBSERVER)
+    settings: GroupSettings = field(default_factory=GroupSettings)
+    """Where a step reads its group's settings as it begins (shared with the group's actor)."""
 
 
 log = get_logger("sleeptime.agent")
@@ -129,6 +132,7 @@ class StepClock:
     waiting for a thread has no deadline yet), with the timer that tells its actor."""
 
     deadline: float = math.inf  # a time.monotonic() value
+    timeout: float = math.inf  # the group's run_timeout as the step began
     timer: Timer | None = None
 
     def cancel(self) -> None:
@@ -209,6 +213,7 @@ class SleeptimeAgentActor(SupervisedActor):
         self._address = reporter.address
         self._agent = agent
         self._group = group
+        self._latest = wiring.settings.cell(group)
         self._wiring = wiring
         self._queue: deque[Run] = deque()
         self._queued: set[str] = set()
@@ -272,6 +277,7 @@ class SleeptimeAgentActor(SupervisedActor):
                 self._deadline(run_id, token)
             case GroupChanged(group=group):
                 self._group = group
+                self._latest.offer(group)
             case KindRegistered(kind=kind):
                 if kind == self._agent.kind:
                     self._behaviour, self._build_error = None, None
@@ -329,7 +335,7 @@ class SleeptimeAgentActor(SupervisedActor):
             self._address,
             StartRun(run.id, decided, token),
             clock,
-            self._group.run_timeout,
+            self._latest,
         )
         job = partial(
             execute_run,
@@ -337,7 +343,6 @@ class SleeptimeAgentActor(SupervisedActor):
             run=run,
             token=token,
             decided=decided,
-            group=self._group,
             behaviour=self._behaviour,
             build_error=self._build_error,
             store=self._wiring.store,
@@ -454,7 +459,7 @@ class SleeptimeAgentActor(SupervisedActor):
             decision.cancel.set()
         self._wiring.pool.abandon(current.future)
         self._current = None
-        error = f"run exceeded the group's run_timeout of {self._group.run_timeout:g}s"
+        error = f"run exceeded the group's run_timeout of {current.clock.timeout:g}s"
         self._wiring.tracker.tell(
             FinishRun(
                 run_id=run_id,
@@ -467,22 +472,27 @@ class SleeptimeAgentActor(SupervisedActor):
                 token=token,
             )
         )
-        self._log.warning("run_timed_out", run_id=run_id, timeout_s=self._group.run_timeout)
+        self._log.warning("run_timed_out", run_id=run_id, timeout_s=current.clock.timeout)
 
 
 def _begin(
-    wiring: AgentWiring, address: Address, start: StartRun, clock: StepClock, timeout: float
-) -> None:
+    wiring: AgentWiring, address: Address, start: StartRun, clock: StepClock, latest: SettingsCell
+) -> Group:
     """A pool thread took the run's step: ask the tracker to start the run, and give the
-    step its deadline, from now (called on that thread, first thing).
+    step its deadline, from now (called on that thread, first thing); returns the group's
+    settings the run is made with, as they are now.
 
     The start is told first: the finish a deadline makes (however short) then always
     reaches the tracker after it, so the tracker ends the attempt that start began."""
+    group = latest.group
+    timeout = group.run_timeout
     wiring.tracker.tell(start)
+    clock.timeout = timeout
     clock.deadline = time.monotonic() + timeout
     clock.timer = wiring.scheduler.call_later(
         timeout, partial(address.tell, RunDeadline(run_id=start.run_id, token=start.token))
     )
+    return group
 
 
 def _report(address: Address, run_id: str, token: int, future: Future[StepDone]) -> None:

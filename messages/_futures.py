@@ -3,9 +3,11 @@
 `Reply` is a `concurrent.futures.Future` (the same methods, the same errors, accepted
 wherever one is) built for the hot path: a turn and its run pass through about seven, and
 the standard future allocates a `Condition` each (an `RLock`, a deque, a waiters' list,
-five bound methods) and takes it three times. A `Reply` holds one plain lock as its
-gate: locked while pending, released once done, so a waiter blocks on it and passes it
-on. State changes take one lock shared by every reply, held for a few instructions.
+five bound methods) and takes it three times. A `Reply` holds two plain locks: its gate,
+locked while pending and released once done, so a waiter blocks on it and passes it on;
+and its guard, held for the few instructions of a state change. (One guard shared by
+every reply was a convoy: dozens of threads completing unrelated replies queued behind
+whichever of them the interpreter had switched out while it held the guard.)
 `concurrent.futures.wait` reads the standard future's private fields and cannot wait on
 it: `wait_all` waits on any mix of futures. `Flag` is a `threading.Event` built the same
 way, for the two flags every run gets (its cancel flag and its step's deadline).
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import _thread
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,30 +40,20 @@ T = TypeVar("T")
 _PENDING, _RUNNING, _CANCELLED, _NOTIFIED, _FINISHED = range(5)  # _NOTIFIED: cancelled, and
 # the worker was told (`set_running_or_notify_cancel`), as the standard future tells them apart
 _NAMES = ("pending", "running", "cancelled", "cancelled", "finished")
-_GUARD = _thread.allocate_lock()
-"""Guards every reply's state change; held for a few instructions, never while waiting or
-calling back."""
-
-
-def _new_guard_after_fork() -> None:
-    # In a forked child only the forking thread lives on: a guard another thread held
-    # at the fork would stay held for ever.
-    global _GUARD  # noqa: PLW0603
-    _GUARD = _thread.allocate_lock()
-
-
-os.register_at_fork(after_in_child=_new_guard_after_fork)
 _LOG = logging.getLogger("concurrent.futures")  # where the standard future reports too
 
 
 class Reply(Future[T]):
     """A future with the standard one's behaviour and a fraction of its weight."""
 
-    __slots__ = ("_callbacks", "_error", "_gate", "_status", "_value")
+    __slots__ = ("_callbacks", "_error", "_gate", "_guard", "_status", "_value")
 
     def __init__(self) -> None:  # (the base's __init__ would build what this one avoids)
         self._gate = _thread.allocate_lock()
         self._gate.acquire()  # held while pending: waiters block on it
+        # Guards the state changes; held for a few instructions, never while waiting or
+        # calling back.
+        self._guard = _thread.allocate_lock()
         self._status = _PENDING
         self._value: Any = None
         self._error: BaseException | None = None
@@ -74,7 +65,7 @@ class Reply(Future[T]):
     # -- the caller's side ----------------------------------------------------------------
 
     def cancel(self) -> bool:
-        with _GUARD:
+        with self._guard:
             if self._status in (_RUNNING, _FINISHED):
                 return False
             if self._status in (_CANCELLED, _NOTIFIED):
@@ -111,7 +102,7 @@ class Reply(Future[T]):
         return self._error
 
     def add_done_callback(self, fn: Callable[[Future[T]], object]) -> None:
-        with _GUARD:
+        with self._guard:
             if self._status < _CANCELLED:
                 if self._callbacks is None:
                     self._callbacks = [fn]
@@ -123,7 +114,7 @@ class Reply(Future[T]):
     # -- the worker's side ----------------------------------------------------------------
 
     def set_running_or_notify_cancel(self) -> bool:
-        with _GUARD:
+        with self._guard:
             if self._status == _CANCELLED:
                 self._status = _NOTIFIED
                 return False
@@ -141,7 +132,7 @@ class Reply(Future[T]):
     # -- inside ---------------------------------------------------------------------------
 
     def _finish(self, value: Any, error: BaseException | None) -> None:
-        with _GUARD:
+        with self._guard:
             if self._status >= _CANCELLED:
                 raise InvalidStateError(f"{_NAMES[self._status]}: {self!r}")
             self._value, self._error, self._status = value, error, _FINISHED
@@ -149,7 +140,7 @@ class Reply(Future[T]):
         self._call_back(callbacks)
 
     def _open_gate(self) -> list[Callable[[Future[T]], object]] | None:
-        """Let the waiters through; the callbacks to call (with `_GUARD` held)."""
+        """Let the waiters through; the callbacks to call (with the guard held)."""
         self._gate.release()
         callbacks, self._callbacks = self._callbacks, None
         return callbacks
@@ -177,11 +168,12 @@ class Reply(Future[T]):
 class Flag(threading.Event):
     """A `threading.Event` with one plain lock as its gate (locked while down)."""
 
-    __slots__ = ("_gate", "_up")
+    __slots__ = ("_gate", "_guard", "_up")
 
     def __init__(self) -> None:  # (the base's __init__ would build a Condition)
         self._gate = _thread.allocate_lock()
         self._gate.acquire()
+        self._guard = _thread.allocate_lock()
         self._up = False
 
     def __repr__(self) -> str:
@@ -189,6 +181,7 @@ class Flag(threading.Event):
 
     def _at_fork_reinit(self) -> None:
         self._gate = _thread.allocate_lock()
+        self._guard = _thread.allocate_lock()
         if not self._up:
             self._gate.acquire()
 
@@ -196,13 +189,13 @@ class Flag(threading.Event):
         return self._up
 
     def set(self) -> None:
-        with _GUARD:
+        with self._guard:
             if not self._up:
                 self._up = True
                 self._gate.release()
 
     def clear(self) -> None:
-        with _GUARD:
+        with self._guard:
             if self._up:
                 self._up = False
                 self._gate.acquire()  # (a waiter passing through holds it a moment at most)

@@ -307,13 +307,17 @@ def hand_over_first(held: Mapping[int, int], count: int, busy: set[int]) -> dict
 class ShardBook:
     """The shards this process holds, at the epoch it acquired each: what every write is
     fenced against. Thread-safe: the lease keeper changes it, writers and callers read it.
+
+    Every turn and every write reads it, the lease keeper changes it a few times a minute:
+    a change builds a new view under the lock and puts it in place in one assignment, so
+    a read takes no lock (one lock every thread took was a convoy on the hot path).
     """
 
     def __init__(self, shards: int) -> None:
         self.shards = shards
-        self._lock = threading.Lock()
-        self._held: dict[int, int] = {}
-        self._leaving: set[int] = set()
+        self._lock = threading.Lock()  # (changes only)
+        # ({shard: epoch} held, the shards of it taking new work): replaced, never changed.
+        self._view: tuple[dict[int, int], frozenset[int]] = ({}, frozenset())
         self.on_lost: Callable[[dict[int, int]], None] | None = None
         """Told the shards a write found lost (from the writer thread: keep it short)."""
 
@@ -321,34 +325,34 @@ class ShardBook:
         return shard_of(group_id, self.shards)
 
     def held(self) -> dict[int, int]:
-        with self._lock:
-            return dict(self._held)
+        return dict(self._view[0])
 
     def epoch(self, shard: int) -> int | None:
         """The epoch this process holds `shard` at; None if it does not hold it."""
-        with self._lock:
-            return self._held.get(shard)
+        return self._view[0].get(shard)
 
     def serves(self, shard: int) -> bool:
         """Whether new work for `shard` is taken here (held, and not being handed over)."""
-        with self._lock:
-            return shard in self._held and shard not in self._leaving
+        return shard in self._view[1]
 
     def add(self, taken: Mapping[int, int]) -> None:
         with self._lock:
-            self._held.update(taken)
-            self._leaving.difference_update(taken)
+            held, serving = self._view
+            self._view = ({**held, **taken}, serving | frozenset(taken))
 
     def leave(self, shards: Iterable[int]) -> None:
         """Stop taking new work for `shards` (they are being handed over)."""
         with self._lock:
-            self._leaving.update(shard for shard in shards if shard in self._held)
+            held, serving = self._view
+            self._view = (held, serving - frozenset(shards))
 
     def drop(self, shards: Iterable[int]) -> dict[int, int]:
         """Forget `shards` (released or lost); returns what was held of them."""
         with self._lock:
-            dropped = {s: self._held.pop(s) for s in list(shards) if s in self._held}
-            self._leaving.difference_update(dropped)
+            held, serving = self._view
+            dropped = {s: held[s] for s in set(shards) if s in held}
+            kept = {s: epoch for s, epoch in held.items() if s not in dropped}
+            self._view = (kept, serving - frozenset(dropped))
             return dropped
 
     def lose(self, shards: Iterable[int]) -> None:

@@ -287,3 +287,82 @@ def test_a_deadline_that_fires_at_once_still_ends_its_run(db_url: str) -> None:
             assert report.ok, report.violations[:3]
     finally:
         sys.setswitchinterval(switch)
+
+
+class _Records:
+    """A sleeptime agent that keeps the transcript each run was given."""
+
+    def __init__(self) -> None:
+        self.given: dict[str, str] = {}
+
+    def factory(self, config: dict[str, Any]) -> _Records:
+        return self
+
+    def step(self, context: AgentContext, messages: Sequence[Message]) -> list[MessageCreate]:
+        assert context.run_id is not None
+        self.given[context.run_id] = messages[0].text()
+        return []
+
+
+def test_settings_changed_while_a_run_waits_for_a_thread_apply_to_it(db_url: str) -> None:
+    """The preamble, the transcript limit and run_timeout apply to runs that start after
+    the change: also to a run handed to the step pool before it, still waiting for a
+    thread (its settings are read as the thread takes it)."""
+    with Runtime.start(db_url, workers=1) as rt:
+        blocks, records = _Blocks(), _Records()
+        rt.agents.register("echo", Echo)
+        rt.agents.register("blocks", blocks.factory)
+        rt.agents.register("records", records.factory)
+        first = rt.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "blocks"}])
+        second = rt.create_group(
+            primary={"kind": "echo"}, sleeptime=[{"kind": "records"}], preamble="OLD PREAMBLE"
+        )
+        (holding,) = rt.step(first.id, [user("hold the thread")]).run_ids
+        assert blocks.entered.get(timeout=10) == holding
+        (waiting,) = rt.step(second.id, [user("wait for it")]).run_ids
+        rt.update_group(second.id, preamble="NEW PREAMBLE", transcript_max_messages=1)
+        blocks.release.set()
+        held, waited = rt.wait_for_runs([holding, waiting], timeout=30)
+        assert held.status is waited.status is RunStatus.COMPLETED
+        assert "NEW PREAMBLE" in records.given[waiting]
+        assert "OLD PREAMBLE" not in records.given[waiting]
+        assert "[1 earlier message(s) of this conversation were left out]" in records.given[waiting]
+
+
+class _SaysThenFails:
+    """A primary agent with no `stream` of its own: it fails after saying something."""
+
+    def factory(self, config: dict[str, Any]) -> _SaysThenFails:
+        return self
+
+    def step(self, context: AgentContext, messages: Sequence[Message]) -> list[MessageCreate]:
+        raise StepFailed(
+            "the model died after answering",
+            messages=[{"role": "assistant", "content": "the answer is 42"}],
+        )
+
+
+def test_a_streamed_turn_keeps_what_a_failed_step_said_as_a_stepped_one_does(
+    rt: Runtime,
+) -> None:
+    rt.agents.register("says-then-fails", _SaysThenFails().factory)
+    rt.agents.register("echo", Echo)
+    results = {}
+    for mode in ("step", "stream"):
+        group = rt.create_group(primary={"kind": "says-then-fails"}, sleeptime=[{"kind": "echo"}])
+        yielded: list[str] = []
+        with pytest.raises(PrimaryAgentError) as raised:
+            if mode == "step":
+                rt.step(group.id, [user("question")])
+            else:
+                for message in rt.stream(group.id, [user("question")]):
+                    yielded.append(message.text())
+        result = raised.value.result
+        stored = [(m.role, m.text()) for m in rt.list_messages(group.primary_agent_id)]
+        assert stored == [("user", "question"), ("assistant", "the answer is 42")], mode
+        assert [m.text() for m in result.messages] == ["the answer is 42"], mode
+        assert result.fired and len(result.run_ids) == 1, mode
+        results[mode] = rt.wait_for_runs(result.run_ids, timeout=30)[0].status
+        if mode == "stream":
+            assert yielded == ["the answer is 42"]
+    assert results == {"step": RunStatus.COMPLETED, "stream": RunStatus.COMPLETED}
