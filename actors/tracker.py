@@ -509,11 +509,19 @@ class RunTrackerActor(SupervisedActor):
         return self._store.book.epoch(self._store.shard_of(group_id)) is not None
 
     def _adopt_shards(self, shards: frozenset[int]) -> list[str]:
-        """Follow the open runs of newly held `shards`, recovering those left running."""
-        found = [run for run in self._load(shards) if run.id not in self._open]
+        """Follow the open runs of newly held `shards`, recovering those left running;
+        returns the agents that have runs there, to be started.
+
+        A run this tracker follows already counts too: an incarnation that restarted
+        after the shards were put in the book (and before this request) loaded their
+        runs as its own. Left running by the shard's earlier owner, such a run was
+        started by no agent here (`start_token` 0): it is recovered all the same."""
+        found = self._load(shards)
         for run in found:
-            self._open[run.id] = _opened(run)
-        self._recover(found)
+            if run.id not in self._open:
+                self._open[run.id] = _opened(run)
+        interrupted = [run for run in found if self._open[run.id].start_token == 0]
+        self._recover(interrupted)
         if found:
             log.info("shard_runs_adopted", shards=len(shards), runs=len(found))
         return list(dict.fromkeys(run.agent_id for run in found))

@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy
 
 import run
-from actors import NotOwner, Runtime, ShardLost
+from actors import Chaos, NotOwner, Runtime, ShardLost
 from messages import Group, RunStatus
 from tests.agents import Echo, Recorder, user, wait_until
 from tests.postgres import PostgresCluster
@@ -216,6 +216,31 @@ def test_a_process_killed_under_load_loses_its_shards_and_its_runs_are_recovered
         report = b.check_invariants()
         assert report.ok, report.violations
         assert taken_over < 4 * LEASE_S + 2
+    finally:
+        b.stop()
+
+
+def test_runs_taken_over_are_recovered_when_the_tracker_restarts_during_the_takeover(
+    pg_url: str, members: list[Member]
+) -> None:
+    """The tracker crashes once, on the takeover's AdoptShards: its next incarnation loads
+    the runs of the shards just put in the book as its own; the takeover still recovers
+    those left running and starts their agents."""
+    a = join(pg_url, members)
+    chaos = Chaos(crash_rate=1.0, only="tracker", crash_limit=1)
+    b = Runtime.start(pg_url, lease_s=LEASE_S, shards=SHARDS, chaos=chaos)
+    try:
+        groups = make_groups(a, 4, SLOW)
+        runs: list[str] = []
+        for g in groups:
+            runs += a.ask(f"rt.step({g!r}, [user('turn')]).run_ids")
+        a.kill()
+        assert wait_until(lambda: len(held(b)) == SHARDS, timeout=15)
+        done = b.wait_for_runs(runs, timeout=60)
+        assert all(r.status is RunStatus.COMPLETED for r in done)
+        assert b.stats()["injected_crashes"] == 1
+        report = b.check_invariants()
+        assert report.ok, report.violations
     finally:
         b.stop()
 
