@@ -50,6 +50,7 @@ from cli.options import (
     add_logging_options,
     add_workload_options,
     frequency_option,
+    group_count,
     positive_float,
     positive_int,
 )
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         " errors unless --log-level or $SLEEPTIME_LOG_LEVEL says otherwise.",
     )
     simulate_parser.add_argument(
-        "--groups", metavar="G", type=positive_int, default=20, help="groups"
+        "--groups", metavar="G", type=group_count, default=20, help="groups"
     )
     simulate_parser.add_argument(
         "--turns", metavar="T", type=positive_int, default=20, help="turns per group"
@@ -199,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long turns arrive",
     )
     loadtest_parser.add_argument(
-        "--groups", metavar="G", type=positive_int, default=20, help="groups"
+        "--groups", metavar="G", type=group_count, default=20, help="groups"
     )
     loadtest_parser.add_argument(
         "--arrivals",

@@ -636,7 +636,8 @@ class Runtime:
             address=None if holder is None else found.address,
             epoch=found.epoch,
             expires_at=found.expires_at,
-            here=self._store.serves(group_id),
+            # (A read-only runtime serves nothing, whatever its book shows to its reads.)
+            here=not self.read_only and self._store.serves(group_id),
         )
 
     def _reap(self) -> None:

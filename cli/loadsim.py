@@ -841,6 +841,14 @@ def plotting_available() -> bool:
     return True
 
 
+def plot_formats() -> set[str]:
+    """The file extensions `plot` can write (matplotlib's Agg canvas formats)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    return set(FigureCanvasAgg(Figure()).get_supported_filetypes())
+
+
 def plot(outcome: Outcome, path: Path, title: str) -> None:
     """Draw throughput and open runs over time, and the three latency histograms, to `path`.
 

@@ -56,6 +56,14 @@ def _number(
 
 
 positive_int = _number(int, lambda v: v >= 1, "a whole number of 1 or more")
+MAX_GROUPS = 1_000_000
+MAX_AGENTS = 1_000
+group_count = _number(
+    int, lambda v: 1 <= v <= MAX_GROUPS, f"a whole number from 1 to {MAX_GROUPS:,}"
+)
+agent_count = _number(
+    int, lambda v: 1 <= v <= MAX_AGENTS, f"a whole number from 1 to {MAX_AGENTS:,}"
+)
 non_negative_int = _number(int, lambda v: v >= 0, "a whole number of 0 or more")
 non_negative_float = _number(float, lambda v: 0 <= v < math.inf, "a number of 0 or more")
 positive_float = _number(float, lambda v: 0 < v < math.inf, "a number above 0")
@@ -117,7 +125,7 @@ def add_workload_options(parser: argparse.ArgumentParser) -> None:
     """The options `simulate` and `loadtest` share: the agents, faults, database and outputs."""
     agents = parser.add_argument_group("agents (all of the built-in 'simulated' kind)")
     agents.add_argument(
-        "--agents", metavar="A", type=positive_int, default=1, help="sleeptime agents per group"
+        "--agents", metavar="A", type=agent_count, default=1, help="sleeptime agents per group"
     )
     agents.add_argument(
         "--frequency",

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from typing import Any
 from actors import Runtime, configure_logging
 from cli import fanout, loadsim
 from cli.collector import tuned_collector
-from cli.command import EXIT_FAILED, EXIT_OK, CommandError
+from cli.command import EXIT_ERROR, EXIT_FAILED, EXIT_OK, CommandError
 from cli.options import llm_endpoint
 from cli.tables import format_table, print_invariants
 from persistence import redact
@@ -103,12 +104,38 @@ def ray_workload(
 
 
 def check_outputs(args: argparse.Namespace) -> None:
-    """Refuse unwritable --report/--plot paths and a missing matplotlib before any work."""
+    """Refuse unwritable --report/--plot paths, a plot format matplotlib cannot write and
+    a missing matplotlib before any work (found after a long run, each was a traceback)."""
     for option, path in (("--report", args.report), ("--plot", args.plot)):
-        if path is not None and not path.parent.is_dir():
-            raise CommandError(f"{option} {path}: the directory {path.parent} does not exist")
-    if args.plot is not None and not loadsim.plotting_available():
-        raise CommandError(f"--plot needs matplotlib: {loadsim.PLOT_INSTALL_HINT}")
+        if path is not None:
+            _check_writable(option, path)
+    if args.plot is not None:
+        if not loadsim.plotting_available():
+            raise CommandError(f"--plot needs matplotlib: {loadsim.PLOT_INSTALL_HINT}")
+        formats = loadsim.plot_formats()
+        if args.plot.suffix.lstrip(".").lower() not in formats:
+            raise CommandError(
+                f"--plot {args.plot}: end the name with one of "
+                f"{', '.join('.' + f for f in sorted(formats))} (the image format)"
+            )
+
+
+def _check_writable(option: str, path: Path) -> None:
+    """Refuse a path that is a directory, or that this process cannot create or write."""
+    if path.is_dir():
+        raise CommandError(f"{option} {path}: is a directory; give the path of a file")
+    if not path.parent.is_dir():
+        raise CommandError(f"{option} {path}: the directory {path.parent} does not exist")
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+    except OSError as error:
+        raise CommandError(
+            f"{option} {path}: cannot be written ({error.strerror or error})"
+        ) from error
+    if not existed:
+        path.unlink(missing_ok=True)
 
 
 def quiet_expected_warnings(args: argparse.Namespace) -> None:
@@ -246,13 +273,20 @@ def conclude(args: argparse.Namespace, url: str, outcome: loadsim.Outcome, title
     report = loadsim.build_report(outcome, parameters(args, url))
     print()
     print_summary(report)
-    if args.report is not None:
-        args.report.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"Report: {args.report}")
-    if args.plot is not None:
-        loadsim.plot(outcome, args.plot, title)
-        print(f"Plot: {args.plot}")
-    return EXIT_OK if outcome.ok else EXIT_FAILED
+    written = True
+    try:
+        if args.report is not None:
+            args.report.write_text(json.dumps(report, indent=2) + "\n")
+            print(f"Report: {args.report}")
+        if args.plot is not None:
+            loadsim.plot(outcome, args.plot, title)
+            print(f"Plot: {args.plot}")
+    except OSError as error:  # (checked before the run; the disk may have filled since)
+        print(f"error: could not write {error.filename or 'the output'}: {error}", file=sys.stderr)
+        written = False
+    if not outcome.ok:
+        return EXIT_FAILED
+    return EXIT_OK if written else EXIT_ERROR
 
 
 def _frequency_text(frequency: int | None) -> str:

@@ -69,6 +69,14 @@ class RunEventNotFound(NotFoundError):
     kind = "run event"
 
 
+class BlockVersionNotFound(NotFoundError):
+    """A block version id (a paging cursor of `block_history`, `after=`) that names no
+    version of the block: a wrong id, or one removed by retention since (start again
+    without `after`)."""
+
+    kind = "block version"
+
+
 class RuntimeStopped(SleeptimeError):
     """A call reached a runtime that was stopped (or is stopping)."""
 

@@ -167,6 +167,12 @@ class Leases:
             connection.execute(_JOIN, self._params())
         return stored
 
+    def stored_shards(self) -> int | None:
+        """The database's shard count, read only (None: no process has fixed it yet)."""
+        with self._engine.connect() as connection:
+            value = connection.execute(_READ_SHARDS).scalar_one_or_none()
+        return None if value is None else int(value)
+
     def renew(self, held: Mapping[int, int]) -> set[int]:
         """Extend the membership and the leases of `held` ({shard: epoch}); returns the
         shards no longer held at their epoch (taken over while this member was away)."""

@@ -42,6 +42,7 @@ from messages import (
     BlockNotFound,
     Blocks,
     BlockVersion,
+    BlockVersionNotFound,
     Group,
     GroupNotFound,
     Message,
@@ -304,7 +305,15 @@ class Store:
         if self.leases is not None and not read_only:
             fence = fence_for(self.leases, self.book)
         else:  # a SQLite file has one process; a reader writes nothing: both see all
-            self.book.add(dict.fromkeys(range(shards), 0))
+            if self.leases is not None:  # a reader of the shards the writers fixed
+                leases = self.leases
+                try:
+                    stored = self._guard(leases.stored_shards)
+                except BaseException:
+                    self._release()
+                    raise
+                self.book.shards = stored or shards
+            self.book.add(dict.fromkeys(range(self.book.shards), 0))
         self.committer = Committer(
             self._writer,
             translate=self._translate,
@@ -946,7 +955,8 @@ class Store:
         """Every version of the blocks labelled `label` in a view (an agent's, or with
         `agent_id` None the group's shared blocks), deleted ones included, oldest first:
         at most `limit`, after the version with id `after`. BlockNotFound if no block of
-        that label is, or ever was, in the view."""
+        that label is, or ever was, in the view; BlockVersionNotFound if `after` names
+        no version of it (a wrong id, or one removed by retention since)."""
         in_view = [block_versions.c.group_id == group_id, block_versions.c.label == label]
         if agent_id is None:
             in_view.append(block_versions.c.agent_id.is_(None))
@@ -963,15 +973,27 @@ class Store:
 
         def query(connection: Connection) -> list[BlockVersion]:
             rows = connection.execute(statement).mappings().all()
+            if after is not None:
+                cursor = select(block_versions.c.id).where(*in_view, block_versions.c.id == after)
+                if connection.execute(cursor).first() is None:
+                    in_view_now(connection)  # BlockNotFound first, for an unknown label
+                    raise BlockVersionNotFound(str(after))
             if rows:
                 return [_from_row(BlockVersion, r) for r in rows]
             if connection.execute(select(block_versions.c.id).where(*in_view).limit(1)).first():
                 return []
+            in_view_now(connection)  # a block whose history was pruned away: no versions
+            return []
+
+        def in_view_now(connection: Connection) -> None:
+            """Raise BlockNotFound unless a block of the label has versions in the view,
+            or is in it."""
+            if connection.execute(select(block_versions.c.id).where(*in_view).limit(1)).first():
+                return
             found = connection.execute(_SELECT_GROUP_BLOCKS, {"group_id": group_id}).mappings()
             labels = visible_to(agent_id, [_block(r) for r in found]).labels()
-            if label in labels:  # a block whose history was pruned away
-                return []
-            raise BlockNotFound(label, where, labels)
+            if label not in labels:
+                raise BlockNotFound(label, where, labels)
 
         return self._read(query)
 

@@ -28,6 +28,7 @@ from actors import (
     AsyncRuntime,
     BlockExists,
     BlockNotFound,
+    BlockVersionNotFound,
     GroupNotFound,
     NotOwner,
     ReadOnlyRuntime,
@@ -304,6 +305,13 @@ def test_block_history_pages_by_id_while_versions_are_added(rt: Runtime) -> None
     assert rt.block_history(group.id, "human", after=seen[-1].id) == []
     with pytest.raises(BlockNotFound):
         rt.block_history(group.id, "plans")
+    # A cursor that names no version of the block is an error, not the end of its history.
+    with pytest.raises(BlockVersionNotFound):
+        rt.block_history(group.id, "human", after=seen[-1].id + 1000)
+    with pytest.raises(BlockVersionNotFound):
+        rt.block_history(group.id, "persona", after=seen[-1].id)  # another block's
+    with pytest.raises(BlockNotFound):
+        rt.block_history(group.id, "plans", after=seen[-1].id)
     for bad in ({"limit": 0}, {"after": -1}, {"limit": "many"}):
         with pytest.raises(ValidationError):
             rt.block_history(group.id, "human", **bad)

@@ -24,6 +24,7 @@ ERRORS = {
     "AgentRoleError",
     "BlockExists",
     "BlockNotFound",
+    "BlockVersionNotFound",
     "DatabaseInUse",
     "GroupBusy",
     "GroupFailed",

@@ -394,6 +394,15 @@ def test_a_shard_being_handed_over_is_between_owners_not_ours(pg_url: str) -> No
         assert refused.value.owner is None
 
 
+def test_a_read_only_runtime_names_the_owner_and_is_not_it(pg_url: str) -> None:
+    with start(pg_url) as rt, Runtime.start(pg_url, read_only=True) as viewer:
+        rt.agents.register("echo", Echo)
+        group = rt.create_group(primary={"kind": "echo"}, sleeptime=[MEMORY])
+        seen = viewer.owner_of(group.id)
+        assert seen.owner == rt.owner_of(group.id).owner is not None
+        assert not seen.here and rt.owner_of(group.id).here
+
+
 def test_a_member_joining_takes_shards_where_nothing_runs_first(
     pg_url: str, members: list[Member]
 ) -> None:

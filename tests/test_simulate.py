@@ -232,6 +232,41 @@ def test_unusable_database_or_report_path_is_one_line_and_exit_2(
     assert "missing-dir" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "name", "says"),
+    [
+        ("--report", "", "is a directory"),
+        ("--plot", "", "is a directory"),
+        ("--plot", "sim.txt", "end the name with one of"),
+        ("--report", "no-such-dir/r.json", "does not exist"),
+    ],
+)
+@pytest.mark.parametrize("command", ["simulate", "loadtest"])
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    command: str,
+    option: str,
+    name: str,
+    says: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / name if name else tmp_path
+    database = tmp_path / "never.db"
+    argv = [command, "--db", f"sqlite:///{database}", "--no-progress", option, str(path)]
+    assert run.main(argv) == 2
+    captured = capsys.readouterr()
+    assert says in captured.err and "Traceback" not in captured.err
+    assert not database.exists()  # refused before the run: nothing was started
+
+
+@pytest.mark.parametrize("option", ["--agents", "--groups"])
+def test_a_workload_too_large_to_build_is_refused(
+    option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run.main(["simulate", option, "99999999999999999999", "--no-progress"]) == 2
+    assert "is not a whole number from 1 to" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("rate", "duration"), [("0.01", "5"), ("1e9", "1e6")])
 def test_a_loadtest_offering_no_turn_or_too_many_is_refused_before_it_starts(
     rate: str, duration: str, capsys: pytest.CaptureFixture[str]
