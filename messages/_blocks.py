@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, StrictStr, field_validator, model_validator
 
 from messages._errors import AgentNotFound, GroupNotFound, NotFoundError
 from messages._groups import BlockCreate, check_label
@@ -57,7 +57,7 @@ class BlockSpec(BlockCreate):
     """A block as `create_block` takes it: a label, then what `create_group` takes."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", title="create_block")
-    label: str
+    label: StrictStr  # (bytes are not a label: `get_block` refuses them too)
 
     @field_validator("label")
     @classmethod

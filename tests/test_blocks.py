@@ -165,6 +165,9 @@ def test_get_block_sees_what_the_agent_sees_and_a_group_its_shared_blocks(rt: Ru
         rt.get_block("group-nobody-made", "human")
     with pytest.raises(ValidationError):
         rt.get_block(group.id, 7)  # type: ignore[arg-type]
+    for call in (rt.get_block, rt.create_block):  # bytes are no label, to either call
+        with pytest.raises(ValidationError):
+            call(group.id, b"human")  # type: ignore[arg-type]
 
 
 def test_set_block_makes_a_version_and_refuses_what_does_not_fit(rt: Runtime, db_url: str) -> None:
