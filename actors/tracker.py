@@ -543,7 +543,6 @@ class RunTrackerActor(SupervisedActor):
         self._waiters.fail_runs(errors)
         if errors:
             self._observer.runs_forgotten(list(errors), "moved")
-        if errors:
             log.warning("shard_runs_dropped", shards=len(shards), runs=len(errors), lost=lost)
 
     def _fail_group(self, group_id: str, reason: str) -> None:

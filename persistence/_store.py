@@ -980,9 +980,7 @@ class Store:
                     raise BlockVersionNotFound(str(after))
             if rows:
                 return [_from_row(BlockVersion, r) for r in rows]
-            if connection.execute(select(block_versions.c.id).where(*in_view).limit(1)).first():
-                return []
-            in_view_now(connection)  # a block whose history was pruned away: no versions
+            in_view_now(connection)  # (a block whose history was pruned away: no versions)
             return []
 
         def in_view_now(connection: Connection) -> None:
