@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 from messages import (
@@ -175,7 +176,7 @@ class StartDecision:
     started: bool
     attempt: int = 0
     cancel: threading.Event | None = None
-    committed: Future[None] | None = None
+    committed: Future[datetime | None] | None = None
     reason: str | None = None
     retry: bool = False
     token: int = 0

@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +34,8 @@ from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-d
 OBJECT_STORE_MB = 80
 """The object store of a local Ray, in MB (Ray's own floor is about 75)."""
 TEMP_PREFIX = "sleeptime-ray-"
+CONNECT_TIMEOUT_S = 10.0
+"""How long `connect_ray` waits for a cluster's address to answer at all."""
 # Unix socket paths are at most 107 bytes: the session directory must be short.
 _TEMP_ROOT = "/tmp" if os.path.isdir("/tmp") else None
 _AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -140,14 +143,36 @@ def _reload_ray_config() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def connect_ray(address: str, *, namespace: str | None = None) -> LocalRay:
+def connect_ray(
+    address: str, *, namespace: str | None = None, timeout: float = CONNECT_TIMEOUT_S
+) -> LocalRay:
     """Connect this process to the running Ray cluster at `address` (as `ray.init`
     takes it: `auto`, `host:port`, or `ray://host:10001` for Ray Client), quietly: the
-    workers' output stays in the cluster's log files. Stopping it disconnects."""
+    workers' output stays in the cluster's log files. Stopping it disconnects.
+
+    A `host:port` nobody answers at within `timeout` seconds raises ConnectionError
+    (`ray.init` itself would keep trying for minutes)."""
     if ray.is_initialized():
         return LocalRay(owned=False, address=_address())
+    _probe(address, timeout)
     ray.init(address=address, namespace=namespace, log_to_driver=False, logging_level=logging.ERROR)
     return LocalRay(owned=True, address=_address())
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Raise ConnectionError unless something accepts a TCP connection at `address`'s
+    host and port (`auto` and other forms without a port are left to Ray)."""
+    where = address.removeprefix("ray://")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as error:
+        raise ConnectionError(
+            f"no Ray cluster answers at {address} ({error}): start one (`ray start --head`)"
+            " or give the address its head node prints"
+        ) from error
 
 
 def _address() -> str:

@@ -37,8 +37,6 @@ from typing import Any, Self, TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
-    Counter,
-    Histogram,
     generate_latest,
     make_asgi_app,
     start_http_server,
@@ -47,6 +45,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from actors._observer import Load, Observer, RequestWatch, TurnWatch, actor_kind
+from actors._tally import Tally, TallyCounter, TallyHistogram
 from messages import Run, RunStatus, StoreUnavailable
 from persistence import Transition
 
@@ -57,6 +56,7 @@ _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 _SLOW = (0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 """Seconds: runs and model requests, up to the default run timeout."""
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_FIRED = {True: ("true",), False: ("false",)}
 
 
 class RuntimeMetrics(Observer):
@@ -72,19 +72,25 @@ class RuntimeMetrics(Observer):
         self._servers: list[Any] = []
         self._lock = threading.Lock()
 
-        def counter(name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
-            return self._keep(Counter(f"{PREFIX}_{name}", documentation, labels, registry=None))
+        tally = self._tally = Tally()
+        self._observe = tally.observe
+
+        def counter(
+            name: str, documentation: str, labels: Sequence[str] = (), children: Any = ()
+        ) -> TallyCounter:
+            return tally.counter(f"{PREFIX}_{name}", documentation, labels, children)
 
         def histogram(
             name: str, documentation: str, buckets: Sequence[float], labels: Sequence[str] = ()
-        ) -> Histogram:
-            made = Histogram(
-                f"{PREFIX}_{name}", documentation, labels, registry=None, buckets=buckets
-            )
-            return self._keep(made)
+        ) -> TallyHistogram:
+            return tally.histogram(f"{PREFIX}_{name}", documentation, buckets, labels)
 
-        turns = counter("turns", "Turns recorded, by whether sleeptime fired.", ["fired"])
-        self._turns = {True: turns.labels(fired="true"), False: turns.labels(fired="false")}
+        self._turns = counter(
+            "turns",
+            "Turns recorded, by whether sleeptime fired.",
+            ["fired"],
+            children=[("true",), ("false",)],
+        )
         self._turn_seconds = histogram(
             "turn_duration_seconds",
             "Seconds from a group's actor taking a turn to its reply.",
@@ -132,9 +138,9 @@ class RuntimeMetrics(Observer):
             _SLOW,
             ["outcome"],
         )
+        self._keep(tally)
         self._gauges = _LoadCollector()
         self._keep(self._gauges)
-        self._children: dict[tuple[Any, ...], Any] = {}
 
     def _keep(self, collector: C) -> C:
         """Register `collector` (so a clash with a registry's names is said at start)."""
@@ -149,14 +155,6 @@ class RuntimeMetrics(Observer):
             ) from error
         self._collectors.append(collector)
         return collector
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        """`metric.labels(*labels)`, looked up once (prometheus_client locks each lookup)."""
-        key = (id(metric), *labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children.setdefault(key, metric.labels(*labels))
-        return found
 
     # -- exposing them --------------------------------------------------------------------
 
@@ -182,19 +180,19 @@ class RuntimeMetrics(Observer):
         return _TurnTimer(self)
 
     def runs_backfilled(self, runs: Sequence[Run]) -> None:
-        self._runs_created.inc(len(runs))
+        self._observe(self._runs_created, (), len(runs))
 
     def run_committed(self, run: Run, change: Transition, started_at: datetime | None) -> None:
         new = change.new
         if new is RunStatus.RUNNING:
-            self._queued_seconds.observe(_seconds(run.created_at, change.at))
+            self._observe(self._queued_seconds, (), _seconds(run.created_at, change.at))
         elif new is RunStatus.CREATED:
-            self._runs_requeued.inc()
+            self._observe(self._runs_requeued, (), 1)
         else:
             stop = "" if change.stop_reason is None else change.stop_reason.value
-            self._child(self._runs_ended, new.value, stop).inc()
+            self._observe(self._runs_ended, (new.value, stop), 1)
             if started_at is not None:
-                self._child(self._run_seconds, new.value).observe(_seconds(started_at, change.at))
+                self._observe(self._run_seconds, (new.value,), _seconds(started_at, change.at))
 
     def model_request(
         self, agent_id: str, group_id: str, run_id: str | None, model: str
@@ -202,27 +200,27 @@ class RuntimeMetrics(Observer):
         return _RequestTimer(self)
 
     def actor_crashed(self, identity: str, error: BaseException) -> None:
-        self._child(self._crashes, actor_kind(identity)).inc()
+        self._observe(self._crashes, (actor_kind(identity),), 1)
 
     def actor_restarted(self, identity: str, incarnation: int) -> None:
-        self._child(self._restarts, actor_kind(identity)).inc()
+        self._observe(self._restarts, (actor_kind(identity),), 1)
 
     def actor_escalated(self, identity: str, reason: str) -> None:
-        self._child(self._escalations, actor_kind(identity)).inc()
+        self._observe(self._escalations, (actor_kind(identity),), 1)
 
     def actor_passivated(self, identity: str) -> None:
-        self._child(self._passivations, actor_kind(identity)).inc()
+        self._observe(self._passivations, (actor_kind(identity),), 1)
 
     def actor_activated(self, identity: str) -> None:
-        self._child(self._activations, actor_kind(identity)).inc()
+        self._observe(self._activations, (actor_kind(identity),), 1)
 
     def batch_committed(self, writes: int, seconds: float) -> None:
-        self._commit_seconds.observe(seconds)
-        self._batch_size.observe(writes)
+        self._observe(self._commit_seconds, (), seconds)
+        self._observe(self._batch_size, (), writes)
 
     def store_error(self, error: Exception) -> None:
         kind = "unavailable" if isinstance(error, StoreUnavailable) else "rejected"
-        self._child(self._store_errors, kind).inc()
+        self._observe(self._store_errors, (kind,), 1)
 
     def observe_load(self, sample: Callable[[], Load]) -> None:
         self._gauges.sample = sample
@@ -270,7 +268,8 @@ class _TurnTimer(TurnWatch):
     ) -> None:
         self._fired = fired
         if runs:
-            self._metrics._runs_created.inc(len(runs))
+            metrics = self._metrics
+            metrics._observe(metrics._runs_created, (), len(runs))
 
     def __exit__(
         self,
@@ -279,8 +278,9 @@ class _TurnTimer(TurnWatch):
         tb: TracebackType | None,
     ) -> None:
         if self._fired is not None:  # a turn that was not recorded is not a turn
-            self._metrics._turns[self._fired].inc()
-            self._metrics._turn_seconds.observe(time.perf_counter() - self._began)
+            metrics = self._metrics
+            metrics._observe(metrics._turns, _FIRED[self._fired], 1)
+            metrics._observe(metrics._turn_seconds, (), time.perf_counter() - self._began)
 
 
 class _RequestTimer(RequestWatch):
@@ -308,7 +308,7 @@ class _RequestTimer(RequestWatch):
     ) -> None:
         outcome = self._outcome if exc is None or self._outcome != "ok" else "error"
         metrics = self._metrics
-        metrics._child(metrics._model_seconds, outcome).observe(time.perf_counter() - self._began)
+        metrics._observe(metrics._model_seconds, (outcome,), time.perf_counter() - self._began)
 
 
 class _LoadCollector(Collector):

@@ -171,7 +171,7 @@ class _Open:
     status: RunStatus
     attempt: int
     pending: Transition | None = None
-    settled: Future[None] | None = None
+    settled: Future[datetime | None] | None = None
     retries: int = 0
     started_at: datetime | None = None
     """When its current attempt started running, as written (for its duration)."""
@@ -208,7 +208,7 @@ class RunTrackerActor(SupervisedActor):
         waiters: RunWaiters,
         flags: CancelFlags,
         address: Address,
-        recovered: Future[None] | None = None,
+        recovered: Future[datetime | None] | None = None,
         observer: Observer = NO_OBSERVER,
     ) -> None:
         """`recovered`: given to the first incarnation of a starting runtime, which
@@ -406,7 +406,7 @@ class RunTrackerActor(SupervisedActor):
             if finish.messages:
                 self._store.store_messages(finish.messages)
 
-    def _cancel(self, run_id: str) -> Future[None] | None:
+    def _cancel(self, run_id: str) -> Future[datetime | None] | None:
         run = self._open.get(run_id)
         if run is None:
             stored = self._store.get_run(run_id)
@@ -477,7 +477,9 @@ class RunTrackerActor(SupervisedActor):
             if found.status is RunStatus.CREATED
         ]
 
-    def _interrupt(self, found: _Open, limits: dict[str, int] | None = None) -> Future[None]:
+    def _interrupt(
+        self, found: _Open, limits: dict[str, int] | None = None
+    ) -> Future[datetime | None]:
         """Re-queue or fail a run whose attempt was interrupted (`rules.after_interruption`);
         returns the commit of that change. `limits` caches the groups' max_attempts."""
         run_id, group_id = found.run.id, found.run.group_id
@@ -569,7 +571,7 @@ class RunTrackerActor(SupervisedActor):
         error: str | None = None,
         messages: list[Any] | None = None,
         attempt: int | None = None,
-    ) -> Future[None]:
+    ) -> Future[datetime | None]:
         """Record `run` moving to `new`, guarded by the status and attempt the tracker
         holds it at; `attempt` is the attempt it moves to (a re-queue's; else the same)."""
         check_transition(run_id, run.status, new)
@@ -593,18 +595,20 @@ class RunTrackerActor(SupervisedActor):
             run.started_at = None
         return self._submit(run_id, run, change)
 
-    def _submit(self, run_id: str, run: _Open, change: Transition) -> Future[None]:
+    def _submit(self, run_id: str, run: _Open, change: Transition) -> Future[datetime | None]:
         future = self._store.apply_transition(change)
         address, observer = self._address, self._observer
         created, started_at = run.run, run.started_at
         if change.new.terminal:
             run.settled, run.pending = future, change
 
-        def committed(done: Future[None]) -> None:
+        def committed(done: Future[datetime | None]) -> None:
             error = done.exception()
             if error is None:  # on the writer thread, as the change is committed
-                observer.run_committed(created, change, started_at)
-                _log_committed(created, change, started_at)
+                at = done.result()  # the time the writer gave it
+                stored = change if at is None else replace(change, at=at)
+                observer.run_committed(created, stored, started_at)
+                _log_committed(created, stored, started_at)
             if error is not None:
                 address.tell(
                     TransitionFailed(
@@ -741,7 +745,7 @@ class RunTrackerActor(SupervisedActor):
 
     # -- groups over their life -----------------------------------------------------------
 
-    def _cancel_agent(self, agent_id: str) -> list[Future[None]]:
+    def _cancel_agent(self, agent_id: str) -> list[Future[datetime | None]]:
         """Cancel every open run of the agent (those followed, and any the store holds
         open), each recorded as a user's cancel is; the commit futures of the changes."""
         followed = [

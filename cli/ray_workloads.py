@@ -35,11 +35,14 @@ def ray_hosts(
     """A client, the cluster and the hosts' names, for the workload's time."""
     url: str = args.db
     namespace: str = args.ray_namespace
-    here: LocalRay = (
-        connect_ray(args.ray_address, namespace=namespace)
-        if args.ray_address is not None
-        else start_local_ray()
-    )
+    try:
+        here: LocalRay = (
+            connect_ray(args.ray_address, namespace=namespace)
+            if args.ray_address is not None
+            else start_local_ray()
+        )
+    except ConnectionError as error:
+        raise CommandError(str(error)) from error
     cluster = RayCluster(url, namespace, options)
     started: list[str] = []
     try:

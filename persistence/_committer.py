@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Connection, Delete, Engine, Insert, Update
@@ -49,6 +50,7 @@ from messages import RuntimeStopped, StoreUnavailable
 from messages._futures import Reply, reject, resolve
 from messages._log import get_logger
 from persistence._fastsql import FastExecutor
+from persistence._models import utcnow
 from persistence._observed import NO_STORE_OBSERVER, StoreObserver
 
 T = TypeVar("T")
@@ -74,10 +76,13 @@ class Write:
       their order is kept;
     - `lease`: (shard, epoch), the lease of the group it writes for, if the committer
       fences writes (see `Committer`): refused unless this process still holds that shard
-      at that epoch when the transaction runs.
+      at that epoch when the transaction runs;
+    - `stamp`: rows (of `guard` or `inserts`) whose `"at"` is the time the writer takes
+      the write, as it plans the writes around it: a time in the order of the commits,
+      not of the queueing (the write's future resolves with that time, also in `at`).
     """
 
-    __slots__ = ("appends", "guard", "inserts", "keys", "lease", "refusal")
+    __slots__ = ("appends", "at", "guard", "inserts", "keys", "lease", "refusal", "stamp")
 
     def __init__(
         self,
@@ -88,6 +93,7 @@ class Write:
         appends: Rows | None = None,
         keys: Sequence[str] = (),
         lease: Lease | None = None,
+        stamp: Sequence[dict[str, Any]] = (),
     ) -> None:
         if (guard is None) != (refusal is None):
             raise ValueError("a guarded write needs a refusal, and a refusal needs a guard")
@@ -97,6 +103,16 @@ class Write:
         self.appends = appends or []
         self.keys = keys
         self.lease = lease
+        self.stamp = stamp
+        self.at: datetime | None = None
+
+    def taken(self) -> datetime | None:
+        """The writer takes this write now: stamp its rows; their time."""
+        if self.stamp:
+            self.at = at = utcnow()
+            for row in self.stamp:
+                row["at"] = at
+        return self.at
 
 
 class Txn:
@@ -432,6 +448,8 @@ class Committer:
             work = planned
         elif not isinstance(work, Write):
             return True, work(connection)
+        else:
+            result = work.taken()
         if work.guard is not None:
             statement, params = work.guard
             self.statements += 1
@@ -459,7 +477,7 @@ class Committer:
                 outcomes.append((True, result))
             elif isinstance(work, Write):
                 segment.append(work)
-                outcomes.append((True, None))
+                outcomes.append((True, work.taken()))
             else:
                 outcomes.append((True, work(connection)))
         self._flush(connection, segment, txn)

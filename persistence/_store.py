@@ -1154,10 +1154,12 @@ class Store:
 
     # -- runs -----------------------------------------------------------------------------
 
-    def apply_transition(self, change: Transition) -> Future[None]:
-        """Write one status change; its future fails with TransitionRefused (and nothing
-        of it is stored) unless the stored run is at `change.old` and
-        `change.expected_attempt`."""
+    def apply_transition(self, change: Transition) -> Future[datetime | None]:
+        """Write one status change; its future resolves with the time stored (the
+        writer's, as it takes the change: after every write queued before it, a memory
+        edit of the run's included, `change.at` being when it was asked for), or fails
+        with TransitionRefused (and nothing of it is stored) unless the stored run is at
+        `change.old` and `change.expected_attempt`."""
         params = {
             "run_id": change.run_id,
             "status": change.new.value,
@@ -1193,6 +1195,7 @@ class Store:
                 appends=[_message_values(m) for m in change.messages],
                 keys=[change.run_id],
                 lease=lease,
+                stamp=[params, event],
             )
         )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -196,10 +197,10 @@ def _drop_first_requeue(monkeypatch: pytest.MonkeyPatch) -> list[Transition]:
     dropped: list[Transition] = []
     original = Store.apply_transition
 
-    def apply(self: Store, transition: Transition) -> Future[None]:
+    def apply(self: Store, transition: Transition) -> Future[datetime | None]:
         if transition.new is CREATED and not dropped:
             dropped.append(transition)
-            failed: Future[None] = Future()
+            failed: Future[datetime | None] = Future()
             failed.set_exception(StoreUnavailable(self.url, "injected: the re-queue was lost"))
             return failed
         return original(self, transition)
@@ -262,7 +263,7 @@ def test_a_run_whose_group_is_deleted_while_its_start_is_written_ends_without_a_
         original = Store.apply_transition
         deleted: list[str] = []
 
-        def apply(self: Store, change: Transition) -> Future[None]:
+        def apply(self: Store, change: Transition) -> Future[datetime | None]:
             if change.new is RUNNING and not deleted:
                 deleted.extend(self.delete_group(group.id).result(timeout=30))
             return original(self, change)

@@ -737,3 +737,16 @@ def test_demo_and_inspection_on_any_backend(
     assert capsys.readouterr().out.splitlines()[-1] == "3 run(s), newest first"
     assert run.main(["migrate", "--db", db_url]) == 0
     assert "already at schema revision" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1", "nowhere.invalid:6379"])
+def test_a_ray_address_nobody_answers_at_is_an_error_at_once(
+    address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ray.init` keeps trying an address for minutes; the workload says at once that
+    nothing answers there (exit 2, one line), before touching the database."""
+    database = "postgresql://nobody@127.0.0.1:9/nothing"
+    code = run.main(["simulate", "--ray-address", address, "--groups", "1", "--db", database])
+    assert code == 2
+    error = capsys.readouterr().err
+    assert f"no Ray cluster answers at {address}" in error

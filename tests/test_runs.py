@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import threading
 from concurrent.futures import Future
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from actors import (
 from messages import MessageCreate, RunStatus, StopReason
 from messages._runs import is_legal_history
 from persistence import Store, Transition
-from tests.agents import Echo, Recorder, StepLimited, user
+from tests.agents import Echo, Recorder, StepLimited, user, wait_until
 
 
 def _group(rt: Runtime, *recorders: Recorder, **settings: object) -> str:
@@ -202,11 +203,11 @@ def test_a_run_whose_start_commit_outlasts_its_timeout_fails_without_stepping(
     released = threading.Event()
     original = Store.apply_transition
 
-    def slow_start(store: Store, change: Transition) -> Future[None]:
+    def slow_start(store: Store, change: Transition) -> Future[datetime | None]:
         committed = original(store, change)
         if change.new is not RunStatus.RUNNING:
             return committed
-        late: Future[None] = Future()
+        late: Future[datetime | None] = Future()
 
         def tell_late() -> None:
             released.wait(30)
@@ -396,3 +397,50 @@ def test_a_handed_over_window_is_the_stored_window(
             m for m in stored.values() if run.window_first_seq <= m.sequence <= run.window_last_seq
         ]
         assert seen == render_transcript(window, group.preamble, group.transcript_max_messages)
+
+
+def test_a_cancel_asked_before_a_queued_memory_edit_is_stamped_after_it(rt: Runtime) -> None:
+    """Times are the writer's, in commit order: a run's memory edit queued before its
+    cancel (so committed before it) never carries a later time than the `cancelled`
+    event, even when the cancel was asked for before the writer took the edit. (The
+    tracker used to stamp the change as it queued it: the edit, timed as the writer
+    planned it, came out after its run had ended.)"""
+    gate = threading.Event()
+    recorder = Recorder(gate=gate, ignore_cancel=True)
+    group_id = _group(rt, recorder)
+    run_id = rt.step(group_id, [user("hi")]).run_ids[0]
+    recorder.wait_started()
+    run = rt.get_run(run_id)
+    block = rt.get_blocks(run.agent_id)["human"]
+    store = rt._store
+    held, release = threading.Event(), threading.Event()
+
+    def hold(connection: object) -> None:
+        held.set()
+        release.wait(30)
+
+    store.committer.submit(hold)  # the writer takes nothing more until released
+    try:
+        assert held.wait(10)
+        edited: list[object] = []
+        edit = threading.Thread(
+            target=lambda: edited.append(
+                store.edit_block(block.id, lambda b: b.value + " edited", run_id=run_id)
+            )
+        )
+        edit.start()
+        assert wait_until(lambda: store.committer.queued >= 1)
+        cancelled: list[object] = []
+        cancel = threading.Thread(target=lambda: cancelled.append(rt.cancel_run(run_id)))
+        cancel.start()
+        assert wait_until(lambda: store.committer.queued >= 2)
+    finally:
+        release.set()
+    edit.join(30)
+    cancel.join(30)
+    gate.set()
+    assert edited and cancelled
+    (version,) = [v for v in rt.block_history(run.agent_id, "human") if v.run_id == run_id]
+    (event,) = [e for e in rt.run_events(run_id) if e.status == "cancelled"]
+    assert version.at <= event.at
+    assert rt.get_run(run_id).completed_at == event.at
