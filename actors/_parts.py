@@ -317,10 +317,11 @@ class ActorDirectory:
             )
 
     def stop(self, prefix: str, timeout: float) -> None:
-        """Stop every child whose identity starts with `prefix`, after what it queued."""
-        for identity in self._parts.supervisor.identities():
-            if identity.startswith(prefix):
-                self._parts.supervisor.stop(identity, RuntimeStopped(), timeout=timeout)
+        """Stop every child whose identity starts with `prefix`, after what it queued,
+        all at once; wait up to `timeout` s in all."""
+        supervisor = self._parts.supervisor
+        chosen = [i for i in supervisor.identities() if i.startswith(prefix)]
+        supervisor.stop_all(chosen, RuntimeStopped(), timeout)
 
     def counts(self) -> dict[str, int]:
         identities = self._parts.supervisor.identities()

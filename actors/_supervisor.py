@@ -19,7 +19,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -146,6 +146,27 @@ class Supervisor:
             self._deactivate(identity)
         if child is not None:
             _stop(child.address.close(refusal), timeout if wait else None)
+
+    def stop_all(self, identities: Sequence[str], refusal: Exception, timeout: float) -> None:
+        """`stop` the children all at once, and wait up to `timeout` s in all (not each):
+        one stuck in a call that never returns (an agent's hung step) holds up no other,
+        and the wait for it ends with the time."""
+        stopping = []
+        for identity in identities:
+            with self._lock:
+                child = self._children.pop(identity, None)
+                self._deactivate(identity)
+            if child is not None:
+                stopping.append(child.address.close(refusal))
+        deadline = time.monotonic() + timeout
+        futures = [_stop_later(ref) for ref in stopping]
+        for future in futures:
+            if future is None:
+                continue
+            try:
+                future.get(timeout=max(0.0, deadline - time.monotonic()))
+            except (pykka.ActorDeadError, pykka.Timeout):
+                continue
 
     def close(self, identity: str, refusal: Exception) -> None:
         """Stop a child for good but keep its address, which refuses every message."""
@@ -350,6 +371,16 @@ def _log(identity: str) -> Any:
         else ({"agent_id": object_id} if kind == "agent" else {})
     )
     return log.bind(actor=kind, **context)
+
+
+def _stop_later(ref: pykka.ActorRef[Any] | None) -> pykka.Future[bool] | None:
+    """Ask an incarnation to stop after what it queued; the future of its stop."""
+    if ref is None:
+        return None
+    try:
+        return ref.stop(block=False)
+    except pykka.ActorDeadError:
+        return None
 
 
 def _stop(ref: pykka.ActorRef[Any] | None, timeout: float | None) -> None:

@@ -137,6 +137,8 @@ REAP_INTERVAL_S = 0.1
 DEFAULT_LEASE_S = 10.0
 """How long a shard's lease lasts unrenewed (PostgreSQL): the longest a dead process's
 groups wait for a new owner, and the longest pause a process survives."""
+TURNS_STOP_MAX_S = 60.0
+"""How long `stop` waits for the turns queued to finish (at least 5 s, or the drain time)."""
 HAND_OVER_TURNS_S = 30.0
 """How long a hand-over waits for a group's queued turns to finish."""
 MAX_ID_DRAWS = 1_000_000
@@ -684,7 +686,8 @@ class Runtime:
             self._hand_over_timeout = drain_timeout
             self._keeper.stop()
         self._directory.close("group:")  # a turn sent from now on is refused, not started
-        self._directory.stop("group:", timeout=60.0)
+        # The turns queued finish (a hung primary step holds up the stop that long only).
+        self._directory.stop("group:", timeout=min(TURNS_STOP_MAX_S, max(drain_timeout, 5.0)))
         # A read-only runtime runs nothing; a shard keeper drained as it handed over.
         if drain_timeout > 0 and not self.read_only and self._keeper is None:
             self._drain(drain_timeout)

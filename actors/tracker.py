@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -208,7 +208,7 @@ class RunTrackerActor(SupervisedActor):
         waiters: RunWaiters,
         flags: CancelFlags,
         address: Address,
-        recovered: Future[datetime | None] | None = None,
+        recovered: Future[None] | None = None,
         observer: Observer = NO_OBSERVER,
     ) -> None:
         """`recovered`: given to the first incarnation of a starting runtime, which
@@ -224,6 +224,10 @@ class RunTrackerActor(SupervisedActor):
         self._address = address
         self._recovered = recovered
         self._open: dict[str, _Open] = {}
+        # By agent: its runs whose end is written but not yet known committed. A run of
+        # the agent starts only after them (SPEC 6: one at a time, in order), even when
+        # the store lost one of those writes (`_start`).
+        self._ending: dict[str, set[str]] = {}
 
     def started(self) -> None:
         try:
@@ -329,9 +333,34 @@ class RunTrackerActor(SupervisedActor):
             status = "unknown" if run is None else run.status.value
             log.debug("start_refused", run_id=run_id, status=status)
             return StartDecision(started=False, reason=f"run is {status}")
+        ending = self._ends_pending(run.run.agent_id)
+        lost = next((e for e in ending if e.settled is None or _failed(e.settled)), None)
+        if lost is not None:  # its write failed: retried until it lands, and this waits
+            reason = f"the end of the agent's earlier run {lost.run.id} is not recorded yet"
+            log.info("start_put_off", run_id=run_id, reason=reason)
+            return StartDecision(started=False, retry=True, reason=reason)
         flag = self._flags.new_attempt(run_id)
-        committed = self._write(run_id, run, RunStatus.RUNNING, reason="started")
+        # Queued after those ends, it commits with them or after them; if one of them
+        # fails, so does this start (nothing of it stored).
+        after = [e.settled for e in ending if e.settled is not None]
+        committed = self._write(run_id, run, RunStatus.RUNNING, reason="started", after=after)
         return StartDecision(started=True, attempt=run.attempt, cancel=flag, committed=committed)
+
+    def _ends_pending(self, agent_id: str) -> list[_Open]:
+        """The agent's runs whose end is written and not yet known committed."""
+        run_ids = self._ending.get(agent_id)
+        if not run_ids:
+            return []
+        pending = []
+        for run_id in list(run_ids):
+            found = self._open.get(run_id)
+            if found is None or not found.status.terminal:  # settled, or taken back
+                run_ids.discard(run_id)
+            else:
+                pending.append(found)
+        if not run_ids:
+            del self._ending[agent_id]
+        return pending
 
     def _start_aborted(self, run_id: str, attempt: int) -> None:
         """The agent never stepped the run (the store was unavailable): queued again."""
@@ -571,9 +600,11 @@ class RunTrackerActor(SupervisedActor):
         error: str | None = None,
         messages: list[Any] | None = None,
         attempt: int | None = None,
+        after: Sequence[Future[Any]] = (),
     ) -> Future[datetime | None]:
         """Record `run` moving to `new`, guarded by the status and attempt the tracker
-        holds it at; `attempt` is the attempt it moves to (a re-queue's; else the same)."""
+        holds it at; `attempt` is the attempt it moves to (a re-queue's; else the same);
+        `after`: writes it must not outlive (see `Store.apply_transition`)."""
         check_transition(run_id, run.status, new)
         change = Transition(
             run_id=run_id,
@@ -593,14 +624,17 @@ class RunTrackerActor(SupervisedActor):
             run.started_at = change.at
         elif new is RunStatus.CREATED:  # re-queued: its next attempt has not started
             run.started_at = None
-        return self._submit(run_id, run, change)
+        return self._submit(run_id, run, change, after)
 
-    def _submit(self, run_id: str, run: _Open, change: Transition) -> Future[datetime | None]:
-        future = self._store.apply_transition(change)
+    def _submit(
+        self, run_id: str, run: _Open, change: Transition, after: Sequence[Future[Any]] = ()
+    ) -> Future[datetime | None]:
+        future = self._store.apply_transition(change, after)
         address, observer = self._address, self._observer
         created, started_at = run.run, run.started_at
         if change.new.terminal:
             run.settled, run.pending = future, change
+            self._ending.setdefault(created.agent_id, set()).add(run_id)
 
         def committed(done: Future[datetime | None]) -> None:
             error = done.exception()
@@ -626,7 +660,13 @@ class RunTrackerActor(SupervisedActor):
         return future
 
     def _settle(self, run_id: str) -> None:
-        if self._open.pop(run_id, None) is not None:
+        found = self._open.pop(run_id, None)
+        if found is not None:
+            ending = self._ending.get(found.run.agent_id)
+            if ending is not None:
+                ending.discard(run_id)
+                if not ending:
+                    del self._ending[found.run.agent_id]
             self._flags.forget(run_id)
             self._waiters.resolve(run_id)
 
@@ -811,6 +851,10 @@ class RunTrackerActor(SupervisedActor):
                 self._open[run_id] = _opened(found)
             futures[run_id] = self._waiters.add(run_id)
         return [futures[run_id] for run_id in run_ids]
+
+
+def _failed(future: Future[Any]) -> bool:
+    return future.done() and future.exception() is not None
 
 
 def _log_committed(run: Run, change: Transition, started_at: datetime | None) -> None:

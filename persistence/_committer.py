@@ -79,10 +79,23 @@ class Write:
       at that epoch when the transaction runs;
     - `stamp`: rows (of `guard` or `inserts`) whose `"at"` is the time the writer takes
       the write, as it plans the writes around it: a time in the order of the commits,
-      not of the queueing (the write's future resolves with that time, also in `at`).
+      not of the queueing (the write's future resolves with that time, also in `at`);
+    - `after`: futures of writes queued before this one that it depends on, and the
+      error it fails with (nothing of it stored) if one of them failed. Queued earlier,
+      each either failed already or commits in this write's transaction.
     """
 
-    __slots__ = ("appends", "at", "guard", "inserts", "keys", "lease", "refusal", "stamp")
+    __slots__ = (
+        "after",
+        "appends",
+        "at",
+        "guard",
+        "inserts",
+        "keys",
+        "lease",
+        "refusal",
+        "stamp",
+    )
 
     def __init__(
         self,
@@ -94,6 +107,7 @@ class Write:
         keys: Sequence[str] = (),
         lease: Lease | None = None,
         stamp: Sequence[dict[str, Any]] = (),
+        after: tuple[Sequence[Future[Any]], Callable[[], Exception]] | None = None,
     ) -> None:
         if (guard is None) != (refusal is None):
             raise ValueError("a guarded write needs a refusal, and a refusal needs a guard")
@@ -104,7 +118,18 @@ class Write:
         self.keys = keys
         self.lease = lease
         self.stamp = stamp
+        self.after = after
         self.at: datetime | None = None
+
+    def unmet(self) -> Exception | None:
+        """The error this write fails with if a write it depends on failed, else None."""
+        if self.after is None:
+            return None
+        futures, error = self.after
+        for future in futures:
+            if future.done() and future.exception() is not None:
+                return error()
+        return None
 
     def taken(self) -> datetime | None:
         """The writer takes this write now: stamp its rows; their time."""
@@ -449,6 +474,9 @@ class Committer:
         elif not isinstance(work, Write):
             return True, work(connection)
         else:
+            unmet = work.unmet()
+            if unmet is not None:
+                return False, unmet
             result = work.taken()
         if work.guard is not None:
             statement, params = work.guard
@@ -476,6 +504,10 @@ class Committer:
                     segment.append(planned)
                 outcomes.append((True, result))
             elif isinstance(work, Write):
+                unmet = work.unmet()
+                if unmet is not None:
+                    outcomes.append((False, unmet))
+                    continue
                 segment.append(work)
                 outcomes.append((True, work.taken()))
             else:

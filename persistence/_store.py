@@ -1154,12 +1154,18 @@ class Store:
 
     # -- runs -----------------------------------------------------------------------------
 
-    def apply_transition(self, change: Transition) -> Future[datetime | None]:
+    def apply_transition(
+        self, change: Transition, after: Sequence[Future[Any]] = ()
+    ) -> Future[datetime | None]:
         """Write one status change; its future resolves with the time stored (the
         writer's, as it takes the change: after every write queued before it, a memory
         edit of the run's included, `change.at` being when it was asked for), or fails
         with TransitionRefused (and nothing of it is stored) unless the stored run is at
-        `change.old` and `change.expected_attempt`."""
+        `change.old` and `change.expected_attempt`.
+
+        `after`: the futures of writes queued before this one that it must not outlive
+        (the ends of the agent's earlier runs, for a start): if one of them failed, this
+        one fails too, with StoreUnavailable, and nothing of it is stored."""
         params = {
             "run_id": change.run_id,
             "status": change.new.value,
@@ -1196,7 +1202,13 @@ class Store:
                 keys=[change.run_id],
                 lease=lease,
                 stamp=[params, event],
+                after=None if not after else (after, self._earlier_end_missing),
             )
+        )
+
+    def _earlier_end_missing(self) -> StoreUnavailable:
+        return StoreUnavailable(
+            self.url, "the end of an earlier run of the agent was not recorded; started later"
         )
 
     def store_messages(self, stored: Sequence[Message]) -> Future[None]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from datetime import datetime
 from typing import Any
@@ -197,13 +198,15 @@ def _drop_first_requeue(monkeypatch: pytest.MonkeyPatch) -> list[Transition]:
     dropped: list[Transition] = []
     original = Store.apply_transition
 
-    def apply(self: Store, transition: Transition) -> Future[datetime | None]:
+    def apply(
+        self: Store, transition: Transition, after: Sequence[Future[Any]] = ()
+    ) -> Future[datetime | None]:
         if transition.new is CREATED and not dropped:
             dropped.append(transition)
             failed: Future[datetime | None] = Future()
             failed.set_exception(StoreUnavailable(self.url, "injected: the re-queue was lost"))
             return failed
-        return original(self, transition)
+        return original(self, transition, after)
 
     monkeypatch.setattr(Store, "apply_transition", apply)
     return dropped
@@ -263,10 +266,12 @@ def test_a_run_whose_group_is_deleted_while_its_start_is_written_ends_without_a_
         original = Store.apply_transition
         deleted: list[str] = []
 
-        def apply(self: Store, change: Transition) -> Future[datetime | None]:
+        def apply(
+            self: Store, change: Transition, after: Sequence[Future[Any]] = ()
+        ) -> Future[datetime | None]:
             if change.new is RUNNING and not deleted:
                 deleted.extend(self.delete_group(group.id).result(timeout=30))
-            return original(self, change)
+            return original(self, change, after)
 
         monkeypatch.setattr(Store, "apply_transition", apply)
         (run_id,) = rt.step(group.id, [user("hi")]).run_ids
@@ -298,3 +303,64 @@ def test_a_run_whose_rows_go_while_it_steps_is_forgotten_without_an_error(db_url
             assert wait_until(lambda: bool(records.events("run_gone")))
             assert rt.stats()["restarts"] == 0
     assert [r.getMessage() for r in records.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_start_after_a_write_that_failed_is_not_stored(db_url: str) -> None:
+    """`after`: a start queued behind its agent's earlier run's end fails with that end
+    (StoreUnavailable, nothing stored) when the end's write failed; it goes through when
+    the end's write is merely still to come."""
+    (run_id,) = created_runs(db_url)
+    store = Store(db_url)
+    try:
+        lost: Future[datetime | None] = Future()
+        lost.set_exception(StoreUnavailable(store.url, "injected: the end was lost"))
+        with pytest.raises(StoreUnavailable, match="earlier run of the agent"):
+            store.apply_transition(change(run_id, CREATED, RUNNING, 1), [lost]).result()
+        assert stored(store, run_id) == (CREATED, 1)
+        assert [e.status.value for e in store.run_events(run_id)] == ["created"]
+        to_come: Future[datetime | None] = Future()  # queued with it: commits with it
+        store.apply_transition(change(run_id, CREATED, RUNNING, 1), [to_come]).result()
+        assert stored(store, run_id) == (RUNNING, 1)
+    finally:
+        store.close()
+
+
+def test_an_agents_next_run_starts_only_once_its_earlier_runs_end_is_stored(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SPEC 6, one run at a time in order, as stored: the store loses the end of an
+    agent's first run (an outage as it was written; the tracker writes it again half a
+    second later). The agent's second run does not start meanwhile: its `running` comes
+    after the first run's end, and both complete."""
+    lost: list[Transition] = []
+    original = Store.apply_transition
+
+    def apply(
+        self: Store, transition: Transition, after: Sequence[Future[Any]] = ()
+    ) -> Future[datetime | None]:
+        if transition.new.terminal and not lost:
+            lost.append(transition)
+            failed: Future[datetime | None] = Future()
+            failed.set_exception(StoreUnavailable(self.url, "injected: the end was lost"))
+            return failed
+        return original(self, transition, after)
+
+    monkeypatch.setattr(Store, "apply_transition", apply)
+    recorder = Recorder()
+    with Runtime.start(db_url) as rt:
+        rt.agents.register("echo", Echo)
+        rt.agents.register("recorder", recorder.factory)
+        group = rt.create_group(
+            primary={"kind": "echo"}, sleeptime=[{"kind": "recorder"}], frequency=1
+        )
+        first = rt.step(group.id, [user("one")]).run_ids[0]
+        second = rt.step(group.id, [user("two")]).run_ids[0]
+        runs = rt.wait_for_runs([first, second], timeout=30)
+        assert [r.status for r in runs] == [COMPLETED, COMPLETED]
+        assert lost and lost[0].run_id == first
+        ended = next(e for e in rt.run_events(first) if e.status == "completed")
+        began = next(e for e in rt.run_events(second) if e.status == "running")
+        assert ended.at <= began.at
+        assert runs[0].completed_at is not None and runs[1].started_at is not None
+        assert runs[0].completed_at <= runs[1].started_at
+        assert rt.check_invariants().ok

@@ -6,13 +6,21 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from actors import AgentContext, Chaos, Memory, Runtime, StepFailed, StepResult, ToolResult
-from messages import Message, MessageCreate, PrimaryAgentError, RunStatus, StopReason
+from messages import (
+    Message,
+    MessageCreate,
+    PrimaryAgentError,
+    RunStatus,
+    StopReason,
+    TurnTimeout,
+)
 from tests.agents import Echo, user, wait_until
 
 
@@ -366,3 +374,36 @@ def test_a_streamed_turn_keeps_what_a_failed_step_said_as_a_stepped_one_does(
         if mode == "stream":
             assert yielded == ["the answer is 42"]
     assert results == {"step": RunStatus.COMPLETED, "stream": RunStatus.COMPLETED}
+
+
+def test_stop_waits_for_hung_primary_steps_together_and_for_a_bounded_time(tmp_path: Any) -> None:
+    """Primary steps that never return hold up `stop` for at most the turns' bound (5 s
+    with a short drain time), for all of them together: it used to wait 60 s for each,
+    one group after the other."""
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    class Hangs:
+        def __init__(self, config: dict[str, Any]) -> None:
+            pass
+
+        def step(self, context: AgentContext, messages: Sequence[Message]) -> list[MessageCreate]:
+            entered.release()
+            release.wait(120)
+            return []
+
+    rt = Runtime.start(f"sqlite:///{tmp_path / 'hung.db'}", kinds={"hangs": Hangs})
+    try:
+        for _ in range(3):
+            group = rt.create_group(primary={"kind": "hangs"}, sleeptime=[{"kind": "memory"}])
+            with pytest.raises(TurnTimeout):
+                rt.step(group.id, [user("hi")], timeout=0.2)
+        for _ in range(3):
+            assert entered.acquire(timeout=10)
+        began = time.monotonic()
+        rt.stop(drain_timeout=1)
+        assert time.monotonic() - began < 15  # 5 s for all three, where it was 180
+        assert rt.stopped
+    finally:
+        release.set()
+        rt.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from datetime import datetime
 from typing import Any
@@ -203,8 +204,10 @@ def test_a_run_whose_start_commit_outlasts_its_timeout_fails_without_stepping(
     released = threading.Event()
     original = Store.apply_transition
 
-    def slow_start(store: Store, change: Transition) -> Future[datetime | None]:
-        committed = original(store, change)
+    def slow_start(
+        store: Store, change: Transition, after: Sequence[Future[Any]] = ()
+    ) -> Future[datetime | None]:
+        committed = original(store, change, after)
         if change.new is not RunStatus.RUNNING:
             return committed
         late: Future[datetime | None] = Future()
