@@ -82,3 +82,11 @@ def local_ray() -> Iterator[object]:
         yield here
     finally:
         here.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With tests spread over processes (`-n`, pytest-xdist), keep the Ray tests in one of
+    them: each process would otherwise start a local Ray of its own."""
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))

@@ -175,7 +175,7 @@ def test_require_postgres_turns_the_skip_into_a_failure_in_a_real_session(
 
     def session(selection: list[str], **extra: str) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *selection],
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0", "-q", *selection],
             cwd=ROOT,
             env={**env, **extra},
             stdout=subprocess.PIPE,
