@@ -367,9 +367,11 @@ def test_the_async_api_prunes(rt: Runtime) -> None:
 def test_groups_another_process_serves_are_skipped(db_url: str, backend: str) -> None:
     if backend != "postgresql":
         pytest.skip("one process owns a SQLite file whole")
-    first = Runtime.start(db_url, lease_s=1.0, shards=8)
+    # 2 s leases: at 1 s a busy machine (two test processes on two cores) may let the first
+    # process's leases lapse, and the second take its groups, before the prune looks.
+    first = Runtime.start(db_url, lease_s=2.0, shards=8)
     try:
-        second = Runtime.start(db_url, lease_s=1.0, shards=8)
+        second = Runtime.start(db_url, lease_s=2.0, shards=8)
         try:
             mine = [first.create_group(primary=SCRIPTED, sleeptime=[MEMORY]) for _ in range(3)]
             theirs = [second.create_group(primary=SCRIPTED, sleeptime=[MEMORY]) for _ in range(3)]
