@@ -13,10 +13,14 @@ one order and then the other, round after round, on fresh SQLite files, so the m
 drift and noise fall on all alike. The cost is read two ways: from the medians of each
 mode's turns/s, and as the median of the rounds' own ratios (each against the "off"
 measured in the same round). The target: metrics and tracing cost at most 5% of turns/s.
+With `--collector tuned` every mode runs with the garbage collector as `run.py simulate`
+sets it (`cli/collector.py`): the spans' objects cost as much in collections as in their
+making, and a host that tunes its collector pays less for them.
 
     python bench/observability.py                # 10 rounds of each mode (about 6 minutes)
     python bench/observability.py --rounds 5 --turns 10 --sample 0.01
     python bench/observability.py --split        # also metrics alone and tracing alone
+    python bench/observability.py --collector tuned   # every mode with the collector tuned
     python bench/observability.py --db postgresql://user@127.0.0.1:5432/bench
 """
 
@@ -39,6 +43,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 from bench.cases import measure_runtime
+from cli.collector import tuned_collector
 
 TARGET = 0.05
 """The most "on" may cost: 5% of the turns/s of "off"."""
@@ -66,10 +71,13 @@ def _traced(sample: float = 1.0) -> tuple[TracerProvider, _Dropped]:
     return provider, exporter
 
 
-def measure(mode: str, url: str, turns: int, sample: float = 1.0) -> dict[str, Any]:
+def measure(
+    mode: str, url: str, turns: int, sample: float = 1.0, collector: str = "default"
+) -> dict[str, Any]:
     """One measurement in `mode`, in this process: turns/s (steps, and until every run
     ended), CPU per turn, spans sent. Modes: off; on (metrics, and traces of every turn);
-    sampled (metrics, and traces of a `sample` fraction of the turns); metrics; tracing."""
+    sampled (metrics, and traces of a `sample` fraction of the turns); metrics; tracing.
+    `collector`: "default" (Python's thresholds) or "tuned" (`cli.collector`'s)."""
     options: dict[str, Any] = {"tracing": False}
     provider, exporter = _traced(sample if mode == "sampled" else 1.0)
     if mode in ("on", "sampled", "metrics"):
@@ -77,7 +85,11 @@ def measure(mode: str, url: str, turns: int, sample: float = 1.0) -> dict[str, A
     if mode in ("on", "sampled", "tracing"):
         options["tracing"] = provider
     try:
-        result = measure_runtime(mode, url, GROUPS, turns, GROUPS, WORKERS, options)
+        if collector == "tuned":
+            with tuned_collector():
+                result = measure_runtime(mode, url, GROUPS, turns, GROUPS, WORKERS, options)
+        else:
+            result = measure_runtime(mode, url, GROUPS, turns, GROUPS, WORKERS, options)
     finally:
         provider.shutdown()  # flushes what the batch processor still held
     return {
@@ -91,10 +103,12 @@ def measure(mode: str, url: str, turns: int, sample: float = 1.0) -> dict[str, A
     }
 
 
-def measure_in_child(mode: str, url: str, turns: int, sample: float) -> dict[str, Any]:
+def measure_in_child(
+    mode: str, url: str, turns: int, sample: float, collector: str = "default"
+) -> dict[str, Any]:
     """`measure` in a fresh Python process, so no measurement inherits another's heap."""
     command = [sys.executable, __file__, "--child", mode, "--db", url]
-    command += ["--turns", str(turns), "--sample", str(sample)]
+    command += ["--turns", str(turns), "--sample", str(sample), "--collector", collector]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the {mode} measurement failed: {done.stderr.strip()[-2000:]}")
@@ -119,11 +133,17 @@ def main() -> int:
         help="the fraction of turns the 'sampled' mode traces (a ratio sampler's)",
     )
     parser.add_argument("--db", metavar="URL", help="database URL (default: new SQLite files)")
+    parser.add_argument(
+        "--collector",
+        choices=("default", "tuned"),
+        default="default",
+        help="the garbage collector's thresholds in every mode: Python's, or cli.collector's",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--child", metavar="MODE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # one measurement, for the parent: its figures as one JSON line
-        print(json.dumps(measure(args.child, args.db, args.turns, args.sample)))
+        print(json.dumps(measure(args.child, args.db, args.turns, args.sample, args.collector)))
         return 0
     modes = ["off", "on", "sampled", *(["metrics", "tracing"] if args.split else [])]
     results: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
@@ -131,14 +151,15 @@ def main() -> int:
     print(
         f"{GROUPS} groups x {args.turns} turns, zero-latency agents, every turn fires; "
         f"'on' traces every turn, 'sampled' {100 * args.sample:g}% of them; each "
-        "measurement in a new process"
+        f"measurement in a new process; the collector {args.collector}"
     )
     with tempfile.TemporaryDirectory() as folder:
         for round_ in range(args.rounds):
             order = modes if round_ % 2 == 0 else list(reversed(modes))
             for mode in order:
                 url = args.db or f"sqlite:///{Path(folder) / f'{mode}-{round_}.db'}"
-                row = {"round": round_ + 1, **measure_in_child(mode, url, args.turns, args.sample)}
+                measured = measure_in_child(mode, url, args.turns, args.sample, args.collector)
+                row = {"round": round_ + 1, **measured}
                 results[mode].append(row)
                 rows.append(row)
                 print(
@@ -195,7 +216,8 @@ def main() -> int:
             f"{100 * paired[mode]:.1f}% by the rounds' ratios ({verdicts[mode]})"
         )
     if args.json:
-        args.json.write_text(json.dumps({"rounds": rows, "medians": summary}, indent=2))
+        figures = {"collector": args.collector, "rounds": rows, "medians": summary}
+        args.json.write_text(json.dumps(figures, indent=2))
     return 0 if "PASS" in verdicts.values() else 1
 
 
