@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -85,10 +86,7 @@ def measure(
     if mode in ("on", "sampled", "tracing"):
         options["tracing"] = provider
     try:
-        if collector == "tuned":
-            with tuned_collector():
-                result = measure_runtime(mode, url, GROUPS, turns, GROUPS, WORKERS, options)
-        else:
+        with tuned_collector() if collector == "tuned" else nullcontext():
             result = measure_runtime(mode, url, GROUPS, turns, GROUPS, WORKERS, options)
     finally:
         provider.shutdown()  # flushes what the batch processor still held
