@@ -235,11 +235,13 @@ class CancelRun(Ask[Future[None] | None]):
 
 
 @dataclass(frozen=True, slots=True)
-class WatchRuns(Ask[list[Future[None]]]):
-    """The reply is one future per run id, resolved once that run is terminal and committed."""
+class WatchRuns(Ask[list[Future[Run | None]]]):
+    """The reply is one future per run id, resolved once that run is terminal and
+    committed: with the run as stored if the tracker read it so (it ended before it was
+    asked, and terminal runs never change), else with None."""
 
     run_ids: list[str]
-    reply: Future[list[Future[None]]] = field(default_factory=Reply)
+    reply: Future[list[Future[Run | None]]] = field(default_factory=Reply)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,11 +284,37 @@ class FailGroupRuns:
     reason: str
 
 
+class EndedRuns:
+    """The runs whose terminal status the writer committed, gathered until the tracker
+    takes them: the ends of one batch of writes cost the tracker one message, not one
+    each (a message to an idle actor wakes its thread, the dearest part of a hand-off)."""
+
+    __slots__ = ("_lock", "_run_ids")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._run_ids: list[str] = []
+
+    def add(self, run_id: str) -> bool:
+        """Gather `run_id`; True if it is the first since the tracker last took them
+        (the caller then tells the tracker `TerminalCommitted`)."""
+        with self._lock:
+            self._run_ids.append(run_id)
+            return len(self._run_ids) == 1
+
+    def take(self) -> list[str]:
+        """The runs gathered, in the order committed; none are left."""
+        with self._lock:
+            run_ids, self._run_ids = self._run_ids, []
+        return run_ids
+
+
 @dataclass(frozen=True, slots=True)
 class TerminalCommitted:
-    """A terminal status of this run is now durable (sent by the tracker to itself)."""
+    """Terminal statuses are now durable: those of the runs `ended` gathered (sent by the
+    tracker to itself, once for the runs gathered until it takes them)."""
 
-    run_id: str
+    ended: EndedRuns
 
 
 @dataclass(frozen=True, slots=True)

@@ -479,9 +479,7 @@ class AsyncRuntime:
         if not await wait_all_done(futures, _remaining(deadline)):
             left = [i for i, future in zip(ids, futures, strict=True) if not future.done()]
             return await self._blocking(self._runtime._ended_by_now, ids, timeout, left)
-        for future in futures:
-            future.result()  # RuntimeFailed if the tracker escalated while we waited
-        return await self._blocking(self._runtime._stored_runs, ids)
+        return await self._blocking(self._runtime._ended, ids, futures)
 
     get_run = _in_executor(Runtime.get_run)
     list_runs = _in_executor(Runtime.list_runs)

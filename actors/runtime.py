@@ -1220,11 +1220,22 @@ class Runtime:
         if wait_all(futures, timeout=remaining):
             left = [i for i, future in zip(ids, futures, strict=True) if not future.done()]
             return self._ended_by_now(ids, timeout, left)
-        for future in futures:
-            future.result()  # RuntimeFailed if the tracker escalated while we waited
-        return self._stored_runs(ids)
+        return self._ended(ids, futures)
 
-    def _watch_runs(self, run_ids: list[str]) -> Future[list[Future[None]]]:
+    def _ended(self, run_ids: list[str], futures: list[Future[Run | None]]) -> list[Run]:
+        """The runs, every one of them terminal (their `futures` all done): as the tracker
+        read them, if it did (terminal runs never change), else read from the store."""
+        ended = {}
+        for run_id, future in zip(run_ids, futures, strict=True):
+            run = future.result()  # RuntimeFailed if the tracker escalated while we waited
+            if run is not None:
+                ended[run_id] = run
+        unread = [run_id for run_id in run_ids if run_id not in ended]
+        if unread:
+            ended.update(zip(unread, self._stored_runs(unread), strict=True))
+        return [ended[run_id] for run_id in run_ids]
+
+    def _watch_runs(self, run_ids: list[str]) -> Future[list[Future[Run | None]]]:
         """Ask the tracker for one future per run, each done once its run is terminal."""
         command = WatchRuns(run_ids=run_ids)
         self._parts.tracker.tell(command)

@@ -33,6 +33,7 @@ from actors._protocol import (
     CancelRun,
     CountOpenRuns,
     DropShards,
+    EndedRuns,
     FailGroupRuns,
     FinishRun,
     ForgetGroup,
@@ -96,10 +97,11 @@ class RunWaiters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiting: dict[str, list[Future[None]]] = {}
+        self._waiting: dict[str, list[Future[Run | None]]] = {}
 
-    def add(self, run_id: str) -> Future[None]:
-        future: Future[None] = Reply()
+    def add(self, run_id: str) -> Future[Run | None]:
+        """A future resolved (with None) once the run ends."""
+        future: Future[Run | None] = Reply()
         with self._lock:
             self._waiting.setdefault(run_id, []).append(future)
         return future
@@ -224,6 +226,7 @@ class RunTrackerActor(SupervisedActor):
         self._address = address
         self._recovered = recovered
         self._open: dict[str, _Open] = {}
+        self._ended = EndedRuns()  # this incarnation's writes' ends, gathered
         # By agent: its runs whose end is written but not yet known committed. A run of
         # the agent starts only after them (SPEC 6: one at a time, in order), even when
         # the store lost one of those writes (`_start`).
@@ -301,8 +304,9 @@ class RunTrackerActor(SupervisedActor):
                 return self._adopt_shards(shards)
             case DropShards(shards=shards, lost=lost):
                 self._drop_shards(shards, lost)
-            case TerminalCommitted(run_id=run_id):
-                self._settle(run_id)
+            case TerminalCommitted(ended=ended):
+                for run_id in ended.take():
+                    self._settle(run_id)
             case CancelAgentRuns(agent_id=agent_id):
                 return self._cancel_agent(agent_id)
             case ForgetGroup(group_id=group_id):
@@ -630,15 +634,16 @@ class RunTrackerActor(SupervisedActor):
         self, run_id: str, run: _Open, change: Transition, after: Sequence[Future[Any]] = ()
     ) -> Future[datetime | None]:
         future = self._store.apply_transition(change, after)
-        address, observer = self._address, self._observer
+        address, observer, ended = self._address, self._observer, self._ended
         created, started_at = run.run, run.started_at
         if change.new.terminal:
             run.settled, run.pending = future, change
             self._ending.setdefault(created.agent_id, set()).add(run_id)
+        told = observer is not NO_OBSERVER
 
         def committed(done: Future[datetime | None]) -> None:
             error = done.exception()
-            if error is None:  # on the writer thread, as the change is committed
+            if error is None and (told or _logs(change)):  # on the writer thread
                 at = done.result()  # the time the writer gave it
                 stored = change if at is None else replace(change, at=at)
                 observer.run_committed(created, stored, started_at)
@@ -653,8 +658,8 @@ class RunTrackerActor(SupervisedActor):
                         refused=isinstance(error, TransitionRefused),
                     )
                 )
-            elif change.new.terminal:
-                address.tell(TerminalCommitted(run_id=run_id))
+            elif change.new.terminal and ended.add(run_id):
+                address.tell(TerminalCommitted(ended))
 
         future.add_done_callback(committed)
         return future
@@ -832,16 +837,16 @@ class RunTrackerActor(SupervisedActor):
 
     # -- waiting --------------------------------------------------------------------------
 
-    def _watch(self, run_ids: list[str]) -> list[Future[None]]:
+    def _watch(self, run_ids: list[str]) -> list[Future[Run | None]]:
         unknown = [i for i in dict.fromkeys(run_ids) if i not in self._open]
         stored = self._store.get_runs(unknown) if unknown else {}
-        futures: dict[str, Future[None]] = {}
+        futures: dict[str, Future[Run | None]] = {}
         for run_id in dict.fromkeys(run_ids):
             if run_id not in self._open and run_id not in stored:
                 raise RunNotFound(run_id)
             if run_id not in self._open and stored[run_id].status.terminal:
-                done: Future[None] = Reply()
-                done.set_result(None)
+                done: Future[Run | None] = Reply()
+                done.set_result(stored[run_id])  # final: the caller need not read it again
                 futures[run_id] = done
                 continue
             if run_id not in self._open:  # open in the store but not followed: follow it
@@ -857,13 +862,19 @@ def _failed(future: Future[Any]) -> bool:
     return future.done() and future.exception() is not None
 
 
+def _logs(change: Transition) -> bool:
+    """Whether the lifecycle event of `change` is logged (info; warning if it failed)."""
+    failed = change.new is RunStatus.FAILED
+    return run_log.is_enabled_for(logging.WARNING if failed else logging.INFO)
+
+
 def _log_committed(run: Run, change: Transition, started_at: datetime | None) -> None:
     """The lifecycle event of a committed change: a run started (with its time queued),
     re-queued, or ended (info when completed or cancelled, warning when it failed, with
     its stop reason, error and durations)."""
-    failed = change.new is RunStatus.FAILED
-    if not run_log.is_enabled_for(logging.WARNING if failed else logging.INFO):
+    if not _logs(change):
         return  # (on the writer thread: nothing more than this check when nobody listens)
+    failed = change.new is RunStatus.FAILED
     bound = run_log.bind(group_id=run.group_id, agent_id=run.agent_id, run_id=run.id)
     if change.new is RunStatus.RUNNING:
         bound.info("run_started", attempt=change.attempt, queued_ms=_ms(run.created_at, change.at))

@@ -8,6 +8,7 @@ when its call returned, that is once its messages, counter, cursor and run are c
 from __future__ import annotations
 
 import gc
+import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -92,6 +93,18 @@ def collector_time() -> Iterator[CollectorTime]:
         gc.callbacks.remove(timed)
 
 
+def thread_switches() -> int:
+    """The times this process's threads (all of them, ended ones included) blocked and
+    gave their core up: a hand-off to an idle thread wakes it, and on a busy machine a
+    woken thread then waits for the GIL too. Each costs tens of microseconds of CPU on a
+    machine of this kind (`getrusage`'s voluntary context switches; 0 where there are
+    none)."""
+    try:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+    except (AttributeError, OSError):
+        return 0
+
+
 def median(results: list[CaseResult]) -> CaseResult:
     """The repeat with the median turns/s, noting the others (one run is noisy)."""
     ordered = sorted(results, key=lambda result: result.turns_per_s)
@@ -137,7 +150,7 @@ def measure_runtime(
 
         warm = drive(ids, 1, threads, step)
         rt.wait_for_runs([r for ids_ in warm.results for r in ids_], timeout=RUNS_TIMEOUT_S)
-        cpu_began = time.process_time()
+        cpu_began, switches_began = time.process_time(), thread_switches()
         with collector_time() as collected:
             done = drive(ids, turns_per_group, threads, step)
             run_ids = [r for ids_ in done.results for r in ids_]
@@ -145,6 +158,7 @@ def measure_runtime(
         all_done_s = time.perf_counter() - done.started
         # The whole process's CPU (callers included) until every run of the turns ended.
         cpu_ms_per_turn = (time.process_time() - cpu_began) * 1000 / max(1, done.calls)
+        switches_per_turn = (thread_switches() - switches_began) / max(1, done.calls)
         began = time.perf_counter()
         report = rt.check_invariants(ids)
         invariants_s = time.perf_counter() - began
@@ -162,6 +176,7 @@ def measure_runtime(
     writes_per_txn = stats["writes"] / max(1, stats["transactions"])
     gc_ms_per_turn = collected.seconds * 1000 / max(1, done.calls)
     result.notes.append(f"{cpu_ms_per_turn:.2f} ms CPU/turn ({gc_ms_per_turn:.2f} in gc)")
+    result.notes.append(f"{switches_per_turn:.1f} thread switches/turn")
     result.notes.append(f"{writes_per_txn:.1f} writes/txn")
     if stats.get("passivations"):
         result.notes.append(f"{stats['passivations']:,} passivations")
@@ -182,6 +197,7 @@ def measure_runtime(
             "stats": stats,
             "writes_per_transaction": writes_per_txn,
             "cpu_ms_per_turn": cpu_ms_per_turn,
+            "thread_switches_per_turn": switches_per_turn,
             "gc_ms_per_turn": gc_ms_per_turn,
             "gc_collections": collected.collections,
         }

@@ -30,7 +30,6 @@ from __future__ import annotations
 import _thread
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any, TypeVar
@@ -214,18 +213,37 @@ class Flag(threading.Event):
 
 def wait_all(futures: Sequence[Future[Any]], timeout: float | None = None) -> list[Future[Any]]:
     """Wait until every future is done or `timeout` seconds passed; those not done, in
-    order (`concurrent.futures.wait` for any mix of standard futures and replies)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    for future in futures:
-        if future.done():
-            continue
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            future.exception(remaining)
-        except (TimeoutError, CancelledError):
-            if deadline is not None and time.monotonic() >= deadline:
-                break
+    order (`concurrent.futures.wait` for any mix of standard futures and replies).
+
+    The waiting thread is woken once, by the last of them to complete, not once per
+    future (waking a thread costs more than anything else a hand-off does)."""
+    pending = [future for future in futures if not future.done()]
+    if pending:
+        _AllDone(pending).wait(timeout)
     return [future for future in futures if not future.done()]
+
+
+class _AllDone:
+    """A flag raised once each of some futures is done (counted by their callbacks)."""
+
+    __slots__ = ("_done", "_guard", "_left")
+
+    def __init__(self, futures: Sequence[Future[Any]]) -> None:
+        self._done = Flag()
+        self._guard = _thread.allocate_lock()
+        self._left = len(futures)
+        for future in futures:
+            future.add_done_callback(self._one_done)  # (at once, if done meanwhile)
+
+    def _one_done(self, _: Future[Any]) -> None:
+        with self._guard:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._done.set()
+
+    def wait(self, timeout: float | None) -> None:
+        self._done.wait(timeout)
 
 
 def resolve(future: Future[T], value: T) -> bool:

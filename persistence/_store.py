@@ -1638,8 +1638,15 @@ def _from_row(model: type[M], row: RowMapping, **extra: Any) -> M:
 
     Read back as stored (context STORED): rows written before the text rule stay readable.
     """
-    values = {**{k: row[k] for k in model.model_fields if k in row}, **extra}
+    names = _FIELDS.get(model)
+    if names is None:
+        names = _FIELDS[model] = tuple(model.model_fields)
+    values = {**{k: row[k] for k in names if k in row}, **extra}
     return model.model_validate(values, context=STORED)
+
+
+_FIELDS: dict[type[BaseModel], tuple[str, ...]] = {}
+"""Each model's field names (pydantic's `model_fields` does some work at every read)."""
 
 
 def _sleeptime_members(connection: Connection, group_ids: Sequence[str]) -> dict[str, list[str]]:

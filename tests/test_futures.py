@@ -146,6 +146,43 @@ def test_wait_all_returns_the_futures_not_done_in_order(make: Callable[[], Futur
     assert wait_all([], timeout=0) == []
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    order=st.permutations(range(6)),
+    repeated=st.lists(st.integers(0, 5), max_size=3),
+    standard=st.lists(st.booleans(), min_size=6, max_size=6),
+)
+def test_wait_all_returns_once_the_last_future_is_done_in_any_order(
+    order: list[int], repeated: list[int], standard: list[bool]
+) -> None:
+    """Completed (or cancelled) from another thread in any order while a thread waits, a
+    future listed twice included: the wait ends when the last is done, not before."""
+    futures: list[Future[int]] = [Future() if s else Reply() for s in standard]
+    listed = futures + [futures[i] for i in repeated]
+    almost = threading.Event()
+    outcome: list[list[Future[int]]] = []
+    waiter = threading.Thread(target=lambda: outcome.append(wait_all(listed, timeout=WAIT_S)))
+    waiter.start()
+
+    def complete_all_but_the_last() -> None:
+        for index in order[:-1]:
+            if index % 3 == 0:
+                futures[index].cancel()
+            else:
+                futures[index].set_result(index)
+        almost.set()
+
+    worker = threading.Thread(target=complete_all_but_the_last)
+    worker.start()
+    assert almost.wait(WAIT_S)
+    assert waiter.is_alive()  # the last is not done: the wait goes on
+    assert wait_all(listed, timeout=0) == [f for f in listed if f is futures[order[-1]]]
+    futures[order[-1]].set_result(9)
+    waiter.join(WAIT_S)
+    worker.join(WAIT_S)
+    assert outcome == [[]]
+
+
 def test_an_event_loop_awaits_a_reply() -> None:
     reply: Reply[int] = Reply()
 

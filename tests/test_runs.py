@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import queue
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -11,6 +12,8 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from actors import (
     AgentContext,
@@ -22,6 +25,7 @@ from actors import (
     StoreUnavailable,
     render_transcript,
 )
+from actors._protocol import EndedRuns
 from messages import MessageCreate, RunStatus, StopReason
 from messages._runs import is_legal_history
 from persistence import Store, Transition
@@ -326,6 +330,41 @@ def test_an_awaited_wait_with_no_time_left_returns_the_runs_ended(rt: Runtime) -
     assert asyncio.run(waits()) == [[run_id]] * 20
 
 
+def test_a_wait_returns_each_run_exactly_as_stored_ended_before_or_during_it(
+    rt: Runtime,
+) -> None:
+    """Runs that ended before the wait (the tracker read them, terminal, from the store)
+    and runs that end during it (read once they ended), in the order asked, duplicates
+    kept, failed ones with their error: each equal to `get_run`'s, from both APIs."""
+    gate = threading.Event()
+    recorder = Recorder(gate=gate, fail_on={1})
+    group_id = _group(rt, recorder)
+    gate.set()
+    ended = [rt.step(group_id, [user(f"early {i}")]).run_ids[0] for i in range(3)]
+    rt.wait_for_runs(ended, timeout=30)
+    gate.clear()
+    later = rt.step(group_id, [user("late")]).run_ids[0]
+    assert recorder.started.acquire(timeout=30)
+    asked = [later, *ended, ended[0], later]
+    waiting = threading.Thread(target=lambda: seen.append(rt.wait_for_runs(asked, timeout=30)))
+    seen: list[list[Any]] = []
+    waiting.start()
+    gate.set()
+    waiting.join(30)
+    assert seen and seen[0] == [rt.get_run(run_id) for run_id in asked]
+    assert [r.status for r in seen[0][1:4]] == [
+        RunStatus.COMPLETED,
+        RunStatus.FAILED,
+        RunStatus.COMPLETED,
+    ]
+    assert seen[0][2].error
+
+    async def waits() -> list[Any]:
+        return await AsyncRuntime.wrap(rt).wait_for_runs(asked, timeout=30)
+
+    assert asyncio.run(waits()) == seen[0]
+
+
 def test_list_runs_filters_by_agent_group_and_status(rt: Runtime) -> None:
     recorder = Recorder(fail_on={1})
     group_id = _group(rt, recorder)
@@ -447,3 +486,42 @@ def test_a_cancel_asked_before_a_queued_memory_edit_is_stamped_after_it(rt: Runt
     (event,) = [e for e in rt.run_events(run_id) if e.status == "cancelled"]
     assert version.at <= event.at
     assert rt.get_run(run_id).completed_at == event.at
+
+
+@settings(max_examples=25, deadline=None)
+@given(writers=st.integers(1, 4), ends=st.integers(1, 60))
+def test_ended_runs_gathered_from_many_threads_reach_the_tracker_each_once(
+    writers: int, ends: int
+) -> None:
+    """`EndedRuns` (the writer's ends, one message for a burst): with ends added from
+    several threads while the tracker takes them as told, every run is taken exactly once,
+    none is left behind, and a tell is made only when the gathering was empty."""
+    ended = EndedRuns()
+    told: queue.SimpleQueue[EndedRuns | None] = queue.SimpleQueue()
+    taken: list[str] = []
+    tells, counting = [0], threading.Lock()
+
+    def tracker() -> None:
+        while (message := told.get()) is not None:
+            taken.extend(message.take())
+
+    def writer(number: int) -> None:
+        for i in range(ends):
+            if ended.add(f"run-{number}-{i}"):
+                with counting:
+                    tells[0] += 1
+                told.put(ended)
+
+    taking = threading.Thread(target=tracker)
+    taking.start()
+    adding = [threading.Thread(target=writer, args=(n,)) for n in range(writers)]
+    for thread in adding:
+        thread.start()
+    for thread in adding:
+        thread.join(30)
+    told.put(None)
+    taking.join(30)
+    wanted = sorted(f"run-{n}-{i}" for n in range(writers) for i in range(ends))
+    assert sorted(taken) == wanted
+    assert ended.take() == []
+    assert 1 <= tells[0] <= writers * ends
