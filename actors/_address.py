@@ -8,6 +8,11 @@ refuses every message: one carrying a `reply` future gets the refusal as its rep
 Senders use `tell`, `ask` and `tell_if_active`; the supervisor moves the address between
 incarnations with `attach`, `detach`, `passivate`, `nudge` and `close`.
 
+An incarnation may also let a caller handle a request on the caller's own thread while it
+is idle (`serve_here`; a group's actor does, for turns): the same code, under the lock its
+own thread takes for every message, with two hand-offs fewer (the caller's to the actor's
+thread and back), each of which wakes a thread.
+
 Example:
     >>> address.tell(AssignRun(run=run))
     >>> total = address.ask(Total(), timeout=10)
@@ -20,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pykka
 
@@ -36,6 +41,14 @@ def _nothing() -> None:
 R = TypeVar("R")
 
 
+class Serving(Protocol):
+    """An incarnation that handles a message on its caller's thread while it is idle."""
+
+    def serve_here(self, message: Any) -> bool:
+        """Handle `message` now, on this thread, if idle; False (nothing done) if not."""
+        ...
+
+
 class Address:
     """The stable handle of a supervised actor, valid across its restarts.
 
@@ -46,6 +59,7 @@ class Address:
 
     __slots__ = (
         "_buffer",
+        "_local",
         "_lock",
         "_on_wake",
         "_passive",
@@ -66,6 +80,7 @@ class Address:
         self._refusal: Exception | None = None
         self._passive = False
         self._on_wake = on_wake
+        self._local: Serving | None = None  # the incarnation serving callers on their thread
 
     # -- senders --------------------------------------------------------------------------
 
@@ -86,6 +101,17 @@ class Address:
             wake, self._passive = self._passive, False
         if wake:
             self._on_wake()
+
+    def serve_here(self, message: Any) -> bool:
+        """Have the running incarnation handle `message` on this thread, if it serves
+        callers so and is idle (nothing waits for it here or in its inbox, nothing is
+        being handled); False if not, and nothing was done: `tell` it then."""
+        with self._lock:
+            local = self._local
+            if local is None or self._ref is None or self._buffer or self._refusal is not None:
+                return False
+            self.last_told = time.monotonic()
+        return local.serve_here(message)
 
     def tell_if_active(self, message: Any, on_passive: Callable[[], None] | None = None) -> bool:
         """Tell, unless the child is passivated or gone (then the message is dropped:
@@ -134,13 +160,24 @@ class Address:
                     break
             return True
 
+    def serve_locally(self, incarnation: Serving) -> None:
+        """`incarnation` (started, running) serves callers on their threads from now on."""
+        with self._lock:
+            self._local = incarnation
+
+    def stop_serving_locally(self, incarnation: Serving) -> None:
+        """`incarnation` ends: no caller is served by it any more (nor is it kept alive)."""
+        with self._lock:
+            if self._local is incarnation:
+                self._local = None
+
     def detach(self, inbox: Any | None, first: list[Any]) -> None:
         """The current incarnation died: keep what it had not handled, ahead of the rest.
 
         `first` are messages it took but did not handle; `inbox` is None when the
         incarnation never started (its start raised). A closed address refuses them."""
         with self._lock:
-            self._ref = None
+            self._ref, self._local = None, None
             pending = [*first, *(drain_inbox(inbox) if inbox is not None else [])]
             refusal = self._refusal
             if refusal is None:
@@ -155,7 +192,7 @@ class Address:
         with self._lock:
             if self._ref is None or self._buffer or not inbox_empty(inbox):
                 return False
-            self._ref = None
+            self._ref, self._local = None, None
             self._passive = True
             return True
 
@@ -176,7 +213,7 @@ class Address:
             self._refusal = refusal
             waiting = list(self._buffer)
             self._buffer.clear()
-            ref, self._ref = self._ref, None
+            ref, self._ref, self._local = self._ref, None, None
         for message in waiting:
             _refuse(message, refusal)
         return ref

@@ -18,13 +18,14 @@ Example:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
 from actors._address import Address
 from actors._passivation import Passivate
-from actors._pykka import QuietActor, stop_now
+from actors._pykka import QuietActor, inbox_empty, stop_now
 from messages._errors import describe
 from messages._futures import reject, resolve
 
@@ -104,6 +105,9 @@ class SupervisedActor(QuietActor):
     """
 
     use_daemon_thread = True
+    serves_callers = False
+    """Whether an idle incarnation handles a request on its caller's thread when the
+    caller asks (`Address.serve_here`), instead of waking its own thread for it."""
 
     def __init__(self, reporter: CrashReporter | None = None) -> None:
         super().__init__()
@@ -111,6 +115,13 @@ class SupervisedActor(QuietActor):
         self._wrap = None if reporter is None else reporter.wrap
         self._unhandled: list[Any] = []
         self._progressed = False  # handled a message: this incarnation got work done
+        # Held while a message is handled, on whichever thread: the actor's own, or a
+        # caller's (`serve_here`). `_holder` is that thread; `_retired` is set, under it,
+        # once this incarnation ends (stopped, passivated, crashed): no caller is served.
+        self._serving = threading.Lock()
+        self._holder: int | None = None
+        self._taken = False  # the actor's own thread took a message and waits to handle it
+        self._retired = False
 
     def started(self) -> None:
         """Load what the actor needs; runs in its own thread before any message."""
@@ -135,15 +146,56 @@ class SupervisedActor(QuietActor):
             failure = contained(error)
             self._report(failure)
             raise failure from error
+        if self.serves_callers and self._reporter is not None and self._wrap is None:
+            # (Chaos wraps the receive of the actor's own thread: a wrapped one serves none.)
+            self._reporter.address.serve_locally(self)
 
     def on_receive(self, message: Any) -> Any:
+        self._taken = True  # out of the inbox: no caller goes ahead of it (nor starves it)
+        with self._serving:
+            self._taken = False
+            self._holder = threading.get_ident()
+            try:
+                return self._on_receive(message)
+            except BaseException as error:
+                self._end_serving()  # a crash: this incarnation is done
+                if isinstance(error, Exception):
+                    raise
+                # pykka would stop every actor of the process: make it this actor's crash.
+                raise ActorRaised(error) from error
+            finally:
+                self._holder = None
+
+    def serve_here(self, message: Any) -> bool:
+        """Handle `message` on the calling thread, as this actor's own thread would, if
+        it is idle: nothing in its inbox or taken from it, nothing being handled, not
+        ended. False (and nothing done) otherwise. Only for messages with a reply
+        (whatever the handling raises goes there), whose sender waits for it anyway."""
+        if not self._serving.acquire(blocking=False):
+            return False
         try:
-            return self._on_receive(message)
-        except BaseException as error:
-            if isinstance(error, Exception):
-                raise
-            # pykka would stop every actor of the process: make it this actor's crash.
-            raise ActorRaised(error) from error
+            if self._retired or self._taken or not inbox_empty(self.actor_inbox):
+                return False
+            self._holder = threading.get_ident()
+            self._handle(message)
+            self._progressed = True
+            return True
+        finally:
+            self._holder = None
+            self._serving.release()
+
+    def on_stop(self) -> None:
+        if self._holder == threading.get_ident():  # stopped from within a message
+            self._end_serving()
+            return
+        with self._serving:  # a caller's message being handled ends first
+            self._end_serving()
+
+    def _end_serving(self) -> None:
+        """This incarnation serves no caller any more (call with `_serving` held)."""
+        self._retired = True
+        if self._reporter is not None:
+            self._reporter.address.stop_serving_locally(self)
 
     def _on_receive(self, message: Any) -> Any:
         if isinstance(message, Passivate):

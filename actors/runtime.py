@@ -289,6 +289,7 @@ class Runtime:
         self._admission = TurnAdmission(max_turns_in_flight, max_queued_turns, permit_timeout)
         self._passivate_after = passivate_after
         self._max_active_groups = max_active_groups
+        self._crowded = False  # more groups active than max_active_groups, at the last reap
         self.read_only = read_only
         self.agents = kinds
         self._stopped = threading.Event()
@@ -647,9 +648,11 @@ class Runtime:
         if self._stopped.is_set():
             return
         try:
-            self._parts.supervisor.reap(
-                self._passivate_after, self._max_active_groups, prefix="group:"
-            )
+            supervisor, cap = self._parts.supervisor, self._max_active_groups
+            supervisor.reap(self._passivate_after, cap, prefix="group:")
+            # Past the cap, turns go through the groups' actors again: a caller running
+            # its group's turns one after the other leaves it no moment to be passivated in.
+            self._crowded = cap is not None and supervisor.active_count("group:") > cap
         finally:
             self._parts.scheduler.call_later(REAP_INTERVAL_S, self._reap)
 
@@ -1108,7 +1111,15 @@ class Runtime:
         request_id: str | None,
     ) -> TurnResult:
         call = self._prepare_turn(group_id, messages, mode, timeout, request_id=request_id)
-        reply, ticket = self._submit_turn(call)
+        # With no timeout this thread waits for the turn however long it takes: it may as
+        # well run it, if the group's actor is idle. Not on the main thread, where a
+        # signal (Ctrl-C) could stop the turn half done instead of only its caller's wait.
+        here = (
+            call.timeout is None
+            and not self._crowded
+            and threading.current_thread() is not threading.main_thread()
+        )
+        reply, ticket = self._submit_turn(call, here=here)
         try:
             return _outcome(reply, call.group_id, call.timeout, call.deadline)
         finally:
@@ -1151,9 +1162,11 @@ class Runtime:
         deadline = None if limit is None else time.monotonic() + limit
         return TurnCall(group_id, command, limit, deadline)
 
-    def _submit_turn(self, call: TurnCall) -> tuple[Future[TurnResult], TurnTicket]:
+    def _submit_turn(
+        self, call: TurnCall, here: bool = False
+    ) -> tuple[Future[TurnResult], TurnTicket]:
         """Admit the turn (GroupBusy), wait in this thread for a permit (RuntimeBusy past
-        `permit_timeout`), and send it."""
+        `permit_timeout`), and send it (`here`: see `_send_turn`)."""
         ticket = self._admission.admit(call.group_id)
         if not ticket.granted:
             permit = threading.Event()
@@ -1163,20 +1176,34 @@ class Runtime:
                 ticket.withdraw()  # frees the permit too, if it came just now
                 assert self._admission.max_in_flight is not None
                 raise RuntimeBusy(self._admission.max_in_flight, waited or 0.0)
-        return self._send_turn(call, ticket), ticket
+        return self._send_turn(call, ticket, here=here), ticket
 
     def _send_turn(
-        self, call: TurnCall, ticket: TurnTicket, address: Address | None = None
+        self,
+        call: TurnCall,
+        ticket: TurnTicket,
+        address: Address | None = None,
+        here: bool = False,
     ) -> Future[TurnResult]:
         """Send an admitted turn to its group's actor; its place and permit are freed when
         its reply is done. Without the group's running `address`, this may read the store
-        and start the actor (GroupNotFound): it blocks."""
+        and start the actor (GroupNotFound): it blocks.
+
+        `here`: the caller will wait for the reply whatever it takes; if the actor is idle
+        and no other turn of the group is admitted, the turn is run now on this thread,
+        by the actor's own code under its lock (`Address.serve_here`), and the reply is
+        done on return. Turns stay in the order their callers were admitted: one that
+        finds another of its group admitted before it is told, behind it."""
         reply = call.command.reply
         if not ticket.send():
             raise RuntimeError("a turn withdrawn from admission cannot be sent")
         reply.add_done_callback(ticket.end)
         try:
-            (address or self._directory.group(call.group_id)).tell(call.command)
+            target = address or self._directory.group(call.group_id)
+            alone = here and self._admission.queued(call.group_id) == 1
+            if alone and target.serve_here(call.command):
+                return reply
+            target.tell(call.command)
         except BaseException as error:
             reject(reply, error)  # which ends the ticket
             raise

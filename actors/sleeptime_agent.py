@@ -256,6 +256,7 @@ class SleeptimeAgentActor(SupervisedActor):
 
     def on_stop(self) -> None:
         self._let_go()
+        super().on_stop()
 
     def on_failure(self, exception_type: Any, exception_value: Any, traceback: Any) -> None:
         self._let_go()

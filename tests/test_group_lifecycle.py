@@ -66,10 +66,15 @@ def turn(text: str) -> list[dict[str, Any]]:
 
 
 def queued(rt: Runtime, group_id: str) -> int:
-    """Messages waiting in the inbox of the group's running actor."""
+    """Messages told to the group's running actor and not handled yet: waiting in its
+    inbox, or taken from it by its thread while a caller runs a turn (see `serve_here`)."""
     address = rt._running_group(group_id)
     ref = None if address is None else address._ref
-    return 0 if ref is None else int(ref.actor_inbox.qsize())  # type: ignore[attr-defined]
+    if ref is None:
+        return 0
+    local = address._local if address is not None else None
+    taken = 1 if local is not None and getattr(local, "_taken", False) else 0
+    return int(ref.actor_inbox.qsize()) + taken  # type: ignore[attr-defined]
 
 
 def names(row: tuple[Any, ...], ids: set[str]) -> bool:
