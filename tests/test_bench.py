@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from actors.tracing import RuntimeTracing
-from bench import async_turns, llm, observer_calls
+from bench import async_turns, compare, llm, observer_calls
 from bench.cases import CaseResult
 from bench.drive import drive
 from bench.limit import count_rows, write_turns
@@ -210,3 +210,13 @@ def test_observer_calls_drive_a_turn_and_its_run_as_the_runtime_does() -> None:
     for mode in observer_calls.MODES:  # each mode runs its observer end to end
         here, elsewhere = observer_calls.measure(mode, 20)
         assert math.isfinite(here) and elsewhere >= 0.0  # (timings: no bound asserted)
+
+
+def test_compare_measures_the_workload_in_the_checkout_it_is_given() -> None:
+    """`bench/compare.py` runs its workload in a new process on the code of the checkout
+    it names (not an installed copy), through the public API, and reads its figures."""
+    here = Path(compare.__file__).resolve().parent.parent
+    figures = compare.measure(here, turns=1, threads=4)
+    assert set(figures) == set(compare.FIGURES)
+    assert figures["cpu_ms_per_turn"] > 0 and figures["turns_per_s"] > 0
+    assert figures["switches_per_turn"] >= 0
