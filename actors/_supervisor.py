@@ -96,6 +96,7 @@ class Supervisor:
         self._lock = threading.Lock()
         self._children: dict[str, _Child] = {}
         self._active: dict[str, _Child] = {}  # children with a running instance
+        self._active_kinds: dict[str, int] = {}  # how many of them, by kind ("group", ...)
         self._changed = threading.Condition(self._lock)
         self._generation = 0  # moves, under the lock, whenever the active set changes
         self._refusal: Exception | None = None  # set by shut_down
@@ -189,6 +190,11 @@ class Supervisor:
 
     # -- passivation ----------------------------------------------------------------------
 
+    def active_of_kind(self, kind: str) -> int:
+        """How many children of `kind` (the identity's part before ":", "group" say) have
+        an instance: a count kept as they start and stop, read without the lock."""
+        return self._active_kinds.get(kind, 0)
+
     def active_count(self, prefix: str = "") -> int:
         """How many children whose identity starts with `prefix` have an instance."""
         with self._lock:
@@ -248,6 +254,8 @@ class Supervisor:
     def _deactivate(self, identity: str) -> None:
         """With the lock held: the child has no running instance any more."""
         if self._active.pop(identity, None) is not None:
+            kind = _kind(identity)
+            self._active_kinds[kind] -= 1
             self._generation += 1
             self._changed.notify_all()
 
@@ -301,6 +309,9 @@ class Supervisor:
             return
         with self._lock:
             if self._children.get(spec.identity) is child and not child.closed:
+                if spec.identity not in self._active:
+                    kind = _kind(spec.identity)
+                    self._active_kinds[kind] = self._active_kinds.get(kind, 0) + 1
                 self._active[spec.identity] = child
                 self._generation += 1
                 self._changed.notify_all()
@@ -394,3 +405,8 @@ def _stop(ref: pykka.ActorRef[Any] | None, timeout: float | None) -> None:
             ref.stop(block=True, timeout=timeout)
     except (pykka.ActorDeadError, pykka.Timeout):
         pass
+
+
+def _kind(identity: str) -> str:
+    """The kind of child an identity names: "group" for "group:<id>"."""
+    return identity.partition(":")[0]

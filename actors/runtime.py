@@ -289,7 +289,6 @@ class Runtime:
         self._admission = TurnAdmission(max_turns_in_flight, max_queued_turns, permit_timeout)
         self._passivate_after = passivate_after
         self._max_active_groups = max_active_groups
-        self._crowded = False  # more groups active than max_active_groups, at the last reap
         self.read_only = read_only
         self.agents = kinds
         self._stopped = threading.Event()
@@ -648,11 +647,9 @@ class Runtime:
         if self._stopped.is_set():
             return
         try:
-            supervisor, cap = self._parts.supervisor, self._max_active_groups
-            supervisor.reap(self._passivate_after, cap, prefix="group:")
-            # Past the cap, turns go through the groups' actors again: a caller running
-            # its group's turns one after the other leaves it no moment to be passivated in.
-            self._crowded = cap is not None and supervisor.active_count("group:") > cap
+            self._parts.supervisor.reap(
+                self._passivate_after, self._max_active_groups, prefix="group:"
+            )
         finally:
             self._parts.scheduler.call_later(REAP_INTERVAL_S, self._reap)
 
@@ -1116,7 +1113,7 @@ class Runtime:
         # signal (Ctrl-C) could stop the turn half done instead of only its caller's wait.
         here = (
             call.timeout is None
-            and not self._crowded
+            and not self._crowded()
             and threading.current_thread() is not threading.main_thread()
         )
         reply, ticket = self._submit_turn(call, here=here)
@@ -1161,6 +1158,13 @@ class Runtime:
         )
         deadline = None if limit is None else time.monotonic() + limit
         return TurnCall(group_id, command, limit, deadline)
+
+    def _crowded(self) -> bool:
+        """Whether more groups are active than `max_active_groups`: their turns then go
+        through their actors (a caller running its group's turns one after the other
+        leaves the group no moment to be passivated in)."""
+        cap = self._max_active_groups
+        return cap is not None and self._parts.supervisor.active_of_kind("group") > cap
 
     def _submit_turn(
         self, call: TurnCall, here: bool = False

@@ -135,6 +135,9 @@ def test_many_groups_under_a_small_cap_lose_nothing(db_url: str, crash_rate: flo
         assert [rt.get_group(g).turns for g in groups] == [5] * 24
         assert rt.stats()["passivations"] > 0 and rt.stats()["activations"] > 0
         assert _settled(rt, groups=3, agents=3)
+        supervisor = _supervisor(rt)
+        for kind in ("group", "agent"):  # the kept count is the count, through crashes too
+            assert supervisor.active_of_kind(kind) == supervisor.active_count(f"{kind}:")
         report = rt.check_invariants()
         assert report.ok, report
 

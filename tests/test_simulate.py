@@ -116,8 +116,10 @@ def test_simulate_survives_injected_crashes(
 def test_simulate_caps_the_active_groups_and_reports_passivations(
     db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["simulate", "--db", db_url, "--groups", "6", "--turns", "4", "--no-progress"]
-    options = ["--latency-ms", "20", "--max-active-groups", "2", "--passivate-after", "none"]
+    # Long enough (8 turns of 50 ms per group) for a group that declined a passivation
+    # (busy: its next turn already waiting) to be asked again (`NUDGE_EVERY_S`).
+    argv = ["simulate", "--db", db_url, "--groups", "6", "--turns", "8", "--no-progress"]
+    options = ["--latency-ms", "50", "--max-active-groups", "2", "--passivate-after", "none"]
     code, report, out = invoke(capsys, tmp_path / "r.json", *argv, *options)
 
     assert code == 0, out
@@ -125,7 +127,7 @@ def test_simulate_caps_the_active_groups_and_reports_passivations(
     assert report["parameters"]["passivate_after"] is None
     # Six groups driven at once against a cap of two: some gave their threads back.
     assert report["passivations"] > 0 and report["activations"] >= 0
-    assert report["turns"] == 24 and all(report["invariants"].values())
+    assert report["turns"] == 48 and all(report["invariants"].values())
     (shown,) = [line for line in out.splitlines() if "passivations (actors made idle)" in line]
     assert shown.split()[-1].strip("|│ ") == str(report["passivations"])
     assert "activations (actors woken)" in out
