@@ -244,13 +244,26 @@ def test_a_caller_never_goes_ahead_of_a_turn_admitted_before_it_nor_starves_the_
     for thread in (first, second, change):
         thread.join(30)
     assert changed and second_result
-    stop = threading.Event()
-    hammering = threading.Thread(
-        target=lambda: [rt.step(group.id, [user("h")]) for _ in iter(stop.is_set, True)]
-    )
+    stop, hammered = threading.Event(), threading.Semaphore(0)
+
+    def hammer() -> None:  # turns one after the other, each run by this caller if it can
+        while not stop.is_set():
+            rt.step(group.id, [user("h")])
+            hammered.release()
+
+    hammering = threading.Thread(target=hammer)
     hammering.start()
     try:
-        assert rt.update_group(group.id, frequency=2).frequency == 2  # not starved
+        for _ in range(5):  # the caller is under way
+            assert hammered.acquire(timeout=30)
+        update: list[object] = []
+        change = threading.Thread(
+            target=lambda: update.append(rt.update_group(group.id, frequency=2))
+        )
+        change.start()
+        change.join(30)
+        assert update and update[0].frequency == 2  # type: ignore[attr-defined]  # not starved
+        assert hammered.acquire(timeout=30)  # and the caller goes on after it
     finally:
         stop.set()
         hammering.join(30)
