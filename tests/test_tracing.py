@@ -14,13 +14,15 @@ from typing import Any
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, Tracer, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, Tracer, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 
 from actors import PrimaryAgentError, Runtime
+from actors._span_recorder import DirectTracer, direct_tracer
 from actors._telemetry import tracer_provider
 from actors.tracing import _ns
 from messages import RunStatus, TurnResult
@@ -28,13 +30,28 @@ from tests.agents import Recorder, Streamer, user
 from tests.fake_openai import FakeOpenAI, Reply
 
 
-class Traced:
-    """A tracer provider that keeps every finished span in memory."""
+class StartWatcher(SpanProcessor):
+    """A processor that reads spans as they start: the runtime then traces through the
+    SDK's own spans (it records straight into processors that do nothing then)."""
 
     def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        self.started.append(span.name)
+
+
+class Traced:
+    """A tracer provider that keeps every finished span in memory; with `watched`, it
+    also watches spans start (so the SDK's spans are used, not `_span_recorder`'s)."""
+
+    def __init__(self, watched: bool = False) -> None:
         self.exporter = InMemorySpanExporter()
         self.provider = TracerProvider()
         self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.watcher = StartWatcher() if watched else None
+        if self.watcher is not None:
+            self.provider.add_span_processor(self.watcher)
 
     @property
     def spans(self) -> list[ReadableSpan]:
@@ -48,11 +65,15 @@ class Traced:
         return found
 
 
-@pytest.fixture
-def traced() -> Iterator[Traced]:
-    found = Traced()
+@pytest.fixture(params=["recorded", "sdk spans"])
+def traced(request: pytest.FixtureRequest) -> Iterator[Traced]:
+    """Each test runs with both ways of making spans: recorded straight into the
+    processors, and the SDK's own spans (a processor watches them start)."""
+    found = Traced(watched=request.param == "sdk spans")
     yield found
     found.provider.shutdown()
+    if found.watcher is not None:  # every span was the SDK's, started before it ended
+        assert sorted(found.watcher.started) == sorted(span.name for span in found.spans)
 
 
 def parent_of(span: ReadableSpan) -> int | None:
@@ -297,3 +318,82 @@ def test_backfill_runs_are_traced_as_backfill_not_as_recovered(
         assert attributes["sleeptime.backfill"] is True
         assert "sleeptime.recovered" not in attributes
         assert attributes["sleeptime.run.status"] == "completed"
+
+
+def test_spans_are_recorded_straight_into_the_processors_only_where_that_is_the_same() -> None:
+    def chosen(*processors: SpanProcessor) -> bool:
+        provider = TracerProvider()
+        for processor in processors:
+            provider.add_span_processor(processor)
+        return isinstance(direct_tracer(provider, "t", None), DirectTracer)
+
+    exporter = InMemorySpanExporter()
+    assert chosen()  # no processor: nothing is exported, either way
+    assert chosen(SimpleSpanProcessor(exporter))
+    assert chosen(SimpleSpanProcessor(exporter), BatchSpanProcessor(exporter))
+    assert not chosen(SimpleSpanProcessor(exporter), StartWatcher())  # it reads span starts
+    assert direct_tracer(trace.NoOpTracerProvider(), "t", None) is None  # not the SDK's
+
+
+def test_a_recorded_span_ends_as_the_sdks_span_would() -> None:
+    """The same calls on a recorded span and on an SDK span give the same finished span
+    (but for the ids and times each makes)."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    recorded = direct_tracer(provider, "t", None)
+    assert recorded is not None
+    sdk = provider.get_tracer("t")
+    try:
+        raise ValueError("no luck")
+    except ValueError as caught:
+        error = caught
+    for tracer in (recorded, sdk):
+        parent = tracer.start_span("parent", attributes={"a": 1})
+        span = tracer.start_span(
+            "child",
+            context=trace.set_span_in_context(parent),
+            links=[trace.Link(parent.get_span_context())],
+            attributes={"b": "two"},
+            start_time=10,
+        )
+        span.set_attribute("c", 3.5)
+        span.set_attributes({"d": True})
+        span.add_event("requeued", {"attempt": 2}, timestamp=20)
+        span.record_exception(error)
+        span.set_status(StatusCode.ERROR, "no luck")
+        span.end(end_time=30)
+        span.end(end_time=40)  # ignored: ended once
+        span.set_attribute("late", 1)  # ignored: ended
+        parent.end()
+    assert isinstance(span, trace.Span)
+    finished = exporter.get_finished_spans()
+    assert [s.name for s in finished] == ["child", "parent"] * 2
+
+    def shape(span: ReadableSpan) -> tuple[Any, ...]:
+        assert span.context is not None
+        return (
+            span.name,
+            dict(span.attributes or {}),
+            [(e.name, dict(e.attributes or {}), e.timestamp) for e in span.events],
+            (span.status.status_code, span.status.description),
+            span.kind,
+            span.start_time if span.name == "child" else None,
+            span.end_time if span.name == "child" else None,
+            span.context.trace_flags,
+            span.parent is not None,
+            len(span.links),
+        )
+
+    def without_times(found: tuple[Any, ...]) -> tuple[Any, ...]:
+        events = [(n, a, t if n != "exception" else None) for n, a, t in found[2]]
+        return (*found[:2], events, *found[3:])
+
+    assert [without_times(shape(s)) for s in finished[:2]] == [
+        without_times(shape(s)) for s in finished[2:]
+    ]
+    child, parent_span = finished[0], finished[1]
+    assert child.parent == parent_span.context and child.links[0].context == parent_span.context
+    assert child.resource == finished[2].resource
+    assert child.instrumentation_scope == finished[2].instrumentation_scope
+    provider.shutdown()
