@@ -8,10 +8,13 @@ refuses every message: one carrying a `reply` future gets the refusal as its rep
 Senders use `tell`, `ask` and `tell_if_active`; the supervisor moves the address between
 incarnations with `attach`, `detach`, `passivate`, `nudge` and `close`.
 
-An incarnation may also let a caller handle a request on the caller's own thread while it
-is idle (`serve_here`; a group's actor does, for turns): the same code, under the lock its
-own thread takes for every message, with two hand-offs fewer (the caller's to the actor's
-thread and back), each of which wakes a thread.
+An incarnation may also let a sender handle a message on the sender's own thread while
+it is idle (`serve_here`, `tell_here`; a group's actor does, for turns, and a sleeptime
+agent's, for the runs it is handed and the steps that return): the same code, under the
+lock its own thread takes for every message, with a hand-off fewer (two for a request:
+there and back), each of which wakes a thread. Idle means that every message told to the
+incarnation has been handled (the address counts them, `_owed`): a message handled here
+never overtakes one told before it.
 
 Example:
     >>> address.tell(AssignRun(run=run))
@@ -42,10 +45,11 @@ R = TypeVar("R")
 
 
 class Serving(Protocol):
-    """An incarnation that handles a message on its caller's thread while it is idle."""
+    """An incarnation that handles a message on its sender's thread while it is idle."""
 
     def serve_here(self, message: Any) -> bool:
-        """Handle `message` now, on this thread, if idle; False (nothing done) if not."""
+        """Handle `message` now, on this thread, unless it is handling one or has ended;
+        False (nothing done) if so."""
         ...
 
 
@@ -62,6 +66,7 @@ class Address:
         "_local",
         "_lock",
         "_on_wake",
+        "_owed",
         "_passive",
         "_ref",
         "_refusal",
@@ -81,6 +86,9 @@ class Address:
         self._passive = False
         self._on_wake = on_wake
         self._local: Serving | None = None  # the incarnation serving callers on their thread
+        # Messages put in the running incarnation's inbox and not yet handled (counted
+        # only while an incarnation serves senders on their threads; see `handled`).
+        self._owed = 0
 
     # -- senders --------------------------------------------------------------------------
 
@@ -94,6 +102,7 @@ class Address:
             if self._ref is not None and not self._buffer:
                 try:
                     self._ref.tell(message)
+                    self._owed += 1
                     return
                 except pykka.ActorDeadError:
                     pass  # it just crashed: its report will restart it
@@ -104,14 +113,34 @@ class Address:
 
     def serve_here(self, message: Any) -> bool:
         """Have the running incarnation handle `message` on this thread, if it serves
-        callers so and is idle (nothing waits for it here or in its inbox, nothing is
-        being handled); False if not, and nothing was done: `tell` it then."""
+        senders so and is idle (every message told to it handled, nothing waiting here,
+        nothing being handled); False if not, and nothing was done: `tell` it then."""
         with self._lock:
             local = self._local
-            if local is None or self._ref is None or self._buffer or self._refusal is not None:
+            if (
+                local is None
+                or self._owed
+                or self._ref is None
+                or self._buffer
+                or self._refusal is not None
+            ):
                 return False
             self.last_told = time.monotonic()
         return local.serve_here(message)
+
+    def tell_here(self, message: Any) -> None:
+        """Handle `message` on this thread if the incarnation is idle and serves senders
+        so (`serve_here`), else `tell` it. For a message the actor takes quickly and
+        without waiting on anything: the sender waits while it is handled."""
+        if not self.serve_here(message):
+            self.tell(message)
+
+    def handled(self, incarnation: pykka.ActorRef[Any]) -> None:
+        """`incarnation` handled a message of its inbox (called by those that serve
+        senders on their threads: the count of the others is never read)."""
+        with self._lock:
+            if incarnation is self._ref and self._owed > 0:
+                self._owed -= 1
 
     def tell_if_active(self, message: Any, on_passive: Callable[[], None] | None = None) -> bool:
         """Tell, unless the child is passivated or gone (then the message is dropped:
@@ -150,11 +179,12 @@ class Address:
         with self._lock:
             if self._refusal is not None:
                 return False
-            self._ref = ref
+            self._ref, self._owed = ref, 0
             while self._buffer:
                 message = self._buffer.popleft()
                 try:
                     ref.tell(message)
+                    self._owed += 1
                 except pykka.ActorDeadError:
                     self._buffer.appendleft(message)  # crashed already; the next one gets it
                     break
@@ -177,7 +207,7 @@ class Address:
         `first` are messages it took but did not handle; `inbox` is None when the
         incarnation never started (its start raised). A closed address refuses them."""
         with self._lock:
-            self._ref, self._local = None, None
+            self._ref, self._local, self._owed = None, None, 0
             pending = [*first, *(drain_inbox(inbox) if inbox is not None else [])]
             refusal = self._refusal
             if refusal is None:
@@ -192,7 +222,7 @@ class Address:
         with self._lock:
             if self._ref is None or self._buffer or not inbox_empty(inbox):
                 return False
-            self._ref, self._local = None, None
+            self._ref, self._local, self._owed = None, None, 0
             self._passive = True
             return True
 
@@ -203,6 +233,7 @@ class Address:
                 return
             try:
                 self._ref.tell(message)
+                self._owed += 1
             except pykka.ActorDeadError:
                 pass
 
@@ -213,7 +244,7 @@ class Address:
             self._refusal = refusal
             waiting = list(self._buffer)
             self._buffer.clear()
-            ref, self._ref, self._local = self._ref, None, None
+            ref, self._ref, self._local, self._owed = self._ref, None, None, 0
         for message in waiting:
             _refuse(message, refusal)
         return ref

@@ -25,7 +25,7 @@ from typing import Any
 
 from actors._address import Address
 from actors._passivation import Passivate
-from actors._pykka import QuietActor, inbox_empty, stop_now
+from actors._pykka import QuietActor, stop_now
 from messages._errors import describe
 from messages._futures import reject, resolve
 
@@ -53,6 +53,13 @@ def contained(error: BaseException) -> Exception:
 class CrashedBeforeReceive(Exception):
     """Raised by a receive wrapper before the message reached the actor's code: the actor
     crashes, and the next incarnation gets the message, as if it had never been told."""
+
+
+class _CrashHere:
+    """Told to an actor whose message, handled on a sender's thread, raised: its own
+    thread crashes with that error when it takes this (or any message before it)."""
+
+    __slots__ = ()
 
 
 class CrashReporter:
@@ -106,8 +113,8 @@ class SupervisedActor(QuietActor):
 
     use_daemon_thread = True
     serves_callers = False
-    """Whether an idle incarnation handles a request on its caller's thread when the
-    caller asks (`Address.serve_here`), instead of waking its own thread for it."""
+    """Whether an idle incarnation handles a message on its sender's thread when the
+    sender asks (`Address.serve_here`, `tell_here`), instead of waking its own thread."""
 
     def __init__(self, reporter: CrashReporter | None = None) -> None:
         super().__init__()
@@ -116,12 +123,14 @@ class SupervisedActor(QuietActor):
         self._unhandled: list[Any] = []
         self._progressed = False  # handled a message: this incarnation got work done
         # Held while a message is handled, on whichever thread: the actor's own, or a
-        # caller's (`serve_here`). `_holder` is that thread; `_retired` is set, under it,
-        # once this incarnation ends (stopped, passivated, crashed): no caller is served.
+        # sender's (`serve_here`). `_holder` is that thread; `_retired` is set, under it,
+        # once this incarnation ends (stopped, passivated, crashed): no sender is served.
         self._serving = threading.Lock()
         self._holder: int | None = None
-        self._taken = False  # the actor's own thread took a message and waits to handle it
         self._retired = False
+        # A message without a reply, handled on a sender's thread, raised: the actor's own
+        # thread crashes with it at its next message (`_CrashHere` wakes it for that).
+        self._raised_here: BaseException | None = None
 
     def started(self) -> None:
         """Load what the actor needs; runs in its own thread before any message."""
@@ -151,11 +160,11 @@ class SupervisedActor(QuietActor):
             self._reporter.address.serve_locally(self)
 
     def on_receive(self, message: Any) -> Any:
-        self._taken = True  # out of the inbox: no caller goes ahead of it (nor starves it)
         with self._serving:
-            self._taken = False
             self._holder = threading.get_ident()
             try:
+                if self._raised_here is not None:
+                    raise self._crash_here(message)
                 return self._on_receive(message)
             except BaseException as error:
                 self._end_serving()  # a crash: this incarnation is done
@@ -165,24 +174,48 @@ class SupervisedActor(QuietActor):
                 raise ActorRaised(error) from error
             finally:
                 self._holder = None
+                if self.serves_callers and self._reporter is not None:
+                    self._reporter.address.handled(self.actor_ref)
 
     def serve_here(self, message: Any) -> bool:
-        """Handle `message` on the calling thread, as this actor's own thread would, if
-        it is idle: nothing in its inbox or taken from it, nothing being handled, not
-        ended. False (and nothing done) otherwise. Only for messages with a reply
-        (whatever the handling raises goes there), whose sender waits for it anyway."""
+        """Handle `message` on the calling thread, as this actor's own thread would,
+        unless a message is being handled or this incarnation has ended: False (and
+        nothing done) then. Its address calls this only once every message told to the
+        incarnation is handled (`Address.serve_here`).
+
+        A message with a reply gets what the handling raises there; one without is the
+        actor's crash, as on its own thread: its thread is woken to crash with it, and
+        nothing more is handled on a sender's thread."""
         if not self._serving.acquire(blocking=False):
             return False
         try:
-            if self._retired or self._taken or not inbox_empty(self.actor_inbox):
+            if self._retired:
                 return False
             self._holder = threading.get_ident()
-            self._handle(message)
-            self._progressed = True
+            try:
+                self._handle(message)
+            except BaseException as error:
+                self._raised_here = error
+                self._end_serving()
+                assert self._reporter is not None  # (only a supervised actor serves)
+                self._reporter.address.tell(_CrashHere())
+                if not isinstance(error, Exception):
+                    raise  # (KeyboardInterrupt, say: the sender's thread's to handle)
+            else:
+                self._progressed = True
             return True
         finally:
             self._holder = None
             self._serving.release()
+
+    def _crash_here(self, message: Any) -> BaseException:
+        """The error a message handled on a sender's thread raised, now this incarnation's
+        crash; `message`, taken from the inbox but not handled, goes to the next one."""
+        error, self._raised_here = self._raised_here, None
+        assert error is not None
+        if not isinstance(message, _CrashHere | Passivate):
+            self._unhandled = [message]
+        return contained(error)
 
     def on_stop(self) -> None:
         if self._holder == threading.get_ident():  # stopped from within a message

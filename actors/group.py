@@ -413,7 +413,7 @@ class GroupActor(SupervisedActor):
         undelivered = []
         for run in runs:
             try:
-                self._wiring.agent(run.agent_id).tell(AssignRun(run=run, window=window))
+                self._wiring.agent(run.agent_id).tell_here(AssignRun(run=run, window=window))
             except Exception as error:
                 self._log.error("dispatch_failed", run_id=run.id, error=str(error))
                 undelivered.append(run)

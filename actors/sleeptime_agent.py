@@ -200,7 +200,13 @@ class SleeptimeAgentActor(SupervisedActor):
     the tracker's answer `Adopted`. It never waits on another actor: it tells the tracker
     `AdoptRuns` (on start) and goes on when told back, and `StartRun` with the run's step
     handed to the pool at once (the step waits for the decision on its own thread).
+
+    It is told mostly by the turn that made a run (`AssignRun`) and by the step that
+    returns (`StepDone`), and takes both quickly: while idle it handles them on the
+    sender's thread (`serves_callers`), its own thread then waking for neither.
     """
+
+    serves_callers = True
 
     def __init__(
         self,
@@ -512,4 +518,4 @@ def _report(address: Address, run_id: str, token: int, future: Future[StepDone])
             token=token,
         )
     )
-    address.tell(done)
+    address.tell_here(done)  # on the step's thread, if the agent is idle

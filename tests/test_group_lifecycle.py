@@ -67,14 +67,9 @@ def turn(text: str) -> list[dict[str, Any]]:
 
 def queued(rt: Runtime, group_id: str) -> int:
     """Messages told to the group's running actor and not handled yet: waiting in its
-    inbox, or taken from it by its thread while a caller runs a turn (see `serve_here`)."""
+    inbox, or taken from it by its thread (its address counts them, see `serve_here`)."""
     address = rt._running_group(group_id)
-    ref = None if address is None else address._ref
-    if ref is None:
-        return 0
-    local = address._local if address is not None else None
-    taken = 1 if local is not None and getattr(local, "_taken", False) else 0
-    return int(ref.actor_inbox.qsize()) + taken  # type: ignore[attr-defined]
+    return 0 if address is None else address._owed
 
 
 def names(row: tuple[Any, ...], ids: set[str]) -> bool:

@@ -1,0 +1,196 @@
+"""Messages handled on the sender's thread (`Address.tell_here`, `serve_here`).
+
+An actor that `serves_callers` handles a message on its sender's thread while it is idle:
+every message told to its incarnation handled, none being handled. These tests hold it to
+what its own thread guarantees: one message at a time, none overtaking one told before
+it, a message that raises is the actor's crash (restarted, nothing told after it lost).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actors import RestartPolicy
+from actors._address import Address
+from actors._scheduler import Scheduler
+from actors._supervised import CrashReporter, SupervisedActor
+from actors._supervisor import ChildSpec, Supervisor
+from messages import SleeptimeError
+from tests.agents import wait_until
+
+
+@dataclass(frozen=True)
+class Note:
+    sender: int
+    number: int
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Handled by waiting for `gate` (the actor is busy meanwhile)."""
+
+    gate: threading.Event
+
+
+@dataclass(frozen=True)
+class Explode:
+    error: BaseException
+
+
+class Journal(SupervisedActor):
+    """Writes down each message it handles, with the thread that handled it."""
+
+    serves_callers = True
+
+    def __init__(self, reporter: CrashReporter, journal: list[tuple[Any, int]]) -> None:
+        super().__init__(reporter)
+        self.journal = journal
+        self.inside = False
+
+    def receive(self, message: Any) -> Any:
+        assert not self.inside, "two messages handled at once"
+        self.inside = True
+        try:
+            match message:
+                case Hold(gate=gate):
+                    assert gate.wait(10)
+                case Explode(error=error):
+                    raise error
+            self.journal.append((message, threading.get_ident()))
+        finally:
+            self.inside = False
+        return None
+
+
+@dataclass
+class Harness:
+    address: Address
+    journal: list[tuple[Any, int]]
+    starts: list[int]
+
+    def handled(self) -> list[Any]:
+        return [message for message, _ in self.journal]
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    scheduler = Scheduler()
+    supervisor = Supervisor(scheduler)
+    journal: list[tuple[Any, int]] = []
+    starts: list[int] = []
+
+    def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
+        starts.append(reporter.address.incarnation)
+        return Journal.start(reporter, journal)
+
+    address = supervisor.supervise(
+        ChildSpec(
+            "journal",
+            start,
+            lambda reason: None,
+            RestartPolicy(backoff_base=0.01, max_restarts=50),
+            refuse=lambda reason: SleeptimeError("journal gone"),
+        )
+    )
+    assert wait_until(lambda: address._local is not None)  # up, and serving senders
+    yield Harness(address, journal, starts)
+    supervisor.shut_down(SleeptimeError("test over"))
+    scheduler.close()
+
+
+def test_an_idle_actor_handles_a_message_on_the_senders_thread(harness: Harness) -> None:
+    harness.address.tell_here(Note(0, 1))
+    assert harness.journal == [(Note(0, 1), threading.get_ident())]  # done on return
+    assert harness.address._owed == 0
+
+
+def test_a_message_told_here_never_overtakes_one_told_before(harness: Harness) -> None:
+    gate = threading.Event()
+    harness.address.tell(Hold(gate))  # the actor's thread is busy with it
+    harness.address.tell(Note(0, 1))
+    harness.address.tell_here(Note(0, 2))  # not idle: queued behind the others
+    assert harness.journal == []
+    gate.set()
+    assert wait_until(lambda: len(harness.journal) == 3)
+    assert harness.handled() == [Hold(gate), Note(0, 1), Note(0, 2)]
+    assert all(thread != threading.get_ident() for _, thread in harness.journal)
+    assert wait_until(lambda: harness.address._owed == 0)
+    harness.address.tell_here(Note(0, 3))  # idle again: here
+    assert harness.journal[-1] == (Note(0, 3), threading.get_ident())
+
+
+@settings(max_examples=25, deadline=None)
+@given(plans=st.lists(st.lists(st.booleans(), min_size=1, max_size=30), min_size=1, max_size=4))
+def test_every_message_is_handled_once_and_each_senders_in_the_order_told(
+    plans: list[list[bool]],
+) -> None:
+    """Senders on threads of their own, each telling its messages here or to the inbox
+    as drawn: whatever the interleaving, each is handled once, a sender's in its order."""
+    scheduler = Scheduler()
+    supervisor = Supervisor(scheduler)
+    journal: list[tuple[Any, int]] = []
+    address = supervisor.supervise(
+        ChildSpec(
+            "journal",
+            lambda reporter: Journal.start(reporter, journal),
+            lambda reason: None,
+            RestartPolicy(),
+            refuse=lambda reason: SleeptimeError("journal gone"),
+        )
+    )
+    try:
+        assert wait_until(lambda: address._local is not None)
+        begin = threading.Barrier(len(plans))
+
+        def send(sender: int, plan: list[bool]) -> None:
+            begin.wait(10)
+            for number, here in enumerate(plan):
+                (address.tell_here if here else address.tell)(Note(sender, number))
+
+        threads = [
+            threading.Thread(target=send, args=(sender, plan)) for sender, plan in enumerate(plans)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        total = sum(len(plan) for plan in plans)
+        assert wait_until(lambda: len(journal) == total)
+        for sender, plan in enumerate(plans):
+            mine = [m.number for m, _ in journal if m.sender == sender]
+            assert mine == list(range(len(plan)))
+        assert wait_until(lambda: address._owed == 0)
+    finally:
+        supervisor.shut_down(SleeptimeError("test over"))
+        scheduler.close()
+
+
+def test_a_message_that_raises_here_is_the_actors_crash_and_nothing_after_it_is_lost(
+    harness: Harness,
+) -> None:
+    harness.address.tell_here(Explode(RuntimeError("boom")))  # the actor's, not the sender's
+    harness.address.tell_here(Note(0, 1))  # not served here any more: told, kept
+    harness.address.tell(Note(0, 2))
+    assert wait_until(lambda: len(harness.starts) == 2)  # restarted
+    assert wait_until(lambda: len(harness.journal) == 2)
+    assert harness.handled() == [Note(0, 1), Note(0, 2)]
+    assert all(thread != threading.get_ident() for _, thread in harness.journal)
+    assert wait_until(lambda: harness.address._local is not None)  # the new one serves
+    harness.address.tell_here(Note(0, 3))
+    assert harness.journal[-1] == (Note(0, 3), threading.get_ident())
+
+
+def test_an_exit_raised_here_reaches_the_sender_and_crashes_the_actor(harness: Harness) -> None:
+    with pytest.raises(SystemExit):
+        harness.address.tell_here(Explode(SystemExit(3)))
+    harness.address.tell(Note(0, 1))
+    assert wait_until(lambda: len(harness.starts) == 2)
+    assert wait_until(lambda: harness.handled() == [Note(0, 1)])
