@@ -26,6 +26,7 @@ from actors._chaos import Chaos, CrashInjection, failing_steps
 from actors._observer import NO_OBSERVER, Observer
 from actors._pool import StepPool
 from actors._protocol import FailGroupRuns
+from actors._pykka import Dispatcher
 from actors._restart import RestartPolicy
 from actors._scheduler import Scheduler
 from actors._settings import GroupSettings
@@ -67,6 +68,8 @@ class RuntimeParts:
     kinds: AgentKinds
     pool: StepPool
     scheduler: Scheduler
+    dispatcher: Dispatcher
+    """The threads the sleeptime agents' actors share (they have none of their own)."""
     policy: RestartPolicy = field(default_factory=RestartPolicy)
     chaos: Chaos | None = None
     observer: Observer = field(default=NO_OBSERVER)
@@ -232,6 +235,7 @@ class ActorDirectory:
                     pool=parts.pool,
                     scheduler=parts.scheduler,
                     steps=parts.steps,
+                    dispatcher=parts.dispatcher,
                     observer=parts.observer,
                     settings=self._settings,
                 )

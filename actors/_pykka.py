@@ -11,6 +11,9 @@ keeps its logging in its place:
   dead incarnation to stop instead of delivering it to the new one;
 - stopping a passivated actor at once (`stop_now`, pykka's `Actor._stop()`): its address
   has already let go of it, so nothing may be handled by this instance any more;
+- running an actor's messages on a few shared threads instead of a thread of its own
+  (`DispatchedActor`, `Dispatcher`): pykka's loop, one envelope at a time, as
+  `ThreadingActor` runs it, but started, resumed and ended by a dispatcher thread;
 - ending a crashed actor without pykka's report (`QuietActor`, whose
   `_handle_failure` does what pykka's does, less its log): pykka logs every crash with its traceback
   at error on the `pykka` logger, which belongs to the host; the supervisor reports each
@@ -29,6 +32,9 @@ from __future__ import annotations
 
 import importlib
 import queue
+import sys
+import threading
+from collections import deque
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -127,3 +133,151 @@ def check_pykka() -> None:
 
 
 check_pykka()  # at import: a pykka without them fails here, saying what is missing
+
+
+DISPATCH_BATCH = 16
+"""Messages an actor handles in a row on a dispatcher thread before the others' turn."""
+
+
+class Dispatcher:
+    """A few daemon threads that run the messages of many `DispatchedActor`s, each actor's
+    one at a time and in order (Akka's dispatcher; pykka has none).
+
+    An actor with messages waits in the ready queue once, however many it has; a thread
+    takes it, handles up to `DISPATCH_BATCH` of them, and puts it back at the end of the
+    queue if more came. Only for actors whose handling never waits long (a blocked handler
+    holds one of the threads for as long).
+    """
+
+    def __init__(self, threads: int = 4, name: str = "sleeptime-dispatch") -> None:
+        if threads < 1:
+            raise ValueError("a dispatcher needs at least one thread")
+        self._ready: queue.SimpleQueue[DispatchedActor | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{n + 1}", daemon=True)
+            for n in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def schedule(self, actor: DispatchedActor) -> None:
+        self._ready.put(actor)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Let the threads go once the actors scheduled before this have run."""
+        for _ in self._threads:
+            self._ready.put(None)
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+
+    def _work(self) -> None:
+        while (actor := self._ready.get()) is not None:
+            actor._run_some()  # (never raises: it ends the actor as its own thread would)
+            del actor
+
+
+class _DispatchedInbox:
+    """A dispatched actor's inbox: what pykka and the supervisor use of a queue (`put`,
+    `get`, `empty`, `qsize`), and the actor scheduled on its dispatcher when a message
+    comes while it is not."""
+
+    __slots__ = ("_actor", "_items", "_lock", "_scheduled")
+
+    def __init__(self, actor: DispatchedActor) -> None:
+        self._actor = actor
+        self._items: deque[Any] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, envelope: Any, block: bool = True, timeout: float | None = None) -> None:
+        self._items.append(envelope)
+        self.schedule()
+
+    def schedule(self) -> None:
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._actor.dispatcher.schedule(self._actor)
+
+    def take(self) -> Any | None:
+        """The oldest envelope, or None if there is none."""
+        try:
+            return self._items.popleft()
+        except IndexError:
+            return None
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        return self._items.popleft()  # (only after `empty()` said no, as pykka does)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def more(self) -> bool:
+        """After a run of the actor: whether it must run again (messages came). If not,
+        the next message schedules it (checked under the lock `schedule` takes, so no
+        message is left waiting unscheduled)."""
+        with self._lock:
+            if self._items:
+                return True
+            self._scheduled = False
+            return False
+
+
+class DispatchedActor(QuietActor):
+    """A `QuietActor` with no thread of its own: a `Dispatcher`'s threads start it, run
+    its messages and end it, exactly as pykka's loop would on its own thread. `dispatcher`
+    must be set (in `__init__`) before the actor is started."""
+
+    dispatcher: Dispatcher
+
+    def _create_actor_inbox(self) -> Any:  # type: ignore[override]
+        self._starting = True
+        self._inbox = _DispatchedInbox(self)
+        return self._inbox
+
+    def _start_actor_loop(self) -> None:
+        self._inbox.schedule()  # its first run starts it (`on_start`)
+
+    def _run_some(self) -> None:
+        """Handle up to `DISPATCH_BATCH` messages (starting the actor first, the first
+        time); end it if it stopped; else schedule it again if messages wait."""
+        inbox = self._inbox
+        if self._starting:
+            self._starting = False
+            self._actor_loop_setup()
+        for _ in range(DISPATCH_BATCH):
+            if self.actor_stopped.is_set():
+                break
+            envelope = inbox.take()
+            if envelope is None:
+                break
+            self._handle_envelope(envelope)
+        if self.actor_stopped.is_set():
+            self._actor_loop_teardown()  # what came meanwhile: refused, as pykka does
+            inbox.more()
+            return
+        if inbox.more():
+            self.dispatcher.schedule(self)
+
+    def _handle_envelope(self, envelope: Any) -> None:
+        """pykka's loop body (`Actor._actor_loop_running`) for one envelope."""
+        try:
+            response = self._handle_receive(envelope.message)
+            if envelope.reply_to is not None:
+                envelope.reply_to.set(response)
+        except Exception:
+            if envelope.reply_to is not None:
+                envelope.reply_to.set_exception()
+            else:
+                self._handle_failure(*sys.exc_info())
+                try:
+                    self.on_failure(*sys.exc_info())
+                except Exception:
+                    self._handle_failure(*sys.exc_info())
+        except BaseException:  # (pykka stops every actor; one actor's end is enough here)
+            self._handle_failure(*sys.exc_info())

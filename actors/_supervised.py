@@ -25,7 +25,7 @@ from typing import Any
 
 from actors._address import Address
 from actors._passivation import Passivate
-from actors._pykka import QuietActor, stop_now
+from actors._pykka import DispatchedActor, QuietActor, stop_now
 from messages._errors import describe
 from messages._futures import reject, resolve
 
@@ -269,3 +269,10 @@ class SupervisedActor(QuietActor):
         if self._reporter is not None:
             self._reporter.crashed(error, self.actor_inbox, self._unhandled, self._progressed)
             self._unhandled = []
+
+
+class DispatchedSupervisedActor(SupervisedActor, DispatchedActor):
+    """A `SupervisedActor` with no thread of its own: its messages run on the runtime's
+    dispatcher threads (`actors._pykka.Dispatcher`), one at a time, in order. For actors
+    whose handling never waits (each holds a shared thread while it handles a message);
+    set `dispatcher` in `__init__`."""

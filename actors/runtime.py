@@ -63,6 +63,7 @@ from actors._protocol import (
     TurnMode,
     WatchRuns,
 )
+from actors._pykka import Dispatcher
 from actors._restart import RestartPolicy
 from actors._scheduler import Scheduler
 from actors._shards import ShardKeeper
@@ -125,6 +126,9 @@ if TYPE_CHECKING:
 log = get_logger("sleeptime.runtime")
 
 DEFAULT_URL = "sqlite:///sleeptime.db"
+AGENT_DISPATCH_THREADS = 4
+"""The threads the sleeptime agents' actors share: their handling never waits (steps run
+on the step pool), so a few serve thousands of agents."""
 DEFAULT_PASSIVATE_AFTER = 300.0
 LATE_READ_S = 1.0
 """How long `wait_for_runs`, its timeout passed, waits for the store to say which runs
@@ -301,6 +305,7 @@ class Runtime:
             kinds=kinds,
             pool=StepPool(workers),
             scheduler=scheduler,
+            dispatcher=Dispatcher(AGENT_DISPATCH_THREADS),
             policy=restart_policy or RestartPolicy(),
             chaos=chaos,
             observer=observer,
@@ -695,6 +700,7 @@ class Runtime:
         self._directory.stop("agent:", timeout=5.0)
         self._parts.supervisor.stop("tracker", RuntimeStopped(), timeout=10.0)
         self._parts.pool.close()
+        self._parts.dispatcher.close()
         self._parts.scheduler.close()
         self._late_reads.shutdown(wait=False, cancel_futures=True)
         self._store.close()

@@ -48,9 +48,10 @@ from actors._protocol import (
     StartRun,
     StepDone,
 )
+from actors._pykka import Dispatcher
 from actors._scheduler import Scheduler, Timer
 from actors._settings import GroupSettings, SettingsCell
-from actors._supervised import CrashReporter, SupervisedActor
+from actors._supervised import CrashReporter, DispatchedSupervisedActor
 from actors.sdk import AgentBehaviour
 from messages import (
     Agent,
@@ -79,6 +80,8 @@ class AgentWiring:
     pool: StepPool
     scheduler: Scheduler
     steps: StepsInFlight
+    dispatcher: Dispatcher
+    """Where the actor's messages run (it has no thread of its own)."""
     observer: Observer = field(default=NO_OBSERVER)
     settings: GroupSettings = field(default_factory=GroupSettings)
     """Where a step reads its group's settings as it begins (shared with the group's actor)."""
@@ -193,7 +196,7 @@ class _Current:
         return decision
 
 
-class SleeptimeAgentActor(SupervisedActor):
+class SleeptimeAgentActor(DispatchedSupervisedActor):
     """Executes the runs of one sleeptime agent, one at a time, in creation order.
 
     Told: `AssignRun`, `StepDone`, `RunDeadline`, `GroupChanged`, `KindRegistered`, and
@@ -216,6 +219,7 @@ class SleeptimeAgentActor(SupervisedActor):
         wiring: AgentWiring,
     ) -> None:
         super().__init__(reporter)
+        self.dispatcher = wiring.dispatcher
         self._address = reporter.address
         self._agent = agent
         self._group = group

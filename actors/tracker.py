@@ -193,6 +193,63 @@ def _opened(run: Run) -> _Open:
     return _Open(run, run.status, run.attempt, started_at=started_at)
 
 
+class OpenRuns:
+    """The runs a tracker follows, by id, and by agent: a (re)started agent's actor asks
+    for its own runs at every activation, and with thousands of groups passivated and
+    woken in turn, a scan of every open run at each was the tracker's undoing (its inbox
+    grew by tens of thousands of messages at 10,000 groups)."""
+
+    __slots__ = ("_by_agent", "_runs")
+
+    def __init__(self) -> None:
+        self._runs: dict[str, _Open] = {}
+        self._by_agent: dict[str, dict[str, _Open]] = {}
+
+    def __contains__(self, run_id: object) -> bool:
+        return run_id in self._runs
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def __getitem__(self, run_id: str) -> _Open:
+        return self._runs[run_id]
+
+    def __setitem__(self, run_id: str, found: _Open) -> None:
+        self._runs[run_id] = found
+        self._by_agent.setdefault(found.run.agent_id, {})[run_id] = found
+
+    def setdefault(self, run_id: str, found: _Open) -> _Open:
+        known = self._runs.get(run_id)
+        if known is not None:
+            return known
+        self[run_id] = found
+        return found
+
+    def get(self, run_id: str) -> _Open | None:
+        return self._runs.get(run_id)
+
+    def pop(self, run_id: str) -> _Open | None:
+        """Follow the run no more; what was followed (None if nothing)."""
+        found = self._runs.pop(run_id, None)
+        if found is not None:
+            agent_id = found.run.agent_id
+            mine = self._by_agent.get(agent_id)
+            if mine is not None:
+                mine.pop(run_id, None)
+                if not mine:
+                    del self._by_agent[agent_id]
+        return found
+
+    def values(self) -> list[_Open]:
+        return list(self._runs.values())
+
+    def items(self) -> list[tuple[str, _Open]]:
+        return list(self._runs.items())
+
+    def of_agent(self, agent_id: str) -> list[_Open]:
+        return list(self._by_agent.get(agent_id, {}).values())
+
+
 class RunTrackerActor(SupervisedActor):
     """Records run status changes, durably and in a legal order.
 
@@ -225,7 +282,7 @@ class RunTrackerActor(SupervisedActor):
         self._flags = flags
         self._address = address
         self._recovered = recovered
-        self._open: dict[str, _Open] = {}
+        self._open = OpenRuns()
         self._ended = EndedRuns()  # this incarnation's writes' ends, gathered
         # By agent: its runs whose end is written but not yet known committed. A run of
         # the agent starts only after them (SPEC 6: one at a time, in order), even when
@@ -497,7 +554,7 @@ class RunTrackerActor(SupervisedActor):
     def _adopt(self, agent_id: str, token: int) -> list[Run]:
         """Hand a (re)started agent its runs; one it was running is re-queued first."""
         mine = sorted(
-            (r for r in self._open.values() if r.run.agent_id == agent_id),
+            self._open.of_agent(agent_id),
             key=lambda r: (r.run.turn, r.run.metadata.get("position", 0)),  # creation order
         )
         for found in mine:
@@ -566,14 +623,14 @@ class RunTrackerActor(SupervisedActor):
         why: ShardLost (taken over) or NotOwner naming the group (handed over)."""
         book = self._store.book
         errors: dict[str, Exception] = {}
-        for run_id, found in list(self._open.items()):
+        for run_id, found in self._open.items():
             group_id = found.run.group_id
             shard = book.shard_of(group_id)
             if shard not in shards:
                 continue
             self._flags.raise_flag(run_id)  # whatever still steps here stops
             self._flags.forget(run_id)
-            del self._open[run_id]
+            self._open.pop(run_id)
             errors[run_id] = ShardLost(shard) if lost else NotOwner(group_id, shard)
         self._waiters.fail_runs(errors)
         if errors:
@@ -581,7 +638,7 @@ class RunTrackerActor(SupervisedActor):
             log.warning("shard_runs_dropped", shards=len(shards), runs=len(errors), lost=lost)
 
     def _fail_group(self, group_id: str, reason: str) -> None:
-        for run_id, found in list(self._open.items()):
+        for run_id, found in self._open.items():
             if found.run.group_id == group_id and not found.status.terminal:
                 self._flags.raise_flag(run_id)
                 self._write(
@@ -665,7 +722,7 @@ class RunTrackerActor(SupervisedActor):
         return future
 
     def _settle(self, run_id: str) -> None:
-        found = self._open.pop(run_id, None)
+        found = self._open.pop(run_id)
         if found is not None:
             ending = self._ending.get(found.run.agent_id)
             if ending is not None:
@@ -793,9 +850,7 @@ class RunTrackerActor(SupervisedActor):
     def _cancel_agent(self, agent_id: str) -> list[Future[datetime | None]]:
         """Cancel every open run of the agent (those followed, and any the store holds
         open), each recorded as a user's cancel is; the commit futures of the changes."""
-        followed = [
-            run_id for run_id, found in self._open.items() if found.run.agent_id == agent_id
-        ]
+        followed = [found.run.id for found in self._open.of_agent(agent_id)]
         stored = [
             run.id
             for run in self._store.list_runs(
@@ -830,7 +885,7 @@ class RunTrackerActor(SupervisedActor):
         for run_id in run_ids:
             self._flags.raise_flag(run_id)
             self._flags.forget(run_id)
-            self._open.pop(run_id, None)
+            self._open.pop(run_id)
         self._waiters.fail_runs({run_id: RunNotFound(run_id) for run_id in run_ids})
         if run_ids:
             self._observer.runs_forgotten(run_ids, "deleted")

@@ -1,4 +1,5 @@
-"""Messages handled on the sender's thread (`Address.tell_here`, `serve_here`).
+"""Messages handled on the sender's thread (`Address.tell_here`, `serve_here`), by actors
+with a thread of their own and by actors run on a dispatcher's shared threads.
 
 An actor that `serves_callers` handles a message on its sender's thread while it is idle:
 every message told to its incarnation handled, none being handled. These tests hold it to
@@ -20,8 +21,9 @@ from hypothesis import strategies as st
 
 from actors import RestartPolicy
 from actors._address import Address
+from actors._pykka import Dispatcher
 from actors._scheduler import Scheduler
-from actors._supervised import CrashReporter, SupervisedActor
+from actors._supervised import CrashReporter, DispatchedSupervisedActor, SupervisedActor
 from actors._supervisor import ChildSpec, Supervisor
 from messages import SleeptimeError
 from tests.agents import wait_until
@@ -50,10 +52,17 @@ class Journal(SupervisedActor):
 
     serves_callers = True
 
-    def __init__(self, reporter: CrashReporter, journal: list[tuple[Any, int]]) -> None:
+    def __init__(
+        self,
+        reporter: CrashReporter,
+        journal: list[tuple[Any, int]],
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
         super().__init__(reporter)
         self.journal = journal
         self.inside = False
+        if dispatcher is not None:
+            self.dispatcher = dispatcher
 
     def receive(self, message: Any) -> Any:
         assert not self.inside, "two messages handled at once"
@@ -70,6 +79,20 @@ class Journal(SupervisedActor):
         return None
 
 
+class DispatchedJournal(Journal, DispatchedSupervisedActor):
+    """The same, with no thread of its own: a dispatcher's threads run its messages."""
+
+
+KINDS = ["own thread", "dispatched"]
+
+
+def journal_kind(kind: str, dispatcher: Dispatcher) -> Any:
+    """How to start a journal of `kind` (`start(reporter, journal)`)."""
+    if kind == "dispatched":
+        return lambda reporter, journal: DispatchedJournal.start(reporter, journal, dispatcher)
+    return Journal.start
+
+
 @dataclass
 class Harness:
     address: Address
@@ -80,16 +103,18 @@ class Harness:
         return [message for message, _ in self.journal]
 
 
-@pytest.fixture
-def harness() -> Iterator[Harness]:
+@pytest.fixture(params=KINDS)
+def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
     scheduler = Scheduler()
     supervisor = Supervisor(scheduler)
+    dispatcher = Dispatcher(2)
     journal: list[tuple[Any, int]] = []
     starts: list[int] = []
+    make = journal_kind(request.param, dispatcher)
 
     def start(reporter: CrashReporter) -> pykka.ActorRef[Any]:
         starts.append(reporter.address.incarnation)
-        return Journal.start(reporter, journal)
+        return make(reporter, journal)  # type: ignore[no-any-return]
 
     address = supervisor.supervise(
         ChildSpec(
@@ -103,6 +128,7 @@ def harness() -> Iterator[Harness]:
     assert wait_until(lambda: address._local is not None)  # up, and serving senders
     yield Harness(address, journal, starts)
     supervisor.shut_down(SleeptimeError("test over"))
+    dispatcher.close()
     scheduler.close()
 
 
@@ -128,19 +154,24 @@ def test_a_message_told_here_never_overtakes_one_told_before(harness: Harness) -
 
 
 @settings(max_examples=25, deadline=None)
-@given(plans=st.lists(st.lists(st.booleans(), min_size=1, max_size=30), min_size=1, max_size=4))
+@given(
+    plans=st.lists(st.lists(st.booleans(), min_size=1, max_size=30), min_size=1, max_size=4),
+    kind=st.sampled_from(KINDS),
+)
 def test_every_message_is_handled_once_and_each_senders_in_the_order_told(
-    plans: list[list[bool]],
+    plans: list[list[bool]], kind: str
 ) -> None:
     """Senders on threads of their own, each telling its messages here or to the inbox
     as drawn: whatever the interleaving, each is handled once, a sender's in its order."""
     scheduler = Scheduler()
     supervisor = Supervisor(scheduler)
+    dispatcher = Dispatcher(2)
     journal: list[tuple[Any, int]] = []
+    make = journal_kind(kind, dispatcher)
     address = supervisor.supervise(
         ChildSpec(
             "journal",
-            lambda reporter: Journal.start(reporter, journal),
+            lambda reporter: make(reporter, journal),
             lambda reason: None,
             RestartPolicy(),
             refuse=lambda reason: SleeptimeError("journal gone"),
@@ -170,6 +201,7 @@ def test_every_message_is_handled_once_and_each_senders_in_the_order_told(
         assert wait_until(lambda: address._owed == 0)
     finally:
         supervisor.shut_down(SleeptimeError("test over"))
+        dispatcher.close()
         scheduler.close()
 
 
@@ -194,3 +226,41 @@ def test_an_exit_raised_here_reaches_the_sender_and_crashes_the_actor(harness: H
     harness.address.tell(Note(0, 1))
     assert wait_until(lambda: len(harness.starts) == 2)
     assert wait_until(lambda: harness.handled() == [Note(0, 1)])
+
+
+def test_a_dispatcher_runs_many_actors_each_in_order_one_message_at_a_time() -> None:
+    """300 actors on 3 shared threads, told from 4 threads at once: every message handled,
+    each actor's in the order told, never two of one actor at once (`Journal` checks),
+    and no thread made for any of them; stopping each answers, and what is told to a
+    stopped one is refused."""
+    dispatcher = Dispatcher(3)
+    threads_before = threading.active_count()
+    journals: list[list[tuple[Any, int]]] = [[] for _ in range(300)]
+    refs = [DispatchedJournal.start(None, journal, dispatcher) for journal in journals]
+    assert threading.active_count() == threads_before
+    begin = threading.Barrier(4)
+
+    def send(sender: int) -> None:
+        begin.wait(10)
+        for number in range(20):
+            for ref in refs:
+                ref.tell(Note(sender, number))
+
+    senders = [threading.Thread(target=send, args=(n,)) for n in range(4)]
+    for thread in senders:
+        thread.start()
+    for thread in senders:
+        thread.join(30)
+    assert wait_until(lambda: all(len(j) == 80 for j in journals), timeout=30)
+    for journal in journals:
+        for sender in range(4):
+            assert [m.number for m, _ in journal if m.sender == sender] == list(range(20))
+    assert {thread for journal in journals for _, thread in journal} <= {
+        t.ident for t in threading.enumerate() if t.name.startswith("sleeptime-dispatch")
+    }
+    for ref in refs:
+        assert ref.stop(timeout=10) is True
+    with pytest.raises(pykka.ActorDeadError):
+        refs[0].tell(Note(0, 99))
+    dispatcher.close()
+    assert wait_until(lambda: threading.active_count() == threads_before - 3)
