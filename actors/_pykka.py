@@ -103,6 +103,15 @@ def missing_internals() -> list[str]:
         missing.append("pykka.Actor._stop() (stops an actor at once)")
     if not callable(getattr(pykka.ThreadingActor, "_handle_failure", None)):
         missing.append("pykka.Actor._handle_failure() (ends an actor whose code failed)")
+    for name, why in (
+        ("_actor_loop_setup", "starts an actor: on_start"),
+        ("_handle_receive", "handles one message"),
+        ("_actor_loop_teardown", "refuses what is left in a stopped actor's inbox"),
+        ("_start_actor_loop", "starts an actor's loop: a dispatcher's instead of a thread"),
+        ("_create_actor_inbox", "makes an actor's inbox"),
+    ):
+        if not callable(getattr(pykka.ThreadingActor, name, None)):
+            missing.append(f"pykka.Actor.{name}() ({why}; `DispatchedActor` runs pykka's loop)")
     try:
         envelope = importlib.import_module("pykka._envelope").Envelope
     except (ImportError, AttributeError):

@@ -14,6 +14,10 @@ timeout, which is logged as `step_overlaps_timed_out_step`.
 
 A run whose start met a store outage never reached its agent: it goes back to the head
 of the queue and is started again, with a growing delay, once the store answers.
+
+The actor has no thread of its own: its messages run on the runtime's dispatcher (a few
+threads all agents share, `actors._pykka.Dispatcher`), or on the sender's thread while it
+is idle (`serves_callers`). Nothing it does waits, so thousands of agents cost no thread.
 """
 
 from __future__ import annotations
