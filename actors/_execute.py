@@ -5,7 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
+
+import pydantic
 
 from actors._observer import NO_OBSERVER, Observer
 from actors._protocol import StartDecision, StepDone
@@ -20,7 +23,17 @@ from actors.sdk import (
     StepResult,
     checked_stop_reason,
 )
-from messages import Group, Message, MessageCreate, Run, StopReason, StoreUnavailable, TextContent
+from messages import (
+    AgentConfigError,
+    Group,
+    Message,
+    MessageCreate,
+    Run,
+    StopReason,
+    StoreUnavailable,
+    TextContent,
+    UnknownAgentKind,
+)
 from messages._errors import describe, text_of
 from messages._ids import new_id
 from persistence import Store, utcnow
@@ -73,6 +86,27 @@ def as_output(
     ], StopReason.END_TURN
 
 
+@dataclass(slots=True)
+class Built:
+    """The agent a step built on its pool thread (or why it could not), for the agent's
+    actor to keep for its next runs; `generation` is the registrations of its kind the
+    actor had seen when it handed the step over."""
+
+    generation: int
+    behaviour: AgentBehaviour | None = None
+    error: str | None = None
+
+
+def build_agent(build: Callable[[], AgentBehaviour]) -> tuple[AgentBehaviour | None, str | None]:
+    """The agent `build` makes, or why it could not (its factory is user code)."""
+    try:
+        return build(), None
+    except (AgentConfigError, UnknownAgentKind, pydantic.ValidationError) as error:
+        return None, str(error)
+    except BaseException as error:  # the registry wraps the factory's own; a wrapper's
+        return None, describe(error)
+
+
 def execute_run(
     *,
     begin: Callable[[], Group],
@@ -84,6 +118,8 @@ def execute_run(
     abandoned: threading.Event,
     window: list[Message] | None = None,
     build_error: str | None = None,
+    build: Callable[[], AgentBehaviour] | None = None,
+    built: Built | None = None,
     observer: Observer = NO_OBSERVER,
 ) -> StepDone:
     """Ask for the run's start (`begin`: the start request `token`, and the step's
@@ -95,7 +131,9 @@ def execute_run(
     as the run's error text. A run that does not start (refused, put off, its start not
     recorded) is reported with `started` False; so is one whose agent gave up on it
     (`abandoned`: its deadline passed) before it began. `behaviour` None: the agent could
-    not be built (`build_error`), the run fails once started. `observer` watches the step.
+    not be built (`build_error`), the run fails once started; with `build`, the agent is
+    built here first (once the start is committed; its time counts in the run's), and
+    what it made is left in `built`. `observer` watches the step.
     """
     # The decision comes once the start is committed. The agent gives the request up at
     # its deadline (and sets `abandoned`); this wait, longer, only frees the thread if the
@@ -125,6 +163,10 @@ def execute_run(
         )
     except Exception as error:
         return _failed_before_step(run, attempt, token, f"could not record the start: {error}")
+    if behaviour is None and build is not None:
+        behaviour, build_error = build_agent(build)
+        if built is not None:
+            built.behaviour, built.error = behaviour, build_error
     if behaviour is None:
         return _failed_before_step(run, attempt, token, build_error or "agent could not be built")
     messages: list[Message] = []

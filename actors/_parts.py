@@ -231,6 +231,7 @@ class ActorDirectory:
                 wiring = AgentWiring(
                     store=store,
                     build=failing_steps(parts.kinds.build, parts.chaos, agent.id, incarnation),
+                    known=parts.kinds.__contains__,
                     tracker=parts.tracker,
                     pool=parts.pool,
                     scheduler=parts.scheduler,

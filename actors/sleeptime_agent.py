@@ -33,10 +33,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-import pydantic
-
 from actors._address import Address
-from actors._execute import execute_run
+from actors._execute import Built, execute_run
 from actors._observer import NO_OBSERVER, Observer
 from actors._pool import StepPool
 from actors._protocol import (
@@ -59,13 +57,11 @@ from actors._supervised import CrashReporter, DispatchedSupervisedActor
 from actors.sdk import AgentBehaviour
 from messages import (
     Agent,
-    AgentConfigError,
     Group,
     Message,
     Run,
     RunStatus,
     StopReason,
-    UnknownAgentKind,
 )
 from messages._errors import describe
 from messages._futures import Flag, Reply
@@ -79,7 +75,10 @@ class AgentWiring:
 
     store: Store
     build: Callable[[str, Mapping[str, Any]], AgentBehaviour]
-    """Build the agent of a kind from its config (the wiring may wrap what it builds)."""
+    """Build the agent of a kind from its config (the wiring may wrap what it builds). It
+    runs on the step's pool thread: a factory is user code, and may take its time."""
+    known: Callable[[str], bool]
+    """Whether a kind is registered (until it is, the agent's runs wait)."""
     tracker: Address
     pool: StepPool
     scheduler: Scheduler
@@ -183,6 +182,7 @@ class _Current:
     abandoned: threading.Event  # set at the deadline: the step must not begin any more
     future: Future[StepDone]
     clock: StepClock
+    built: Built
 
     @property
     def run_id(self) -> str:
@@ -239,8 +239,9 @@ class SleeptimeAgentActor(DispatchedSupervisedActor):
         # The token of the `AdoptRuns` this incarnation awaits the answer to: nothing
         # starts while it is out (the adopted runs go first).
         self._adopting: int | None = None
-        self._behaviour: AgentBehaviour | None = None
+        self._behaviour: AgentBehaviour | None = None  # built by a step, kept for the next
         self._build_error: str | None = None
+        self._kinds_seen = 0  # registrations of its kind seen: a step's build is of one
         self._log = log.bind(agent_id=agent.id, group_id=agent.group_id)
 
     def started(self) -> None:
@@ -296,6 +297,7 @@ class SleeptimeAgentActor(DispatchedSupervisedActor):
             case KindRegistered(kind=kind):
                 if kind == self._agent.kind:
                     self._behaviour, self._build_error = None, None
+                    self._kinds_seen += 1  # an agent built from the earlier factory is not kept
             case Adopted():
                 self._adopted(message)
             case _EarlierStepEnded():
@@ -344,6 +346,9 @@ class SleeptimeAgentActor(DispatchedSupervisedActor):
         decided: Future[StartDecision] = Reply()
         abandoned: threading.Event = Flag()
         clock = StepClock()
+        built = Built(self._kinds_seen)  # what the step builds, if it builds the agent
+        unbuilt = self._behaviour is None and self._build_error is None
+        build = partial(self._wiring.build, self._agent.kind, self._agent.config)
         begin = partial(
             _begin,
             self._wiring,
@@ -360,6 +365,8 @@ class SleeptimeAgentActor(DispatchedSupervisedActor):
             decided=decided,
             behaviour=self._behaviour,
             build_error=self._build_error,
+            build=build if unbuilt else None,
+            built=built,
             store=self._wiring.store,
             abandoned=abandoned,
             window=window,
@@ -367,7 +374,7 @@ class SleeptimeAgentActor(DispatchedSupervisedActor):
         )
         future = self._wiring.pool.submit(job)
         self._wiring.steps.track(self._agent.id, future, clock)
-        self._current = _Current(run, window, token, decided, abandoned, future, clock)
+        self._current = _Current(run, window, token, decided, abandoned, future, clock, built)
         future.add_done_callback(partial(_report, self._address, run.id, token))
 
     def _held(self) -> bool:
@@ -413,17 +420,18 @@ class SleeptimeAgentActor(DispatchedSupervisedActor):
         return True
 
     def _ready(self) -> bool:
-        """Build the agent if needed; False while its kind is not registered."""
+        """Whether a run can start: its agent is built (or could not be), or its kind is
+        registered (the step builds it, on its pool thread); False while it is not."""
         if self._behaviour is not None or self._build_error is not None:
             return True
-        try:
-            self._behaviour = self._wiring.build(self._agent.kind, self._agent.config)
-        except UnknownAgentKind as error:
-            self._log.warning("waiting_for_kind", kind=self._agent.kind, detail=str(error))
-            return False
-        except (AgentConfigError, pydantic.ValidationError) as error:
-            self._build_error = str(error)
-        return True
+        if self._wiring.known(self._agent.kind):
+            return True
+        self._log.warning(
+            "waiting_for_kind",
+            kind=self._agent.kind,
+            detail=f"no agent kind {self._agent.kind!r} is registered yet",
+        )
+        return False
 
     def _step_done(self, done: StepDone) -> None:
         current = self._current
@@ -437,6 +445,7 @@ class SleeptimeAgentActor(DispatchedSupervisedActor):
             return
         current.clock.cancel()
         self._current = None
+        self._keep(current.built)
         if not done.started:
             if done.aborted and done.attempt is not None:  # its start did not land: given back
                 self._wiring.tracker.tell(StartAborted(run_id=done.run_id, attempt=done.attempt))
@@ -446,6 +455,14 @@ class SleeptimeAgentActor(DispatchedSupervisedActor):
             return  # refused: the run is terminal or unknown, nothing to do
         self._start_failures = 0
         self._finish(done)
+
+    def _keep(self, built: Built) -> None:
+        """Keep the agent a step built (or why it could not be) for the next runs, unless
+        its kind was registered again since."""
+        if built.generation == self._kinds_seen and (
+            built.behaviour is not None or built.error is not None
+        ):
+            self._behaviour, self._build_error = built.behaviour, built.error
 
     def _finish(self, done: StepDone) -> None:
         status = RunStatus.FAILED if done.error is not None else RunStatus.COMPLETED

@@ -407,3 +407,47 @@ def test_stop_waits_for_hung_primary_steps_together_and_for_a_bounded_time(tmp_p
     finally:
         release.set()
         rt.stop()
+
+
+def test_a_slow_agent_factory_holds_up_neither_the_turn_nor_other_agents(db_url: str) -> None:
+    """An agent's factory is user code: it runs on the step's pool thread, not where the
+    agents' actors run (a few threads all of them share) nor on the caller's thread. Six
+    agents whose factory blocks (more than those shared threads) leave every other agent's
+    runs going, and each turn answers at once; once let go, their runs complete, and the
+    agent built is kept for the next run."""
+    gate = threading.Event()
+    built: list[str] = []
+
+    def slow(config: dict[str, Any]) -> Echo:
+        if threading.current_thread() is not threading.main_thread():  # (not create_group's)
+            built.append(threading.current_thread().name)
+            assert gate.wait(30), "the test never let the factory go"
+        return Echo(config)
+
+    with Runtime.start(db_url, kinds={"slow": slow, "echo": Echo}) as rt:
+        slow_groups = [
+            rt.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "slow"}], frequency=1)
+            for _ in range(6)
+        ]
+        fast = rt.create_group(primary={"kind": "echo"}, sleeptime=[{"kind": "echo"}], frequency=1)
+        waiting: list[str] = []
+
+        def turns() -> None:  # off the main thread, with no timeout: the caller runs them
+            for group in slow_groups:
+                waiting.extend(rt.step(group.id, [user("hi")]).run_ids)
+
+        caller = threading.Thread(target=turns)
+        caller.start()
+        caller.join(10)
+        assert not caller.is_alive() and len(waiting) == 6  # no turn waited for a factory
+        assert wait_until(lambda: len(built) == 6)  # six factories blocked now
+        for n in range(3):
+            done = rt.wait_for_runs(rt.step(fast.id, [user(f"turn {n}")], timeout=10).run_ids, 10)
+            assert [r.status for r in done] == [RunStatus.COMPLETED]
+        assert {rt.get_run(run_id).status for run_id in waiting} == {RunStatus.RUNNING}
+        gate.set()
+        assert {r.status for r in rt.wait_for_runs(waiting, timeout=30)} == {RunStatus.COMPLETED}
+        again = rt.step(slow_groups[0].id, [user("again")]).run_ids
+        assert [r.status for r in rt.wait_for_runs(again, timeout=30)] == [RunStatus.COMPLETED]
+    assert len(built) == 6  # each agent built once, kept for its next run
+    assert all(name.startswith("sleeptime-step") for name in built)
