@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pykka
@@ -19,14 +20,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors import RestartPolicy
+from actors import RestartPolicy, Runtime
 from actors._address import Address
 from actors._pykka import Dispatcher
 from actors._scheduler import Scheduler
 from actors._supervised import CrashReporter, DispatchedSupervisedActor, SupervisedActor
 from actors._supervisor import ChildSpec, Supervisor
 from messages import SleeptimeError
-from tests.agents import wait_until
+from tests.agents import user, wait_until
 
 
 @dataclass(frozen=True)
@@ -264,3 +265,27 @@ def test_a_dispatcher_runs_many_actors_each_in_order_one_message_at_a_time() -> 
         refs[0].tell(Note(0, 99))
     dispatcher.close()
     assert wait_until(lambda: threading.active_count() == threads_before - 3)
+
+
+def test_a_runtimes_sleeptime_agents_cost_no_thread(tmp_path: Path) -> None:
+    """40 sleeptime agents of 20 groups, all active: a thread for each group's actor, none
+    for an agent's (their actors run on the runtime's dispatcher)."""
+    with Runtime.start(f"sqlite:///{tmp_path / 'threads.db'}") as rt:
+        groups = [
+            rt.create_group(
+                primary={"kind": "scripted"},
+                sleeptime=[{"kind": "memory"}, {"kind": "memory"}],
+                frequency=1,
+            )
+            for _ in range(20)
+        ]
+        before = threading.active_count()
+        run_ids = [r for g in groups for r in rt.step(g.id, [user("my name is Ada")]).run_ids]
+        assert len(run_ids) == 40
+        rt.wait_for_runs(run_ids, timeout=60)
+        stats = rt.stats()
+        assert (stats["active_groups"], stats["active_agents"]) == (20, 40)
+        alive = [thread.name for thread in threading.enumerate()]
+        assert not [name for name in alive if name.startswith("SleeptimeAgentActor")]
+        assert threading.active_count() - before <= 20  # the groups' actors' (or fewer: any
+        # thread of an earlier test that ends meanwhile only lowers the count)
