@@ -41,6 +41,8 @@ from typing import Any
 import pykka
 import pykka.messages
 
+from messages._log import get_logger
+
 TESTED_PYKKA = ">=4.1,<4.6"
 """The pykka versions whose internals this module was tested on (pinned in pyproject)."""
 
@@ -144,6 +146,8 @@ def check_pykka() -> None:
 check_pykka()  # at import: a pykka without them fails here, saying what is missing
 
 
+_log = get_logger("sleeptime.dispatcher")
+
 DISPATCH_BATCH = 16
 """Messages an actor handles in a row on a dispatcher thread before the others' turn."""
 
@@ -182,7 +186,10 @@ class Dispatcher:
 
     def _work(self) -> None:
         while (actor := self._ready.get()) is not None:
-            actor._run_some()  # (never raises: it ends the actor as its own thread would)
+            try:
+                actor._run_some()  # (ends the actor as its own thread would, if it fails)
+            except BaseException:  # never lose a thread that every actor shares
+                _log.exception("dispatcher_run_failed", actor=type(actor).__name__)
             del actor
 
 
@@ -267,8 +274,11 @@ class DispatchedActor(QuietActor):
                 break
             self._handle_envelope(envelope)
         if self.actor_stopped.is_set():
-            self._actor_loop_teardown()  # what came meanwhile: refused, as pykka does
-            inbox.more()
+            # What came meanwhile is refused, as pykka does; and what comes while it is
+            # refused (told before the stop was seen), until none is left.
+            self._actor_loop_teardown()
+            while inbox.more():
+                self._actor_loop_teardown()
             return
         if inbox.more():
             self.dispatcher.schedule(self)

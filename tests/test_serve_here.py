@@ -289,3 +289,26 @@ def test_a_runtimes_sleeptime_agents_cost_no_thread(tmp_path: Path) -> None:
         assert not [name for name in alive if name.startswith("SleeptimeAgentActor")]
         assert threading.active_count() - before <= 20  # the groups' actors' (or fewer: any
         # thread of an earlier test that ends meanwhile only lowers the count)
+
+
+class BrokenRun(DispatchedJournal):
+    """An actor whose every run on the dispatcher fails outside its own code."""
+
+    def _run_some(self) -> None:
+        raise RuntimeError("pykka's loop broke")
+
+
+def test_a_dispatcher_thread_outlives_an_actor_whose_run_fails() -> None:
+    """A failure outside an actor's own code (pykka's loop, its teardown) is logged, and
+    the one thread of this dispatcher goes on serving the other actors."""
+    dispatcher = Dispatcher(1)
+    broken_journal: list[tuple[Any, int]] = []
+    broken = BrokenRun.start(None, broken_journal, dispatcher)
+    broken.tell(Note(0, 1))  # its runs (the start, then this) fail
+    journal: list[tuple[Any, int]] = []
+    other = DispatchedJournal.start(None, journal, dispatcher)
+    other.tell(Note(1, 1))
+    assert wait_until(lambda: [m for m, _ in journal] == [Note(1, 1)])
+    assert broken_journal == []
+    assert other.stop(timeout=10) is True
+    dispatcher.close()
