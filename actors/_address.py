@@ -86,8 +86,8 @@ class Address:
         self._passive = False
         self._on_wake = on_wake
         self._local: Serving | None = None  # the incarnation serving callers on their thread
-        # Messages put in the running incarnation's inbox and not yet handled (counted
-        # only while an incarnation serves senders on their threads; see `handled`).
+        # Messages put in the running incarnation's inbox and not yet handled (each
+        # incarnation reports what it handled: `handled`).
         self._owed = 0
 
     # -- senders --------------------------------------------------------------------------
@@ -136,8 +136,7 @@ class Address:
             self.tell(message)
 
     def handled(self, incarnation: pykka.ActorRef[Any]) -> None:
-        """`incarnation` handled a message of its inbox (called by those that serve
-        senders on their threads: the count of the others is never read)."""
+        """`incarnation` handled a message of its inbox."""
         with self._lock:
             if incarnation is self._ref and self._owed > 0:
                 self._owed -= 1

@@ -174,7 +174,7 @@ class SupervisedActor(QuietActor):
                 raise ActorRaised(error) from error
             finally:
                 self._holder = None
-                if self.serves_callers and self._reporter is not None:
+                if self._reporter is not None:  # (so its address knows when it is idle)
                     self._reporter.address.handled(self.actor_ref)
 
     def serve_here(self, message: Any) -> bool:

@@ -182,7 +182,7 @@ class _Current:
     abandoned: threading.Event  # set at the deadline: the step must not begin any more
     future: Future[StepDone]
     clock: StepClock
-    built: Built
+    built: Built | None  # what its step builds, if it builds the agent
 
     @property
     def run_id(self) -> str:
@@ -346,9 +346,10 @@ class SleeptimeAgentActor(DispatchedSupervisedActor):
         decided: Future[StartDecision] = Reply()
         abandoned: threading.Event = Flag()
         clock = StepClock()
-        built = Built(self._kinds_seen)  # what the step builds, if it builds the agent
-        unbuilt = self._behaviour is None and self._build_error is None
-        build = partial(self._wiring.build, self._agent.kind, self._agent.config)
+        build, built = None, None  # the agent is built by its first step, and kept
+        if self._behaviour is None and self._build_error is None:
+            build = partial(self._wiring.build, self._agent.kind, self._agent.config)
+            built = Built(self._kinds_seen)
         begin = partial(
             _begin,
             self._wiring,
@@ -365,7 +366,7 @@ class SleeptimeAgentActor(DispatchedSupervisedActor):
             decided=decided,
             behaviour=self._behaviour,
             build_error=self._build_error,
-            build=build if unbuilt else None,
+            build=build,
             built=built,
             store=self._wiring.store,
             abandoned=abandoned,
@@ -456,11 +457,13 @@ class SleeptimeAgentActor(DispatchedSupervisedActor):
         self._start_failures = 0
         self._finish(done)
 
-    def _keep(self, built: Built) -> None:
+    def _keep(self, built: Built | None) -> None:
         """Keep the agent a step built (or why it could not be) for the next runs, unless
         its kind was registered again since."""
-        if built.generation == self._kinds_seen and (
-            built.behaviour is not None or built.error is not None
+        if (
+            built is not None
+            and built.generation == self._kinds_seen
+            and (built.behaviour is not None or built.error is not None)
         ):
             self._behaviour, self._build_error = built.behaviour, built.error
 

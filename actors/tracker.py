@@ -195,9 +195,8 @@ def _opened(run: Run) -> _Open:
 
 class OpenRuns:
     """The runs a tracker follows, by id, and by agent: a (re)started agent's actor asks
-    for its own runs at every activation, and with thousands of groups passivated and
-    woken in turn, a scan of every open run at each was the tracker's undoing (its inbox
-    grew by tens of thousands of messages at 10,000 groups)."""
+    for its own runs at every activation (`AdoptRuns`), and with thousands of groups
+    passivated and woken in turn, that was a scan of every open run per activation."""
 
     __slots__ = ("_by_agent", "_runs")
 

@@ -312,3 +312,37 @@ def test_a_dispatcher_thread_outlives_an_actor_whose_run_fails() -> None:
     assert broken_journal == []
     assert other.stop(timeout=10) is True
     dispatcher.close()
+
+
+class QuietJournal(Journal):
+    """A journal that serves no sender on its thread: every message goes to its inbox."""
+
+    serves_callers = False
+
+
+def test_the_address_counts_what_waits_for_any_actor_serving_senders_or_not() -> None:
+    scheduler = Scheduler()
+    supervisor = Supervisor(scheduler)
+    journal: list[tuple[Any, int]] = []
+    gate = threading.Event()
+    address = supervisor.supervise(
+        ChildSpec(
+            "quiet",
+            lambda reporter: QuietJournal.start(reporter, journal),
+            lambda reason: None,
+            RestartPolicy(),
+            refuse=lambda reason: SleeptimeError("journal gone"),
+        )
+    )
+    try:
+        address.tell(Hold(gate))
+        for number in range(50):
+            address.tell_here(Note(0, number))  # never here: this one serves no sender
+        assert wait_until(lambda: address._owed == 51)  # the hold, taken; the rest, waiting
+        gate.set()
+        assert wait_until(lambda: len(journal) == 51)
+        assert wait_until(lambda: address._owed == 0)
+        assert all(thread != threading.get_ident() for _, thread in journal)
+    finally:
+        supervisor.shut_down(SleeptimeError("test over"))
+        scheduler.close()
